@@ -1,0 +1,150 @@
+"""The service configuration: one pydantic model, the single source for
+``configs/serve_config.yaml`` (the ``args`` of the application), the KubeRay
+``serveConfigV2`` and the documented defaults.
+
+Each deployment class owns its default Serve options; the ``deployments`` section of the
+config deep-merges over them (see :func:`deep_merge`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    """What is served."""
+
+    model_id: str = Field(
+        "tiny-qwen3",
+        description="Name clients pass as `model`; listed by /v1/models and echoed in responses.",
+    )
+    model_source: str = Field(
+        "models/tiny-qwen3",
+        description="Local path (relative paths resolve against the repo root) or model folder "
+        "mounted in the pod. Nothing is downloaded from a hub at run time.",
+    )
+    tokenizer_source: str | None = Field(
+        None, description="Tokenizer path; defaults to `model_source`."
+    )
+    owned_by: str = Field("organization", description="`owned_by` reported by /v1/models.")
+
+    def resolved_source(self) -> str:
+        return resolve_path(self.model_source)
+
+    def resolved_tokenizer(self) -> str:
+        return resolve_path(self.tokenizer_source or self.model_source)
+
+
+class EngineConfig(_Strict):
+    """vLLM engine arguments (`AsyncEngineArgs`). Unknown engine arguments go in `extra`."""
+
+    max_model_len: int = Field(1024, gt=0, description="Context length: prompt + max_tokens.")
+    dtype: str = Field("auto", description="Weights/activation dtype (auto, bfloat16, float16, float32).")
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="Fraction of GPU memory vLLM may use (GPU platforms)."
+    )
+    cpu_kvcache_space_gib: float = Field(
+        1.0,
+        gt=0,
+        description="KV-cache size in GiB on the CPU platform (sets VLLM_CPU_KVCACHE_SPACE); "
+        "there `gpu_memory_utilization` is replaced by `cpu_memory_utilization`.",
+    )
+    cpu_memory_utilization: float = Field(
+        0.10, gt=0, le=1, description="On the CPU platform, the fraction of host memory vLLM reserves."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="Disable CUDA graphs / compilation. null: true on CPU, false on GPU."
+    )
+    quantization: str | None = Field(None, description="awq, gptq, fp8, bitsandbytes, … or null.")
+    enable_prefix_caching: bool | None = Field(None, description="Prefix caching; null: vLLM's default.")
+    max_num_seqs: int | None = Field(None, gt=0, description="Max sequences per engine step; null: vLLM's default.")
+    seed: int | None = Field(0, description="Engine seed (per-request `seed` overrides sampling).")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other AsyncEngineArgs, passed through unchanged."
+    )
+
+
+class LimitsConfig(_Strict):
+    """Request limits, defaults from the user's single-GPU service."""
+
+    max_tokens_cap: int = Field(512, gt=0, description="Largest `max_tokens` accepted; above it: 400.")
+    default_max_tokens_chat: int = Field(100, gt=0, description="`max_tokens` when a chat request omits it.")
+    default_max_tokens_completion: int = Field(
+        16, gt=0, description="`max_tokens` when a completions request omits it (OpenAI's default)."
+    )
+    default_temperature: float = Field(
+        0.7, ge=0, le=2, description="Temperature when a request omits it (the user's API doc value)."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="Deadline of a request end to end; past it: 504 and the generation is aborted."
+    )
+    max_messages: int = Field(1024, gt=0, description="Most chat messages in one request.")
+    max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body; above it: 413.")
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
+
+
+class ServiceConfig(_Strict):
+    """Everything `serve_app.build_app` needs. Given as the application's `args`."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The served model.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="`gpu`: the model replica asks Ray for one GPU (`num_gpus: 1`); `cpu`: none; "
+        "`auto`: `gpu` when the Ray cluster has GPU resources (or an autoscaler may add them), "
+        "else `cpu`. Resolved once, when the application is built.",
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables for the model replica (engine)."
+    )
+    deployments: dict[Literal["ingress", "tokenizer", "model"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Serve deployment options per deployment (`num_replicas`, `autoscaling_config`, "
+        "`max_ongoing_requests`, `max_queued_requests`, `ray_actor_options`, …), deep-merged over "
+        "each deployment class's defaults.",
+    )
+
+    @field_validator("engine_env")
+    @classmethod
+    def _env_strings(cls, v: dict[str, Any]) -> dict[str, str]:
+        return {str(k): str(val) for k, val in v.items()}
+
+    @model_validator(mode="after")
+    def _limits_fit_context(self) -> "ServiceConfig":
+        if self.limits.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError(
+                f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
+                f"engine.max_model_len ({self.engine.max_model_len})"
+            )
+        return self
+
+
+def resolve_path(p: str) -> str:
+    """Relative paths are relative to the repo root, so `serve run` works from any cwd."""
+    path = Path(os.path.expandvars(os.path.expanduser(p)))
+    if not path.is_absolute():
+        path = REPO_ROOT / path
+    return str(path)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,148 @@
+"""Every error the service returns is built here, in OpenAI's shape:
+
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | int | null}}
+
+`APIError` is raised anywhere on the request path (it pickles across Ray); the ingress turns
+it, FastAPI's validation errors, Serve's backpressure and anything unexpected into a response
+with the right status.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# status -> OpenAI error `type`
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered as an OpenAI error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        super().__init__(status, message, param, code, headers, extra)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def __str__(self) -> str:
+        return f"{self.status}: {self.message}"
+
+    def body(self) -> dict[str, Any]:
+        err = {
+            "message": self.message,
+            "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+            "param": self.param,
+            "code": self.code,
+        }
+        err.update(self.extra)
+        return {"error": err}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+    )
+
+
+def overloaded(retry_after_s: float | None, detail: str = "") -> APIError:
+    retry = max(1, math.ceil(retry_after_s)) if retry_after_s else 1
+    return APIError(
+        503,
+        "The model is at capacity: every slot and queue place is taken. Retry after "
+        f"{retry} s.{(' ' + detail) if detail else ''}",
+        code="queue_full",
+        headers={"Retry-After": str(retry)},
+    )
+
+
+def engine_unavailable(message: str = "The model engine is not available.") -> APIError:
+    return APIError(503, message, code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def timed_out(timeout_s: float) -> APIError:
+    return APIError(
+        504, f"The request did not finish within its {timeout_s:g} s deadline and was aborted.",
+        code="timeout",
+    )
+
+
+def internal_error() -> APIError:
+    return APIError(500, "Internal server error.", code="internal_error")
+
+
+def _loc_to_param(loc: tuple | list) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or None
+
+
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    kind = first.get("type", "")
+    if kind in ("json_invalid", "json_type") or (kind == "missing" and tuple(first.get("loc", ())) == ("body",)):
+        msg = "The request body is not valid JSON." if kind != "missing" else "The request body is empty."
+        return APIError(400, msg, code="invalid_json").response()
+    param = _loc_to_param(first.get("loc", ()))
+    msg = first.get("msg", "Invalid request.")
+    if param:
+        msg = f"{param}: {msg}"
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return APIError(400, msg, param=param, code="invalid_value").response()
+
+
+def install_exception_handlers(app) -> None:
+    """Map every exception the FastAPI app can meet to an OpenAI error response."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        return validation_error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        msg = exc.detail if isinstance(exc.detail, str) else "HTTP error."
+        if exc.status_code == 404:
+            msg = "Not found."
+        return APIError(exc.status_code, msg, headers=getattr(exc, "headers", None)).response()

@@ -1,0 +1,325 @@
+"""Ingress router deployment: the OpenAI-compatible HTTP API (FastAPI through `serve.ingress`).
+
+Request path: validate (protocol) → tokenize (tokenizer deployment, CPU) → generate (model
+replica deployment, GPU) → OpenAI JSON or SSE. Everything that can go wrong becomes an OpenAI
+error object with the right status (errors module): Serve's backpressure on the model replica
+is a 503 with `Retry-After`, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments import errors
+from deployments.config import ServiceConfig
+from deployments.errors import APIError
+from deployments.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationChunk,
+    GenerationRequest,
+    SamplingFields,
+    chat_chunk,
+    chat_completion,
+    completion_chunk,
+    model_card,
+    text_completion,
+    usage,
+    usage_chunk,
+)
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="LLM serving on Ray Serve",
+    description="OpenAI-compatible API: ingress router → tokenizer → vLLM model replica.",
+    version="0.1.0",
+)
+errors.install_exception_handlers(app)
+
+# Fields passed to vLLM's SamplingParams when the client set them.
+_PASSTHROUGH = (
+    "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "stop_token_ids",
+)
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _backpressure_types() -> tuple[type, ...]:
+    from ray.serve.exceptions import BackPressureError
+
+    return (BackPressureError,)
+
+
+def _unavailable_types() -> tuple[type, ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
+class IngressRouter:
+    """Serve deployment class (plain class; `serve_app` wraps it with `serve.ingress(app)`)."""
+
+    DEFAULT_OPTIONS: dict[str, Any] = {
+        "name": "IngressRouter",
+        "num_replicas": 1,
+        "max_ongoing_requests": 1000,
+        "ray_actor_options": {"num_cpus": 0.25},
+    }
+
+    def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig):
+        self.config = ServiceConfig.model_validate(config)
+        self.limits = self.config.limits
+        self.model_id = self.config.model.model_id
+        self.tokenizer = tokenizer
+        self.model = model
+        self.model_stream = model.options(stream=True)
+        self.created = int(time.time())
+        self._backpressure = _backpressure_types()
+        self._unavailable = _unavailable_types()
+
+    # ------------------------------------------------------------------ endpoints
+
+    @app.get("/v1/models")
+    async def list_models(self) -> JSONResponse:
+        cards = [model_card(self.model_id, self.config.model.owned_by, created=self.created)]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str) -> JSONResponse:
+        self._resolve_model(model_id)
+        return JSONResponse(model_card(self.model_id, self.config.model.owned_by, created=self.created))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._resolve_model(body.model)
+        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens,
+                                      self.limits.default_max_tokens_chat)
+        if len(body.messages) > self.limits.max_messages:
+            raise errors.bad_request(
+                f"messages: at most {self.limits.max_messages} messages per request "
+                f"(got {len(body.messages)})", "messages", "too_many_messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        return await self._serve(
+            body, request, "chat", max_tokens,
+            lambda: self.tokenizer.encode_chat.remote(messages, max_tokens, body.add_generation_prompt),
+        )
+
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        self._resolve_model(body.model)
+        max_tokens = self._max_tokens(body.max_tokens, self.limits.default_max_tokens_completion)
+        return await self._serve(
+            body, request, "completion", max_tokens,
+            lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens),
+        )
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """Healthy only when the model deployment has a running replica whose engine answers."""
+        report: dict[str, Any] = {"model": self.model_id, "limits": self._limits_report()}
+        ok = True
+        try:
+            report["replica"] = await asyncio.wait_for(self.model.health.remote(), timeout=5.0)
+            ok = report["replica"].get("engine") == "ok"
+        except self._backpressure:
+            report["replica"] = {"engine": "busy (all slots and queue places taken)"}
+        except asyncio.TimeoutError:
+            report["replica"] = {"engine": "busy (no answer within 5 s)"}
+        except Exception as exc:
+            report["replica"] = {"engine": f"unavailable: {type(exc).__name__}"}
+            ok = False
+        report["deployments"] = self._deployment_states()
+        model_state = report["deployments"].get("ModelReplica")
+        if model_state is not None and model_state.get("running_replicas", 0) == 0:
+            ok = False
+        report["status"] = "healthy" if ok else "unhealthy"
+        mem = (report.get("replica") or {}).get("accelerator_memory_gb")
+        report["accelerator_memory_gb"] = mem
+        return JSONResponse(report, status_code=200 if ok else 503)
+
+    # ------------------------------------------------------------------ request path
+
+    async def _serve(self, body: SamplingFields, request: Request, kind: str, max_tokens: int,
+                     encode) -> Any:
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        model_name = self.model_id
+        created = int(time.time())
+        try:
+            async with asyncio.timeout(timeout):
+                enc = await encode()
+                if enc.error:
+                    raise APIError(**enc.error)
+                greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens))
+                if not body.stream:
+                    out: GenerationChunk = await self._call(self.model.generate.remote(greq))
+                    make = chat_completion if kind == "chat" else text_completion
+                    text = out.text
+                    if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str):
+                        text = body.prompt + text
+                    return JSONResponse(
+                        make(rid, model_name, created, text, out.finish_reason,
+                             len(enc.token_ids), out.num_tokens),
+                        headers={"X-Request-Id": rid},
+                    )
+                stream = self.model_stream.generate_stream.remote(greq)
+                try:
+                    first = await self._call(stream.__anext__())
+                except StopAsyncIteration:
+                    first = None
+                except BaseException:
+                    stream.cancel()
+                    raise
+        except TimeoutError:
+            raise errors.timed_out(timeout) from None
+        events = self._sse_events(kind, body, rid, model_name, created, len(enc.token_ids),
+                                  first, stream, deadline, timeout)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"X-Request-Id": rid, "Cache-Control": "no-cache"})
+
+    async def _call(self, awaitable):
+        """Await a model-replica call, mapping Serve/Ray failures to OpenAI errors."""
+        try:
+            return await awaitable
+        except APIError:
+            raise
+        except self._backpressure as exc:
+            raise errors.overloaded(getattr(exc, "_retry_after_s", None) or self.limits.retry_after_s) from None
+        except self._unavailable as exc:
+            logger.warning("model replica unavailable: %s", exc)
+            raise errors.engine_unavailable(
+                "The model replica failed while serving this request; it is being replaced. Retry."
+            ) from None
+
+    async def _sse_events(self, kind: str, body: SamplingFields, rid: str, model: str, created: int,
+                          prompt_tokens: int, first: GenerationChunk | None, stream,
+                          deadline: float, timeout: float) -> AsyncIterator[bytes]:
+        chat = kind == "chat"
+        include_usage, continuous = body.include_usage(), body.continuous_usage()
+        completion_tokens = 0
+        finish: str | None = None
+
+        def render(chunk: GenerationChunk) -> bytes:
+            nonlocal completion_tokens, finish
+            completion_tokens += chunk.num_tokens
+            finish = chunk.finish_reason or finish
+            use = usage(prompt_tokens, completion_tokens) if continuous else None
+            if chat:
+                return _sse(chat_chunk(rid, model, created, {"content": chunk.text}, chunk.finish_reason, use))
+            return _sse(completion_chunk(rid, model, created, chunk.text, chunk.finish_reason, use))
+
+        try:
+            if chat:
+                yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            if first is not None:
+                yield render(first)
+            try:
+                async with asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline - time.monotonic())):
+                    async for chunk in stream:
+                        yield render(chunk)
+            except TimeoutError:
+                yield _sse(errors.timed_out(timeout).body())
+                yield _SSE_DONE
+                return
+            except APIError as exc:
+                yield _sse(exc.body())
+                yield _SSE_DONE
+                return
+            except self._unavailable:
+                yield _sse(errors.engine_unavailable("The model replica failed mid-stream.").body())
+                yield _SSE_DONE
+                return
+            if include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
+            yield _SSE_DONE
+        finally:
+            # Client gone or stream finished: make sure the engine request is released.
+            stream.cancel()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve_model(self, name: str | None) -> str:
+        if name in (None, "", self.model_id):
+            return self.model_id
+        raise errors.model_not_found(name)
+
+    def _max_tokens(self, requested: int | None, default: int) -> int:
+        value = default if requested is None else requested
+        cap = self.limits.max_tokens_cap
+        if value > cap:
+            raise errors.bad_request(
+                f"max_tokens is {value}, above this service's cap of {cap}.", "max_tokens", "max_tokens_too_large")
+        return value
+
+    def _sampling(self, body: SamplingFields, max_tokens: int) -> dict[str, Any]:
+        temperature = self.limits.default_temperature if body.temperature is None else body.temperature
+        s: dict[str, Any] = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "ignore_eos": body.ignore_eos,
+            "min_tokens": body.min_tokens,
+            "include_stop_str_in_output": body.include_stop_str_in_output,
+            "skip_special_tokens": body.skip_special_tokens,
+            "spaces_between_special_tokens": body.spaces_between_special_tokens,
+        }
+        if body.min_tokens > max_tokens:
+            raise errors.bad_request(
+                f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
+        if body.stop:
+            s["stop"] = body.stop
+        for name in _PASSTHROUGH:
+            value = getattr(body, name)
+            if value is not None:
+                s[name] = value
+        if s.get("top_k") == 0:
+            s["top_k"] = -1
+        return s
+
+    def _limits_report(self) -> dict[str, Any]:
+        opts = self.config.deployments.get("model", {})
+        from deployments.model_replica import ModelReplica
+
+        return {
+            "max_ongoing_requests": opts.get("max_ongoing_requests",
+                                             ModelReplica.DEFAULT_OPTIONS["max_ongoing_requests"]),
+            "max_queued_requests": opts.get("max_queued_requests",
+                                            ModelReplica.DEFAULT_OPTIONS["max_queued_requests"]),
+            "max_tokens_cap": self.limits.max_tokens_cap,
+            "max_model_len": self.config.engine.max_model_len,
+            "request_timeout_s": self.limits.request_timeout_s,
+            "default_temperature": self.limits.default_temperature,
+        }
+
+    def _deployment_states(self) -> dict[str, Any]:
+        try:
+            from ray import serve
+
+            app_name = serve.get_replica_context().app_name
+            status = serve.status().applications[app_name]
+        except Exception as exc:  # outside Serve, or the controller is briefly unreachable
+            return {"error": f"{type(exc).__name__}"}
+        out = {}
+        for name, dep in status.deployments.items():
+            states = {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
+            out[name] = {
+                "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                "replica_states": states,
+                "running_replicas": states.get("RUNNING", 0),
+            }
+        return out

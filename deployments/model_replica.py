@@ -1,0 +1,179 @@
+"""Model replica deployment: one vLLM `AsyncLLM` engine pinned to one GPU (or the CPU).
+
+It takes token ids (never text) from the ingress, runs them through the engine and returns
+the output as coalesced chunks: vLLM merges the deltas that pile up while a chunk is in
+flight, so a slow consumer gets fewer, larger chunks instead of a backlog of one-token ones.
+Cancelling the call (client gone, deadline passed) aborts the engine request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, AsyncIterator
+
+from deployments.config import ServiceConfig
+from deployments.errors import APIError, engine_unavailable
+from deployments.protocol import GenerationChunk, GenerationRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+class ModelReplica:
+    """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
+
+    DEFAULT_OPTIONS: dict[str, Any] = {
+        "name": "ModelReplica",
+        "num_replicas": 1,
+        "max_ongoing_requests": 3,
+        "max_queued_requests": 10,
+        "ray_actor_options": {"num_cpus": 1},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": 60,
+    }
+
+    async def __init__(self, config: dict[str, Any] | ServiceConfig):
+        self.config = ServiceConfig.model_validate(config)
+        os.environ.update(self.config.engine_env)
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.config.engine.cpu_kvcache_space_gib:g}")
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.engine_args = AsyncEngineArgs(**self._engine_kwargs())
+        t0 = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        self.gpu_ids = self._gpu_ids()
+        logger.info(
+            "engine for %s ready in %.1f s (platform=%s, ray gpu ids=%s, CUDA_VISIBLE_DEVICES=%s)",
+            self.config.model.model_id, time.monotonic() - t0, current_platform.device_name,
+            self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
+        )
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        e = self.config.engine
+        kw: dict[str, Any] = {
+            "model": self.config.model.resolved_source(),
+            "tokenizer": self.config.model.resolved_tokenizer(),
+            "served_model_name": self.config.model.model_id,
+            "max_model_len": e.max_model_len,
+            "dtype": e.dtype,
+            "gpu_memory_utilization": e.cpu_memory_utilization if self.on_cpu else e.gpu_memory_utilization,
+            "enforce_eager": self.on_cpu if e.enforce_eager is None else e.enforce_eager,
+            "seed": e.seed,
+            "disable_log_stats": False,
+        }
+        for name in ("quantization", "enable_prefix_caching", "max_num_seqs"):
+            if getattr(e, name) is not None:
+                kw[name] = getattr(e, name)
+        kw.update(e.extra)
+        return kw
+
+    @staticmethod
+    def _gpu_ids() -> list:
+        try:
+            import ray
+
+            return list(ray.get_gpu_ids())
+        except Exception:  # outside Ray (unit tests)
+            return []
+
+    # ------------------------------------------------------------------ generation
+
+    def _sampling_params(self, sampling: dict[str, Any]):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        try:
+            return SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA)
+        except (ValueError, TypeError) as exc:
+            raise APIError(400, f"Invalid sampling parameters: {exc}", code="invalid_value") from None
+
+    async def _outputs(self, req: GenerationRequest) -> AsyncIterator[Any]:
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        params = self._sampling_params(req.sampling)
+        try:
+            async for out in self.engine.generate(
+                TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
+                lora_request=None,
+            ):
+                yield out
+        except EngineDeadError:
+            raise engine_unavailable("The model engine died; this replica is being replaced.") from None
+        except APIError:
+            raise
+        except ValueError as exc:  # vLLM's request validation (VLLMValidationError is one)
+            raise APIError(400, str(exc), code="invalid_value") from None
+
+    async def generate(self, req: GenerationRequest) -> GenerationChunk:
+        """Whole completion in one answer (non-streaming requests)."""
+        texts: list[str] = []
+        ntok = 0
+        finish = stop = None
+        async for out in self._outputs(req):
+            c = out.outputs[0]
+            texts.append(c.text)
+            ntok += len(c.token_ids)
+            finish, stop = c.finish_reason, c.stop_reason
+        return GenerationChunk("".join(texts), ntok, finish, stop)
+
+    async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Streamed completion: one chunk per engine output, coalesced under load."""
+        async for out in self._outputs(req):
+            c = out.outputs[0]
+            yield GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason)
+
+    # ------------------------------------------------------------------ health
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: fails when the engine is dead, so Serve replaces us."""
+        await self.engine.check_health()
+
+    async def health(self) -> dict[str, Any]:
+        """Deep health for GET /health: engine state, pinning and accelerator memory."""
+        state = "ok"
+        try:
+            await self.engine.check_health()
+        except Exception as exc:  # EngineDeadError
+            state = f"dead: {type(exc).__name__}"
+        return {
+            "engine": state,
+            "platform": "cpu" if self.on_cpu else "gpu",
+            "ray_gpu_ids": [str(g) for g in self.gpu_ids],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "num_unfinished_requests": self.engine.get_num_unfinished_requests(),
+            "accelerator_memory_gb": _accelerator_memory(self.on_cpu),
+        }
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:
+                pass
+
+
+def _accelerator_memory(on_cpu: bool) -> dict[str, float] | None:
+    if on_cpu:
+        return None
+    try:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        gb = 1024**3
+        return {
+            "allocated": round(torch.cuda.memory_allocated() / gb, 3),
+            "reserved": round(torch.cuda.memory_reserved() / gb, 3),
+            "free": round(free / gb, 3),
+            "total": round(total / gb, 3),
+        }
+    except Exception:
+        return None

@@ -1,0 +1,128 @@
+"""Tokenizer deployment (CPU): chat template, encoding, token counting and the context limit.
+
+The model replica only ever sees token ids, so the GPU never waits on CPU text work, and a
+prompt that cannot fit (prompt + max_tokens > max_model_len) is rejected here, before it
+takes a GPU slot.
+
+Special-token text that a *user* writes inside a chat message (a literal ``<|im_start|>``)
+is encoded as plain text: message contents are swapped for sentinels before the template is
+rendered, the template's own text is encoded with special tokens, the contents without.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from deployments.config import ServiceConfig
+from deployments.protocol import EncodedPrompt
+
+logger = logging.getLogger("ray.serve")
+
+_SENTINEL = "\ue000{}\ue001"
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class PromptTokenizer:
+    """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
+
+    DEFAULT_OPTIONS: dict[str, Any] = {
+        "name": "PromptTokenizer",
+        "num_replicas": 1,
+        "max_ongoing_requests": 256,
+        "ray_actor_options": {"num_cpus": 0.25},
+        "health_check_period_s": 10,
+    }
+
+    def __init__(self, config: dict[str, Any] | ServiceConfig):
+        from transformers import AutoTokenizer
+
+        self.config = ServiceConfig.model_validate(config)
+        self.max_model_len = self.config.engine.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model.resolved_tokenizer())
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"tokenizer at {self.config.model.resolved_tokenizer()} has no chat template")
+
+    # ------------------------------------------------------------------ API
+
+    def encode_chat(self, messages: list[dict[str, str]], max_tokens: int,
+                    add_generation_prompt: bool = True) -> EncodedPrompt:
+        """`messages`: [{"role", "content"}] with content already flattened to text."""
+        try:
+            ids = self._encode_chat(messages, add_generation_prompt)
+        except Exception as exc:  # a template that rejects the conversation (roles, order)
+            logger.info("chat template rejected the conversation: %s", exc)
+            return EncodedPrompt([], {"status": 400, "message": f"messages: {exc}", "param": "messages",
+                                      "code": "invalid_messages"})
+        return self._check_fits(ids, max_tokens, "messages")
+
+    def encode_prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
+        """Completions prompt: raw text is encoded as vLLM does (special-token text is parsed,
+        since completions callers write their own template); a token-id list is checked."""
+        if isinstance(prompt, str):
+            if not prompt:
+                return EncodedPrompt([], {"status": 400, "message": "prompt must not be empty",
+                                          "param": "prompt", "code": "invalid_value"})
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                return EncodedPrompt([], {"status": 400, "param": "prompt", "code": "invalid_value",
+                                          "message": f"prompt token id {bad[0]} is out of range [0, {vocab})"})
+            ids = list(prompt)
+        return self._check_fits(ids, max_tokens, "prompt")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def check_health(self) -> None:
+        self.tokenizer.encode("ok", add_special_tokens=False)
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_fits(self, ids: list[int], max_tokens: int, param: str) -> EncodedPrompt:
+        if len(ids) + max_tokens > self.max_model_len:
+            return EncodedPrompt([], {
+                "status": 400,
+                "param": param,
+                "code": "context_length_exceeded",
+                "message": (
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                    f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens."
+                ),
+            })
+        return EncodedPrompt(ids)
+
+    def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        contents = [m.get("content") or "" for m in messages]
+        masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+        rendered = self.tokenizer.apply_chat_template(
+            masked, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        pieces = _SENTINEL_RE.split(rendered)
+        # pieces: [template, idx, template, idx, ..., template]
+        if len(pieces) != 2 * len(messages) + 1:
+            # A template that rewrites contents: fall back to rendering the real text and
+            # encoding it with special tokens split (the template's markers are then plain text
+            # too, so only do this when the sentinels did not survive).
+            logger.warning("chat template altered message contents; encoding without sentinels")
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            return self.tokenizer.encode(rendered, add_special_tokens=False)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                if piece:
+                    ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+            else:
+                text = contents[int(piece)]
+                if text:
+                    ids.extend(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        return ids
