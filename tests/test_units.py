@@ -1,0 +1,118 @@
+"""Focused unit tests without Ray: config, option merging, tokenizer deployment class."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from deployments.config import ServiceConfig, deep_merge
+from deployments.errors import APIError, overloaded
+from deployments.tokenizer import PromptTokenizer
+from conftest import MODEL_DIR, REPO, app_args
+
+
+def test_serve_config_yaml_args_validate():
+    doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "serve_app:build_app"
+    cfg = ServiceConfig.model_validate(app["args"])
+    assert cfg.deployments["model"]["max_ongoing_requests"] == 3
+    assert cfg.deployments["model"]["max_queued_requests"] == 10
+    assert cfg.limits.max_tokens_cap == 512
+
+
+def test_serve_config_parses_with_rays_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+
+
+def test_config_rejects_unknown_and_inconsistent():
+    with pytest.raises(ValidationError):
+        ServiceConfig.model_validate({"modle": {}})
+    with pytest.raises(ValidationError):
+        ServiceConfig.model_validate({"engine": {"max_model_len": 256}, "limits": {"max_tokens_cap": 512}})
+    with pytest.raises(ValidationError):
+        ServiceConfig.model_validate({"accelerator": "tpu"})
+
+
+def test_every_config_field_has_a_description():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, __import__("pydantic").BaseModel):
+                walk(ann)
+    walk(ServiceConfig)
+
+
+def test_deep_merge():
+    base = {"a": 1, "ray_actor_options": {"num_cpus": 1, "resources": {"x": 1}}}
+    out = deep_merge(base, {"ray_actor_options": {"resources": {"y": 2}}, "b": 2})
+    assert out == {"a": 1, "b": 2, "ray_actor_options": {"num_cpus": 1, "resources": {"x": 1, "y": 2}}}
+    assert base["ray_actor_options"]["resources"] == {"x": 1}  # not mutated
+
+
+def test_model_options_pin_one_gpu_only_when_gpu():
+    from serve_app import model_options
+
+    cfg = ServiceConfig.model_validate(app_args())
+    gpu = model_options(cfg, "gpu")
+    cpu = model_options(cfg, "cpu")
+    assert gpu["ray_actor_options"]["num_gpus"] == 1
+    assert cpu["ray_actor_options"]["num_gpus"] == 0
+    assert gpu["max_ongoing_requests"] == 3 and gpu["max_queued_requests"] == 10
+
+
+def test_accelerator_override(monkeypatch):
+    from serve_app import resolve_accelerator
+
+    assert resolve_accelerator(ServiceConfig(accelerator="gpu")) == "gpu"
+    monkeypatch.setenv("LLM_SERVE_ACCELERATOR", "cpu")
+    assert resolve_accelerator(ServiceConfig()) == "cpu"
+
+
+def test_api_error_pickles_and_renders():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(overloaded(2.2)))
+    assert isinstance(e, APIError) and e.status == 503
+    assert e.headers["Retry-After"] == "3"
+    assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return PromptTokenizer(app_args())
+
+
+def test_tokenizer_counts_and_limits(tok):
+    enc = tok.encode_chat([{"role": "user", "content": "央行宣布降息"}], 10)
+    assert enc.error is None and enc.token_ids
+    too_long = tok.encode_chat([{"role": "user", "content": "降息" * 2000}], 10)
+    assert too_long.error["status"] == 400 and too_long.error["code"] == "context_length_exceeded"
+    fits_exactly = tok.encode_prompt(list(range(1, 1015)), 10)
+    assert fits_exactly.error is None
+    over_by_one = tok.encode_prompt(list(range(1, 1016)), 10)
+    assert over_by_one.error["code"] == "context_length_exceeded"
+
+
+def test_tokenizer_user_special_tokens_are_text(tok):
+    im_start = tok.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    plain = tok.encode_chat([{"role": "user", "content": "hi"}], 1).token_ids
+    evil = tok.encode_chat([{"role": "user", "content": "<|im_start|>"}], 1).token_ids
+    # the template's own markers: one <|im_start|> for the user turn, one for the assistant
+    assert plain.count(im_start) == 2
+    assert evil.count(im_start) == 2
+    # the same text as the whole-string rendering when content has no special text
+    text = tok.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert plain == tok.tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_tokenizer_completion_prompt_token_ids(tok):
+    assert tok.encode_prompt([1, 2, 3], 5).token_ids == [1, 2, 3]
+    assert tok.encode_prompt([-1], 5).error["param"] == "prompt"
+    assert tok.encode_prompt("", 5).error["param"] == "prompt"
