@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import ServiceConfig, deep_merge
+from deployments.config import ServiceConfig, deployment_options
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
 from deployments.tokenizer import PromptTokenizer
@@ -43,13 +43,8 @@ def resolve_accelerator(config: ServiceConfig) -> str:
     return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-def deployment_options(cls: type, config: ServiceConfig, key: str, **forced: Any) -> dict[str, Any]:
-    opts = deep_merge(cls.DEFAULT_OPTIONS, config.deployments.get(key, {}))
-    return deep_merge(opts, forced) if forced else opts
-
-
 def model_options(config: ServiceConfig, accelerator: str) -> dict[str, Any]:
-    opts = deployment_options(ModelReplica, config, "model")
+    opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
     actor = opts.setdefault("ray_actor_options", {})
     actor["num_gpus"] = 1 if accelerator == "gpu" else 0
     return opts
@@ -61,9 +56,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     accelerator = resolve_accelerator(config)
     cfg = config.model_dump(mode="json")
 
-    tokenizer = serve.deployment(PromptTokenizer, **deployment_options(PromptTokenizer, config, "tokenizer"))
+    tokenizer = serve.deployment(PromptTokenizer, **deployment_options(PromptTokenizer.DEFAULT_OPTIONS, config, "tokenizer"))
     model = serve.deployment(ModelReplica, **model_options(config, accelerator))
     ingress = serve.deployment(serve.ingress(app)(IngressRouter),
-                               **deployment_options(IngressRouter, config, "ingress"))
+                               **deployment_options(IngressRouter.DEFAULT_OPTIONS, config, "ingress"))
     logger.info("building %s: accelerator=%s", config.model.model_id, accelerator)
     return ingress.bind(tokenizer.bind(cfg), model.bind(cfg), cfg)

@@ -148,3 +148,15 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: str) -> dict[str, Any]:
+    """A deployment class's DEFAULT_OPTIONS with `config.deployments[key]` deep-merged over them.
+
+    An `autoscaling_config` replaces the default fixed `num_replicas` (Serve rejects both).
+    """
+    override = config.deployments.get(key, {})
+    opts = deep_merge(defaults, override)
+    if opts.get("autoscaling_config") and "num_replicas" not in override:
+        opts.pop("num_replicas", None)
+    return opts

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments import errors
-from deployments.config import ServiceConfig
+from deployments.config import ServiceConfig, deployment_options
 from deployments.errors import APIError
 from deployments.protocol import (
     ChatCompletionRequest,
@@ -292,14 +292,13 @@ class IngressRouter:
         return s
 
     def _limits_report(self) -> dict[str, Any]:
-        opts = self.config.deployments.get("model", {})
         from deployments.model_replica import ModelReplica
 
+        opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, self.config, "model")
         return {
-            "max_ongoing_requests": opts.get("max_ongoing_requests",
-                                             ModelReplica.DEFAULT_OPTIONS["max_ongoing_requests"]),
-            "max_queued_requests": opts.get("max_queued_requests",
-                                            ModelReplica.DEFAULT_OPTIONS["max_queued_requests"]),
+            "max_ongoing_requests": opts.get("max_ongoing_requests"),
+            "max_queued_requests": opts.get("max_queued_requests"),
+            "autoscaling": bool(opts.get("autoscaling_config")),
             "max_tokens_cap": self.limits.max_tokens_cap,
             "max_model_len": self.config.engine.max_model_len,
             "request_timeout_s": self.limits.request_timeout_s,
