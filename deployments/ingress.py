@@ -182,6 +182,8 @@ class IngressRouter:
                     first = await self._call(stream.__anext__())
                 except StopAsyncIteration:
                     first = None
+                except APIError:
+                    raise  # rejected before it was assigned (or failed): nothing to cancel
                 except BaseException:
                     stream.cancel()
                     raise
@@ -213,6 +215,7 @@ class IngressRouter:
         include_usage, continuous = body.include_usage(), body.continuous_usage()
         completion_tokens = 0
         finish: str | None = None
+        done = False
 
         def render(chunk: GenerationChunk) -> bytes:
             nonlocal completion_tokens, finish
@@ -226,12 +229,17 @@ class IngressRouter:
         try:
             if chat:
                 yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-            if first is not None:
+            if first is not None and (first.text or first.finish_reason):
                 yield render(first)
+            elif first is not None:
+                completion_tokens += first.num_tokens
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline - time.monotonic())):
                     async for chunk in stream:
-                        yield render(chunk)
+                        if chunk.text or chunk.finish_reason:
+                            yield render(chunk)
+                        else:  # an incomplete UTF-8 sequence: count it, send it with the next text
+                            completion_tokens += chunk.num_tokens
             except TimeoutError:
                 yield _sse(errors.timed_out(timeout).body())
                 yield _SSE_DONE
@@ -244,13 +252,15 @@ class IngressRouter:
                 yield _sse(errors.engine_unavailable("The model replica failed mid-stream.").body())
                 yield _SSE_DONE
                 return
+            done = True
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
             yield _SSE_DONE
         finally:
-            # Client gone or stream finished: make sure the engine request is released.
-            stream.cancel()
+            if not done:
+                # Client gone, deadline passed or replica failed: release the engine request.
+                stream.cancel()
 
     # ------------------------------------------------------------------ helpers
 

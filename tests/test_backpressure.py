@@ -45,7 +45,7 @@ def _check(results, label: str):
     # allow a little slack over the nominal capacity.
     assert by_status[503] >= BURST - CAPACITY - 3, by_status
     for status, headers, text, _ in rejected:
-        assert headers.get("retry-after", "").isdigit(), headers
+        assert headers.get("retry-after", "").isdigit(), (headers, text)
         err = httpx.Response(status, content=text.encode()).json()["error"]
         assert err["code"] == "queue_full" and err["type"] == "service_unavailable_error"
     for status, _, text, _ in results:

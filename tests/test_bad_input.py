@@ -44,7 +44,7 @@ CHAT_CASES = [
     ("top_p zero", {"json": {"model": MODEL, "messages": OK_MSG, "top_p": 0}}, 400, "top_p"),
     ("n=2 unsupported", {"json": {"model": MODEL, "messages": OK_MSG, "n": 2}}, 400, "n"),
     ("stream wrong type", {"json": {"model": MODEL, "messages": OK_MSG, "stream": "yes please"}}, 400, "stream"),
-    ("nan temperature", {"content": b'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'}, 400, None),
+    ("nan temperature", {"content": b'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'}, 400, "temperature"),
     ("too many stops", {"json": {"model": MODEL, "messages": OK_MSG, "stop": list("abcdefghij")}}, 400, "stop"),
     ("min_tokens over max", {"json": {"model": MODEL, "messages": OK_MSG, "max_tokens": 2, "min_tokens": 5}}, 400, "min_tokens"),
 ]

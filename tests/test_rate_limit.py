@@ -1,0 +1,251 @@
+"""Cluster-wide rate limiter: a real named Ray actor shared by independent clients (as two
+ingress replicas would share it), key derivation, env overrides, headers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from deployments.rate_limit import (
+    RateDecision,
+    RateLimitConfig,
+    RateLimiter,
+    RateLimiterActor,
+    RateWindow,
+    client_key,
+    effective_limits,
+    make_windows,
+    rate_limited_error,
+)
+from ray_helpers import ray_local  # noqa: F401  (fixture)
+
+
+# One limiter actor for the module (each actor is a worker process: slow to start on 2 cores);
+# each test reconfigures it through its own clients and uses fresh keys, as redeploys would.
+NAME = f"rl-test-{uuid.uuid4().hex[:8]}"
+
+
+def _name() -> str:
+    return NAME
+
+
+def _key() -> str:
+    return "k-" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup_actor():
+    yield
+    from deployments.actors import kill_actor
+
+    try:
+        kill_actor(NAME)
+    except Exception:
+        pass
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- through the actor
+
+
+def test_two_clients_share_one_budget(ray_local):
+    """12 requests from one client through two limiter clients (two ingress replicas) within a
+    minute: exactly 10 allowed, 2 rejected with Retry-After; another client is unaffected."""
+    name = _name()
+    windows = make_windows(10, 100)
+    a = RateLimiter(windows, actor_name=name)
+    b = RateLimiter(windows, actor_name=name)
+    key = client_key(None, "203.0.113.7", None, [])
+
+    async def go():
+        await asyncio.gather(a.ready(), b.ready())  # what each ingress replica does at start
+        out = []
+        for i in range(12):
+            out.append(await (a if i % 2 == 0 else b).check(key))
+        other = await b.check(client_key(None, "203.0.113.8", None, []))
+        return out, other
+
+    decisions, other = _run(go())
+    allowed = [d for d in decisions if d.allowed]
+    rejected = [d for d in decisions if not d.allowed]
+    assert len(allowed) == 10 and len(rejected) == 2
+    assert all(not d.degraded for d in decisions)
+    assert [d.remaining for d in allowed] == list(range(9, -1, -1))
+    for d in rejected:
+        assert d.window == "minute" and d.limit == 10 and d.remaining == 0
+        assert 1 <= d.retry_after_s <= 60
+        h = RateLimiter.headers(d)
+        assert int(h["Retry-After"]) == d.retry_after_s
+        assert h["X-RateLimit-Limit"] == "10" and h["X-RateLimit-Remaining"] == "0"
+        assert abs(int(h["X-RateLimit-Reset"]) - (time.time() + d.retry_after_s)) <= 2
+        err = rate_limited_error(d)
+        assert err.status == 429 and err.code == "rate_limit_exceeded"
+        assert err.headers["Retry-After"] == h["Retry-After"]
+        assert err.body()["error"]["type"] == "rate_limit_error"
+    ok_headers = RateLimiter.headers(allowed[0])
+    assert "Retry-After" not in ok_headers and ok_headers["X-RateLimit-Remaining"] == "9"
+    assert other.allowed and other.remaining == 9
+
+    # Rejections consumed nothing: the hour window saw exactly the 10 allowed.
+    import ray
+
+    actor = ray.get_actor(name, namespace=a.namespace)
+    hour = [w for w in ray.get(actor.peek.remote(key)) if w["window"] == "hour"][0]
+    assert hour["remaining"] == 90
+    assert ray.get(actor.counters.remote()) == {"allowed": 11, "rejected": 2}
+
+
+def test_get_or_create_from_many_processes_is_one_actor(ray_local):
+    import ray
+
+    from deployments.actors import get_or_create_actor
+
+    name = f"rl-procs-{uuid.uuid4().hex[:8]}"
+
+    @ray.remote(num_cpus=0)
+    def resolve(n):
+        h = get_or_create_actor(RateLimiterActor, n, "llm_serve", [RateWindow(3, 60)])
+        return ray.get(h.hit.remote("k")).allowed
+
+    # Two processes and this driver get-or-create concurrently: one actor, one budget of 3.
+    refs = [resolve.remote(name) for _ in range(2)]
+    here = get_or_create_actor(RateLimiterActor, name, "llm_serve", [RateWindow(3, 60)])
+    results = [ray.get(here.hit.remote("k")).allowed for _ in range(2)] + ray.get(refs)
+    assert sorted(results) == [False, True, True, True]
+    ray.kill(ray.get_actor(name, namespace="llm_serve"), no_restart=True)
+
+
+def test_hour_window_rejects_independently_of_minute(ray_local):
+    name = _name()
+    limiter = RateLimiter(make_windows(0, 3), actor_name=name)  # minute window off
+    decisions = _run(_hits(limiter, _key(), 4))
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    last = decisions[-1]
+    assert last.window == "hour" and last.limit == 3
+    assert 3500 <= last.retry_after_s <= 3600
+
+
+def test_any_full_window_rejects_without_consuming(ray_local):
+    """Minute 2, short window of 3 per 2 s: the 3rd request is refused by the minute window and
+    must not eat the short window's budget."""
+    name = _name()
+    limiter = RateLimiter([RateWindow(2, 60, "minute"), RateWindow(3, 2)], actor_name=name)
+    d = _run(_hits(limiter, _key(), 3))
+    assert [x.allowed for x in d] == [True, True, False]
+    assert d[-1].window == "minute"
+    short = [w for w in d[-1].windows if w["period_s"] == 2][0]
+    assert short["remaining"] == 1
+
+
+def test_window_slides(ray_local):
+    name = _name()
+    limiter = RateLimiter([RateWindow(2, 1)], actor_name=name)
+    key = _key()
+    first = _run(_hits(limiter, key, 3))
+    assert [x.allowed for x in first] == [True, True, False]
+    assert first[-1].retry_after_s == 1
+    time.sleep(1.1)
+    assert _run(limiter.check(key)).allowed
+
+
+def test_configure_updates_existing_actor(ray_local):
+    """A redeploy with other limits reconfigures the existing (detached) actor."""
+    name = _name()
+    _run(_hits(RateLimiter(make_windows(5, 0), actor_name=name), _key(), 1))
+    again = _run(_hits(RateLimiter(make_windows(2, 0), actor_name=name), _key(), 3))
+    assert [x.allowed for x in again] == [True, True, False]
+    assert again[0].limit == 2
+
+
+def test_disabled_limiter_makes_no_actor_call():
+    limiter = RateLimiter.from_config(RateLimitConfig(per_minute=0, per_hour=0), env={})
+    assert not limiter.enabled
+    d = _run(limiter.check("anything"))
+    assert d.allowed and RateLimiter.headers(d) == {}
+    assert not RateLimiter.from_config({"enabled": False}, env={}).enabled
+
+
+def test_unreachable_limiter_fails_open_or_closed(monkeypatch):
+    def boom(self):
+        raise RuntimeError("no cluster")
+
+    monkeypatch.setattr(RateLimiter, "_resolve", boom)
+    d = _run(RateLimiter(make_windows(1, 0)).check("k"))
+    assert d.allowed and d.degraded and RateLimiter.headers(d) == {}
+    closed = _run(RateLimiter(make_windows(1, 0), fail_open=False).check("k"))
+    assert not closed.allowed and closed.degraded
+    assert rate_limited_error(closed).status == 503
+
+
+async def _hits(limiter: RateLimiter, key: str, n: int) -> list[RateDecision]:
+    return [await limiter.check(key) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- plain logic
+
+
+def test_actor_class_without_ray():
+    a = RateLimiterActor([RateWindow(1, 60)])
+    assert a.hit("x").allowed and not a.hit("x").allowed
+    a.reset("x")
+    assert a.hit("x").allowed
+    a.reset()
+    assert a.hit("x").allowed
+    with pytest.raises(ValueError):
+        a.configure([(0, 60)])
+
+
+def test_effective_limits_env_overrides():
+    assert effective_limits(10, 100, env={}) == (10, 100)
+    assert effective_limits(10, 100, env={"RATE_LIMIT_PER_MINUTE": "0"}) == (0, 100)
+    assert effective_limits(10, 100, env={"RATE_LIMIT_PER_HOUR": " 5000 ", "RATE_LIMIT_PER_MINUTE": ""}) == (10, 5000)
+    for bad in ("-1", "ten", "1.5"):
+        with pytest.raises(ValueError, match="RATE_LIMIT_PER_MINUTE"):
+            effective_limits(10, 100, env={"RATE_LIMIT_PER_MINUTE": bad})
+    cfg = RateLimitConfig()
+    assert [(w.limit, w.period_s) for w in cfg.windows(env={})] == [(10, 60), (100, 3600)]
+    assert [(w.limit, w.period_s) for w in cfg.windows(env={"RATE_LIMIT_PER_MINUTE": "0"})] == [(100, 3600)]
+    assert cfg.windows(env={"RATE_LIMIT_PER_MINUTE": "0", "RATE_LIMIT_PER_HOUR": "0"}) == []
+
+
+def test_config_validates_and_documents():
+    with pytest.raises(ValueError):
+        RateLimitConfig(trusted_proxies=["not-an-ip"])
+    with pytest.raises(ValueError):
+        RateLimitConfig(per_minute=-1)
+    with pytest.raises(ValueError):
+        RateLimitConfig(unknown=1)
+    assert all(f.description for f in RateLimitConfig.model_fields.values())
+
+
+def test_client_key_api_key_is_hashed():
+    k = client_key("sk-secret-123", "10.0.0.1", None, [])
+    assert k.startswith("key:") and "sk-secret" not in k
+    assert k == client_key("sk-secret-123", "198.51.100.1", "1.2.3.4", ["0.0.0.0/0"])  # per key, any address
+    assert k != client_key("sk-secret-124", "10.0.0.1", None, [])
+
+
+def test_client_key_forwarded_for_trust_rules():
+    trusted = ["10.0.0.0/8", "192.0.2.1"]
+    # No trusted proxies configured: the header is ignored.
+    assert client_key(None, "10.1.2.3", "203.0.113.5", []) == "ip:10.1.2.3"
+    # Direct peer not trusted: a client cannot spoof its address with the header.
+    assert client_key(None, "198.51.100.9", "203.0.113.5", trusted) == "ip:198.51.100.9"
+    # Trusted peer: the right-most untrusted hop is the client.
+    assert client_key(None, "10.1.2.3", "203.0.113.5", trusted) == "ip:203.0.113.5"
+    assert client_key(None, "10.1.2.3", "6.6.6.6, 203.0.113.5, 10.9.9.9", trusted) == "ip:203.0.113.5"
+    assert client_key(None, "192.0.2.1", "203.0.113.5:4711", trusted) == "ip:203.0.113.5"
+    # All hops trusted: the left-most.
+    assert client_key(None, "10.1.2.3", "10.5.5.5, 10.6.6.6", trusted) == "ip:10.5.5.5"
+    # IPv6 and IPv4-mapped forms are normalised.
+    assert client_key(None, "::ffff:10.1.2.3", "[2001:db8::1]:443", trusted) == "ip:2001:db8::1"
+    assert client_key(None, "2001:DB8::0:1", None, trusted) == "ip:2001:db8::1"
+    # Empty header or unknown peer.
+    assert client_key(None, "10.1.2.3", "", trusted) == "ip:10.1.2.3"
+    assert client_key(None, None, None, []) == "ip:unknown"
