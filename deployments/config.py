@@ -15,6 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.auth import AuthConfig
+from deployments.observability import ObservabilityConfig
+from deployments.rate_limit import RateLimitConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -100,6 +104,14 @@ class ServiceConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The served model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    rate_limit: RateLimitConfig = Field(
+        default_factory=RateLimitConfig,
+        description="Per-client limits, cluster-wide (RATE_LIMIT_PER_MINUTE/RATE_LIMIT_PER_HOUR override).",
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Optional API-key authentication.")
+    observability: ObservabilityConfig = Field(
+        default_factory=ObservabilityConfig, description="Cluster-wide /stats, /metrics, Prometheus."
+    )
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto",
         description="`gpu`: the model replica asks Ray for one GPU (`num_gpus: 1`); `cpu`: none; "
@@ -160,3 +172,13 @@ def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: str
     if opts.get("autoscaling_config") and "num_replicas" not in override:
         opts.pop("num_replicas", None)
     return opts
+
+
+def current_app_name(default: str = "llm") -> str:
+    """The Serve application this replica belongs to (names the shared stats/limiter actors)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name or default
+    except Exception:  # outside a Serve replica (unit tests, scripts)
+        return default

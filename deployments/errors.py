@@ -129,16 +129,41 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     return APIError(400, msg, param=param, code="invalid_value").response()
 
 
+def route_path(scope) -> str:
+    """The request path without the app's route prefix (`root_path`)."""
+    path = scope.get("path", "")
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+# Set by the ingress replica (`set_rejection_hook`): counts requests refused before they reach
+# a route (body validation). A module global, not `app.state`: Serve runs a frozen copy of the app.
+_rejection_hook = None
+
+
+def set_rejection_hook(hook) -> None:
+    global _rejection_hook
+    _rejection_hook = hook
+
+
 def install_exception_handlers(app) -> None:
     """Map every exception the FastAPI app can meet to an OpenAI error response."""
 
+    def record(request: Request, status: int, code) -> None:
+        if _rejection_hook is not None:
+            _rejection_hook(route_path(request.scope), status, code)
+
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError):
-        return validation_error_response(exc)
+    async def _validation(request: Request, exc: RequestValidationError):
+        response = validation_error_response(exc)
+        record(request, response.status_code, "invalid_value")
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

@@ -15,12 +15,16 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deployments import errors
-from deployments.config import ServiceConfig, deployment_options
+from deployments import admission, errors
+from deployments.admission import Admission, AdmissionMiddleware
+from deployments.auth import ApiKeyAuth
+from deployments.config import ServiceConfig, current_app_name, deployment_options
 from deployments.errors import APIError
+from deployments.observability import StatsRecorder
+from deployments.rate_limit import RateLimiter
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,6 +48,8 @@ app = FastAPI(
     version="0.1.0",
 )
 errors.install_exception_handlers(app)
+app.add_middleware(AdmissionMiddleware)
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Fields passed to vLLM's SamplingParams when the client set them.
 _PASSTHROUGH = (
@@ -80,7 +86,7 @@ class IngressRouter:
         "ray_actor_options": {"num_cpus": 0.25},
     }
 
-    def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig):
+    async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig):
         self.config = ServiceConfig.model_validate(config)
         self.limits = self.config.limits
         self.model_id = self.config.model.model_id
@@ -90,6 +96,21 @@ class IngressRouter:
         self.created = int(time.time())
         self._backpressure = _backpressure_types()
         self._unavailable = _unavailable_types()
+
+        app_name = current_app_name()
+        self.stats = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
+        self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name)
+        auth = ApiKeyAuth.from_config(self.config.auth)
+        await self.limiter.ready()
+        await self.stats.ready()
+        errors.set_rejection_hook(self.stats.record_rejection)
+        admission.install(Admission(
+            auth=auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
+            max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
+            public_paths=frozenset(auth.public_paths),
+        ))
+        logger.info("ingress ready: rate limits %s, auth %s", self.limiter.describe(),
+                    "on" if auth.enabled else "off")
 
     # ------------------------------------------------------------------ endpoints
 
@@ -104,28 +125,29 @@ class IngressRouter:
         return JSONResponse(model_card(self.model_id, self.config.model.owned_by, created=self.created))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self._resolve_model(body.model)
-        max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens,
-                                      self.limits.default_max_tokens_chat)
-        if len(body.messages) > self.limits.max_messages:
-            raise errors.bad_request(
-                f"messages: at most {self.limits.max_messages} messages per request "
-                f"(got {len(body.messages)})", "messages", "too_many_messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await self._serve(
-            body, request, "chat", max_tokens,
-            lambda: self.tokenizer.encode_chat.remote(messages, max_tokens, body.add_generation_prompt),
-        )
+    async def chat_completions(self, body: ChatCompletionRequest):
+        def prepare():
+            self._resolve_model(body.model)
+            max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens,
+                                          self.limits.default_max_tokens_chat)
+            if len(body.messages) > self.limits.max_messages:
+                raise errors.bad_request(
+                    f"messages: at most {self.limits.max_messages} messages per request "
+                    f"(got {len(body.messages)})", "messages", "too_many_messages")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            return max_tokens, lambda: self.tokenizer.encode_chat.remote(
+                messages, max_tokens, body.add_generation_prompt)
+
+        return await self._serve(body, "chat", prepare)
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request):
-        self._resolve_model(body.model)
-        max_tokens = self._max_tokens(body.max_tokens, self.limits.default_max_tokens_completion)
-        return await self._serve(
-            body, request, "completion", max_tokens,
-            lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens),
-        )
+    async def completions(self, body: CompletionRequest):
+        def prepare():
+            self._resolve_model(body.model)
+            max_tokens = self._max_tokens(body.max_tokens, self.limits.default_max_tokens_completion)
+            return max_tokens, lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens)
+
+        return await self._serve(body, "completion", prepare)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -151,27 +173,54 @@ class IngressRouter:
         report["accelerator_memory_gb"] = mem
         return JSONResponse(report, status_code=200 if ok else 503)
 
+    @app.get("/stats")
+    async def stats(self) -> JSONResponse:
+        """The old service's /stats fields, cluster-wide (all ingress and model replicas)."""
+        return JSONResponse(await self._stats_call(self.stats.stats))
+
+    @app.get("/metrics")
+    async def metrics(self) -> JSONResponse:
+        """The old service's /metrics JSON (waiting/running, tokens, TTFT and throughput SLOs)."""
+        return JSONResponse(await self._stats_call(self.stats.metrics_json))
+
+    @app.get("/metrics/prometheus")
+    async def metrics_prometheus(self) -> Response:
+        return Response(await self._stats_call(self.stats.prometheus_text), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def _stats_call(self, method):
+        try:
+            return await asyncio.wait_for(method(), timeout=10)
+        except Exception as exc:
+            logger.warning("stats actor unavailable: %s", exc)
+            raise errors.engine_unavailable("Statistics are briefly unavailable; retry.") from None
+
     # ------------------------------------------------------------------ request path
 
-    async def _serve(self, body: SamplingFields, request: Request, kind: str, max_tokens: int,
-                     encode) -> Any:
+    async def _serve(self, body: SamplingFields, kind: str, prepare) -> Any:
+        """Validate (`prepare` → max_tokens and the tokenizer call), tokenize, generate."""
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        trace = self.stats.request_started(endpoint, request_id=rid, stream=body.stream)
         timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
         deadline = time.monotonic() + timeout
         model_name = self.model_id
         created = int(time.time())
         try:
+            max_tokens, encode = prepare()
             async with asyncio.timeout(timeout):
                 enc = await encode()
                 if enc.error:
                     raise APIError(**enc.error)
+                trace.tokenized(len(enc.token_ids))
                 greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens))
+                trace.dispatched()
                 if not body.stream:
                     out: GenerationChunk = await self._call(self.model.generate.remote(greq))
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
                     if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str):
                         text = body.prompt + text
+                    trace.finished(200, completion_tokens=out.num_tokens)
                     return JSONResponse(
                         make(rid, model_name, created, text, out.finish_reason,
                              len(enc.token_ids), out.num_tokens),
@@ -188,9 +237,13 @@ class IngressRouter:
                     stream.cancel()
                     raise
         except TimeoutError:
+            trace.finished(504, "timeout")
             raise errors.timed_out(timeout) from None
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
         events = self._sse_events(kind, body, rid, model_name, created, len(enc.token_ids),
-                                  first, stream, deadline, timeout)
+                                  first, stream, deadline, timeout, trace)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"X-Request-Id": rid, "Cache-Control": "no-cache"})
 
@@ -210,49 +263,48 @@ class IngressRouter:
 
     async def _sse_events(self, kind: str, body: SamplingFields, rid: str, model: str, created: int,
                           prompt_tokens: int, first: GenerationChunk | None, stream,
-                          deadline: float, timeout: float) -> AsyncIterator[bytes]:
+                          deadline: float, timeout: float, trace) -> AsyncIterator[bytes]:
         chat = kind == "chat"
         include_usage, continuous = body.include_usage(), body.continuous_usage()
         completion_tokens = 0
-        finish: str | None = None
         done = False
 
-        def render(chunk: GenerationChunk) -> bytes:
-            nonlocal completion_tokens, finish
+        def render(chunk: GenerationChunk) -> bytes | None:
+            nonlocal completion_tokens
             completion_tokens += chunk.num_tokens
-            finish = chunk.finish_reason or finish
+            trace.chunk(chunk.num_tokens)
+            if not chunk.text and not chunk.finish_reason:
+                return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
             use = usage(prompt_tokens, completion_tokens) if continuous else None
             if chat:
                 return _sse(chat_chunk(rid, model, created, {"content": chunk.text}, chunk.finish_reason, use))
             return _sse(completion_chunk(rid, model, created, chunk.text, chunk.finish_reason, use))
 
+        def fail(exc: APIError) -> bytes:
+            trace.finished(exc.status, exc.code, completion_tokens=completion_tokens)
+            return _sse(exc.body()) + _SSE_DONE
+
         try:
             if chat:
                 yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
-            if first is not None and (first.text or first.finish_reason):
-                yield render(first)
-            elif first is not None:
-                completion_tokens += first.num_tokens
+            if first is not None and (data := render(first)):
+                yield data
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline - time.monotonic())):
                     async for chunk in stream:
-                        if chunk.text or chunk.finish_reason:
-                            yield render(chunk)
-                        else:  # an incomplete UTF-8 sequence: count it, send it with the next text
-                            completion_tokens += chunk.num_tokens
+                        if data := render(chunk):
+                            yield data
             except TimeoutError:
-                yield _sse(errors.timed_out(timeout).body())
-                yield _SSE_DONE
+                yield fail(errors.timed_out(timeout))
                 return
             except APIError as exc:
-                yield _sse(exc.body())
-                yield _SSE_DONE
+                yield fail(exc)
                 return
             except self._unavailable:
-                yield _sse(errors.engine_unavailable("The model replica failed mid-stream.").body())
-                yield _SSE_DONE
+                yield fail(errors.engine_unavailable("The model replica failed mid-stream."))
                 return
             done = True
+            trace.finished(200, completion_tokens=completion_tokens)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
@@ -261,6 +313,7 @@ class IngressRouter:
             if not done:
                 # Client gone, deadline passed or replica failed: release the engine request.
                 stream.cancel()
+                trace.finished(499, "client_closed", completion_tokens=completion_tokens)
 
     # ------------------------------------------------------------------ helpers
 
@@ -313,6 +366,7 @@ class IngressRouter:
             "max_model_len": self.config.engine.max_model_len,
             "request_timeout_s": self.limits.request_timeout_s,
             "default_temperature": self.limits.default_temperature,
+            "rate_limits": self.limiter.describe(),
         }
 
     def _deployment_states(self) -> dict[str, Any]:

@@ -13,8 +13,9 @@ import os
 import time
 from typing import Any, AsyncIterator
 
-from deployments.config import ServiceConfig
+from deployments.config import ServiceConfig, current_app_name, deployment_options
 from deployments.errors import APIError, engine_unavailable
+from deployments.observability import StatsRecorder
 from deployments.protocol import GenerationChunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -50,6 +51,11 @@ class ModelReplica:
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         self.gpu_ids = self._gpu_ids()
+        capacity = deployment_options(self.DEFAULT_OPTIONS, self.config, "model")["max_ongoing_requests"]
+        self.stats = StatsRecorder.from_config(self.config.observability, role="model",
+                                               app_name=current_app_name(), capacity=capacity)
+        await self.stats.ready()
+        self.stats.start()  # heartbeat: this replica's capacity counts while it lives
         logger.info(
             "engine for %s ready in %.1f s (platform=%s, ray gpu ids=%s, CUDA_VISIBLE_DEVICES=%s)",
             self.config.model.model_id, time.monotonic() - t0, current_platform.device_name,
@@ -100,11 +106,13 @@ class ModelReplica:
 
         params = self._sampling_params(req.sampling)
         try:
-            async for out in self.engine.generate(
-                TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
-                lora_request=None,
-            ):
-                yield out
+            with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace:
+                async for out in self.engine.generate(
+                    TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
+                    lora_request=None,
+                ):
+                    trace.output(len(out.outputs[0].token_ids))
+                    yield out
         except EngineDeadError:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
         except APIError:
@@ -134,7 +142,12 @@ class ModelReplica:
 
     async def check_health(self) -> None:
         """Serve's periodic health check: fails when the engine is dead, so Serve replaces us."""
-        await self.engine.check_health()
+        try:
+            await self.engine.check_health()
+        except Exception:
+            self.stats.set_healthy(False)
+            raise
+        self.stats.set_healthy(True)
 
     async def health(self) -> dict[str, Any]:
         """Deep health for GET /health: engine state, pinning and accelerator memory."""
@@ -159,6 +172,8 @@ class ModelReplica:
                 engine.shutdown()
             except Exception:
                 pass
+
+
 
 
 def _accelerator_memory(on_cpu: bool) -> dict[str, float] | None:

@@ -35,6 +35,9 @@ def app_args(**overrides: Any) -> dict[str, Any]:
     base = {
         "model": {"model_id": "tiny-qwen3", "model_source": str(MODEL_DIR)},
         "engine": {"max_model_len": 1024, "cpu_kvcache_space_gib": 1},
+        # The shared app serves hundreds of test requests from one address; the limiter has
+        # its own app in test_admission.py.
+        "rate_limit": {"enabled": False},
         "deployments": {
             "model": {"max_ongoing_requests": 3, "max_queued_requests": 10},
             "tokenizer": {"ray_actor_options": {"num_cpus": 0.1}},

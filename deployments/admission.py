@@ -1,0 +1,100 @@
+"""Admission in front of the OpenAI routes, as one pure ASGI middleware (no per-chunk cost on
+streams): request-body size (413), API-key auth (401) and the cluster-wide per-client rate
+limit (429 with `Retry-After` and `X-RateLimit-*`). It runs before FastAPI parses the body,
+so a client over its limit or without a key is turned away before any work is done.
+
+The ingress replica installs its `ApiKeyAuth`, `RateLimiter` and `StatsRecorder` with
+`install()` at start (a module global: Serve runs a frozen copy of the FastAPI app, so
+`app.state` set in the constructor would not be seen); until then requests pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.auth import ApiKeyAuth
+from deployments.errors import APIError, route_path
+from deployments.rate_limit import RateLimiter, client_key, rate_limited_error
+
+# Routes that cost model time: counted against the client's rate limit.
+RATE_LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/classify"})
+
+
+@dataclass
+class Admission:
+    auth: ApiKeyAuth
+    limiter: RateLimiter
+    trusted_proxies: list[str]
+    max_request_bytes: int
+    stats: Any = None  # StatsRecorder
+    public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
+
+
+_current: Admission | None = None
+
+
+def install(admission: Admission | None) -> None:
+    global _current
+    _current = admission
+
+
+class AdmissionMiddleware:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        adm = _current
+        path = route_path(scope)
+        if adm is None or path in adm.public_paths:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        try:
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > adm.max_request_bytes:
+                raise APIError(413, f"Request body of {length} bytes is over the limit of "
+                               f"{adm.max_request_bytes} bytes.", code="request_too_large")
+            key = adm.auth.check(headers.get("authorization"))
+            extra_headers: dict[str, str] = {}
+            if path in RATE_LIMITED_PATHS and adm.limiter.enabled and scope.get("method") == "POST":
+                client = scope.get("client")
+                ck = client_key(key, client[0] if client else None, headers.get("x-forwarded-for"),
+                                adm.trusted_proxies)
+                decision = await adm.limiter.check(ck)
+                if not decision.allowed:
+                    raise rate_limited_error(decision)
+                extra_headers = RateLimiter.headers(decision)
+        except APIError as exc:
+            if adm.stats is not None:
+                adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
+            return await exc.response()(scope, receive, send)
+
+        receive = _limit_body(receive, adm.max_request_bytes) if "content-length" not in headers else receive
+        if not extra_headers:
+            return await self.app(scope, receive, send)
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()]
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + raw}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+
+def _limit_body(receive, limit: int):
+    """Chunked uploads carry no Content-Length: stop reading past `limit` bytes."""
+    seen = 0
+
+    async def limited():
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise APIError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
+        return message
+
+    return limited

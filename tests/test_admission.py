@@ -1,0 +1,134 @@
+"""Admission and observability on a second app with 2 ingress replicas: cluster-wide rate
+limits (429 + Retry-After), API-key auth (401), /stats and /metrics totals, Prometheus
+scraping the app for real."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import app_args, wait_healthy
+
+MODEL = "tiny-qwen3"
+KEYS = ["key-auth-test", "key-client-a", "key-client-b", "key-metrics"]
+PREFIX = "/guarded"
+
+
+@pytest.fixture(scope="module")
+def guarded(http_port):
+    from ray import serve
+
+    from serve_app import build_app
+
+    env = {"LLM_SERVE_API_KEYS": ",".join(KEYS)}
+    args = app_args(
+        rate_limit={"enabled": True, "per_minute": 10, "per_hour": 100},
+        auth={"enabled": True},
+        deployments={"ingress": {"num_replicas": 2, "ray_actor_options": {"runtime_env": {"env_vars": env}}}},
+    )
+    serve.run(build_app(args), name="guarded", route_prefix=PREFIX, blocking=False)
+    url = f"http://127.0.0.1:{http_port}{PREFIX}"
+    wait_healthy(url)
+    yield url
+    serve.delete("guarded")
+
+
+def chat(url: str, key: str | None, **extra) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "体育新闻"}], **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_two_ingress_replicas_running(guarded):
+    health = httpx.get(f"{guarded}/health", timeout=30).json()
+    assert health["deployments"]["IngressRouter"]["running_replicas"] == 2
+
+
+def test_auth(guarded):
+    r = chat(guarded, None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    r = chat(guarded, "wrong-key")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(f"{guarded}/v1/chat/completions", json={}, headers={"Authorization": "Basic abc"}, timeout=30)
+    assert r.status_code == 401
+    assert chat(guarded, KEYS[0]).status_code == 200
+    # /health stays open for probes
+    assert httpx.get(f"{guarded}/health", timeout=30).status_code == 200
+
+
+def test_rate_limit_is_cluster_wide(guarded):
+    statuses = []
+    for _ in range(12):
+        r = chat(guarded, KEYS[1])
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.headers["x-ratelimit-limit"] == "10"
+            assert r.headers["x-ratelimit-remaining"] == "0"
+            err = r.json()["error"]
+            assert err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded"
+        else:
+            assert r.headers["x-ratelimit-limit"] == "10"
+    print(f"\nclient A statuses: {collections.Counter(statuses)}")
+    assert statuses.count(200) == 10 and statuses.count(429) == 2
+    assert statuses[:10] == [200] * 10
+    # another client is unaffected
+    r = chat(guarded, KEYS[2])
+    assert r.status_code == 200 and r.headers["x-ratelimit-remaining"] == "9"
+
+
+def test_stats_and_metrics_count_what_was_sent(guarded):
+    """Totals across both ingress replicas equal the requests this module sent."""
+    h = {"Authorization": f"Bearer {KEYS[3]}"}
+    time.sleep(2.5)  # two flush intervals: every replica has pushed
+    before = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
+    sent = collections.Counter()
+    for i in range(4):
+        sent[chat(guarded, KEYS[3], stream=bool(i % 2)).status_code] += 1
+    sent[chat(guarded, KEYS[3], max_tokens=10**6).status_code] += 1  # 400
+    assert sent == {200: 4, 400: 1}
+    deadline = time.monotonic() + 20
+    while True:
+        after = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
+        if after["total_requests"] - before["total_requests"] >= 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"\n/stats before={before}\n/stats after={after}")
+    assert after["total_requests"] - before["total_requests"] == 5
+    assert after["successful_requests"] - before["successful_requests"] == 4
+    assert after["failed_requests"] - before["failed_requests"] == 1
+    assert after["ingress_replicas"] == 2
+    assert after["available_slots"] == 3 and after["current_queue_size"] == 0
+
+    m = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()
+    assert m["total_requests"] == after["total_requests"]
+    assert m["slo"]["sample_size"] >= 4 and m["slo"]["ttft_p50"] > 0
+    assert m["total_tokens_generated"] >= 16
+
+    text = httpx.get(f"{guarded}/metrics/prometheus", headers=h, timeout=30).text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    ttft = fams["llm_time_to_first_token_seconds"]
+    assert ttft.type == "histogram"
+    assert any(s.name.endswith("_bucket") for s in ttft.samples)
+    total = sum(s.value for s in fams["llm_requests"].samples if s.name == "llm_requests_total")
+    assert total == after["total_requests"]
+
+
+def test_real_prometheus_scrapes_the_app(guarded):
+    from prom_server import PromServer, ensure_prometheus_tools
+
+    if ensure_prometheus_tools() is None:
+        pytest.skip("Debian's prometheus package could not be installed (not root, or no apt)")
+    h = {"Authorization": f"Bearer {KEYS[3]}"}
+    expected = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()["total_requests"]
+    target = guarded.split("//", 1)[1].split("/", 1)[0]
+    with PromServer([target], metrics_path=f"{PREFIX}/metrics/prometheus", bearer_token=KEYS[3],
+                    rule_files=["monitoring/alerts.yaml"]) as prom:
+        prom.wait_for_scrape()
+        value = prom.wait_for_value("sum(llm_requests_total)", lambda v: v == expected, timeout_s=30)
+    print(f"\nPromQL sum(llm_requests_total) = {value}, /stats total_requests = {expected}")
+    assert value == expected
