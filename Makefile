@@ -1,6 +1,9 @@
 # The two commands (see README): `make run` and `make test`. Both set up first.
 .PHONY: setup run test bench clean
 
+bench: setup
+	.venv/bin/python scripts/benchmark.py --compare
+
 setup:
 	scripts/setup.sh
 

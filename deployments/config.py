@@ -98,12 +98,55 @@ class LimitsConfig(_Strict):
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters served on the base model (vLLM LoRA + Serve model multiplexing)."""
+
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapters to serve: name clients pass as `model` → local adapter folder "
+        "(relative paths resolve against the repo root).",
+    )
+    enabled: bool | None = Field(
+        None, description="Enable LoRA in the engine. null: when adapters are configured or "
+        "`allow_runtime_loading` is true.",
+    )
+    allow_runtime_loading: bool = Field(
+        True, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key "
+        "required when auth is on).",
+    )
+    max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank the engine accepts (the user's r=64).")
+    max_loras: int = Field(4, gt=0, description="Adapters active in one engine batch.")
+    max_cpu_loras: int | None = Field(None, gt=0, description="Adapters cached in host memory; null: vLLM default.")
+    max_adapters_per_replica: int = Field(
+        8, gt=0, description="Adapters a model replica keeps loaded (Serve multiplexing LRU); "
+        "requests route to replicas that already hold their adapter.",
+    )
+
+    def engine_enabled(self) -> bool:
+        return self.enabled if self.enabled is not None else bool(self.adapters or self.allow_runtime_loading)
+
+
+class ClassificationConfig(_Strict):
+    """POST /v1/classify."""
+
+    labels: list[str] | None = Field(
+        None, description="The label set. null: the model folder's labels.json, else the TNEWS labels "
+        "in ../shared/data/tnews/labels.json.",
+    )
+    max_inputs: int = Field(32, gt=0, description="Most texts in one /v1/classify request.")
+    max_input_chars: int = Field(2000, gt=0, description="Longest text accepted, in characters.")
+
+
 class ServiceConfig(_Strict):
     """Everything `serve_app.build_app` needs. Given as the application's `args`."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The served model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    classification: ClassificationConfig = Field(
+        default_factory=ClassificationConfig, description="The /v1/classify endpoint."
+    )
     rate_limit: RateLimitConfig = Field(
         default_factory=RateLimitConfig,
         description="Per-client limits, cluster-wide (RATE_LIMIT_PER_MINUTE/RATE_LIMIT_PER_HOUR override).",

@@ -108,8 +108,19 @@ def internal_error() -> APIError:
     return APIError(500, "Internal server error.", code="internal_error")
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
 def _loc_to_param(loc: tuple | list) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    """FastAPI/pydantic error location → OpenAI `param` (dotted; union-member tags dropped)."""
+    parts = []
+    for p in loc:
+        p = str(p)
+        if p in ("body", "query", "path") and not parts:
+            continue
+        if p in _UNION_TAGS or "[" in p:
+            break
+        parts.append(p)
     return ".".join(parts) or None
 
 

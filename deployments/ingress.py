@@ -11,26 +11,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from deployments import admission, errors
+from deployments.adapters import AdapterRegistry
 from deployments.admission import Admission, AdmissionMiddleware
 from deployments.auth import ApiKeyAuth
-from deployments.config import ServiceConfig, current_app_name, deployment_options
+from deployments.config import ServiceConfig, current_app_name, deployment_options, resolve_path
 from deployments.errors import APIError
 from deployments.observability import StatsRecorder
 from deployments.rate_limit import RateLimiter
 from deployments.protocol import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     GenerationChunk,
     GenerationRequest,
+    LoadLoraRequest,
     SamplingFields,
+    UnloadLoraRequest,
     chat_chunk,
     chat_completion,
     completion_chunk,
@@ -103,6 +108,13 @@ class IngressRouter:
         auth = ApiKeyAuth.from_config(self.config.auth)
         await self.limiter.ready()
         await self.stats.ready()
+        self.adapters = AdapterRegistry(app_name)
+        for name, path in self.config.lora.adapters.items():
+            await self.adapters.register(name, resolve_path(path), True)
+        self._handle_cache: dict[str, tuple[Any, Any]] = {}
+        from deployments.classification import labels_for_model
+
+        self.labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         errors.set_rejection_hook(self.stats.record_rejection)
         admission.install(Admission(
             auth=auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
@@ -116,18 +128,89 @@ class IngressRouter:
 
     @app.get("/v1/models")
     async def list_models(self) -> JSONResponse:
+        """The base model and every registered LoRA adapter."""
         cards = [model_card(self.model_id, self.config.model.owned_by, created=self.created)]
+        for ref in await self.adapters.list():
+            cards.append(model_card(ref.name, self.config.model.owned_by, root=ref.path,
+                                    parent=self.model_id, created=self.created))
         return JSONResponse({"object": "list", "data": cards})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str) -> JSONResponse:
-        self._resolve_model(model_id)
-        return JSONResponse(model_card(self.model_id, self.config.model.owned_by, created=self.created))
+        _, mux = await self._resolve_model(model_id)
+        if mux is None:
+            return JSONResponse(model_card(self.model_id, self.config.model.owned_by, created=self.created))
+        ref = await self.adapters.get(model_id)
+        return JSONResponse(model_card(model_id, self.config.model.owned_by, root=ref.path if ref else None,
+                                       parent=self.model_id, created=self.created))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoadLoraRequest) -> Response:
+        """vLLM's shape: register an adapter for every replica; 400 for a bad path or a taken name."""
+        self._require_runtime_loading()
+        if body.lora_name == self.model_id:
+            raise errors.bad_request("lora_name must differ from the base model's name.", "lora_name")
+        existing = await self.adapters.get(body.lora_name)
+        if existing is not None:
+            raise errors.bad_request(f"The lora adapter '{body.lora_name}' has already been loaded.",
+                                     "lora_name", "adapter_exists")
+        path = resolve_path(body.lora_path)
+        await self._call(self.model.validate_adapter.remote(path))
+        if await self.adapters.register(body.lora_name, path, False) is None:
+            raise errors.bad_request(f"The lora adapter '{body.lora_name}' has already been loaded.",
+                                     "lora_name", "adapter_exists")
+        logger.info("LoRA adapter %s registered from %s", body.lora_name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: UnloadLoraRequest) -> Response:
+        self._require_runtime_loading()
+        if not await self.adapters.unregister(body.lora_name):
+            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
+                           param="lora_name", code="adapter_not_found")
+        self._handle_cache = {k: v for k, v in self._handle_cache.items()
+                              if not k.startswith(body.lora_name + "@")}
+        logger.info("LoRA adapter %s unregistered", body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    @app.post("/v1/classify")
+    async def classify(self, body: ClassifyRequest) -> JSONResponse:
+        """Each text gets a label from the label set (label scoring: never an invalid label)
+        and the probability of every label."""
+        trace = self.stats.request_started("/v1/classify", stream=False)
+        try:
+            served, mux = await self._resolve_model(body.model)
+            texts, labels = self._check_classify(body)
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                enc = await self.tokenizer.encode_classify.remote(texts, labels)
+                if enc.get("error"):
+                    raise APIError(**enc["error"])
+                trace.tokenized(sum(len(p) for p in enc["prompts"]))
+                trace.dispatched()
+                unary, _ = self._handles(mux)
+                scores = await self._call(unary.classify.remote(enc["prompts"], enc["label_ids"], mux))
+        except TimeoutError:
+            trace.finished(504, "timeout")
+            raise errors.timed_out(self.limits.request_timeout_s) from None
+        except BaseException as exc:
+            trace.failed(exc)
+            raise
+        trace.finished(200, completion_tokens=0)
+        data = []
+        for i, row in enumerate(scores):
+            top = max(row)
+            exp = [math.exp(v - top) for v in row]
+            total = sum(exp)
+            probs = {label: e / total for label, e in zip(labels, exp)}
+            data.append({"index": i, "label": labels[row.index(top)], "scores": probs})
+        label_tokens = sum(len(ids) for ids in enc["label_ids"])
+        prompt_tokens = sum(len(p) + label_tokens for p in enc["prompts"])
+        return JSONResponse({"object": "list", "model": served, "data": data,
+                             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest):
         def prepare():
-            self._resolve_model(body.model)
             max_tokens = self._max_tokens(body.max_completion_tokens or body.max_tokens,
                                           self.limits.default_max_tokens_chat)
             if len(body.messages) > self.limits.max_messages:
@@ -143,7 +226,6 @@ class IngressRouter:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         def prepare():
-            self._resolve_model(body.model)
             max_tokens = self._max_tokens(body.max_tokens, self.limits.default_max_tokens_completion)
             return max_tokens, lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens)
 
@@ -203,19 +285,20 @@ class IngressRouter:
         trace = self.stats.request_started(endpoint, request_id=rid, stream=body.stream)
         timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
         deadline = time.monotonic() + timeout
-        model_name = self.model_id
         created = int(time.time())
         try:
+            model_name, mux = await self._resolve_model(body.model)
+            unary, streaming = self._handles(mux)
             max_tokens, encode = prepare()
             async with asyncio.timeout(timeout):
                 enc = await encode()
                 if enc.error:
                     raise APIError(**enc.error)
                 trace.tokenized(len(enc.token_ids))
-                greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens))
+                greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens), mux)
                 trace.dispatched()
                 if not body.stream:
-                    out: GenerationChunk = await self._call(self.model.generate.remote(greq))
+                    out: GenerationChunk = await self._call(unary.generate.remote(greq))
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
                     if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str):
@@ -226,7 +309,7 @@ class IngressRouter:
                              len(enc.token_ids), out.num_tokens),
                         headers={"X-Request-Id": rid},
                     )
-                stream = self.model_stream.generate_stream.remote(greq)
+                stream = streaming.generate_stream.remote(greq)
                 try:
                     first = await self._call(stream.__anext__())
                 except StopAsyncIteration:
@@ -317,10 +400,52 @@ class IngressRouter:
 
     # ------------------------------------------------------------------ helpers
 
-    def _resolve_model(self, name: str | None) -> str:
+    async def _resolve_model(self, name: str | None) -> tuple[str, str | None]:
+        """(served name, multiplexed adapter id or None for the base model); 404 if unknown."""
         if name in (None, "", self.model_id):
-            return self.model_id
-        raise errors.model_not_found(name)
+            return self.model_id, None
+        ref = await self.adapters.get(name)
+        if ref is None:
+            raise errors.model_not_found(name)
+        return ref.name, ref.multiplexed_id
+
+    def _handles(self, mux: str | None):
+        """(unary, streaming) model handles; adapter requests carry their multiplexed id so
+        Serve routes them to replicas that already hold the adapter."""
+        if mux is None:
+            return self.model, self.model_stream
+        if mux not in self._handle_cache:
+            h = self.model.options(multiplexed_model_id=mux)
+            self._handle_cache[mux] = (h, h.options(stream=True))
+        return self._handle_cache[mux]
+
+    def _require_runtime_loading(self) -> None:
+        if not self.config.lora.allow_runtime_loading or not self.config.lora.engine_enabled():
+            raise APIError(403, "Runtime LoRA loading is disabled (lora.allow_runtime_loading).",
+                           code="runtime_lora_disabled")
+
+    def _check_classify(self, body: ClassifyRequest) -> tuple[list[str], list[str]]:
+        cfg = self.config.classification
+        texts = body.texts()
+        if not texts:
+            raise errors.bad_request("input must hold at least one text.", "input")
+        if len(texts) > cfg.max_inputs:
+            raise errors.bad_request(f"at most {cfg.max_inputs} texts per request (got {len(texts)}).",
+                                     "input", "too_many_inputs")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise errors.bad_request(f"input[{i}] is empty.", f"input[{i}]")
+            if len(text) > cfg.max_input_chars:
+                raise errors.bad_request(f"input[{i}] is longer than {cfg.max_input_chars} characters.",
+                                         f"input[{i}]", "input_too_long")
+        labels = body.labels or self.labels
+        unknown = [label for label in labels if label not in self.labels]
+        if unknown:
+            raise errors.bad_request(f"unknown labels {unknown[:5]}; the label set is {self.labels}.",
+                                     "labels", "unknown_labels")
+        if len(set(labels)) != len(labels):
+            raise errors.bad_request("labels must be distinct.", "labels")
+        return texts, list(labels)
 
     def _max_tokens(self, requested: int | None, default: int) -> int:
         value = default if requested is None else requested

@@ -8,13 +8,15 @@ Cancelling the call (client gone, deadline passed) aborts the engine request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from typing import Any, AsyncIterator
 
+from deployments.adapters import AdapterRegistry, validate_adapter_dir
 from deployments.config import ServiceConfig, current_app_name, deployment_options
-from deployments.errors import APIError, engine_unavailable
+from deployments.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
 from deployments.protocol import GenerationChunk, GenerationRequest
 
@@ -56,6 +58,16 @@ class ModelReplica:
                                                app_name=current_app_name(), capacity=capacity)
         await self.stats.ready()
         self.stats.start()  # heartbeat: this replica's capacity counts while it lives
+        self.adapters = AdapterRegistry(current_app_name())
+        # Serve model multiplexing: keeps up to N adapters per replica (LRU) and routes
+        # requests for an adapter to replicas that already hold it.
+        from ray import serve
+
+        async def load_adapter(multiplexed_id: str):  # a plain function: Serve tags it
+            return await self._load_adapter(multiplexed_id)
+
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.config.lora.max_adapters_per_replica)(
+            load_adapter)
         logger.info(
             "engine for %s ready in %.1f s (platform=%s, ray gpu ids=%s, CUDA_VISIBLE_DEVICES=%s)",
             self.config.model.model_id, time.monotonic() - t0, current_platform.device_name,
@@ -78,6 +90,11 @@ class ModelReplica:
         for name in ("quantization", "enable_prefix_caching", "max_num_seqs"):
             if getattr(e, name) is not None:
                 kw[name] = getattr(e, name)
+        lora = self.config.lora
+        if lora.engine_enabled():
+            kw.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=lora.max_loras)
+            if lora.max_cpu_loras is not None:
+                kw["max_cpu_loras"] = lora.max_cpu_loras
         kw.update(e.extra)
         return kw
 
@@ -90,8 +107,6 @@ class ModelReplica:
         except Exception:  # outside Ray (unit tests)
             return []
 
-    # ------------------------------------------------------------------ generation
-
     def _sampling_params(self, sampling: dict[str, Any]):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -100,16 +115,90 @@ class ModelReplica:
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"Invalid sampling parameters: {exc}", code="invalid_value") from None
 
+    # ------------------------------------------------------------------ adapters
+
+    async def _load_adapter(self, multiplexed_id: str):
+        """Serve calls this (through `self._adapter`) the first time this replica sees an
+        adapter version; the LoRARequest is cached, LRU, per replica."""
+        from vllm.lora.request import LoRARequest
+
+        name, _, version = multiplexed_id.rpartition("@")
+        ref = await self.adapters.get(name)
+        if ref is None or str(ref.version) != version:
+            raise model_not_found(name)
+        validate_adapter_dir(ref.path, self.config.lora.max_lora_rank)
+        lora = LoRARequest(lora_name=ref.name, lora_int_id=ref.version, lora_path=ref.path)
+        try:
+            await self.engine.add_lora(lora)
+        except Exception as exc:
+            raise APIError(400, f"The engine could not load adapter {name!r}: {exc}",
+                           param="lora_path", code="invalid_lora_adapter") from None
+        logger.info("loaded LoRA adapter %s (v%s) from %s", ref.name, ref.version, ref.path)
+        return lora
+
+    async def validate_adapter(self, path: str) -> dict[str, Any]:
+        """For POST /v1/load_lora_adapter: the adapter must be loadable from this node."""
+        if not self.config.lora.engine_enabled():
+            raise APIError(400, "LoRA is disabled on this deployment (lora.enabled: false).", code="lora_disabled")
+        return validate_adapter_dir(path, self.config.lora.max_lora_rank)
+
+    async def _lora_request(self, multiplexed_id: str | None):
+        return None if not multiplexed_id else await self._adapter(multiplexed_id)
+
+    # ------------------------------------------------------------------ classification
+
+    async def classify(self, prompts: list[list[int]], label_ids: list[list[int]],
+                       lora: str | None = None) -> list[list[float]]:
+        """Log-probability of each label's answer tokens after each prompt (label scoring, so
+        the answer is always a valid label). The labels form a token trie; one 1-token engine
+        step per trie node and prompt returns the log-probabilities of exactly that node's
+        children (`logprob_token_ids`), and prefix caching shares the prompt across nodes."""
+        import uuid
+
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        lora_request = await self._lora_request(lora)
+        children: dict[tuple[int, ...], set[int]] = {}
+        for ids in label_ids:
+            for k in range(len(ids)):
+                children.setdefault(tuple(ids[:k]), set()).add(ids[k])
+        nodes = list(children.items())
+        tag = uuid.uuid4().hex[:12]
+
+        async def step(i: int, n: int) -> dict[int, float]:
+            prefix, kids = nodes[n]
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(kids),
+                                    output_kind=RequestOutputKind.FINAL_ONLY)
+            final = None
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompts[i] + list(prefix)),
+                                                  params, f"cls-{tag}-{i}-{n}", lora_request=lora_request):
+                final = out
+            row = final.outputs[0].logprobs[0]
+            return {t: row[t].logprob for t in kids}
+
+        with self.stats.engine_request(f"cls-{tag}", sum(len(p) for p in prompts)):
+            tables = await asyncio.gather(*[step(i, n) for i in range(len(prompts)) for n in range(len(nodes))])
+        index = {prefix: n for n, (prefix, _) in enumerate(nodes)}
+        scores = []
+        for i in range(len(prompts)):
+            row = tables[i * len(nodes):(i + 1) * len(nodes)]
+            scores.append([sum(row[index[tuple(ids[:k])]][ids[k]] for k in range(len(ids))) for ids in label_ids])
+        return scores
+
+    # ------------------------------------------------------------------ generation
+
     async def _outputs(self, req: GenerationRequest) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError
 
         params = self._sampling_params(req.sampling)
+        lora_request = await self._lora_request(req.lora)
         try:
             with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace:
                 async for out in self.engine.generate(
                     TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
-                    lora_request=None,
+                    lora_request=lora_request,
                 ):
                     trace.output(len(out.outputs[0].token_ids))
                     yield out

@@ -118,6 +118,33 @@ class CompletionRequest(SamplingFields):
         return v
 
 
+class ClassifyRequest(_Lenient):
+    """POST /v1/classify, in the style of OpenAI's embeddings endpoint."""
+
+    model: str | None = Field(None, description="Base model or adapter name; default: the base model.")
+    input: Union[str, list[str]] = Field(description="One text or a list of texts to classify.")
+    labels: list[str] | None = Field(
+        None, min_length=2, description="A subset of the configured label set; default: all of it."
+    )
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class LoadLoraRequest(_Lenient):
+    """POST /v1/load_lora_adapter (vLLM's shape)."""
+
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                           description="Name clients will pass as `model`.")
+    lora_path: str = Field(min_length=1, description="Adapter folder on the model replicas' nodes.")
+
+
+class UnloadLoraRequest(_Lenient):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+    lora_name: str = Field(min_length=1, description="Adapter to remove.")
+
+
 # ------------------------------------------------------------------- internal messages
 
 

@@ -74,6 +74,23 @@ class PromptTokenizer:
             ids = list(prompt)
         return self._check_fits(ids, max_tokens, "prompt")
 
+    def encode_classify(self, texts: list[str], labels: list[str]) -> dict[str, Any]:
+        """Prompts (the shared classification chat format) and each label's answer tokens
+        (label text + end-of-turn), for scoring every label of every text."""
+        from deployments.classification import CHAT_TEMPLATE_KWARGS, build_messages
+
+        eos = self.tokenizer.eos_token_id
+        label_ids = [self.tokenizer.encode(label, add_special_tokens=False) + [eos] for label in labels]
+        longest = max(len(ids) for ids in label_ids)
+        prompts = []
+        for i, text in enumerate(texts):
+            ids = self._encode_chat(build_messages(text, labels), True, CHAT_TEMPLATE_KWARGS)
+            checked = self._check_fits(ids, longest, f"input[{i}]")
+            if checked.error:
+                return {"error": checked.error}
+            prompts.append(ids)
+        return {"prompts": prompts, "label_ids": label_ids}
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -99,11 +116,12 @@ class PromptTokenizer:
             })
         return EncodedPrompt(ids)
 
-    def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
         contents = [m.get("content") or "" for m in messages]
         masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
         rendered = self.tokenizer.apply_chat_template(
-            masked, tokenize=False, add_generation_prompt=add_generation_prompt
+            masked, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
         )
         pieces = _SENTINEL_RE.split(rendered)
         # pieces: [template, idx, template, idx, ..., template]
@@ -113,7 +131,7 @@ class PromptTokenizer:
             # too, so only do this when the sentinels did not survive).
             logger.warning("chat template altered message contents; encoding without sentinels")
             rendered = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
             )
             return self.tokenizer.encode(rendered, add_special_tokens=False)
         ids: list[int] = []

@@ -34,6 +34,7 @@ def app_args(**overrides: Any) -> dict[str, Any]:
 
     base = {
         "model": {"model_id": "tiny-qwen3", "model_source": str(MODEL_DIR)},
+        "lora": {"adapters": {"news-lora": str(LORA_DIR)}},
         "engine": {"max_model_len": 1024, "cpu_kvcache_space_gib": 1},
         # The shared app serves hundreds of test requests from one address; the limiter has
         # its own app in test_admission.py.

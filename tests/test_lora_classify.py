@@ -1,0 +1,113 @@
+"""LoRA adapters (config-declared and loaded at run time) and POST /v1/classify, end to end."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import LORA_DIR
+
+BASE = "tiny-qwen3"
+ADAPTER = "news-lora"
+
+
+def greedy(client, model: str, text: str = "央行宣布降息25个基点") -> tuple[str, str]:
+    r = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
+                                       messages=[{"role": "user", "content": text}],
+                                       extra_body={"ignore_eos": True})
+    return r.model, r.choices[0].message.content
+
+
+def test_models_list_base_and_adapter(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert BASE in cards and ADAPTER in cards
+    assert cards[ADAPTER].model_extra.get("parent") == BASE
+
+
+def test_adapter_changes_greedy_output(client):
+    base_model, base_text = greedy(client, BASE)
+    lora_model, lora_text = greedy(client, ADAPTER)
+    assert base_model == BASE and lora_model == ADAPTER
+    assert base_text != lora_text
+    # deterministic: the same adapter twice gives the same text
+    assert greedy(client, ADAPTER)[1] == lora_text
+
+
+def test_adapter_streaming(client):
+    chunks = list(client.chat.completions.create(
+        model=ADAPTER, max_tokens=8, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "央行宣布降息25个基点"}], extra_body={"ignore_eos": True}))
+    assert {c.model for c in chunks} == {ADAPTER}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == greedy(client, ADAPTER)[1][: len(text)]
+
+
+def test_load_use_unload(base_url, client):
+    name = "runtime-lora"
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(LORA_DIR)}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert name in [m.id for m in client.models.list().data]
+    assert greedy(client, name) == (name, greedy(client, ADAPTER)[1])  # same weights
+    # loading the same name again is refused
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(LORA_DIR)}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_exists"
+    r = httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                   json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"lora_name": "bad", "lora_path": "/nonexistent/adapter"}, "lora_path"),
+    ({"lora_name": "bad", "lora_path": "models/tiny-qwen3"}, "lora_path"),  # a model, not an adapter
+    ({"lora_name": "has space", "lora_path": str(LORA_DIR)}, "lora_name"),
+    ({"lora_name": BASE, "lora_path": str(LORA_DIR)}, "lora_name"),
+])
+def test_load_bad_adapter_is_400(base_url, client, body, param):
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter", json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert greedy(client, BASE)[1]  # still serving
+
+
+def test_classify_single_and_batch(base_url):
+    from deployments.classification import load_labels
+
+    labels = load_labels(None)
+    for model in (BASE, ADAPTER):
+        r = httpx.post(f"{base_url}/v1/classify", timeout=120,
+                       json={"model": model, "input": "央行宣布降息25个基点"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and body["model"] == model
+        (item,) = body["data"]
+        assert item["index"] == 0 and item["label"] in labels
+        assert set(item["scores"]) == set(labels)
+        assert abs(sum(item["scores"].values()) - 1) < 1e-6
+        assert item["label"] == max(item["scores"], key=item["scores"].get)
+        assert body["usage"]["prompt_tokens"] > 0
+    texts = ["央行宣布降息25个基点", "湖人队击败勇士", "新款电动汽车发布", "高考志愿填报指南"]
+    r = httpx.post(f"{base_url}/v1/classify", timeout=120, json={"input": texts, "labels": labels[:5]})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert [d["index"] for d in data] == [0, 1, 2, 3]
+    assert all(d["label"] in labels[:5] and set(d["scores"]) == set(labels[:5]) for d in data)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": ""}, "input[0]"),
+    ({"input": ["ok", "  "]}, "input[1]"),
+    ({"input": []}, "input"),
+    ({"input": ["x"] * 33}, "input"),
+    ({"input": "x", "labels": ["news_finance", "not_a_label"]}, "labels"),
+    ({"input": "x", "labels": ["news_finance"]}, "labels"),
+    ({"input": 5}, "input"),
+    ({"input": "x", "model": "nope"}, "model"),
+])
+def test_classify_bad_input(base_url, body, param):
+    r = httpx.post(f"{base_url}/v1/classify", json=body, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["param"] == param
