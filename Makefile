@@ -1,9 +1,6 @@
 # The two commands (see README): `make run` and `make test`. Both set up first.
 .PHONY: setup run test bench clean
 
-bench: setup
-	.venv/bin/python scripts/benchmark.py --compare
-
 setup:
 	scripts/setup.sh
 
@@ -12,6 +9,10 @@ run: setup
 
 test: setup
 	scripts/test.sh
+
+# Side-by-side benchmark against vLLM's own OpenAI server (docs/performance.md).
+bench: setup
+	.venv/bin/python scripts/benchmark.py --compare
 
 clean:
 	rm -rf .venv models .pytest_cache
