@@ -98,6 +98,17 @@ class LimitsConfig(_Strict):
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
 
 
+class StreamingConfig(_Strict):
+    """How generated tokens travel from the model replica to the client."""
+
+    coalesce_ms: float = Field(
+        10.0, ge=0,
+        description="The model replica sends the first token at once, then at most one chunk per "
+        "`coalesce_ms` (all tokens generated meanwhile, in one SSE event): fewer hops per token "
+        "between deployments. 0: one chunk per engine step.",
+    )
+
+
 class LoraConfig(_Strict):
     """LoRA adapters served on the base model (vLLM LoRA + Serve model multiplexing)."""
 
@@ -143,6 +154,7 @@ class ServiceConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The served model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    streaming: StreamingConfig = Field(default_factory=StreamingConfig, description="Streaming.")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
     classification: ClassificationConfig = Field(
         default_factory=ClassificationConfig, description="The /v1/classify endpoint."

@@ -352,12 +352,20 @@ class IngressRouter:
         completion_tokens = 0
         done = False
 
+        # The hot path: a content chunk is a fixed prefix + the JSON-escaped text + a fixed
+        # suffix, so only the text is serialised per chunk.
+        template = (chat_chunk(rid, model, created, {"content": "\0"}) if chat
+                    else completion_chunk(rid, model, created, "\0"))
+        head, tail = _sse(template).split(b'"\\u0000"')
+
         def render(chunk: GenerationChunk) -> bytes | None:
             nonlocal completion_tokens
             completion_tokens += chunk.num_tokens
             trace.chunk(chunk.num_tokens)
             if not chunk.text and not chunk.finish_reason:
                 return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
+            if chunk.finish_reason is None and not continuous:
+                return head + json.dumps(chunk.text, ensure_ascii=False).encode() + tail
             use = usage(prompt_tokens, completion_tokens) if continuous else None
             if chat:
                 return _sse(chat_chunk(rid, model, created, {"content": chunk.text}, chunk.finish_reason, use))

@@ -222,10 +222,23 @@ class ModelReplica:
         return GenerationChunk("".join(texts), ntok, finish, stop)
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Streamed completion: one chunk per engine output, coalesced under load."""
+        """Streamed completion. The first output goes out at once; after it, the outputs of
+        the next `streaming.coalesce_ms` travel as one chunk (and vLLM itself merges deltas
+        that wait while a chunk is in flight), so a token costs far less than one hop."""
+        interval = self.config.streaming.coalesce_ms / 1000.0
+        texts: list[str] = []
+        ntok = 0
+        last = 0.0
         async for out in self._outputs(req):
             c = out.outputs[0]
-            yield GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason)
+            texts.append(c.text)
+            ntok += len(c.token_ids)
+            now = time.monotonic()
+            if c.finish_reason is not None or now - last >= interval:
+                yield GenerationChunk("".join(texts), ntok, c.finish_reason, c.stop_reason)
+                texts, ntok, last = [], 0, now
+        if ntok or any(texts):
+            yield GenerationChunk("".join(texts), ntok)
 
     # ------------------------------------------------------------------ health
 
@@ -249,6 +262,8 @@ class ModelReplica:
             "engine": state,
             "platform": "cpu" if self.on_cpu else "gpu",
             "ray_gpu_ids": [str(g) for g in self.gpu_ids],
+            "node_id": _node_id(),
+            "pid": os.getpid(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "num_unfinished_requests": self.engine.get_num_unfinished_requests(),
             "accelerator_memory_gb": _accelerator_memory(self.on_cpu),
@@ -263,6 +278,15 @@ class ModelReplica:
                 pass
 
 
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
 
 
 def _accelerator_memory(on_cpu: bool) -> dict[str, float] | None:

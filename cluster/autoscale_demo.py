@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Watch the model deployment scale across the local cluster's (logical) GPUs, and back.
+
+    cluster/local_cluster.py start                 # head + 2 workers, one logical GPU each
+    .venv/bin/python cluster/autoscale_demo.py     # deploy, load, watch, unload, watch
+    cluster/local_cluster.py stop
+
+It deploys configs/serve_config.yaml to the running local cluster the way `serve deploy` and
+KubeRay do (PUT of the Serve config to the dashboard's REST API), with `accelerator: gpu`, a
+free HTTP port and short autoscaling delays (`--fast`, the default; `--no-fast` keeps the
+production delays: 15 s up, 300 s down), then drives `--users` concurrent chat requests for
+`--load-s` seconds (and until 2 replicas run), printing the model deployment's replicas (state,
+node, GPU id) whenever they change, then waits for the scale-down. `serve status -a $RAY_DASHBOARD_ADDRESS` shows the same.
+
+It only talks HTTP (dashboard + the app), so it never joins the cluster. tests/test_autoscaling.py
+uses the same pieces and asserts on what they observe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import importlib.util
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "llm"
+MODEL_DEPLOYMENT = "ModelReplica"
+# Short delays so that a demo (and the test) sees both directions within a minute or two.
+# metrics_interval_s is deprecated in Ray 2.60 but still sets how often handles and replicas
+# push autoscaling metrics (default 10 s); production keeps the default.
+FAST_AUTOSCALING = {
+    "upscale_delay_s": 2,
+    "downscale_delay_s": 6,
+    "look_back_period_s": 4,
+    "metrics_interval_s": 1,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def retry(fn: Callable[[], Any], timeout_s: float = 120.0, every_s: float = 1.0) -> Any:
+    """`fn()` until it returns without an HTTP error (a busy machine answers late)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return fn()
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(every_s)
+
+
+def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
+                      fast: bool = True) -> dict[str, Any]:
+    """configs/serve_config.yaml as deployed on the local GPU cluster."""
+    sys.path.insert(0, str(REPO))
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.config import ServiceConfig, deep_merge
+
+    cfg = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
+    app = next(a for a in cfg["applications"] if a["name"] == APP)
+    auto = {**(FAST_AUTOSCALING if fast else {}), **(autoscaling or {})}
+    app["args"] = deep_merge(app["args"], {
+        "accelerator": "gpu",
+        "model": {"model_source": str(REPO / "models" / "tiny-qwen3")},
+        "deployments": {"model": {"autoscaling_config": auto}},
+        # Several CPU engines share this host's cores: let the OS place their threads instead
+        # of vLLM pinning each engine to the same core (its `auto` binding on a small machine).
+        "engine_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+    })
+    if "rate_limit" in ServiceConfig.model_fields:  # all the load comes from one client address
+        app["args"]["rate_limit"] = {**app["args"].get("rate_limit", {}), "enabled": False}
+    ServiceConfig.model_validate(app["args"])
+    ServeDeploySchema.model_validate(cfg)  # what `serve deploy` checks
+    return cfg
+
+
+def deploy(dashboard: str, cfg: dict[str, Any]) -> None:
+    r = httpx.put(f"{dashboard}/api/serve/applications/", json=cfg, timeout=60)
+    r.raise_for_status()
+
+
+class Watcher:
+    """Reads the cluster through the dashboard (Serve REST API + state API) and the app."""
+
+    def __init__(self, dashboard: str, base_url: str):
+        self.dash = httpx.Client(base_url=dashboard, timeout=30)
+        self.base_url = base_url
+        self.gpu_of_node: dict[str, str] = {}  # node id -> the GPU id a replica there reported
+        self.t0 = time.monotonic()
+        self.timeline: list[str] = []
+
+    def note(self, msg: str) -> None:
+        line = f"[{time.monotonic() - self.t0:6.1f}s] {msg}"
+        self.timeline.append(line)
+        print(line, flush=True)
+
+    def _app(self) -> dict[str, Any] | None:
+        r = self.dash.get("/api/serve/applications/")
+        r.raise_for_status()
+        return r.json().get("applications", {}).get(APP)
+
+    def app_status(self) -> str | None:
+        app = self._app()
+        return None if app is None else app["status"]
+
+    def actors(self) -> list[dict[str, Any]]:
+        """Ray actors of the model replicas (ALIVE / PENDING_CREATION / ..., node)."""
+        r = self.dash.get("/api/v0/actors", params={
+            "filter_keys": "class_name", "filter_predicates": "=",
+            "filter_values": f"ServeReplica:{APP}:{MODEL_DEPLOYMENT}", "limit": 100})
+        r.raise_for_status()
+        return [a for a in r.json()["data"]["result"]["result"] if a["state"] != "DEAD"]
+
+    def snapshot(self) -> dict[str, Any]:
+        app = self._app() or {}
+        dep = app.get("deployments", {}).get(MODEL_DEPLOYMENT) or {}
+        replicas = dep.get("replicas", [])
+        actors = self.actors()
+        return {
+            "target": dep.get("target_num_replicas"),
+            "status": dep.get("status"),
+            "states": dict(collections.Counter(r["state"] for r in replicas)),
+            "running": [r for r in replicas if r["state"] == "RUNNING"],
+            "actor_states": dict(collections.Counter(a["state"] for a in actors)),
+            "pending_actors": [a for a in actors if a["state"] == "PENDING_CREATION"],
+        }
+
+    def describe(self, snap: dict[str, Any]) -> str:
+        where = sorted(f"node {r['node_id'][:8]}/gpu {self.gpu_of_node.get(r['node_id'], '?')}"
+                       for r in snap["running"])
+        return (f"target={snap['target']} replicas={snap['states']} running on {where} "
+                f"actors={snap['actor_states']}")
+
+    def wait_for(self, what: str, pred: Callable[[dict[str, Any]], bool], timeout_s: float,
+                 every_s: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                snap = self.snapshot()
+            except httpx.HTTPError as exc:
+                self.note(f"(dashboard: {type(exc).__name__}, retrying)")
+                time.sleep(every_s)
+                continue
+            desc = self.describe(snap)
+            if desc != last:
+                self.note(desc)
+                last = desc
+            if pred(snap):
+                self.note(f"reached: {what}")
+                return snap
+            time.sleep(every_s)
+        raise TimeoutError(f"not reached within {timeout_s:.0f}s: {what}\n" + "\n".join(self.timeline))
+
+    def health(self) -> dict[str, Any]:
+        """GET /health; a non-JSON answer (the proxy's plain 500 while the app starts) raises
+        an httpx error, so `retry` tries again."""
+        r = httpx.get(f"{self.base_url}/health", timeout=30)
+        if "json" not in r.headers.get("content-type", ""):
+            raise httpx.HTTPStatusError(f"GET /health: {r.status_code} {r.text[:200]!r}",
+                                        request=r.request, response=r)
+        return r.json()
+
+    def learn_gpu_ids(self, snap: dict[str, Any]) -> None:
+        """Map a newly running replica's node to the GPU id it reports (GET /health does not
+        say which node answered, so this works one new node at a time)."""
+        unknown = [r["node_id"] for r in snap["running"] if r["node_id"] not in self.gpu_of_node]
+        if len(unknown) != 1:
+            return
+        new_ids = [i for i in self.sample_gpu_ids(len(snap["running"])) if i not in self.gpu_of_node.values()]
+        if len(new_ids) == 1:
+            self.gpu_of_node[unknown[0]] = new_ids[0]
+
+    def sample_gpu_ids(self, want: int, tries: int = 30) -> dict[str, str | None]:
+        """ray.get_gpu_ids() -> CUDA_VISIBLE_DEVICES as the replicas report them (GET /health
+        reaches one replica per call; the router spreads the calls)."""
+        seen: dict[str, str | None] = {}
+        for _ in range(tries):
+            rep = retry(self.health).get("replica", {})
+            if rep.get("ray_gpu_ids"):
+                seen[",".join(rep["ray_gpu_ids"])] = rep.get("cuda_visible_devices")
+            if len(seen) >= want:
+                break
+        return seen
+
+
+class Load:
+    """`users` clients in a loop on /v1/chat/completions, in a background thread."""
+
+    def __init__(self, base_url: str, users: int, max_tokens: int = 128):
+        self.url = f"{base_url}/v1/chat/completions"
+        self.users = users
+        self.max_tokens = max_tokens
+        self.results: list[tuple[float, int, float]] = []  # (t_end, status, latency)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=150)
+
+    async def _user(self, client: httpx.AsyncClient, u: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            body = {"model": "tiny-qwen3", "max_tokens": self.max_tokens, "temperature": 0,
+                    "ignore_eos": True, "messages": [{"role": "user", "content": f"用户{u}的第{i}条新闻"}]}
+            t = time.monotonic()
+            try:
+                status = (await client.post(self.url, json=body)).status_code
+            except httpx.HTTPError:
+                status = -1
+            self.results.append((time.monotonic(), status, time.monotonic() - t))
+            i += 1
+
+    async def _run(self) -> None:
+        limits = httpx.Limits(max_connections=self.users + 2)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(130.0), limits=limits) as client:
+            await asyncio.gather(*[self._user(client, u) for u in range(self.users)])
+
+    def statuses(self, since: float = 0.0) -> collections.Counter:
+        return collections.Counter(s for t, s, _ in list(self.results) if t >= since)
+
+    def latencies(self) -> list[float]:
+        return sorted(l for _, s, l in list(self.results) if s == 200)
+
+
+def _load_local_cluster():
+    spec = importlib.util.spec_from_file_location("local_cluster", REPO / "cluster" / "local_cluster.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state-dir", type=Path, default=None, help="local_cluster.py's state dir")
+    p.add_argument("--port", type=int, default=0, help="HTTP port of the app (default: a free one)")
+    p.add_argument("--users", type=int, default=6, help="concurrent clients (default 6 = 2 GPUs x 3 slots)")
+    p.add_argument("--load-s", type=float, default=60, help="seconds of load (default 60)")
+    p.add_argument("--max-replicas", type=int, default=3, help="model max_replicas (default 3)")
+    p.add_argument("--no-fast", dest="fast", action="store_false", help="keep the production delays")
+    a = p.parse_args(argv)
+
+    lc = _load_local_cluster()
+    state = lc.load_state(a.state_dir or lc.DEFAULT_STATE_DIR)
+    if not state or not state.get("dashboard_url"):
+        print("no local cluster with a dashboard: run `cluster/local_cluster.py start` first", file=sys.stderr)
+        return 1
+    port = a.port or free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    cfg = demo_serve_config(port, {"max_replicas": a.max_replicas}, fast=a.fast)
+    w = Watcher(state["dashboard_url"], base_url)
+    deploy(state["dashboard_url"], cfg)
+    w.note(f"deployed to {state['dashboard_url']}; app at {base_url}")
+    snap = w.wait_for("1 model replica running", lambda s: len(s["running"]) >= 1, 600)
+    w.learn_gpu_ids(snap)
+    for ids, cvd in w.sample_gpu_ids(1).items():
+        w.note(f"replica reports ray.get_gpu_ids()=['{ids}'] CUDA_VISIBLE_DEVICES={cvd}")
+    with Load(base_url, a.users) as load:
+        w.note(f"load: {a.users} concurrent clients for {a.load_s:.0f}s, and until 2 replicas run")
+        t0 = time.monotonic()
+        last = None
+        while True:
+            snap = retry(w.snapshot)
+            w.learn_gpu_ids(snap)
+            desc = w.describe(snap)
+            if desc != last:
+                w.note(desc)
+                last = desc
+            elapsed = time.monotonic() - t0
+            if elapsed >= a.load_s and (len(snap["running"]) >= 2 or elapsed > 600):
+                break
+            time.sleep(2)
+    counts = load.statuses()
+    lat = load.latencies()
+    w.note(f"load done: {sum(counts.values())} requests {dict(counts)}"
+           + (f", p50 {lat[len(lat) // 2]:.2f}s" if lat else ""))
+    w.wait_for("back to min_replicas", lambda s: s["target"] == 1 and len(s["running"]) == 1
+               and not s["pending_actors"], 900)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
