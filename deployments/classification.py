@@ -6,10 +6,14 @@ the way it was trained. Nothing here is server-specific and nothing imports Ray 
 
 Prompt format (ChatML shown; the model's own chat template renders it)::
 
-    system:    Classify the news headline into one category: news_story, news_culture, …,
-               news_game. Answer with the category only.
+    system:    Classify the news headline. Answer with its category label only.
     user:      <the text, stripped>
     assistant: <exactly one label name, e.g. news_finance>
+
+The label set is not listed in the prompt: a fine-tuned model knows it, and the service picks
+the answer among the allowed labels (label scoring / constrained decoding), so the answer is
+always valid whatever the model. (A long label list in every prompt also slowed the tiny
+model's training down a lot and cost it accuracy.)
 
 Labels: the ``label_desc`` values of the TNEWS ``labels.json`` (15 classes, file order). A
 model folder may carry its own ``labels.json`` (``models/tiny-qwen3/labels.json``), since a
@@ -37,9 +41,7 @@ CHAT_TEMPLATE_KWARGS: dict[str, Any] = {"enable_thinking": False}
 HELDOUT_LAST_N = 1000
 HELDOUT_RULE = f"last {HELDOUT_LAST_N} lines of the file (in file order); training uses the lines before them"
 
-SYSTEM_PROMPT_TEMPLATE = (
-    "Classify the news headline into one category: {labels}. Answer with the category only."
-)
+SYSTEM_PROMPT = "Classify the news headline. Answer with its category label only."
 
 
 # ---------------------------------------------------------------------------- labels
@@ -106,22 +108,18 @@ def write_labels(labels: Sequence[str], dest: str | Path) -> Path:
 # ---------------------------------------------------------------------------- prompt
 
 
-def system_prompt(labels: Sequence[str] | None = None) -> str:
-    return SYSTEM_PROMPT_TEMPLATE.format(labels=", ".join(labels if labels is not None else load_labels()))
-
-
-def build_messages(text: str, labels: Sequence[str] | None = None) -> list[dict[str, str]]:
-    """The chat messages that ask for ``text``'s label; the assistant's answer is exactly one
-    label name. ``labels`` defaults to the shared TNEWS labels (pass them to avoid file I/O)."""
+def build_messages(text: str) -> list[dict[str, str]]:
+    """The chat messages that ask for ``text``'s label; the model's answer (the assistant
+    turn, after the chat template's generation prompt) is exactly one label name."""
     return [
-        {"role": "system", "content": system_prompt(labels)},
+        {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": text.strip()},
     ]
 
 
-def build_training_messages(text: str, label: str, labels: Sequence[str] | None = None) -> list[dict[str, str]]:
+def build_training_messages(text: str, label: str) -> list[dict[str, str]]:
     """:func:`build_messages` plus the assistant's answer (the label)."""
-    return build_messages(text, labels) + [{"role": "assistant", "content": label}]
+    return build_messages(text) + [{"role": "assistant", "content": label}]
 
 
 def parse_answer(answer: str, labels: Sequence[str]) -> str | None:

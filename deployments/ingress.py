@@ -86,6 +86,7 @@ class IngressRouter:
 
     DEFAULT_OPTIONS: dict[str, Any] = {
         "name": "IngressRouter",
+        "logging_config": {"encoding": "JSON"},  # structured logs with request ids; no prompts
         "num_replicas": 1,
         "max_ongoing_requests": 1000,
         "ray_actor_options": {"num_cpus": 0.25},
@@ -177,7 +178,7 @@ class IngressRouter:
     async def classify(self, body: ClassifyRequest) -> JSONResponse:
         """Each text gets a label from the label set (label scoring: never an invalid label)
         and the probability of every label."""
-        trace = self.stats.request_started("/v1/classify", stream=False)
+        trace = self.stats.request_started("/v1/classify", request_id=_request_id(), stream=False)
         try:
             served, mux = await self._resolve_model(body.model)
             texts, labels = self._check_classify(body)
@@ -280,7 +281,7 @@ class IngressRouter:
 
     async def _serve(self, body: SamplingFields, kind: str, prepare) -> Any:
         """Validate (`prepare` → max_tokens and the tokenizer call), tokenize, generate."""
-        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + _request_id()
         endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         trace = self.stats.request_started(endpoint, request_id=rid, stream=body.stream)
         timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
@@ -307,7 +308,6 @@ class IngressRouter:
                     return JSONResponse(
                         make(rid, model_name, created, text, out.finish_reason,
                              len(enc.token_ids), out.num_tokens),
-                        headers={"X-Request-Id": rid},
                     )
                 stream = streaming.generate_stream.remote(greq)
                 try:
@@ -328,7 +328,7 @@ class IngressRouter:
         events = self._sse_events(kind, body, rid, model_name, created, len(enc.token_ids),
                                   first, stream, deadline, timeout, trace)
         return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"X-Request-Id": rid, "Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache"})
 
     async def _call(self, awaitable):
         """Await a model-replica call, mapping Serve/Ray failures to OpenAI errors."""
@@ -519,3 +519,15 @@ class IngressRouter:
                 "running_replicas": states.get("RUNNING", 0),
             }
         return out
+
+
+def _request_id() -> str:
+    """Serve's request id: the one in its JSON log lines and in the `X-Request-Id` response
+    header (a client-sent `X-Request-Id` is kept), so a response, its logs and its metrics join."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:
+        rid = ""
+    return rid or uuid.uuid4().hex

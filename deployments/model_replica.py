@@ -28,6 +28,7 @@ class ModelReplica:
 
     DEFAULT_OPTIONS: dict[str, Any] = {
         "name": "ModelReplica",
+        "logging_config": {"encoding": "JSON"},  # structured logs with request ids; no prompts
         "num_replicas": 1,
         "max_ongoing_requests": 3,
         "max_queued_requests": 10,

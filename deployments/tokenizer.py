@@ -29,6 +29,7 @@ class PromptTokenizer:
 
     DEFAULT_OPTIONS: dict[str, Any] = {
         "name": "PromptTokenizer",
+        "logging_config": {"encoding": "JSON"},  # structured logs with request ids; no prompts
         "num_replicas": 1,
         "max_ongoing_requests": 256,
         "ray_actor_options": {"num_cpus": 0.25},

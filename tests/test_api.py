@@ -134,7 +134,14 @@ def test_health_reports_engine_and_limits(base_url):
 
 
 def test_request_id_header(base_url):
+    """The response id, the X-Request-Id header and the JSON log lines share one id."""
     r = httpx.post(f"{base_url}/v1/completions", timeout=60,
                    json={"model": MODEL, "prompt": "你好", "max_tokens": 2})
     assert r.status_code == 200
-    assert r.headers.get("x-request-id")
+    rid = r.headers["x-request-id"]
+    assert r.json()["id"] == f"cmpl-{rid}"
+    # a client-chosen id is kept
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, headers={"X-Request-Id": "trace-abc123"},
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.headers["x-request-id"] == "trace-abc123"
+    assert r.json()["id"] == "chatcmpl-trace-abc123"
