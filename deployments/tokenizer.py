@@ -85,7 +85,7 @@ class PromptTokenizer:
         longest = max(len(ids) for ids in label_ids)
         prompts = []
         for i, text in enumerate(texts):
-            ids = self._encode_chat(build_messages(text, labels), True, CHAT_TEMPLATE_KWARGS)
+            ids = self._encode_chat(build_messages(text), True, CHAT_TEMPLATE_KWARGS)
             checked = self._check_fits(ids, longest, f"input[{i}]")
             if checked.error:
                 return {"error": checked.error}
