@@ -71,7 +71,14 @@ class AdmissionMiddleware:
                 adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
             return await exc.response()(scope, receive, send)
 
-        receive = _limit_body(receive, adm.max_request_bytes) if "content-length" not in headers else receive
+        if "content-length" not in headers:
+            receive = await _buffer_body(receive, adm.max_request_bytes)
+            if receive is None:
+                exc = APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
+                               code="request_too_large")
+                if adm.stats is not None:
+                    adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", 413, exc.code)
+                return await exc.response()(scope, _no_body, send)
         if not extra_headers:
             return await self.app(scope, receive, send)
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()]
@@ -82,6 +89,31 @@ class AdmissionMiddleware:
             await send(message)
 
         return await self.app(scope, receive, send_with_headers)
+
+
+async def _no_body():
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _buffer_body(receive, limit: int):
+    """A body without Content-Length (chunked): read it up to `limit` bytes; None when over,
+    else a `receive` that replays it."""
+    messages, seen = [], 0
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            return None
+        if not message.get("more_body"):
+            break
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return replay
 
 
 def _limit_body(receive, limit: int):

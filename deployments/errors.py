@@ -166,6 +166,11 @@ def install_exception_handlers(app) -> None:
         if _rejection_hook is not None:
             _rejection_hook(route_path(request.scope), status, code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        record(request, 500, "internal_error")
+        return internal_error().response()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return exc.response()

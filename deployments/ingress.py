@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -23,7 +24,7 @@ from deployments import admission, errors
 from deployments.adapters import AdapterRegistry
 from deployments.admission import Admission, AdmissionMiddleware
 from deployments.auth import ApiKeyAuth
-from deployments.config import ServiceConfig, current_app_name, deployment_options, resolve_path
+from deployments.config import REPO_ROOT, ServiceConfig, current_app_name, deployment_options, resolve_path
 from deployments.errors import APIError
 from deployments.observability import StatsRecorder
 from deployments.rate_limit import RateLimiter
@@ -90,6 +91,10 @@ class IngressRouter:
         "num_replicas": 1,
         "max_ongoing_requests": 1000,
         "ray_actor_options": {"num_cpus": 0.25},
+        # Old replicas drain on redeploy/downscale: every request ends within request_timeout_s
+        # (120 s), so let them finish rather than being force-killed after Serve's default 20 s.
+        "graceful_shutdown_wait_loop_s": 2,
+        "graceful_shutdown_timeout_s": 130,
     }
 
     async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig):
@@ -155,7 +160,8 @@ class IngressRouter:
         if existing is not None:
             raise errors.bad_request(f"The lora adapter '{body.lora_name}' has already been loaded.",
                                      "lora_name", "adapter_exists")
-        path = resolve_path(body.lora_path)
+        # Client input: never expand ~ or $VARS (the 400 message echoes the path).
+        path = body.lora_path if os.path.isabs(body.lora_path) else os.path.join(REPO_ROOT, body.lora_path)
         await self._call(self.model.validate_adapter.remote(path))
         if await self.adapters.register(body.lora_name, path, False) is None:
             raise errors.bad_request(f"The lora adapter '{body.lora_name}' has already been loaded.",
@@ -189,7 +195,14 @@ class IngressRouter:
                 trace.tokenized(sum(len(p) for p in enc["prompts"]))
                 trace.dispatched()
                 unary, _ = self._handles(mux)
-                scores = await self._call(unary.classify.remote(enc["prompts"], enc["label_ids"], mux))
+                response = unary.classify.remote(enc["prompts"], enc["label_ids"], mux)
+                try:
+                    scores = await self._call(response)
+                except APIError:
+                    raise  # rejected (backpressure) or failed: nothing left to cancel
+                except BaseException:
+                    response.cancel()  # deadline passed: abort the engine requests
+                    raise
         except TimeoutError:
             trace.finished(504, "timeout")
             raise errors.timed_out(self.limits.request_timeout_s) from None
@@ -299,7 +312,14 @@ class IngressRouter:
                 greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens), mux)
                 trace.dispatched()
                 if not body.stream:
-                    out: GenerationChunk = await self._call(unary.generate.remote(greq))
+                    response = unary.generate.remote(greq)
+                    try:
+                        out: GenerationChunk = await self._call(response)
+                    except APIError:
+                        raise  # rejected (backpressure) or failed: nothing left to cancel
+                    except BaseException:
+                        response.cancel()  # deadline passed (or cancelled): abort the engine request
+                        raise
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
                     if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str):

