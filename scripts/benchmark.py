@@ -109,13 +109,12 @@ def check_loopback(url: str) -> str:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    """The service's own merge (deployments/config.py), so overrides behave as in serve_app."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from deployments.config import deep_merge as merge
+
+    return merge(base, override)
 
 
 def now_stamp() -> str:
