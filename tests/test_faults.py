@@ -220,11 +220,6 @@ async def _one(url: str, body: dict, deadline_s: float = 60):
 # ============================================================================ (d) timeouts
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "core bug: IngressRouter._serve (non-streaming) awaits unary.generate.remote() under "
-    "asyncio.timeout but never cancels the DeploymentResponse, so the client gets its 504 while "
-    "vLLM keeps generating to max_tokens; fix: keep the response and call response.cancel() "
-    "in an `except BaseException` around the await (as the streaming path does)"))
 def test_per_request_timeout_non_streaming_is_504_and_aborted(url):
     async def run():
         async with new_client() as c:

@@ -211,12 +211,6 @@ def test_body_over_limit_with_content_length_is_413(url):
     assert_error(r, 413, "request_too_large")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "core bug: deployments/admission.py _limit_body raises APIError(413) from inside receive(); "
-    "FastAPI's body reader wraps any non-HTTPException error in HTTPException(400, 'There was an "
-    "error parsing the body'), so a chunked body over the limit gets 400, not 413. Fix: in "
-    "AdmissionMiddleware.__call__ buffer a body without Content-Length up to max_request_bytes "
-    "and answer 413 itself (then replay the buffered messages to the app)"))
 def test_chunked_body_over_limit_without_content_length_is_413(url):
     payload = json.dumps({"model": MODEL, "max_tokens": 2,
                           "messages": [{"role": "user", "content": "y" * (MAX_BYTES + 10)}]}).encode()
