@@ -140,6 +140,10 @@ class LoraConfig(_Strict):
 class ClassificationConfig(_Strict):
     """POST /v1/classify."""
 
+    model: str | None = Field(
+        None, description="The model (base id or adapter name) that classifies when a request names "
+        "none. null: the base model. The shipped config names the classification adapter.",
+    )
     labels: list[str] | None = Field(
         None, description="The label set. null: the model folder's labels.json, else the TNEWS labels "
         "in ../shared/data/tnews/labels.json.",

@@ -186,7 +186,7 @@ class IngressRouter:
         and the probability of every label."""
         trace = self.stats.request_started("/v1/classify", request_id=_request_id(), stream=False)
         try:
-            served, mux = await self._resolve_model(body.model)
+            served, mux = await self._resolve_model(body.model or self.config.classification.model)
             texts, labels = self._check_classify(body)
             async with asyncio.timeout(self.limits.request_timeout_s):
                 enc = await self.tokenizer.encode_classify.remote(texts, labels)

@@ -150,8 +150,8 @@ class ModelReplica:
 
     async def classify(self, prompts: list[list[int]], label_ids: list[list[int]],
                        lora: str | None = None) -> list[list[float]]:
-        """Log-probability of each label's answer tokens after each prompt (label scoring, so
-        the answer is always a valid label). The labels form a token trie; one 1-token engine
+        """Log-probability of each label's answer tokens after each prompt, up to a term common
+        to all labels (label scoring, so the answer is always a valid label). The labels form a token trie; one 1-token engine
         step per trie node and prompt returns the log-probabilities of exactly that node's
         children (`logprob_token_ids`), and prefix caching shares the prompt across nodes."""
         import uuid
@@ -160,6 +160,14 @@ class ModelReplica:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         lora_request = await self._lora_request(lora)
+        # Tokens every label starts with ("news", "_" for TNEWS) add the same log-probability
+        # to every label, which the softmax over labels cancels: they join the prompt instead
+        # of costing an engine step each (prefill is most of the cost, with LoRA on CPU above
+        # all). At least one token of each label stays scored.
+        shared = 0
+        while shared < min(map(len, label_ids)) - 1 and len({ids[shared] for ids in label_ids}) == 1:
+            shared += 1
+        common, label_ids = list(label_ids[0][:shared]), [ids[shared:] for ids in label_ids]
         children: dict[tuple[int, ...], set[int]] = {}
         for ids in label_ids:
             for k in range(len(ids)):
@@ -172,8 +180,9 @@ class ModelReplica:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(kids),
                                     output_kind=RequestOutputKind.FINAL_ONLY)
             final = None
-            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompts[i] + list(prefix)),
-                                                  params, f"cls-{tag}-{i}-{n}", lora_request=lora_request):
+            prompt = TokensPrompt(prompt_token_ids=prompts[i] + common + list(prefix))
+            async for out in self.engine.generate(prompt, params, f"cls-{tag}-{i}-{n}",
+                                                  lora_request=lora_request):
                 final = out
             row = final.outputs[0].logprobs[0]
             return {t: row[t].logprob for t in kids}

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +37,7 @@ def app_args(**overrides: Any) -> dict[str, Any]:
     base = {
         "model": {"model_id": "tiny-qwen3", "model_source": str(MODEL_DIR)},
         "lora": {"adapters": {"news-lora": str(LORA_DIR)}},
+        "classification": {"model": "news-lora"},  # as configs/serve_config.yaml
         "engine": {"max_model_len": 1024, "cpu_kvcache_space_gib": 1},
         # The shared app serves hundreds of test requests from one address; the limiter has
         # its own app in test_admission.py.
@@ -116,3 +119,17 @@ def hf_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tmp_path_factory) -> Path:
+    """An adapter written by scripts/train_lora.py: a few steps on a small TNEWS slice."""
+    if not MODEL_DIR.is_dir():
+        pytest.fail("embedded model missing: run scripts/setup.sh (make test does)")
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    cmd = [sys.executable, str(REPO / "scripts" / "train_lora.py"), "--base", str(MODEL_DIR), "--out", str(out),
+           "--preset", "tiny", "--r", "8", "--alpha", "16", "--max-steps", "4", "--limit", "48", "--batch-size", "8",
+           "--lr", "5e-2", "--threads", "1", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

@@ -111,3 +111,86 @@ def test_classify_bad_input(base_url, body, param):
     r = httpx.post(f"{base_url}/v1/classify", json=body, timeout=60)
     assert 400 <= r.status_code < 500, r.text
     assert r.json()["error"]["param"] == param
+
+
+# ---------------------------------------------------------------------------- the trained default
+
+
+def test_classify_default_model_is_the_trained_adapter(base_url):
+    """As in configs/serve_config.yaml: a request without `model` is classified by the
+    adapter trained on TNEWS (scripts/build_tiny_model.py), and sensibly so."""
+    r = httpx.post(f"{base_url}/v1/classify", timeout=120,
+                   json={"input": ["央行宣布降息25个基点", "詹姆斯带领湖人队赢得总冠军"]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == ADAPTER
+    finance, sports = body["data"]
+    assert finance["label"] in ("news_finance", "news_stock"), finance
+    assert sports["label"] == "news_sports", sports
+
+
+def test_classify_heldout_accuracy(base_url):
+    """Held-out rows (never trained on): the adapter is far above chance (1/15) and above the
+    base model; every label valid. The full 1,000-row figure: scripts/eval_classifier.py."""
+    from deployments import classification as clf
+
+    _, held = clf.heldout_split(clf.read_jsonl(clf.DEFAULT_DATA_FILE))
+    rows = held[:128]
+    labels = clf.load_labels(None)
+    accuracy = {}
+    for model in (BASE, ADAPTER):
+        hits = 0
+        for i in range(0, len(rows), 32):
+            chunk = rows[i:i + 32]
+            r = httpx.post(f"{base_url}/v1/classify", timeout=300,
+                           json={"model": model, "input": [clf.example_text(x) for x in chunk]})
+            assert r.status_code == 200, r.text
+            preds = [d["label"] for d in r.json()["data"]]
+            assert set(preds) <= set(labels)
+            hits += sum(p == clf.example_label(x) for p, x in zip(preds, chunk))
+        accuracy[model] = hits / len(rows)
+    assert accuracy[ADAPTER] >= 0.30, accuracy
+    assert accuracy[ADAPTER] > accuracy[BASE] + 0.1, accuracy
+
+
+def test_adapter_from_train_lora_is_served(base_url, trained_adapter):
+    """scripts/train_lora.py's output loads at run time, and the service's label
+    probabilities with it are those transformers computes with base + that adapter."""
+    import math
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import MODEL_DIR, REPO
+    from deployments import classification as clf
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_lora
+
+    name, texts = "trained-lora", ["央行宣布降息25个基点", "新款电动汽车正式上市", "詹姆斯带领湖人队赢得总冠军"]
+    labels = clf.load_labels(None)
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(trained_adapter)},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    try:
+        r = httpx.post(f"{base_url}/v1/classify", timeout=120, json={"model": name, "input": texts})
+        assert r.status_code == 200 and r.json()["model"] == name, r.text
+        served = [[d["scores"][label] for label in labels] for d in r.json()["data"]]
+        r = httpx.post(f"{base_url}/v1/classify", timeout=120, json={"model": BASE, "input": texts})
+        base = [[d["scores"][label] for label in labels] for d in r.json()["data"]]
+    finally:
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32),
+                                   trained_adapter).eval()
+    expected = []
+    for row in train_lora.score_labels(hf, tok, texts, labels):
+        top = max(row)
+        exp = [math.exp(v - top) for v in row]
+        expected.append([e / sum(exp) for e in exp])
+    # vLLM computes in bfloat16 on CPU (dtype auto), transformers in float32: a few % apart
+    for got, want, plain in zip(served, expected, base):
+        assert max(abs(g - w) for g, w in zip(got, want)) < 0.02, (got, want)
+    assert max(abs(g - b) for got, plain in zip(served, base) for g, b in zip(got, plain)) > 0.1  # adapter applied
