@@ -23,6 +23,25 @@ from deployments.protocol import GenerationChunk, GenerationRequest
 logger = logging.getLogger("ray.serve")
 
 
+def cpu_engine_env(config: ServiceConfig) -> dict[str, str]:
+    """The environment of the CPU engine (vLLM's CPU build) where `engine_env` is silent.
+    `scripts/benchmark.py` gives vLLM's own server the same.
+
+    - `VLLM_CPU_KVCACHE_SPACE`: `engine.cpu_kvcache_space_gib`.
+    - `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the model runs inside the engine-core process
+      (uniproc executor) rather than in a worker process whose shared-memory queue the engine
+      core busy-polls. Profiled on 2 cores: that polling held most of a core, taken from the
+      Serve processes next to it (docs/performance.md); vLLM's own server gains from it too.
+    - `OMP_NUM_THREADS`: the model replica's `num_cpus` (what Ray gives the actor anyway).
+    """
+    actor = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model").get("ray_actor_options") or {}
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": f"{config.engine.cpu_kvcache_space_gib:g}",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": str(max(1, int(actor.get("num_cpus") or 1))),
+    }
+
+
 class ModelReplica:
     """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
 
@@ -46,7 +65,8 @@ class ModelReplica:
 
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.config.engine.cpu_kvcache_space_gib:g}")
+            for key, value in cpu_engine_env(self.config).items():
+                os.environ.setdefault(key, value)  # engine_env, applied above, wins
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

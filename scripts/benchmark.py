@@ -793,15 +793,18 @@ def engine_kwargs_for(args: dict[str, Any], on_cpu: bool) -> tuple[dict[str, Any
 
     cfg = ServiceConfig.model_validate(args)
     env = dict(cfg.engine_env)
-    if on_cpu:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.engine.cpu_kvcache_space_gib:g}")
     try:
-        from deployments.model_replica import ModelReplica
+        from deployments.model_replica import ModelReplica, cpu_engine_env
+
+        if on_cpu:
+            env = {**cpu_engine_env(cfg), **env}
 
         replica = object.__new__(ModelReplica)
         replica.config, replica.on_cpu = cfg, on_cpu
         return replica._engine_kwargs(), env
     except Exception:  # fallback mirror of ModelReplica._engine_kwargs
+        if on_cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.engine.cpu_kvcache_space_gib:g}")
         e = cfg.engine
         kw: dict[str, Any] = {
             "model": cfg.model.resolved_source(), "tokenizer": cfg.model.resolved_tokenizer(),
