@@ -15,6 +15,7 @@ import math
 import os
 import time
 import uuid
+import weakref
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI
@@ -82,6 +83,51 @@ def _unavailable_types() -> tuple[type, ...]:
     return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
+class ModelCapacity:
+    """Requests this ingress replica has in flight to the model deployment (arrival to end of
+    response) against the most Serve admits from one caller: `max_ongoing_requests` × model
+    replicas (`max_replicas` when autoscaling) + `max_queued_requests` (Serve's queue is per
+    caller). At that count Serve's router would refuse the next request too, so it is refused
+    here at once with the same 503 + Retry-After, before it costs a tokenizer call: under
+    overload the 503s stay cheap and the engine keeps the CPU. Each ingress replica counts only
+    its own requests, so this never refuses what Serve would admit, except in the moment
+    between a replica finishing a request and its response reaching here."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.in_flight = limit, 0
+
+    @classmethod
+    def from_config(cls, config: ServiceConfig) -> "ModelCapacity":
+        from deployments.model_replica import ModelReplica
+
+        opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
+        queued = opts.get("max_queued_requests", -1)
+        auto = opts.get("autoscaling_config")
+        replicas = (auto.get("max_replicas") if isinstance(auto, dict) else getattr(auto, "max_replicas", None)) \
+            if auto else opts.get("num_replicas", 1)
+        if queued is None or queued < 0 or not isinstance(replicas, int):
+            return cls(None)  # unbounded queue (or "auto" replicas): Serve alone decides
+        return cls(opts["max_ongoing_requests"] * replicas + queued)
+
+    def acquire(self, retry_after_s: float) -> "_Slot":
+        if self.limit is not None and self.in_flight >= self.limit:
+            raise errors.overloaded(retry_after_s)
+        self.in_flight += 1
+        return _Slot(self)
+
+
+class _Slot:
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: ModelCapacity):
+        self.owner: ModelCapacity | None = owner
+
+    def release(self) -> None:
+        if self.owner is not None:
+            self.owner.in_flight -= 1
+            self.owner = None
+
+
 class IngressRouter:
     """Serve deployment class (plain class; `serve_app` wraps it with `serve.ingress(app)`)."""
 
@@ -118,6 +164,7 @@ class IngressRouter:
         for name, path in self.config.lora.adapters.items():
             await self.adapters.register(name, resolve_path(path), True)
         self._handle_cache: dict[str, tuple[Any, Any]] = {}
+        self.capacity = ModelCapacity.from_config(self.config)
         from deployments.classification import labels_for_model
 
         self.labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
@@ -185,9 +232,11 @@ class IngressRouter:
         """Each text gets a label from the label set (label scoring: never an invalid label)
         and the probability of every label."""
         trace = self.stats.request_started("/v1/classify", request_id=_request_id(), stream=False)
+        slot = None
         try:
             served, mux = await self._resolve_model(body.model or self.config.classification.model)
             texts, labels = self._check_classify(body)
+            slot = self.capacity.acquire(self.limits.retry_after_s)
             async with asyncio.timeout(self.limits.request_timeout_s):
                 enc = await self.tokenizer.encode_classify.remote(texts, labels)
                 if enc.get("error"):
@@ -209,6 +258,9 @@ class IngressRouter:
         except BaseException as exc:
             trace.failed(exc)
             raise
+        finally:
+            if slot is not None:
+                slot.release()
         trace.finished(200, completion_tokens=0)
         data = []
         for i, row in enumerate(scores):
@@ -300,10 +352,12 @@ class IngressRouter:
         timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
         deadline = time.monotonic() + timeout
         created = int(time.time())
+        slot = None
         try:
             model_name, mux = await self._resolve_model(body.model)
             unary, streaming = self._handles(mux)
             max_tokens, encode = prepare()
+            slot = self.capacity.acquire(self.limits.retry_after_s)
             async with asyncio.timeout(timeout):
                 enc = await encode()
                 if enc.error:
@@ -320,6 +374,7 @@ class IngressRouter:
                     except BaseException:
                         response.cancel()  # deadline passed (or cancelled): abort the engine request
                         raise
+                    slot.release()
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
                     if kind == "completion" and getattr(body, "echo", False) and isinstance(body.prompt, str):
@@ -340,13 +395,18 @@ class IngressRouter:
                     stream.cancel()
                     raise
         except TimeoutError:
+            if slot is not None:
+                slot.release()
             trace.finished(504, "timeout")
             raise errors.timed_out(timeout) from None
         except BaseException as exc:
+            if slot is not None:
+                slot.release()
             trace.failed(exc)
             raise
         events = self._sse_events(kind, body, rid, model_name, created, len(enc.token_ids),
-                                  first, stream, deadline, timeout, trace)
+                                  first, stream, deadline, timeout, trace, slot)
+        weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
@@ -366,7 +426,7 @@ class IngressRouter:
 
     async def _sse_events(self, kind: str, body: SamplingFields, rid: str, model: str, created: int,
                           prompt_tokens: int, first: GenerationChunk | None, stream,
-                          deadline: float, timeout: float, trace) -> AsyncIterator[bytes]:
+                          deadline: float, timeout: float, trace, slot: _Slot) -> AsyncIterator[bytes]:
         chat = kind == "chat"
         include_usage, continuous = body.include_usage(), body.continuous_usage()
         completion_tokens = 0
@@ -421,6 +481,7 @@ class IngressRouter:
                 yield _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
             yield _SSE_DONE
         finally:
+            slot.release()
             if not done:
                 # Client gone, deadline passed or replica failed: release the engine request.
                 stream.cancel()

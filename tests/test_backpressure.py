@@ -40,7 +40,9 @@ def _check(results, label: str):
     print(f"\n[{label}] sent={len(results)} by_status={dict(by_status)} "
           f"max_latency={worst:.2f}s max_503_latency={reject_latency * 1000:.0f}ms")
     assert set(by_status) <= {200, 503}, by_status
-    assert by_status[200] >= 3, by_status  # at least the running slots
+    # Admitted = the configured capacity: the ingress gate lets exactly 13 through to Serve,
+    # which holds 3 running + 10 queued.
+    assert by_status[200] >= CAPACITY, by_status
     # Requests that finish while the burst is still arriving free places for others, so
     # allow a little slack over the nominal capacity.
     assert by_status[503] >= BURST - CAPACITY - 3, by_status
@@ -66,3 +68,31 @@ def test_burst_over_capacity_streaming(base_url, client):
     _check(results, "streaming")
     assert client.chat.completions.create(model=MODEL, max_tokens=2,
                                           messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_model_capacity_gate():
+    """The ingress's fast 503: at max_ongoing x replicas + max_queued requests in flight from
+    this ingress, the next one is refused before the tokenizer hop, like Serve would."""
+    import pytest
+
+    from deployments.config import ServiceConfig
+    from deployments.errors import APIError
+    from deployments.ingress import ModelCapacity
+
+    cfg = ServiceConfig.model_validate({"deployments": {"model": {
+        "max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 2}}})
+    gate = ModelCapacity.from_config(cfg)
+    assert gate.limit == 16
+    slots = [gate.acquire(1) for _ in range(16)]
+    with pytest.raises(APIError) as exc:
+        gate.acquire(2)
+    assert exc.value.status == 503 and exc.value.code == "queue_full"
+    slots[0].release()
+    slots[0].release()  # idempotent
+    assert gate.in_flight == 15
+    gate.acquire(1)
+    auto = ServiceConfig.model_validate({"deployments": {"model": {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
+    assert ModelCapacity.from_config(auto).limit == 3 * 3 + 10  # the most Serve could admit
+    unbounded = ServiceConfig.model_validate({"deployments": {"model": {"max_queued_requests": -1}}})
+    assert ModelCapacity.from_config(unbounded).limit is None
