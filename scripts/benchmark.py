@@ -785,6 +785,21 @@ def service_args(serve_yaml: dict[str, Any], model_path: str, served_name: str |
     return deep_merge(args, override or {})
 
 
+def read_env_file(path: Path | None) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (blank lines and # comments skipped)."""
+    if path is None:
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise SystemExit(f"{path}: not KEY=VALUE: {line!r}")
+            out[key.strip()] = value.strip()
+    return out
+
+
 def engine_kwargs_for(args: dict[str, Any], on_cpu: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The engine kwargs and env our model replica would use (deployments/model_replica.py),
     so vLLM's server gets exactly the same engine arguments."""
@@ -1673,6 +1688,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-args", default="", help="extra flags for vLLM's server, e.g. '--disable-uvicorn-access-log'")
     g.add_argument("--vllm-env", action="append", default=[], metavar="K=V", help="extra env for vLLM's server")
     g.add_argument("--ours-env", action="append", default=[], metavar="K=V", help="extra env for our Serve app")
+    g.add_argument("--ours-env-file", type=Path, default=None, metavar="FILE",
+                   help="KEY=VALUE lines (# comments) for our Serve app's Ray cluster, e.g. "
+                   "configs/fast-path.env; --ours-env wins")
     g.add_argument("--serve-override", default=None,
                    help="JSON deep-merged over our app's ServiceConfig args (also feeds vLLM's engine args)")
     g.add_argument("--keep-autoscaling", action="store_true",
@@ -1747,7 +1765,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if opts.stream is None:
         opts.stream = "both" if opts.compare else "on"
     opts.vllm_env = dict(kv.split("=", 1) for kv in opts.vllm_env)
-    opts.ours_env = dict(kv.split("=", 1) for kv in opts.ours_env)
+    opts.ours_env = {**read_env_file(opts.ours_env_file), **dict(kv.split("=", 1) for kv in opts.ours_env)}
     opts.serve_override = json.loads(opts.serve_override) if opts.serve_override else None
     if opts.out_dir is None:
         opts.out_dir = REPO / "reports" / f"benchmark-{now_stamp()}"
