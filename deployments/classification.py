@@ -167,6 +167,23 @@ def heldout_split(rows: Sequence[dict[str, Any]], n: int = HELDOUT_LAST_N) -> tu
     return rows[:-n], rows[-n:]
 
 
+def load_split(data: str | Path | None, limit: int | None, split: str) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a labelled JSON-lines file and a description of where they came from. Without a
+    file: the shared TNEWS file's `split`, "train" (all but the held-out slice) or "heldout"."""
+    if data is None:
+        train, held = heldout_split(read_jsonl(DEFAULT_DATA_FILE))
+        rows = held if split == "heldout" else train
+        what = "held-out slice" if split == "heldout" else "minus held-out"
+        source = f"{DEFAULT_DATA_FILE} {what} ({HELDOUT_RULE})"
+    else:
+        rows = read_jsonl(data)
+        source = str(data)
+    if limit:
+        rows = rows[:limit]
+        source += f", first {limit}"
+    return rows, source
+
+
 def iter_examples(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[str, str]]:
     for row in rows:
         yield example_text(row), example_label(row)

@@ -303,16 +303,7 @@ def _run_all(fn, items: list, concurrency: int, progress: bool, unit: str) -> No
 
 
 def load_rows(data: Path | None, limit: int | None) -> tuple[list[dict[str, Any]], str]:
-    if data is None:
-        _, rows = clf.heldout_split(clf.read_jsonl(clf.DEFAULT_DATA_FILE))
-        source = f"{clf.DEFAULT_DATA_FILE} held-out slice ({clf.HELDOUT_RULE})"
-    else:
-        rows = clf.read_jsonl(data)
-        source = str(data)
-    if limit:
-        rows = rows[:limit]
-        source += f", first {limit}"
-    return rows, source
+    return clf.load_split(data, limit, "heldout")
 
 
 def main(argv: list[str] | None = None) -> int:

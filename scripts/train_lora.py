@@ -301,6 +301,18 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
     return [tokenizer.encode(label, add_special_tokens=False) for label in labels]
 
 
+def _right_padded(seqs: Sequence[Sequence[int]], pad: int):
+    """(input ids, attention mask), right-padded to the longest sequence."""
+    import torch
+
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, seq in enumerate(seqs):
+        ids[j, : len(seq)] = torch.tensor(seq)
+        mask[j, : len(seq)] = 1
+    return ids, mask
+
+
 def score_labels(model, tokenizer, texts: Sequence[str], labels: Sequence[str], batch_size: int = 64) -> list[list[float]]:
     """Per text, the log-probability of each label as the assistant's answer (label tokens
     followed by the end-of-turn token; when every label differs from the others in one token
@@ -325,25 +337,14 @@ def score_labels(model, tokenizer, texts: Sequence[str], labels: Sequence[str], 
             seqs = [p + lab[0][:cp] for p in prompts]
             for i in range(0, len(seqs), batch_size):
                 chunk = seqs[i: i + batch_size]
-                L = max(map(len, chunk))
-                ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for j, s in enumerate(chunk):
-                    ids[j, : len(s)] = torch.tensor(s)
-                    mask[j, : len(s)] = 1
+                ids, mask = _right_padded(chunk, pad)
                 h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
                 last = h[torch.arange(len(chunk), device=dev), mask.sum(1).to(dev) - 1]
                 logp = torch.log_softmax(model.get_output_embeddings()(last).float(), -1)
                 out += logp[:, [x[cp] for x in lab]].tolist()
             return out
         for p in prompts:  # general case: one sequence per label
-            seqs = [p + x + [eot] for x in lab]
-            L = max(map(len, seqs))
-            ids = torch.full((len(seqs), L), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, s in enumerate(seqs):
-                ids[j, : len(s)] = torch.tensor(s)
-                mask[j, : len(s)] = 1
+            ids, mask = _right_padded([p + x + [eot] for x in lab], pad)
             logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()
             logp = torch.log_softmax(logits, -1)
             row = []
@@ -410,15 +411,7 @@ def save_adapter(model, out: Path, labels: Sequence[str], info: dict[str, Any]) 
 def load_pairs(data: Path | None, limit: int | None, keyword_inputs: bool = False) -> tuple[list[tuple[str, str]], str]:
     """(text, label) pairs and a description of where they came from. Default: the shared TNEWS
     file minus its held-out slice."""
-    if data is None:
-        rows, _ = clf.heldout_split(clf.read_jsonl(clf.DEFAULT_DATA_FILE))
-        source = f"{clf.DEFAULT_DATA_FILE} minus held-out ({clf.HELDOUT_RULE})"
-    else:
-        rows = clf.read_jsonl(data)
-        source = str(data)
-    if limit:
-        rows = rows[:limit]
-        source += f", first {limit}"
+    rows, source = clf.load_split(data, limit, "train")
     pairs = list(clf.iter_examples(rows))
     if keyword_inputs:
         pairs += [(r["keywords"].replace(",", " "), clf.example_label(r)) for r in rows if r.get("keywords")]
