@@ -220,7 +220,7 @@ class ModelReplica:
 
     async def _outputs(self, req: GenerationRequest) -> AsyncIterator[Any]:
         from vllm.inputs import TokensPrompt
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         params = self._sampling_params(req.sampling)
         lora_request = await self._lora_request(req.lora)
@@ -234,6 +234,13 @@ class ModelReplica:
                     yield out
         except EngineDeadError:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
+        except EngineGenerateError as exc:
+            # vLLM wraps what failed before the engine core saw the request (e.g. a value that
+            # does not serialise); the engine itself is fine.
+            if isinstance(exc.__cause__, (ValueError, TypeError, OverflowError)):
+                raise APIError(400, f"Invalid request for the engine: {exc.__cause__}",
+                               code="invalid_value") from None
+            raise
         except APIError:
             raise
         except (ValueError, *_vllm_client_errors()) as exc:  # vLLM's request validation

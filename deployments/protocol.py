@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Integers go to the engine core through msgpack (64-bit at most); token ids and counts fit 32.
+_INT32_MAX = 2**31 - 1
 
 # --------------------------------------------------------------------------- requests
 
@@ -64,12 +67,13 @@ class SamplingFields(_Lenient):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Frequency penalty.")
     user: str | None = Field(None, description="End-user id (logged, not used).")
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1, description="vLLM: top-k (-1 or 0: off).")
+    top_k: int | None = Field(None, ge=-1, le=_INT32_MAX, description="vLLM: top-k (-1 or 0: off).")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM: min-p.")
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0, description="vLLM: repetition penalty.")
     ignore_eos: bool = Field(False, description="vLLM: keep generating past EOS (benchmarks).")
-    min_tokens: int = Field(0, ge=0, description="vLLM: generate at least this many tokens.")
-    stop_token_ids: list[int] | None = Field(None, description="vLLM: stop on these token ids.")
+    min_tokens: int = Field(0, ge=0, le=_INT32_MAX, description="vLLM: generate at least this many tokens.")
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=_INT32_MAX)]] | None = Field(
+        None, description="vLLM: stop on these token ids.")
     include_stop_str_in_output: bool = Field(False, description="vLLM: keep the stop string.")
     skip_special_tokens: bool = Field(True, description="vLLM: drop special tokens from the text.")
     spaces_between_special_tokens: bool = Field(True, description="vLLM: detokenizer option.")

@@ -47,6 +47,10 @@ CHAT_CASES = [
     ("nan temperature", {"content": b'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'}, 400, "temperature"),
     ("too many stops", {"json": {"model": MODEL, "messages": OK_MSG, "stop": list("abcdefghij")}}, 400, "stop"),
     ("min_tokens over max", {"json": {"model": MODEL, "messages": OK_MSG, "max_tokens": 2, "min_tokens": 5}}, 400, "min_tokens"),
+    # beyond 64 bits an integer cannot reach the engine core (msgpack): found by the fuzz test
+    ("top_k beyond int64", {"json": {"model": MODEL, "messages": OK_MSG, "top_k": 2**70}}, 400, "top_k"),
+    ("stop_token_ids beyond int64", {"json": {"model": MODEL, "messages": OK_MSG, "stop_token_ids": [2**70]}}, 400, "__any__"),
+    ("negative stop_token_id", {"json": {"model": MODEL, "messages": OK_MSG, "stop_token_ids": [-5]}}, 400, "__any__"),
 ]
 
 
