@@ -10,7 +10,7 @@ run: setup
 # The same service on Serve's fast request path (HAProxy direct ingress; see
 # configs/fast-path.env and docs/performance.md for the measured gain and the caveats).
 run-fast: setup
-	set -a && . configs/fast-path.env && set +a && .venv/bin/serve run configs/serve_config.yaml
+	set -a && . configs/fast-path.env && set +a && exec .venv/bin/serve run configs/serve_config.yaml
 
 test: setup
 	scripts/test.sh
