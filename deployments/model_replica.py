@@ -171,9 +171,9 @@ class ModelReplica:
     async def classify(self, prompts: list[list[int]], label_ids: list[list[int]],
                        lora: str | None = None) -> list[list[float]]:
         """Log-probability of each label's answer tokens after each prompt, up to a term common
-        to all labels (label scoring, so the answer is always a valid label). The labels form a token trie; one 1-token engine
-        step per trie node and prompt returns the log-probabilities of exactly that node's
-        children (`logprob_token_ids`), and prefix caching shares the prompt across nodes."""
+        to all labels (label scoring, so the answer is always a valid label). The labels'
+        remaining tokens form a trie; one 1-token engine step per trie node and prompt returns
+        the log-probabilities of exactly that node's children (`logprob_token_ids`)."""
         import uuid
 
         from vllm.inputs import TokensPrompt

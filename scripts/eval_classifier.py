@@ -302,10 +302,6 @@ def _run_all(fn, items: list, concurrency: int, progress: bool, unit: str) -> No
 # ---------------------------------------------------------------------------- CLI
 
 
-def load_rows(data: Path | None, limit: int | None) -> tuple[list[dict[str, Any]], str]:
-    return clf.load_split(data, limit, "heldout")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -332,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    rows, source = load_rows(args.data, args.limit)
+    rows, source = clf.load_split(args.data, args.limit, "heldout")
     if not rows:
         print("error: no rows", file=sys.stderr)
         return 2

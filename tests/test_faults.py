@@ -122,16 +122,22 @@ async def cancel(task: asyncio.Task) -> None:
 # ============================================================================ (c) disconnects
 
 
+async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
+    """Three long streams (every model slot busy), returned once each has sent its first chunks."""
+    events = [asyncio.Event() for _ in range(3)]
+    tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i], **kw))
+             for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+    return tasks
+
+
 def test_client_disconnect_mid_stream_aborts_and_frees_the_slot(url):
     """Three long streams fill the replica's three slots; one client goes away: its engine
     request is aborted and the freed slot serves a new request while the other two still run."""
 
     async def run():
         async with new_client() as c:
-            events = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i],
-                                                 chunks_before_event=3)) for i in range(3)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+            tasks = await fill_slots(c, url, chunks_before_event=3)
             await wait_running(url, lambda r: r["running"] == 3, 15, "3 engine requests running")
             t_cut = time.monotonic()
             await cancel(tasks[0])  # client 0 disconnects mid-stream
@@ -163,10 +169,7 @@ def test_client_disconnect_mid_queue_never_runs(url):
 
     async def run():
         async with new_client() as c:
-            events = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i]))
-                     for i in range(3)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+            tasks = await fill_slots(c, url)
             queued = asyncio.create_task(request(c, url, long_stream(50), label="queued"))
             q, q_s = await wait_running(url, lambda r: r["running"] == 3 and r["waiting"] >= 1, 15,
                                         "4th request waiting")
@@ -263,10 +266,7 @@ def test_deadline_passes_while_queued(url):
 
     async def run():
         async with new_client() as c:
-            events = [asyncio.Event() for _ in range(3)]
-            tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i]))
-                     for i in range(3)]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+            tasks = await fill_slots(c, url)
             outs = await asyncio.gather(
                 request(c, url, chat_body(60, LONG, ignore_eos=True, timeout=2), label="queued-unary"),
                 request(c, url, long_stream(61, timeout=2), label="queued-stream"))
