@@ -199,6 +199,11 @@ class ServiceConfig(_Strict):
                 f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
                 f"engine.max_model_len ({self.engine.max_model_len})"
             )
+        name = self.classification.model
+        if name not in (None, self.model.model_id) and name not in self.lora.adapters:
+            known = [self.model.model_id, *self.lora.adapters]
+            raise ValueError(f"classification.model {name!r} is neither the model nor a configured "
+                             f"adapter (lora.adapters): one of {known}")
         return self
 
 

@@ -789,6 +789,8 @@ def read_env_file(path: Path | None) -> dict[str, str]:
     """KEY=VALUE lines of an env file (blank lines and # comments skipped)."""
     if path is None:
         return {}
+    if not path.is_file():
+        raise SystemExit(f"--ours-env-file: no such file: {path}")
     out = {}
     for line in path.read_text().splitlines():
         line = line.strip()

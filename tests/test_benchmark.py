@@ -281,3 +281,14 @@ def test_window_stats_leave_out_the_drain(bench):
     res.append(bench.RequestResult(start=3.0, status=503, outcome="http_error", e2e=0.002))
     w = bench.window_stats(res, 10.0, bench.SLO())
     assert w["ok_rps"] == pytest.approx(0.3) and w["goodput_rps"] == pytest.approx(0.1)
+
+
+def test_env_file(bench, tmp_path):
+    from pathlib import Path
+
+    env = bench.read_env_file(Path(__file__).resolve().parents[1] / "configs" / "fast-path.env")
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and all("=" not in k for k in env)
+    (tmp_path / "bad.env").write_text("# c\nNOEQUALS\n")
+    for bad in (tmp_path / "bad.env", tmp_path / "missing.env"):
+        with pytest.raises(SystemExit):
+            bench.read_env_file(bad)

@@ -36,6 +36,12 @@ def test_config_rejects_unknown_and_inconsistent():
         ServiceConfig.model_validate({"engine": {"max_model_len": 256}, "limits": {"max_tokens_cap": 512}})
     with pytest.raises(ValidationError):
         ServiceConfig.model_validate({"accelerator": "tpu"})
+    with pytest.raises(ValueError, match="classification.model"):  # a typo would 404 every classify
+        ServiceConfig.model_validate({"classification": {"model": "news-lroa"},
+                                      "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}})
+    ok = ServiceConfig.model_validate({"classification": {"model": "news-lora"},
+                                       "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}})
+    assert ok.classification.model == "news-lora"
 
 
 def test_every_config_field_has_a_description():
