@@ -74,6 +74,15 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool | None = Field(None, description="Prefix caching; null: vLLM's default.")
     max_num_seqs: int | None = Field(None, gt=0, description="Max sequences per engine step; null: vLLM's default.")
     seed: int | None = Field(0, description="Engine seed (per-request `seed` overrides sampling).")
+    engine_niceness: int | None = Field(
+        0, ge=-20, le=19,
+        description="CPU niceness of vLLM's engine-core process. Ray starts its workers, and so the "
+        "engine the model replica spawns, at niceness 15, level with the Serve processes around it; "
+        "the engine core steps every token (it drives the GPU, or is the model on CPU), so it gets "
+        "the CPU first. Lowering niceness needs CAP_SYS_NICE (root on a host; "
+        "`capabilities: add: [SYS_NICE]` in a pod); without it the engine keeps Ray's niceness and "
+        "/health says so. null: leave it as Ray started it.",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any other AsyncEngineArgs, passed through unchanged."
     )

@@ -42,6 +42,38 @@ def cpu_engine_env(config: ServiceConfig) -> dict[str, str]:
     }
 
 
+def prioritise_engine(replica_pid: int, niceness: int | None) -> dict[str, Any]:
+    """Give vLLM's engine-core process(es), children of this replica, CPU niceness `niceness`
+    (every thread: Linux niceness is per thread). Measured on 2 cores at 32 concurrent
+    streams: +20 % output tokens/s, the engine no longer waiting behind Serve's processes
+    (docs/performance.md). What happened is reported on /health."""
+    import psutil
+
+    pids = [c.pid for c in psutil.Process(replica_pid).children(recursive=True)
+            if "EngineCore" in _process_name(c)]
+    report: dict[str, Any] = {"engine_pids": pids, "niceness": None, "requested": niceness, "error": None}
+    for pid in pids if niceness is not None else []:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+        except (PermissionError, ProcessLookupError, FileNotFoundError) as exc:
+            report["error"] = f"{type(exc).__name__}: {exc} (lowering niceness needs CAP_SYS_NICE)"
+            logger.warning("engine niceness %s not applied to pid %s: %s", niceness, pid, report["error"])
+            break
+    if pids:
+        report["niceness"] = os.getpriority(os.PRIO_PROCESS, pids[0])
+    return report
+
+
+def _process_name(proc) -> str:
+    import psutil
+
+    try:
+        return proc.name() + " " + " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 class ModelReplica:
     """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
 
@@ -74,6 +106,7 @@ class ModelReplica:
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         self.gpu_ids = self._gpu_ids()
+        self.engine_priority = prioritise_engine(os.getpid(), self.config.engine.engine_niceness)
         capacity = deployment_options(self.DEFAULT_OPTIONS, self.config, "model")["max_ongoing_requests"]
         self.stats = StatsRecorder.from_config(self.config.observability, role="model",
                                                app_name=current_app_name(), capacity=capacity)
@@ -307,6 +340,7 @@ class ModelReplica:
             "pid": os.getpid(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "num_unfinished_requests": self.engine.get_num_unfinished_requests(),
+            "engine_priority": self.engine_priority,
             "accelerator_memory_gb": _accelerator_memory(self.on_cpu),
         }
 

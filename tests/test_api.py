@@ -133,6 +133,30 @@ def test_health_reports_engine_and_limits(base_url):
     assert body["deployments"]["ModelReplica"]["running_replicas"] >= 1
 
 
+def test_engine_core_runs_at_the_configured_niceness(base_url):
+    """Ray starts workers (and so the engine the model replica spawns) at niceness 15; the
+    replica gives the engine core the configured niceness (0) so it is not starved by Serve's
+    processes. /health reports it, and the kernel agrees for every engine thread."""
+    import os
+
+    import psutil
+
+    prio = httpx.get(f"{base_url}/health", timeout=30).json()["replica"]["engine_priority"]
+    assert prio["requested"] == 0 and prio["engine_pids"], prio
+    replica = psutil.Process(httpx.get(f"{base_url}/health", timeout=30).json()["replica"]["pid"])
+    assert replica.nice() > 0  # Ray's worker niceness (15): the Serve processes keep it
+    for pid in prio["engine_pids"]:
+        threads = os.listdir(f"/proc/{pid}/task")
+        nices = {os.getpriority(os.PRIO_PROCESS, int(t)) for t in threads}
+        if os.geteuid() == 0:  # lowering niceness needs CAP_SYS_NICE: root here
+            assert prio["error"] is None and prio["niceness"] == 0, prio
+            assert nices == {0}, nices
+            assert replica.nice() > prio["niceness"]
+        else:
+            assert prio["error"] and "CAP_SYS_NICE" in prio["error"], prio
+            assert nices == {prio["niceness"]}, nices
+
+
 def test_request_id_header(base_url):
     """The response id, the X-Request-Id header and the JSON log lines share one id."""
     r = httpx.post(f"{base_url}/v1/completions", timeout=60,
