@@ -79,9 +79,9 @@ class EngineConfig(_Strict):
         description="CPU niceness of vLLM's engine-core process. Ray starts its workers, and so the "
         "engine the model replica spawns, at niceness 15, level with the Serve processes around it; "
         "the engine core steps every token (it drives the GPU, or is the model on CPU), so it gets "
-        "the CPU first. Lowering niceness needs CAP_SYS_NICE (root on a host; "
-        "`capabilities: add: [SYS_NICE]` in a pod); without it the engine keeps Ray's niceness and "
-        "/health says so. null: leave it as Ray started it.",
+        "the CPU first. Lowering niceness needs CAP_SYS_NICE (root on a host, or a container running "
+        "as root with `capabilities: add: [SYS_NICE]`); without it the engine keeps Ray's niceness "
+        "and /health says so. null: leave it as Ray started it.",
     )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any other AsyncEngineArgs, passed through unchanged."

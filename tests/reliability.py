@@ -210,21 +210,6 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     return sorted(int(r["Pid"]) for r in replica_actors(app, deployment) if r.get("Pid"))
 
 
-def engine_core_pids(replica_pid: int) -> list[int]:
-    """vLLM's EngineCore process(es): children of the replica process, found by parent pid."""
-    import psutil
-
-    out = []
-    for child in psutil.Process(replica_pid).children(recursive=True):
-        try:
-            text = child.name() + " " + " ".join(child.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "EngineCore" in text:
-            out.append(child.pid)
-    return out
-
-
 def descendant_pids(pid: int) -> list[int]:
     """Every process below `pid` (vLLM's EngineCore, its workers, resource trackers)."""
     import psutil

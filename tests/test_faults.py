@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from conftest import app_args, wait_healthy
+from deployments.model_replica import engine_core_pids
 from reliability import (
     chat_body,
     descendant_pids,
-    engine_core_pids,
     engine_unfinished,
     kill_pid,
     new_client,

@@ -36,6 +36,9 @@ def test_config_rejects_unknown_and_inconsistent():
         ServiceConfig.model_validate({"engine": {"max_model_len": 256}, "limits": {"max_tokens_cap": 512}})
     with pytest.raises(ValidationError):
         ServiceConfig.model_validate({"accelerator": "tpu"})
+    for niceness in (-21, 20, "high"):  # Linux niceness is -20..19
+        with pytest.raises(ValidationError, match="engine_niceness"):
+            ServiceConfig.model_validate({"engine": {"engine_niceness": niceness}})
     with pytest.raises(ValueError, match="classification.model"):  # a typo would 404 every classify
         ServiceConfig.model_validate({"classification": {"model": "news-lroa"},
                                       "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}})
