@@ -187,3 +187,33 @@ def load_split(data: str | Path | None, limit: int | None, split: str) -> tuple[
 def iter_examples(rows: Iterable[dict[str, Any]]) -> Iterable[tuple[str, str]]:
     for row in rows:
         yield example_text(row), example_label(row)
+
+
+# --------------------------------------------------------------------------- label scoring
+
+
+def common_prefix_len(seqs: Sequence[Sequence[Any]]) -> int:
+    """How many leading items all sequences share."""
+    if not seqs:
+        return 0
+    n = min(len(x) for x in seqs)
+    for k in range(n):
+        if len({x[k] for x in seqs}) != 1:
+            return k
+    return n
+
+
+def label_scoring_tokens(label_ids: Sequence[Sequence[int]]) -> tuple[list[int], list[list[int]]]:
+    """What label scoring must score: (tokens every label starts with, each label's remaining
+    tokens). Shared leading tokens ("news", "_" for TNEWS) add the same log-probability to every
+    label, which the softmax over labels cancels, so they join the prompt; at least one token
+    of each label stays scored. The shared trailing end-of-turn token only tells a label from a
+    longer one it begins, so with no such pair it is left out."""
+    labels = [list(ids) for ids in label_ids]
+    if all(len(ids) >= 2 for ids in labels) and len({ids[-1] for ids in labels}) == 1:
+        trimmed = [ids[:-1] for ids in labels]
+        if not any(a is not b and b[: len(a)] == a for a in trimmed for b in trimmed):
+            labels = trimmed
+    shared = min(common_prefix_len(labels), min(map(len, labels)) - 1)
+    return labels[0][:shared], [ids[shared:] for ids in labels]
+

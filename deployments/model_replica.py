@@ -15,6 +15,7 @@ import time
 from typing import Any, AsyncIterator
 
 from deployments.adapters import AdapterRegistry, validate_adapter_dir
+from deployments.classification import label_scoring_tokens
 from deployments.config import ServiceConfig, current_app_name, deployment_options
 from deployments.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
@@ -217,18 +218,11 @@ class ModelReplica:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         lora_request = await self._lora_request(lora)
-        # The trailing end-of-turn token of each label only tells a label from a longer one it
-        # begins; with no such pair it is left out (each would cost one more engine step per
-        # text and label, and a full prefill: LoRA on the CPU engine makes that ~30x slower).
-        label_ids = _without_common_end(label_ids)
-        # Tokens every label starts with ("news", "_" for TNEWS) add the same log-probability
-        # to every label, which the softmax over labels cancels: they join the prompt instead
-        # of costing an engine step each (prefill is most of the cost, with LoRA on CPU above
-        # all). At least one token of each label stays scored.
-        shared = 0
-        while shared < min(map(len, label_ids)) - 1 and len({ids[shared] for ids in label_ids}) == 1:
-            shared += 1
-        common, label_ids = list(label_ids[0][:shared]), [ids[shared:] for ids in label_ids]
+        # Tokens all labels share cost no engine step (the softmax over labels cancels them),
+        # nor does their shared end-of-turn token when it tells no two labels apart: one
+        # engine step per text for TNEWS (each step is a full prefill: ~30x slower with LoRA
+        # on the CPU engine).
+        common, label_ids = label_scoring_tokens(label_ids)
         children: dict[tuple[int, ...], set[int]] = {}
         for ids in label_ids:
             for k in range(len(ids)):
@@ -357,19 +351,6 @@ class ModelReplica:
                 pass
 
 
-
-
-def _without_common_end(label_ids: list[list[int]]) -> list[list[int]]:
-    """Label token sequences without their shared last token (end-of-turn) when that loses
-    nothing: no label is then empty, equal to or a prefix of another."""
-    if any(len(ids) < 2 for ids in label_ids) or len({ids[-1] for ids in label_ids}) != 1:
-        return label_ids
-    trimmed = [ids[:-1] for ids in label_ids]
-    for a in trimmed:
-        for b in trimmed:
-            if a is not b and b[: len(a)] == a:
-                return label_ids
-    return trimmed
 
 
 def _node_id() -> str | None:

@@ -110,17 +110,6 @@ def build_examples(tokenizer, pairs: Iterable[tuple[str, str]]) -> list[Example]
     return out
 
 
-def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
-    if not seqs:
-        return []
-    first = list(seqs[0])
-    n = min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        while n and list(s[:n]) != first[:n]:
-            n -= 1
-    return first[:n]
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -260,7 +249,8 @@ class ExampleBatcher:
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
         self.rng = random.Random(seed)
         self.order: list[int] = []
-        prefix = common_prefix([ex.prompt for ex in examples]) if shared_prefix else []
+        prompts = [ex.prompt for ex in examples]
+        prefix = list(prompts[0][: clf.common_prefix_len(prompts)]) if shared_prefix else []
         # keep at least one prompt token per example (it predicts the first answer token)
         prefix = prefix[: min(len(prefix), min(len(ex.prompt) for ex in examples) - 1)]
         self.prefix = prefix if len(prefix) >= 8 else []
@@ -326,7 +316,7 @@ def score_labels(model, tokenizer, texts: Sequence[str], labels: Sequence[str], 
     msgs0 = clf.build_messages("x")
     # the template's pre-answer text (e.g. an empty think block) is part of every answer
     head = answer_ids(tokenizer, msgs0, labels[0])[: -(len(lab[0]) + 1)]
-    cp = len(common_prefix(lab))
+    cp = clf.common_prefix_len(lab)
     fast = all(len(x) == cp + 1 for x in lab) and len({x[cp] for x in lab}) == len(lab)
     eot = end_of_turn_id(tokenizer)
     out: list[list[float]] = []

@@ -125,3 +125,19 @@ def test_tokenizer_completion_prompt_token_ids(tok):
     assert tok.encode_prompt([1, 2, 3], 5).token_ids == [1, 2, 3]
     assert tok.encode_prompt([-1], 5).error["param"] == "prompt"
     assert tok.encode_prompt("", 5).error["param"] == "prompt"
+
+
+def test_label_scoring_tokens():
+    """What /v1/classify scores per label: shared leading tokens join the prompt (at least one
+    token of each label stays), the shared end-of-turn token goes unless it tells a label from
+    a longer one it begins."""
+    from deployments.classification import common_prefix_len, label_scoring_tokens
+
+    eot = 9
+    news = [[5, 6, 1, eot], [5, 6, 2, eot], [5, 6, 3, 4, eot]]  # "news", "_", then the name
+    assert label_scoring_tokens(news) == ([5, 6], [[1], [2], [3, 4]])
+    nested = [[1, eot], [1, 2, eot]]  # "a" vs "ab": the end token tells them apart
+    assert label_scoring_tokens(nested) == ([1], [[eot], [2, eot]])
+    same_start = [[7, 1], [7, 1, 2]]  # no shared end: nothing dropped, one token kept each
+    assert label_scoring_tokens(same_start) == ([7], [[1], [1, 2]])
+    assert common_prefix_len([[1, 2, 3], [1, 2, 4]]) == 2 and common_prefix_len([]) == 0
