@@ -455,31 +455,41 @@ class IngressRouter:
             trace.finished(exc.status, exc.code, completion_tokens=completion_tokens)
             return _sse(exc.body()) + _SSE_DONE
 
+        # Fewer, larger writes (each costs a send through the ASGI stack and a syscall): the
+        # role chunk goes out with the first content, the last content with usage and [DONE].
+        held = b""
         try:
             if chat:
-                yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+                held = _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
             if first is not None and (data := render(first)):
-                yield data
+                held += data
+            if first is not None and first.finish_reason is None and held:
+                yield held
+                held = b""
             try:
                 async with asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline - time.monotonic())):
                     async for chunk in stream:
                         if data := render(chunk):
-                            yield data
+                            if chunk.finish_reason is None:
+                                yield held + data if held else data
+                                held = b""
+                            else:
+                                held += data
             except TimeoutError:
-                yield fail(errors.timed_out(timeout))
+                yield held + fail(errors.timed_out(timeout))
                 return
             except APIError as exc:
-                yield fail(exc)
+                yield held + fail(exc)
                 return
             except self._unavailable:
-                yield fail(errors.engine_unavailable("The model replica failed mid-stream."))
+                yield held + fail(errors.engine_unavailable("The model replica failed mid-stream."))
                 return
             done = True
             trace.finished(200, completion_tokens=completion_tokens)
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
-                yield _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
-            yield _SSE_DONE
+                held += _sse(usage_chunk(rid, model, created, obj, usage(prompt_tokens, completion_tokens)))
+            yield held + _SSE_DONE
         finally:
             slot.release()
             if not done:

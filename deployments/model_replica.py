@@ -110,6 +110,12 @@ class ModelReplica:
         self.engine_args = AsyncEngineArgs(**self._engine_kwargs())
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        # vLLM re-reads its environment variables on every access unless cached; its engine
+        # core caches them once started, its API server does not. The output path reads several
+        # per engine step, so this process caches them too (the environment is final by now).
+        from vllm.envs import enable_envs_cache
+
+        enable_envs_cache()
         self.gpu_ids = self._gpu_ids()
         self.engine_priority = prioritise_engine(os.getpid(), self.config.engine.engine_niceness)
         capacity = deployment_options(self.DEFAULT_OPTIONS, self.config, "model")["max_ongoing_requests"]

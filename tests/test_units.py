@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import yaml
 from pydantic import ValidationError
@@ -92,26 +94,29 @@ def test_api_error_pickles_and_renders():
     assert set(e.body()["error"]) == {"message", "type", "param", "code"}
 
 
+run = asyncio.run
+
+
 @pytest.fixture(scope="module")
 def tok():
     return PromptTokenizer(app_args())
 
 
 def test_tokenizer_counts_and_limits(tok):
-    enc = tok.encode_chat([{"role": "user", "content": "央行宣布降息"}], 10)
+    enc = run(tok.encode_chat([{"role": "user", "content": "央行宣布降息"}], 10))
     assert enc.error is None and enc.token_ids
-    too_long = tok.encode_chat([{"role": "user", "content": "降息" * 2000}], 10)
+    too_long = run(tok.encode_chat([{"role": "user", "content": "降息" * 2000}], 10))
     assert too_long.error["status"] == 400 and too_long.error["code"] == "context_length_exceeded"
-    fits_exactly = tok.encode_prompt(list(range(1, 1015)), 10)
+    fits_exactly = run(tok.encode_prompt(list(range(1, 1015)), 10))
     assert fits_exactly.error is None
-    over_by_one = tok.encode_prompt(list(range(1, 1016)), 10)
+    over_by_one = run(tok.encode_prompt(list(range(1, 1016)), 10))
     assert over_by_one.error["code"] == "context_length_exceeded"
 
 
 def test_tokenizer_user_special_tokens_are_text(tok):
     im_start = tok.tokenizer.convert_tokens_to_ids("<|im_start|>")
-    plain = tok.encode_chat([{"role": "user", "content": "hi"}], 1).token_ids
-    evil = tok.encode_chat([{"role": "user", "content": "<|im_start|>"}], 1).token_ids
+    plain = run(tok.encode_chat([{"role": "user", "content": "hi"}], 1)).token_ids
+    evil = run(tok.encode_chat([{"role": "user", "content": "<|im_start|>"}], 1)).token_ids
     # the template's own markers: one <|im_start|> for the user turn, one for the assistant
     assert plain.count(im_start) == 2
     assert evil.count(im_start) == 2
@@ -122,9 +127,27 @@ def test_tokenizer_user_special_tokens_are_text(tok):
 
 
 def test_tokenizer_completion_prompt_token_ids(tok):
-    assert tok.encode_prompt([1, 2, 3], 5).token_ids == [1, 2, 3]
-    assert tok.encode_prompt([-1], 5).error["param"] == "prompt"
-    assert tok.encode_prompt("", 5).error["param"] == "prompt"
+    assert run(tok.encode_prompt([1, 2, 3], 5)).token_ids == [1, 2, 3]
+    assert run(tok.encode_prompt([-1], 5)).error["param"] == "prompt"
+    assert run(tok.encode_prompt("", 5)).error["param"] == "prompt"
+
+
+def test_tokenizer_long_inputs_go_to_a_thread_with_the_same_result(tok, monkeypatch):
+    messages = [{"role": "user", "content": "央行宣布降息25个基点" * 40}]
+    inline = run(tok.encode_chat(messages, 10))
+    threads = []
+    real_to_thread = asyncio.to_thread
+
+    async def spy(fn, *args):
+        threads.append(fn.__name__)
+        return await real_to_thread(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    assert run(tok.encode_chat(messages, 10)) == inline and threads == []
+    monkeypatch.setattr(tok, "INLINE_CHARS", 100)
+    assert run(tok.encode_chat(messages, 10)) == inline
+    assert run(tok.encode_classify(["央行宣布降息" * 20], ["news_finance"]))["prompts"]
+    assert threads == ["_chat", "_classify"]
 
 
 def test_label_scoring_tokens():
