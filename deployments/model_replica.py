@@ -172,11 +172,12 @@ class ModelReplica:
         except Exception:  # outside Ray (unit tests)
             return []
 
-    def _sampling_params(self, sampling: dict[str, Any]):
+    def _sampling_params(self, sampling: dict[str, Any], final_only: bool = False):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+        kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
         try:
-            return SamplingParams(**sampling, output_kind=RequestOutputKind.DELTA)
+            return SamplingParams(**sampling, output_kind=kind)
         except (ValueError, TypeError) as exc:
             raise APIError(400, f"Invalid sampling parameters: {exc}", code="invalid_value") from None
 
@@ -259,11 +260,12 @@ class ModelReplica:
 
     # ------------------------------------------------------------------ generation
 
-    async def _outputs(self, req: GenerationRequest) -> AsyncIterator[Any]:
+    async def _outputs(self, req: GenerationRequest, final_only: bool = False) -> AsyncIterator[Any]:
+        """The engine's outputs: a delta per engine step, or (`final_only`) one at the end."""
         from vllm.inputs import TokensPrompt
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        params = self._sampling_params(req.sampling)
+        params = self._sampling_params(req.sampling, final_only)
         lora_request = await self._lora_request(req.lora)
         try:
             with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace:
@@ -271,7 +273,13 @@ class ModelReplica:
                     TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
                     lora_request=lora_request,
                 ):
-                    trace.output(len(out.outputs[0].token_ids))
+                    if final_only:
+                        timing = out.metrics  # vLLM's RequestStateStats (None without log stats)
+                        trace.completed(len(out.outputs[0].token_ids),
+                                        getattr(timing, "first_token_latency", None),
+                                        timing.last_token_ts - timing.first_token_ts if timing else None)
+                    else:
+                        trace.output(len(out.outputs[0].token_ids))
                     yield out
         except EngineDeadError:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
@@ -288,16 +296,15 @@ class ModelReplica:
             raise APIError(400, str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from None
 
     async def generate(self, req: GenerationRequest) -> GenerationChunk:
-        """Whole completion in one answer (non-streaming requests)."""
-        texts: list[str] = []
-        ntok = 0
-        finish = stop = None
-        async for out in self._outputs(req):
-            c = out.outputs[0]
-            texts.append(c.text)
-            ntok += len(c.token_ids)
-            finish, stop = c.finish_reason, c.stop_reason
-        return GenerationChunk("".join(texts), ntok, finish, stop)
+        """Whole completion in one answer (non-streaming requests). The engine sends only the
+        final output (as vLLM's server does for these): no per-step output to build and pass."""
+        final = None
+        async for out in self._outputs(req, final_only=True):
+            final = out
+        if final is None:
+            return GenerationChunk("", 0)
+        c = final.outputs[0]
+        return GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason)
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Streamed completion. The first output goes out at once; after it, the outputs of

@@ -315,6 +315,21 @@ class EngineTrace:
         self.tokens += num_tokens
         self._rec._count("generation_tokens", (), num_tokens)
 
+    def completed(self, num_tokens: int, first_token_s: float | None, decode_s: float | None) -> None:
+        """The whole output at once (a non-streaming request, whose engine sends no per-step
+        outputs): its first token `first_token_s` after the start and `decode_s` from the first
+        to the last token, as the engine timed them (vLLM's `RequestOutput.metrics`); the gaps
+        between tokens count as their mean. Without timings the first token counts at the end."""
+        if num_tokens <= 0 or self.done:
+            return
+        now = time.perf_counter()
+        self._first_m = now if first_token_s is None else min(now, self._m0 + max(0.0, first_token_s))
+        self._last_m = now
+        if num_tokens > 1 and decode_s is not None and decode_s > 0:
+            self._itl.append((decode_s / (num_tokens - 1), num_tokens - 1))
+        self.tokens += num_tokens
+        self._rec._count("generation_tokens", (), num_tokens)
+
     def finished(self, outcome: str = "ok") -> None:
         """`outcome`: ok, aborted (cancelled: client gone, deadline) or error. Idempotent."""
         if self.done:

@@ -332,6 +332,37 @@ def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
     assert _sample(fams, "llm_serving_overhead_seconds", "llm_serving_overhead_seconds_sum") == pytest.approx(0.15)
 
 
+def test_nonstream_final_only_output_keeps_ttft_and_itl(clock):
+    """A non-streaming request's engine sends one final output; the engine's own timings
+    (first-token latency, decode time) give TTFT and the mean gap between tokens."""
+    actor = _actor(clock)
+    ing = StatsRecorder("ingress", sink=actor, source_id="i")
+    mod = StatsRecorder("model", sink=actor, source_id="m", capacity=1)
+
+    async def go():
+        t = ing.request_started(EP, request_id="r", stream=False)
+        t.dispatched()
+        clock.advance(0.1)
+        with mod.engine_request("r", 3) as e:
+            clock.advance(0.3)
+            e.completed(5, first_token_s=0.2, decode_s=0.1)
+        await _flush(mod)
+        t.finished(200)
+        await _flush(ing)
+        with mod.engine_request("untimed", 3) as e:
+            e.completed(2, first_token_s=None, decode_s=None)
+        await _flush(mod)
+
+    asyncio.run(go())
+    m = actor.metrics_json()
+    assert m["slo"]["ttft_p50"] == pytest.approx(0.3)      # 0.1 before the engine + 0.2
+    fams = _families(actor.prometheus_text())
+    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_count") == 4
+    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_sum") == \
+        pytest.approx(0.1)
+    assert _sample(fams, "llm_generation_tokens", "llm_generation_tokens_total") == 7
+
+
 def test_percentile_window_and_bound(clock):
     actor = _actor(clock, window_s=60, max_samples=4)
     ing = StatsRecorder("ingress", sink=actor, source_id="i")
