@@ -303,9 +303,10 @@ def test_join_waits_then_finishes_without_engine_record(clock):
     asyncio.run(go())
 
 
-def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
-    """The model replica's record may arrive first; non-streaming TTFT comes from the engine's
-    first output."""
+def _nonstream_request(clock, engine_outputs, after_engine_s: float = 0.0):
+    """One non-streaming request: dispatched on arrival, its engine request starts 0.1 s later
+    and `engine_outputs(trace)` reports the tokens; the model replica's record is flushed
+    before the ingress's. Returns (stats actor, model recorder)."""
     actor = _actor(clock)
     ing = StatsRecorder("ingress", sink=actor, source_id="i")
     mod = StatsRecorder("model", sink=actor, source_id="m", capacity=1)
@@ -315,16 +316,26 @@ def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
         t.dispatched()
         clock.advance(0.1)
         with mod.engine_request("r", 3) as e:
-            clock.advance(0.2)
-            e.output(1)
-            clock.advance(0.1)
-            e.output(2)
+            engine_outputs(e)
         await _flush(mod)
-        clock.advance(0.05)
+        clock.advance(after_engine_s)
         t.finished(200)
         await _flush(ing)
 
     asyncio.run(go())
+    return actor, mod
+
+
+def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
+    """The model replica's record may arrive first; non-streaming TTFT comes from the engine's
+    first output."""
+    def outputs(e):
+        clock.advance(0.2)
+        e.output(1)
+        clock.advance(0.1)
+        e.output(2)
+
+    actor, _ = _nonstream_request(clock, outputs, after_engine_s=0.05)
     m = actor.metrics_json()
     assert m["slo"]["ttft_p50"] == pytest.approx(0.3)
     assert m["slo"]["decoding_throughput_p50"] == pytest.approx(20.0)  # 2 tokens in 0.1 s
@@ -335,25 +346,18 @@ def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
 def test_nonstream_final_only_output_keeps_ttft_and_itl(clock):
     """A non-streaming request's engine sends one final output; the engine's own timings
     (first-token latency, decode time) give TTFT and the mean gap between tokens."""
-    actor = _actor(clock)
-    ing = StatsRecorder("ingress", sink=actor, source_id="i")
-    mod = StatsRecorder("model", sink=actor, source_id="m", capacity=1)
+    def outputs(e):
+        clock.advance(0.3)
+        e.completed(5, first_token_s=0.2, decode_s=0.1)
 
-    async def go():
-        t = ing.request_started(EP, request_id="r", stream=False)
-        t.dispatched()
-        clock.advance(0.1)
-        with mod.engine_request("r", 3) as e:
-            clock.advance(0.3)
-            e.completed(5, first_token_s=0.2, decode_s=0.1)
-        await _flush(mod)
-        t.finished(200)
-        await _flush(ing)
+    actor, mod = _nonstream_request(clock, outputs)
+
+    async def untimed():
         with mod.engine_request("untimed", 3) as e:
             e.completed(2, first_token_s=None, decode_s=None)
         await _flush(mod)
 
-    asyncio.run(go())
+    asyncio.run(untimed())
     m = actor.metrics_json()
     assert m["slo"]["ttft_p50"] == pytest.approx(0.3)      # 0.1 before the engine + 0.2
     fams = _families(actor.prometheus_text())
