@@ -9,6 +9,7 @@ Cancelling the call (client gone, deadline passed) aborts the engine request.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -225,21 +226,12 @@ class ModelReplica:
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         lora_request = await self._lora_request(lora)
-        # Tokens all labels share cost no engine step (the softmax over labels cancels them),
-        # nor does their shared end-of-turn token when it tells no two labels apart: one
-        # engine step per text for TNEWS (each step is a full prefill: ~30x slower with LoRA
-        # on the CPU engine).
-        common, label_ids = label_scoring_tokens(label_ids)
-        children: dict[tuple[int, ...], set[int]] = {}
-        for ids in label_ids:
-            for k in range(len(ids)):
-                children.setdefault(tuple(ids[:k]), set()).add(ids[k])
-        nodes = list(children.items())
+        common, label_ids, nodes = _scoring_plan(tuple(map(tuple, label_ids)))
         tag = uuid.uuid4().hex[:12]
 
         async def step(i: int, n: int) -> dict[int, float]:
             prefix, kids = nodes[n]
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=sorted(kids),
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(kids),
                                     output_kind=RequestOutputKind.FINAL_ONLY)
             final = None
             prompt = TokensPrompt(prompt_token_ids=prompts[i] + common + list(prefix))
@@ -276,7 +268,7 @@ class ModelReplica:
                     if final_only:
                         timing = out.metrics  # vLLM's RequestStateStats (None without log stats)
                         trace.completed(len(out.outputs[0].token_ids),
-                                        getattr(timing, "first_token_latency", None),
+                                        timing.first_token_latency if timing else None,
                                         timing.last_token_ts - timing.first_token_ts if timing else None)
                     else:
                         trace.output(len(out.outputs[0].token_ids))
@@ -364,6 +356,22 @@ class ModelReplica:
                 pass
 
 
+
+
+@functools.lru_cache(maxsize=64)
+def _scoring_plan(label_ids: tuple[tuple[int, ...], ...]):
+    """(tokens every label shares, each label's tokens still to score, the trie of those as
+    [(prefix, sorted next tokens)]), computed once per label set, not per classify request.
+    Tokens all labels share cost no engine step (the softmax over labels cancels them), nor
+    does their shared end-of-turn token when it tells no two labels apart: one engine step per
+    text for TNEWS (each step is a full prefill: ~30x slower with LoRA on the CPU engine)."""
+    common, labels = label_scoring_tokens(label_ids)
+    children: dict[tuple[int, ...], set[int]] = {}
+    for ids in labels:
+        for k in range(len(ids)):
+            children.setdefault(tuple(ids[:k]), set()).add(ids[k])
+    nodes = [(prefix, tuple(sorted(kids))) for prefix, kids in children.items()]
+    return common, labels, nodes
 
 
 def _node_id() -> str | None:

@@ -141,9 +141,10 @@ def test_engine_core_runs_at_the_configured_niceness(base_url):
 
     import psutil
 
-    prio = httpx.get(f"{base_url}/health", timeout=30).json()["replica"]["engine_priority"]
+    health = httpx.get(f"{base_url}/health", timeout=30).json()["replica"]
+    prio = health["engine_priority"]
     assert prio["requested"] == 0 and prio["engine_pids"], prio
-    replica = psutil.Process(httpx.get(f"{base_url}/health", timeout=30).json()["replica"]["pid"])
+    replica = psutil.Process(health["pid"])
     assert replica.nice() > 0  # Ray's worker niceness (15): the Serve processes keep it
     for pid in prio["engine_pids"]:
         threads = os.listdir(f"/proc/{pid}/task")
