@@ -64,6 +64,9 @@ _PASSTHROUGH = (
     "repetition_penalty", "stop_token_ids",
 )
 _SSE_DONE = b"data: [DONE]\n\n"
+# How long a request the capacity gate admitted is re-sent when Serve's router refuses it in
+# the moment a burst arrives (see `IngressRouter._start`).
+ADMISSION_RETRY_S = 2.0
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -244,14 +247,7 @@ class IngressRouter:
                 trace.tokenized(sum(len(p) for p in enc["prompts"]))
                 trace.dispatched()
                 unary, _ = self._handles(mux)
-                response = unary.classify.remote(enc["prompts"], enc["label_ids"], mux)
-                try:
-                    scores = await self._call(response)
-                except APIError:
-                    raise  # rejected (backpressure) or failed: nothing left to cancel
-                except BaseException:
-                    response.cancel()  # deadline passed: abort the engine requests
-                    raise
+                _, scores = await self._start(lambda: unary.classify.remote(enc["prompts"], enc["label_ids"], mux))
         except TimeoutError:
             trace.finished(504, "timeout")
             raise errors.timed_out(self.limits.request_timeout_s) from None
@@ -366,14 +362,7 @@ class IngressRouter:
                 greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens), mux)
                 trace.dispatched()
                 if not body.stream:
-                    response = unary.generate.remote(greq)
-                    try:
-                        out: GenerationChunk = await self._call(response)
-                    except APIError:
-                        raise  # rejected (backpressure) or failed: nothing left to cancel
-                    except BaseException:
-                        response.cancel()  # deadline passed (or cancelled): abort the engine request
-                        raise
+                    _, out = await self._start(lambda: unary.generate.remote(greq))
                     slot.release()
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
@@ -384,16 +373,8 @@ class IngressRouter:
                         make(rid, model_name, created, text, out.finish_reason,
                              len(enc.token_ids), out.num_tokens),
                     )
-                stream = streaming.generate_stream.remote(greq)
-                try:
-                    first = await self._call(stream.__anext__())
-                except StopAsyncIteration:
-                    first = None
-                except APIError:
-                    raise  # rejected before it was assigned (or failed): nothing to cancel
-                except BaseException:
-                    stream.cancel()
-                    raise
+                stream, first = await self._start(lambda: streaming.generate_stream.remote(greq),
+                                                  lambda stream: stream.__anext__())
         except TimeoutError:
             if slot is not None:
                 slot.release()
@@ -409,6 +390,36 @@ class IngressRouter:
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    async def _start(self, send, first=lambda response: response):
+        """Send a call to the model deployment (`send()` → its response) and await the first
+        result (`first(response)`: the whole result, or a stream's first chunk, None if the
+        stream is empty). Returns (response, first result). On a deadline or cancellation the
+        call is cancelled, which aborts its engine request.
+
+        Serve's router counts a request as queued until a replica has taken it, so when
+        requests arrive together it refuses some within capacity: with 3 slots and 10 queue
+        places, the 11th–13th of 13 simultaneous arrivals while the first 3 are still being
+        assigned (Serve's router notes this in `wrap_request_assignment`). When this ingress's
+        capacity gate admitted the request, such a refusal is that moment, not a full queue:
+        the call is sent again (a refused call never reached a replica) for up to
+        `ADMISSION_RETRY_S`, then the 503 stands."""
+        give_up, pause = time.monotonic() + ADMISSION_RETRY_S, 0.005
+        while True:
+            response = send()
+            try:
+                return response, await self._call(first(response))
+            except StopAsyncIteration:
+                return response, None
+            except APIError as exc:  # refused or failed: nothing left to cancel
+                if exc.code != "queue_full" or self.capacity.limit is None \
+                        or time.monotonic() + pause > give_up:
+                    raise
+            except BaseException:
+                response.cancel()
+                raise
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.1)
 
     async def _call(self, awaitable):
         """Await a model-replica call, mapping Serve/Ray failures to OpenAI errors."""
@@ -586,6 +597,10 @@ class IngressRouter:
             "max_ongoing_requests": opts.get("max_ongoing_requests"),
             "max_queued_requests": opts.get("max_queued_requests"),
             "autoscaling": bool(opts.get("autoscaling_config")),
+            # this ingress replica's capacity gate: requests it has in flight to the model
+            # deployment against the most Serve admits from it (None: Serve alone decides)
+            "admission_limit": self.capacity.limit,
+            "admitted_in_flight": self.capacity.in_flight,
             "max_tokens_cap": self.limits.max_tokens_cap,
             "max_model_len": self.config.engine.max_model_len,
             "request_timeout_s": self.limits.request_timeout_s,

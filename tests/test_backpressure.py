@@ -55,7 +55,22 @@ def _check(results, label: str):
             assert text.rstrip().endswith("data: [DONE]")
 
 
+def _wait_idle(base_url: str, timeout_s: float = 30.0) -> None:
+    """Earlier tests share this app: start the burst only once nothing is in flight (this
+    ingress's gate and the engine), so all 13 places are free. A count that never drops to 0
+    is a leaked slot: the gate would then refuse requests Serve could take."""
+    deadline, seen = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        h = httpx.get(f"{base_url}/health", timeout=15).json()
+        seen = (h["limits"]["admitted_in_flight"], (h.get("replica") or {}).get("num_unfinished_requests"))
+        if seen == (0, 0):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"service not idle after {timeout_s} s: (gate in flight, engine unfinished) = {seen}")
+
+
 def test_burst_over_capacity_non_streaming(base_url, client):
+    _wait_idle(base_url)
     results = asyncio.run(_burst(base_url, stream=False))
     _check(results, "non-streaming")
     # and the service is still there
@@ -64,6 +79,7 @@ def test_burst_over_capacity_non_streaming(base_url, client):
 
 
 def test_burst_over_capacity_streaming(base_url, client):
+    _wait_idle(base_url)
     results = asyncio.run(_burst(base_url, stream=True))
     _check(results, "streaming")
     assert client.chat.completions.create(model=MODEL, max_tokens=2,
@@ -96,3 +112,86 @@ def test_model_capacity_gate():
     assert ModelCapacity.from_config(auto).limit == 3 * 3 + 10  # the most Serve could admit
     unbounded = ServiceConfig.model_validate({"deployments": {"model": {"max_queued_requests": -1}}})
     assert ModelCapacity.from_config(unbounded).limit is None
+
+
+class _FakeResponse:
+    """A model-handle response: refused by Serve's router (BackPressureError) or a result."""
+
+    def __init__(self, outcome):
+        self.outcome, self.cancelled = outcome, False
+
+    def __await__(self):
+        async def result():
+            await asyncio.sleep(0)
+            if isinstance(self.outcome, BaseException):
+                raise self.outcome
+            return self.outcome
+        return result().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _router_with_gate(limit):
+    from deployments.ingress import IngressRouter, ModelCapacity, _backpressure_types, _unavailable_types
+
+    router = IngressRouter.__new__(IngressRouter)  # the request-path helpers only, no Serve
+    router._backpressure, router._unavailable = _backpressure_types(), _unavailable_types()
+    router.capacity = ModelCapacity(limit)
+    router.limits = type("Limits", (), {"retry_after_s": 1.0})()
+    return router
+
+
+def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
+    """Serve's router refuses some requests of a simultaneous burst that fit its capacity; a
+    request the ingress's gate admitted is sent again, and only a lasting refusal is a 503."""
+    import pytest
+    from ray.serve.exceptions import BackPressureError
+
+    import deployments.ingress as ingress
+    from deployments.errors import APIError
+
+    refused = BackPressureError(num_queued_requests=10, max_queued_requests=10)
+    sent = []
+
+    def send(outcomes):
+        def one():
+            sent.append(_FakeResponse(outcomes.pop(0) if outcomes else refused))
+            return sent[-1]
+        return one
+
+    router = _router_with_gate(13)
+    response, out = asyncio.run(router._start(send([refused, refused, "ok"])))
+    assert out == "ok" and len(sent) == 3 and response is sent[-1]
+
+    # a refusal that lasts: 503 queue_full once ADMISSION_RETRY_S has passed
+    monkeypatch.setattr(ingress, "ADMISSION_RETRY_S", 0.05)
+    sent.clear()
+    with pytest.raises(APIError) as exc:
+        asyncio.run(router._start(send([])))
+    assert exc.value.status == 503 and exc.value.code == "queue_full" and 2 <= len(sent) < 20
+
+    # no gate (unbounded queue or "auto" replicas): Serve alone decides, no second send
+    sent.clear()
+    with pytest.raises(APIError):
+        asyncio.run(_router_with_gate(None)._start(send([refused, "ok"])))
+    assert len(sent) == 1
+
+    # a deadline while waiting cancels the call (aborts its engine request)
+    sent.clear()
+
+    class Slow(_FakeResponse):
+        def __await__(self):
+            return asyncio.sleep(10).__await__()
+
+    def send_slow():
+        sent.append(Slow(None))
+        return sent[-1]
+
+    async def with_deadline():
+        async with asyncio.timeout(0.05):
+            await router._start(send_slow)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(with_deadline())
+    assert len(sent) == 1 and sent[0].cancelled
