@@ -94,10 +94,15 @@ class ModelCapacity:
     here at once with the same 503 + Retry-After, before it costs a tokenizer call: under
     overload the 503s stay cheap and the engine keeps the CPU. Each ingress replica counts only
     its own requests, so this never refuses what Serve would admit, except in the moment
-    between a replica finishing a request and its response reaching here."""
+    between a replica finishing a request and its response reaching here.
 
-    def __init__(self, limit: int | None):
+    `assured` is the least Serve admits from one caller (`min_replicas` when autoscaling): up
+    to that count a refusal by Serve's router is its counting race, not a full queue (see
+    `IngressRouter._start`)."""
+
+    def __init__(self, limit: int | None, assured: int | None = None):
         self.limit, self.in_flight = limit, 0
+        self.assured = limit if assured is None else assured
 
     @classmethod
     def from_config(cls, config: ServiceConfig) -> "ModelCapacity":
@@ -106,24 +111,37 @@ class ModelCapacity:
         opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
         queued = opts.get("max_queued_requests", -1)
         auto = opts.get("autoscaling_config")
-        replicas = (auto.get("max_replicas") if isinstance(auto, dict) else getattr(auto, "max_replicas", None)) \
-            if auto else opts.get("num_replicas", 1)
+        def auto_field(name: str):
+            return auto.get(name) if isinstance(auto, dict) else getattr(auto, name, None)
+
+        replicas = auto_field("max_replicas") if auto else opts.get("num_replicas", 1)
+        fewest = auto_field("min_replicas") if auto else replicas
+        fewest = 1 if fewest is None else fewest  # Serve's default min_replicas
         if queued is None or queued < 0 or not isinstance(replicas, int):
             return cls(None)  # unbounded queue (or "auto" replicas): Serve alone decides
-        return cls(opts["max_ongoing_requests"] * replicas + queued)
+        ongoing = opts["max_ongoing_requests"]
+        return cls(ongoing * replicas + queued, ongoing * fewest + queued)
 
     def acquire(self, retry_after_s: float) -> "_Slot":
         if self.limit is not None and self.in_flight >= self.limit:
             raise errors.overloaded(retry_after_s)
         self.in_flight += 1
-        return _Slot(self)
+        return _Slot(self, self.in_flight)
 
 
 class _Slot:
-    __slots__ = ("owner",)
+    __slots__ = ("owner", "position")
 
-    def __init__(self, owner: ModelCapacity):
+    def __init__(self, owner: ModelCapacity, position: int):
         self.owner: ModelCapacity | None = owner
+        self.position = position  # the in-flight count this request made on arrival
+
+    def assured(self) -> bool:
+        """Whether Serve admits this request for sure: it arrived (or the count has dropped
+        since) within `ModelCapacity.assured`."""
+        owner = self.owner
+        return owner is not None and owner.assured is not None \
+            and min(self.position, owner.in_flight) <= owner.assured
 
     def release(self) -> None:
         if self.owner is not None:
@@ -247,7 +265,8 @@ class IngressRouter:
                 trace.tokenized(sum(len(p) for p in enc["prompts"]))
                 trace.dispatched()
                 unary, _ = self._handles(mux)
-                _, scores = await self._start(lambda: unary.classify.remote(enc["prompts"], enc["label_ids"], mux))
+                _, scores = await self._start(
+                    slot, lambda: unary.classify.remote(enc["prompts"], enc["label_ids"], mux))
         except TimeoutError:
             trace.finished(504, "timeout")
             raise errors.timed_out(self.limits.request_timeout_s) from None
@@ -362,7 +381,7 @@ class IngressRouter:
                 greq = GenerationRequest(rid, enc.token_ids, self._sampling(body, max_tokens), mux)
                 trace.dispatched()
                 if not body.stream:
-                    _, out = await self._start(lambda: unary.generate.remote(greq))
+                    _, out = await self._start(slot, lambda: unary.generate.remote(greq))
                     slot.release()
                     make = chat_completion if kind == "chat" else text_completion
                     text = out.text
@@ -373,7 +392,7 @@ class IngressRouter:
                         make(rid, model_name, created, text, out.finish_reason,
                              len(enc.token_ids), out.num_tokens),
                     )
-                stream, first = await self._start(lambda: streaming.generate_stream.remote(greq),
+                stream, first = await self._start(slot, lambda: streaming.generate_stream.remote(greq),
                                                   lambda stream: stream.__anext__())
         except TimeoutError:
             if slot is not None:
@@ -391,7 +410,7 @@ class IngressRouter:
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _start(self, send, first=lambda response: response):
+    async def _start(self, slot: _Slot, send, first=lambda response: response):
         """Send a call to the model deployment (`send()` → its response) and await the first
         result (`first(response)`: the whole result, or a stream's first chunk, None if the
         stream is empty). Returns (response, first result). On a deadline or cancellation the
@@ -401,9 +420,11 @@ class IngressRouter:
         requests arrive together it refuses some within capacity: with 3 slots and 10 queue
         places, the 11th–13th of 13 simultaneous arrivals while the first 3 are still being
         assigned (Serve's router notes this in `wrap_request_assignment`). When this ingress's
-        capacity gate admitted the request, such a refusal is that moment, not a full queue:
-        the call is sent again (a refused call never reached a replica) for up to
-        `ADMISSION_RETRY_S`, then the 503 stands."""
+        capacity gate admitted the request within what Serve admits at the fewest replicas
+        (`_Slot.assured`), such a refusal is that moment, not a full queue: the call is sent
+        again (a refused call never reached a replica) for up to `ADMISSION_RETRY_S`, then the
+        503 stands. Past that count (autoscaling: fewer replicas running than the most) Serve's
+        refusal is the 503 at once."""
         give_up, pause = time.monotonic() + ADMISSION_RETRY_S, 0.005
         while True:
             response = send()
@@ -412,7 +433,7 @@ class IngressRouter:
             except StopAsyncIteration:
                 return response, None
             except APIError as exc:  # refused or failed: nothing left to cancel
-                if exc.code != "queue_full" or self.capacity.limit is None \
+                if exc.code != "queue_full" or not slot.assured() \
                         or time.monotonic() + pause > give_up:
                     raise
             except BaseException:

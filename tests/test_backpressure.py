@@ -110,6 +110,11 @@ def test_model_capacity_gate():
     auto = ServiceConfig.model_validate({"deployments": {"model": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
     assert ModelCapacity.from_config(auto).limit == 3 * 3 + 10  # the most Serve could admit
+    assert ModelCapacity.from_config(auto).assured == 1 * 3 + 10  # the least (min_replicas)
+    assert gate.assured == gate.limit == 16
+    to_zero = ServiceConfig.model_validate({"deployments": {"model": {
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}})
+    assert ModelCapacity.from_config(to_zero).assured == 10  # no replica yet: the queue only
     unbounded = ServiceConfig.model_validate({"deployments": {"model": {"max_queued_requests": -1}}})
     assert ModelCapacity.from_config(unbounded).limit is None
 
@@ -132,14 +137,17 @@ class _FakeResponse:
         self.cancelled = True
 
 
-def _router_with_gate(limit):
+def _router_with_gate(limit, assured=None, position=1):
+    """The ingress's request-path helpers without Serve, and the slot of a request that arrived
+    as the `position`-th in flight."""
     from deployments.ingress import IngressRouter, ModelCapacity, _backpressure_types, _unavailable_types
 
-    router = IngressRouter.__new__(IngressRouter)  # the request-path helpers only, no Serve
+    router = IngressRouter.__new__(IngressRouter)
     router._backpressure, router._unavailable = _backpressure_types(), _unavailable_types()
-    router.capacity = ModelCapacity(limit)
+    router.capacity = ModelCapacity(limit, assured)
+    router.capacity.in_flight = position - 1
     router.limits = type("Limits", (), {"retry_after_s": 1.0})()
-    return router
+    return router, router.capacity.acquire(1)
 
 
 def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
@@ -160,22 +168,37 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
             return sent[-1]
         return one
 
-    router = _router_with_gate(13)
-    response, out = asyncio.run(router._start(send([refused, refused, "ok"])))
+    router, slot = _router_with_gate(13, position=13)
+    response, out = asyncio.run(router._start(slot, send([refused, refused, "ok"])))
     assert out == "ok" and len(sent) == 3 and response is sent[-1]
 
     # a refusal that lasts: 503 queue_full once ADMISSION_RETRY_S has passed
     monkeypatch.setattr(ingress, "ADMISSION_RETRY_S", 0.05)
     sent.clear()
     with pytest.raises(APIError) as exc:
-        asyncio.run(router._start(send([])))
+        asyncio.run(router._start(slot, send([])))
     assert exc.value.status == 503 and exc.value.code == "queue_full" and 2 <= len(sent) < 20
 
     # no gate (unbounded queue or "auto" replicas): Serve alone decides, no second send
     sent.clear()
     with pytest.raises(APIError):
-        asyncio.run(_router_with_gate(None)._start(send([refused, "ok"])))
+        router_without, slot_without = _router_with_gate(None)
+        asyncio.run(router_without._start(slot_without, send([refused, "ok"])))
     assert len(sent) == 1
+
+    # autoscaling (at most 19, at least 13 admitted): the 14th arrival's refusal may be a full
+    # queue (fewer replicas running than the most): the 503 at once; the 13th is sent again
+    # even with 19 in flight by now, and the 14th too once the count is back within 13
+    sent.clear()
+    scaling, fourteenth = _router_with_gate(19, 13, position=14)
+    with pytest.raises(APIError):
+        asyncio.run(scaling._start(fourteenth, send([refused, "ok"])))
+    assert len(sent) == 1
+    for position, in_flight in ((13, 19), (14, 13)):
+        sent.clear()
+        scaling, slot_n = _router_with_gate(19, 13, position=position)
+        scaling.capacity.in_flight = in_flight
+        assert asyncio.run(scaling._start(slot_n, send([refused, "ok"])))[1] == "ok" and len(sent) == 2
 
     # a deadline while waiting cancels the call (aborts its engine request)
     sent.clear()
@@ -190,7 +213,7 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
 
     async def with_deadline():
         async with asyncio.timeout(0.05):
-            await router._start(send_slow)
+            await router._start(slot, send_slow)
 
     with pytest.raises(TimeoutError):
         asyncio.run(with_deadline())
