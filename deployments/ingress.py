@@ -86,6 +86,13 @@ def _unavailable_types() -> tuple[type, ...]:
     return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
+def model_options(config: ServiceConfig) -> dict[str, Any]:
+    """The model deployment's Serve options: its defaults with the config's merged over."""
+    from deployments.model_replica import ModelReplica
+
+    return deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
+
+
 class ModelCapacity:
     """Requests this ingress replica has in flight to the model deployment (arrival to end of
     response) against the most Serve admits from one caller: `max_ongoing_requests` × model
@@ -105,10 +112,8 @@ class ModelCapacity:
         self.assured = limit if assured is None else assured
 
     @classmethod
-    def from_config(cls, config: ServiceConfig) -> "ModelCapacity":
-        from deployments.model_replica import ModelReplica
-
-        opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
+    def from_options(cls, opts: dict[str, Any]) -> "ModelCapacity":
+        """From the model deployment's Serve options (`model_options`)."""
         queued = opts.get("max_queued_requests", -1)
         auto = opts.get("autoscaling_config")
         def auto_field(name: str):
@@ -185,7 +190,8 @@ class IngressRouter:
         for name, path in self.config.lora.adapters.items():
             await self.adapters.register(name, resolve_path(path), True)
         self._handle_cache: dict[str, tuple[Any, Any]] = {}
-        self.capacity = ModelCapacity.from_config(self.config)
+        self.model_options = model_options(self.config)
+        self.capacity = ModelCapacity.from_options(self.model_options)
         from deployments.classification import labels_for_model
 
         self.labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
@@ -611,9 +617,7 @@ class IngressRouter:
         return s
 
     def _limits_report(self) -> dict[str, Any]:
-        from deployments.model_replica import ModelReplica
-
-        opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, self.config, "model")
+        opts = self.model_options
         return {
             "max_ongoing_requests": opts.get("max_ongoing_requests"),
             "max_queued_requests": opts.get("max_queued_requests"),

@@ -93,11 +93,11 @@ def test_model_capacity_gate():
 
     from deployments.config import ServiceConfig
     from deployments.errors import APIError
-    from deployments.ingress import ModelCapacity
+    from deployments.ingress import ModelCapacity, model_options
 
     cfg = ServiceConfig.model_validate({"deployments": {"model": {
         "max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 2}}})
-    gate = ModelCapacity.from_config(cfg)
+    gate = ModelCapacity.from_options(model_options(cfg))
     assert gate.limit == 16
     slots = [gate.acquire(1) for _ in range(16)]
     with pytest.raises(APIError) as exc:
@@ -109,14 +109,14 @@ def test_model_capacity_gate():
     gate.acquire(1)
     auto = ServiceConfig.model_validate({"deployments": {"model": {
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
-    assert ModelCapacity.from_config(auto).limit == 3 * 3 + 10  # the most Serve could admit
-    assert ModelCapacity.from_config(auto).assured == 1 * 3 + 10  # the least (min_replicas)
+    assert ModelCapacity.from_options(model_options(auto)).limit == 3 * 3 + 10  # the most Serve could admit
+    assert ModelCapacity.from_options(model_options(auto)).assured == 1 * 3 + 10  # the least (min_replicas)
     assert gate.assured == gate.limit == 16
     to_zero = ServiceConfig.model_validate({"deployments": {"model": {
         "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}})
-    assert ModelCapacity.from_config(to_zero).assured == 10  # no replica yet: the queue only
+    assert ModelCapacity.from_options(model_options(to_zero)).assured == 10  # no replica yet: the queue only
     unbounded = ServiceConfig.model_validate({"deployments": {"model": {"max_queued_requests": -1}}})
-    assert ModelCapacity.from_config(unbounded).limit is None
+    assert ModelCapacity.from_options(model_options(unbounded)).limit is None
 
 
 class _FakeResponse:
