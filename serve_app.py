@@ -1,11 +1,14 @@
 """Builds the Serve application from a validated `ServiceConfig`.
 
 `configs/serve_config.yaml` points `import_path` at `serve_app:build_app` and passes the
-config as `args`. Each deployment class owns its default options; the config's `deployments`
-section deep-merges over them; `accelerator` decides whether the model replica asks Ray for
-a GPU.
+config as `args`. Each deployment class owns its default options; `app_options` merges the
+config's `deployments` section over them, once, and the builder hands each deployment what it
+needs of the result (the ingress: the model deployment's options, for its capacity gate).
 
     serve run configs/serve_config.yaml
+
+The request path, in the order a request takes it: `deployments/ingress.py` →
+`deployments/tokenizer.py` → `deployments/model_replica.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from deployments.model_replica import ModelReplica
 from deployments.tokenizer import PromptTokenizer
 
 logger = logging.getLogger("ray.serve")
+
+# Serve's default: how long a stopping replica waits for its requests (not counting the
+# drain loop). Ours is derived from the request deadline in `app_options`.
+SHUTDOWN_MARGIN_S = 10.0
+
+DEPLOYMENTS = {"ingress": IngressRouter, "tokenizer": PromptTokenizer, "model": ModelReplica}
 
 
 def resolve_accelerator(config: ServiceConfig) -> str:
@@ -43,22 +52,36 @@ def resolve_accelerator(config: ServiceConfig) -> str:
     return "gpu" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
 
 
-def model_options(config: ServiceConfig, accelerator: str) -> dict[str, Any]:
-    opts = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model")
-    actor = opts.setdefault("ray_actor_options", {})
+def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Each deployment's Serve options, computed once: the class's `DEFAULT_OPTIONS` with
+    `config.deployments[name]` deep-merged over them. Derived here, not restated:
+
+    - the model replica asks Ray for one GPU when `accelerator` is `gpu`, for none on `cpu`;
+    - `graceful_shutdown_timeout_s` (where the config leaves it unset) is
+      `limits.request_timeout_s` + `SHUTDOWN_MARGIN_S`: a replica stopping on redeploy or
+      downscale lets every request it holds reach its own deadline instead of being killed.
+    """
+    out = {}
+    for name, cls in DEPLOYMENTS.items():
+        opts = deployment_options(cls.DEFAULT_OPTIONS, config, name)
+        if name in ("ingress", "model"):
+            opts.setdefault("graceful_shutdown_timeout_s",
+                            config.limits.request_timeout_s + SHUTDOWN_MARGIN_S)
+        out[name] = opts
+    actor = out["model"].setdefault("ray_actor_options", {})
     actor["num_gpus"] = 1 if accelerator == "gpu" else 0
-    return opts
+    return out
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder (`import_path: serve_app:build_app`)."""
     config = ServiceConfig.model_validate(args or {})
     accelerator = resolve_accelerator(config)
+    options = app_options(config, accelerator)
     cfg = config.model_dump(mode="json")
 
-    tokenizer = serve.deployment(PromptTokenizer, **deployment_options(PromptTokenizer.DEFAULT_OPTIONS, config, "tokenizer"))
-    model = serve.deployment(ModelReplica, **model_options(config, accelerator))
-    ingress = serve.deployment(serve.ingress(app)(IngressRouter),
-                               **deployment_options(IngressRouter.DEFAULT_OPTIONS, config, "ingress"))
+    tokenizer = serve.deployment(PromptTokenizer, **options["tokenizer"])
+    model = serve.deployment(ModelReplica, **options["model"])
+    ingress = serve.deployment(serve.ingress(app)(IngressRouter), **options["ingress"])
     logger.info("building %s: accelerator=%s", config.model.model_id, accelerator)
-    return ingress.bind(tokenizer.bind(cfg), model.bind(cfg), cfg)
+    return ingress.bind(tokenizer.bind(cfg), model.bind(cfg, options["model"]), cfg, options["model"])

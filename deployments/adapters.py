@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.actors import DEFAULT_NAMESPACE, actor_failure_types, get_or_create_actor
-from deployments.errors import APIError
+from deployments.api.errors import APIError
 
 
 @dataclass(frozen=True)

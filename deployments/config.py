@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.auth import AuthConfig
+from deployments.admission.auth import AuthConfig
 from deployments.observability import ObservabilityConfig
-from deployments.rate_limit import RateLimitConfig
+from deployments.admission.rate_limit import RateLimitConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,10 +227,15 @@ def resolve_path(p: str) -> str:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Return `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    """Return `base` with `override` merged in, the one merge of the code base (deployment
+    options, KubeRay overrides, benchmark profiles): nested dicts merge, a `None` value deletes
+    the key (what lies beneath applies again: a class default, or Serve's), anything else
+    replaces. Neither input is modified."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from deployments import admission, errors
 from deployments.adapters import AdapterRegistry
-from deployments.admission import Admission, AdmissionMiddleware
-from deployments.auth import ApiKeyAuth
+from deployments.admission.middleware import Admission, AdmissionMiddleware
+from deployments.admission.auth import ApiKeyAuth
 from deployments.config import REPO_ROOT, ServiceConfig, current_app_name, deployment_options, resolve_path
-from deployments.errors import APIError
+from deployments.api.errors import APIError
 from deployments.observability import StatsRecorder
-from deployments.rate_limit import RateLimiter
-from deployments.protocol import (
+from deployments.admission.rate_limit import RateLimiter
+from deployments.api.protocol import (
     ChatCompletionRequest,
     ClassifyRequest,
     CompletionRequest,

@@ -17,67 +17,13 @@ from typing import Any, AsyncIterator
 
 from deployments.adapters import AdapterRegistry, validate_adapter_dir
 from deployments.classification import label_scoring_tokens
-from deployments.config import ServiceConfig, current_app_name, deployment_options
-from deployments.errors import APIError, engine_unavailable, model_not_found
+from deployments.config import ServiceConfig, current_app_name
+from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
+from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
-from deployments.protocol import GenerationChunk, GenerationRequest
+from deployments.api.protocol import GenerationChunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
-
-
-def cpu_engine_env(config: ServiceConfig) -> dict[str, str]:
-    """The environment of the CPU engine (vLLM's CPU build) where `engine_env` is silent.
-    `scripts/benchmark.py` gives vLLM's own server the same.
-
-    - `VLLM_CPU_KVCACHE_SPACE`: `engine.cpu_kvcache_space_gib`.
-    - `VLLM_ENABLE_V1_MULTIPROCESSING=0`: the model runs inside the engine-core process
-      (uniproc executor) rather than in a worker process whose shared-memory queue the engine
-      core busy-polls. Profiled on 2 cores: that polling held most of a core, taken from the
-      Serve processes next to it (docs/performance.md); vLLM's own server gains from it too.
-    - `OMP_NUM_THREADS`: the model replica's `num_cpus` (what Ray gives the actor anyway).
-    """
-    actor = deployment_options(ModelReplica.DEFAULT_OPTIONS, config, "model").get("ray_actor_options") or {}
-    return {
-        "VLLM_CPU_KVCACHE_SPACE": f"{config.engine.cpu_kvcache_space_gib:g}",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "OMP_NUM_THREADS": str(max(1, int(actor.get("num_cpus") or 1))),
-    }
-
-
-def engine_core_pids(replica_pid: int) -> list[int]:
-    """vLLM's EngineCore process(es): the replica process's descendants of that name."""
-    import psutil
-
-    out = []
-    for child in psutil.Process(replica_pid).children(recursive=True):
-        try:
-            text = child.name() + " " + " ".join(child.cmdline())
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if "EngineCore" in text:
-            out.append(child.pid)
-    return out
-
-
-def prioritise_engine(replica_pid: int, niceness: int | None) -> dict[str, Any]:
-    """Give vLLM's engine-core process(es), children of this replica, CPU niceness `niceness`
-    (every thread: Linux niceness is per thread). Measured on 2 cores at 32 concurrent
-    streams: +6 to +14 % output tokens/s, the engine no longer waiting behind Serve's
-    processes (docs/performance.md). What happened is reported on /health."""
-    pids = engine_core_pids(replica_pid)
-    report: dict[str, Any] = {"engine_pids": pids, "niceness": None, "requested": niceness, "error": None}
-    for pid in pids if niceness is not None else []:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
-        except OSError as exc:  # EPERM/EACCES without CAP_SYS_NICE; ESRCH/ENOENT: process gone
-            hint = " (lowering niceness needs CAP_SYS_NICE)" if isinstance(exc, PermissionError) else ""
-            report["error"] = f"{type(exc).__name__}: {exc}{hint}"
-            logger.warning("engine niceness %s not applied to pid %s: %s", niceness, pid, report["error"])
-            break
-    if pids:
-        report["niceness"] = os.getpriority(os.PRIO_PROCESS, pids[0])
-    return report
 
 
 class ModelReplica:
@@ -93,22 +39,25 @@ class ModelReplica:
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "graceful_shutdown_wait_loop_s": 2,
-        "graceful_shutdown_timeout_s": 130,  # >= limits.request_timeout_s: in-flight requests finish
+        # graceful_shutdown_timeout_s: derived from limits.request_timeout_s (serve_app.app_options)
     }
 
-    async def __init__(self, config: dict[str, Any] | ServiceConfig):
+    async def __init__(self, config: dict[str, Any] | ServiceConfig, options: dict[str, Any]):
+        """`options`: this deployment's Serve options as the builder computed them
+        (`serve_app.app_options`): its capacity and CPU share size the engine."""
         self.config = ServiceConfig.model_validate(config)
         os.environ.update(self.config.engine_env)
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
-            for key, value in cpu_engine_env(self.config).items():
+            num_cpus = (options.get("ray_actor_options") or {}).get("num_cpus")
+            for key, value in cpu_engine_env(self.config, num_cpus).items():
                 os.environ.setdefault(key, value)  # engine_env, applied above, wins
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.engine_args = AsyncEngineArgs(**self._engine_kwargs())
+        self.engine_args = AsyncEngineArgs(**engine_kwargs(self.config, self.on_cpu))
         t0 = time.monotonic()
         self.engine = AsyncLLM.from_engine_args(self.engine_args)
         # vLLM re-reads its environment variables on every access unless cached; its engine
@@ -119,7 +68,7 @@ class ModelReplica:
         enable_envs_cache()
         self.gpu_ids = self._gpu_ids()
         self.engine_priority = prioritise_engine(os.getpid(), self.config.engine.engine_niceness)
-        capacity = deployment_options(self.DEFAULT_OPTIONS, self.config, "model")["max_ongoing_requests"]
+        capacity = options["max_ongoing_requests"]
         self.stats = StatsRecorder.from_config(self.config.observability, role="model",
                                                app_name=current_app_name(), capacity=capacity)
         await self.stats.ready()
@@ -139,30 +88,6 @@ class ModelReplica:
             self.config.model.model_id, time.monotonic() - t0, current_platform.device_name,
             self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
-
-    def _engine_kwargs(self) -> dict[str, Any]:
-        e = self.config.engine
-        kw: dict[str, Any] = {
-            "model": self.config.model.resolved_source(),
-            "tokenizer": self.config.model.resolved_tokenizer(),
-            "served_model_name": self.config.model.model_id,
-            "max_model_len": e.max_model_len,
-            "dtype": e.dtype,
-            "gpu_memory_utilization": e.cpu_memory_utilization if self.on_cpu else e.gpu_memory_utilization,
-            "enforce_eager": self.on_cpu if e.enforce_eager is None else e.enforce_eager,
-            "seed": e.seed,
-            "disable_log_stats": False,
-        }
-        for name in ("quantization", "enable_prefix_caching", "max_num_seqs"):
-            if getattr(e, name) is not None:
-                kw[name] = getattr(e, name)
-        lora = self.config.lora
-        if lora.engine_enabled():
-            kw.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=lora.max_loras)
-            if lora.max_cpu_loras is not None:
-                kw["max_cpu_loras"] = lora.max_cpu_loras
-        kw.update(e.extra)
-        return kw
 
     @staticmethod
     def _gpu_ids() -> list:

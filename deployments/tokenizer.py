@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from deployments.config import ServiceConfig
-from deployments.protocol import EncodedPrompt
+from deployments.api.protocol import EncodedPrompt
 
 logger = logging.getLogger("ray.serve")
 

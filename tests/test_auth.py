@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from deployments.auth import ApiKeyAuth, AuthConfig, parse_keys
-from deployments.errors import APIError
+from deployments.admission.auth import ApiKeyAuth, AuthConfig, parse_keys
+from deployments.api.errors import APIError
 
 
 def test_disabled_by_default_accepts_anything_and_returns_no_key():
@@ -76,7 +76,7 @@ def test_keys_are_not_held_in_clear():
 
 def test_compare_examines_every_key(monkeypatch):
     """No early exit: every stored digest is compared, whether the key is first, last or absent."""
-    import deployments.auth as auth_mod
+    import deployments.admission.auth as auth_mod
 
     keys = [f"sk-{i:04d}" for i in range(50)]
     auth = ApiKeyAuth(True, keys)

@@ -92,7 +92,7 @@ def test_model_capacity_gate():
     import pytest
 
     from deployments.config import ServiceConfig
-    from deployments.errors import APIError
+    from deployments.api.errors import APIError
     from deployments.ingress import ModelCapacity, model_options
 
     cfg = ServiceConfig.model_validate({"deployments": {"model": {
@@ -157,7 +157,7 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
     from ray.serve.exceptions import BackPressureError
 
     import deployments.ingress as ingress
-    from deployments.errors import APIError
+    from deployments.api.errors import APIError
 
     refused = BackPressureError(num_queued_requests=10, max_queued_requests=10)
     sent = []

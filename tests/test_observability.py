@@ -417,7 +417,7 @@ def test_trace_finish_is_idempotent_and_maps_exceptions(clock):
     t.failed(TimeoutError())
     t.finished(200)  # ignored
     rec.request_started(EP).failed(asyncio.CancelledError())
-    from deployments.errors import APIError
+    from deployments.api.errors import APIError
 
     rec.request_started(EP).failed(APIError(400, "bad", code="invalid_value"))
     rec.request_started(EP).failed(RuntimeError("boom"))

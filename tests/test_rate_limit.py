@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from deployments.rate_limit import (
+from deployments.admission.rate_limit import (
     RateDecision,
     RateLimitConfig,
     RateLimiter,

@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from deployments.config import ServiceConfig, deep_merge
-from deployments.errors import APIError, overloaded
+from deployments.api.errors import APIError, overloaded
 from deployments.tokenizer import PromptTokenizer
 from conftest import MODEL_DIR, REPO, app_args
 

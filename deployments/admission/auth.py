@@ -26,7 +26,7 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.errors import APIError
+from deployments.api.errors import APIError
 
 logger = logging.getLogger("ray.serve")
 

@@ -369,7 +369,7 @@ async def _aw(ref):
 
 def rate_limited_error(decision: RateDecision):
     """The 429 (or, for a fail-closed limiter outage, 503) as an OpenAI error with headers."""
-    from deployments.errors import APIError
+    from deployments.api.errors import APIError
 
     headers = RateLimiter.headers(decision)
     if decision.degraded:

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.auth import ApiKeyAuth
-from deployments.errors import APIError, route_path
-from deployments.rate_limit import RateLimiter, client_key, rate_limited_error
+from deployments.admission.auth import ApiKeyAuth
+from deployments.api.errors import APIError, route_path
+from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
 
 # Routes that cost model time: counted against the client's rate limit.
 RATE_LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/classify"})
