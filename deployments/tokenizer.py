@@ -17,7 +17,8 @@ import re
 from typing import Any
 
 from deployments.config import ServiceConfig
-from deployments.api.protocol import EncodedPrompt
+from deployments.api.errors import APIError, bad_request
+from deployments.api.protocol import EncodedClassify, EncodedPrompt
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,7 +73,7 @@ class PromptTokenizer:
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         return await self._run(len(prompt), self._prompt, prompt, max_tokens)
 
-    async def encode_classify(self, texts: list[str], labels: list[str]) -> dict[str, Any]:
+    async def encode_classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
         return await self._run(sum(map(len, texts)), self._classify, texts, labels)
 
     async def _run(self, size: int, fn, *args):
@@ -87,8 +88,7 @@ class PromptTokenizer:
             ids = self._encode_chat(messages, add_generation_prompt)
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             logger.info("chat template rejected the conversation: %s", exc)
-            return EncodedPrompt([], {"status": 400, "message": f"messages: {exc}", "param": "messages",
-                                      "code": "invalid_messages"})
+            raise bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
         return self._check_fits(ids, max_tokens, "messages")
 
     def _prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
@@ -96,22 +96,19 @@ class PromptTokenizer:
         since completions callers write their own template); a token-id list is checked."""
         if isinstance(prompt, str):
             if not prompt:
-                return EncodedPrompt([], {"status": 400, "message": "prompt must not be empty",
-                                          "param": "prompt", "code": "invalid_value"})
+                raise bad_request("prompt must not be empty", "prompt")
             if _bad_text(prompt):
-                return EncodedPrompt([], {"status": 400, "param": "prompt", "code": "invalid_value",
-                                          "message": "prompt is not valid Unicode (lone surrogate)"})
+                raise bad_request("prompt is not valid Unicode (lone surrogate)", "prompt")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
             vocab = len(self.tokenizer)
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
-                return EncodedPrompt([], {"status": 400, "param": "prompt", "code": "invalid_value",
-                                          "message": f"prompt token id {bad[0]} is out of range [0, {vocab})"})
+                raise bad_request(f"prompt token id {bad[0]} is out of range [0, {vocab})", "prompt")
             ids = list(prompt)
         return self._check_fits(ids, max_tokens, "prompt")
 
-    def _classify(self, texts: list[str], labels: list[str]) -> dict[str, Any]:
+    def _classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
         """Prompts (the shared classification chat format) and each label's answer tokens
         (label text + end-of-turn), for scoring every label of every text."""
         from deployments.classification import CHAT_TEMPLATE_KWARGS, build_messages
@@ -122,20 +119,10 @@ class PromptTokenizer:
         prompts = []
         for i, text in enumerate(texts):
             if _bad_text(text):
-                return {"error": {"status": 400, "param": f"input[{i}]", "code": "invalid_value",
-                                  "message": f"input[{i}] is not valid Unicode (lone surrogate)"}}
+                raise bad_request(f"input[{i}] is not valid Unicode (lone surrogate)", f"input[{i}]")
             ids = self._encode_chat(build_messages(text), True, CHAT_TEMPLATE_KWARGS)
-            checked = self._check_fits(ids, longest, f"input[{i}]")
-            if checked.error:
-                return {"error": checked.error}
-            prompts.append(ids)
-        return {"prompts": prompts, "label_ids": label_ids}
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+            prompts.append(self._check_fits(ids, longest, f"input[{i}]").token_ids)
+        return EncodedClassify(prompts, label_ids)
 
     def check_health(self) -> None:
         self.tokenizer.encode("ok", add_special_tokens=False)
@@ -144,16 +131,12 @@ class PromptTokenizer:
 
     def _check_fits(self, ids: list[int], max_tokens: int, param: str) -> EncodedPrompt:
         if len(ids) + max_tokens > self.max_model_len:
-            return EncodedPrompt([], {
-                "status": 400,
-                "param": param,
-                "code": "context_length_exceeded",
-                "message": (
-                    f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
-                    f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens."
-                ),
-            })
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
+                f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                param=param, code="context_length_exceeded")
         return EncodedPrompt(ids)
 
     def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool,

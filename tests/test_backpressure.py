@@ -93,7 +93,11 @@ def test_model_capacity_gate():
 
     from deployments.config import ServiceConfig
     from deployments.api.errors import APIError
-    from deployments.ingress import ModelCapacity, model_options
+    from deployments.admission.capacity import ModelCapacity
+    from serve_app import app_options
+
+    def model_options(cfg):
+        return app_options(cfg)["model"]
 
     cfg = ServiceConfig.model_validate({"deployments": {"model": {
         "max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 2}}})
@@ -138,16 +142,13 @@ class _FakeResponse:
 
 
 def _router_with_gate(limit, assured=None, position=1):
-    """The ingress's request-path helpers without Serve, and the slot of a request that arrived
-    as the `position`-th in flight."""
-    from deployments.ingress import IngressRouter, ModelCapacity, _backpressure_types, _unavailable_types
+    """The ingress's model calls through its capacity gate without Serve, and the slot of a
+    request that arrived as the `position`-th in flight."""
+    from deployments.admission.capacity import ModelCalls, ModelCapacity
 
-    router = IngressRouter.__new__(IngressRouter)
-    router._backpressure, router._unavailable = _backpressure_types(), _unavailable_types()
-    router.capacity = ModelCapacity(limit, assured)
-    router.capacity.in_flight = position - 1
-    router.limits = type("Limits", (), {"retry_after_s": 1.0})()
-    return router, router.capacity.acquire(1)
+    calls = ModelCalls(ModelCapacity(limit, assured), retry_after_s=1.0)
+    calls.capacity.in_flight = position - 1
+    return calls, calls.admit()
 
 
 def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
@@ -156,7 +157,7 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
     import pytest
     from ray.serve.exceptions import BackPressureError
 
-    import deployments.ingress as ingress
+    import deployments.admission.capacity as ingress
     from deployments.api.errors import APIError
 
     refused = BackPressureError(num_queued_requests=10, max_queued_requests=10)
@@ -169,21 +170,21 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
         return one
 
     router, slot = _router_with_gate(13, position=13)
-    response, out = asyncio.run(router._start(slot, send([refused, refused, "ok"])))
+    response, out = asyncio.run(router.start(slot, send([refused, refused, "ok"])))
     assert out == "ok" and len(sent) == 3 and response is sent[-1]
 
     # a refusal that lasts: 503 queue_full once ADMISSION_RETRY_S has passed
     monkeypatch.setattr(ingress, "ADMISSION_RETRY_S", 0.05)
     sent.clear()
     with pytest.raises(APIError) as exc:
-        asyncio.run(router._start(slot, send([])))
+        asyncio.run(router.start(slot, send([])))
     assert exc.value.status == 503 and exc.value.code == "queue_full" and 2 <= len(sent) < 20
 
     # no gate (unbounded queue or "auto" replicas): Serve alone decides, no second send
     sent.clear()
     with pytest.raises(APIError):
         router_without, slot_without = _router_with_gate(None)
-        asyncio.run(router_without._start(slot_without, send([refused, "ok"])))
+        asyncio.run(router_without.start(slot_without, send([refused, "ok"])))
     assert len(sent) == 1
 
     # autoscaling (at most 19, at least 13 admitted): the 14th arrival's refusal may be a full
@@ -192,13 +193,13 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
     sent.clear()
     scaling, fourteenth = _router_with_gate(19, 13, position=14)
     with pytest.raises(APIError):
-        asyncio.run(scaling._start(fourteenth, send([refused, "ok"])))
+        asyncio.run(scaling.start(fourteenth, send([refused, "ok"])))
     assert len(sent) == 1
     for position, in_flight in ((13, 19), (14, 13)):
         sent.clear()
         scaling, slot_n = _router_with_gate(19, 13, position=position)
         scaling.capacity.in_flight = in_flight
-        assert asyncio.run(scaling._start(slot_n, send([refused, "ok"])))[1] == "ok" and len(sent) == 2
+        assert asyncio.run(scaling.start(slot_n, send([refused, "ok"])))[1] == "ok" and len(sent) == 2
 
     # a deadline while waiting cancels the call (aborts its engine request)
     sent.clear()
@@ -213,7 +214,7 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
 
     async def with_deadline():
         async with asyncio.timeout(0.05):
-            await router._start(slot, send_slow)
+            await router.start(slot, send_slow)
 
     with pytest.raises(TimeoutError):
         asyncio.run(with_deadline())

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import app_args, wait_healthy
-from deployments.model_replica import engine_core_pids
+from deployments.engine import engine_core_pids
 from reliability import (
     chat_body,
     descendant_pids,

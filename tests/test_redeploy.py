@@ -30,7 +30,7 @@ TAIL_S = 5.0         # keep the load running this long after the new version is 
 
 REQUEST_TIMEOUT_S = 120  # limits.request_timeout_s (the default)
 GRACE_BUG = (
-    "core config: IngressRouter.DEFAULT_OPTIONS (deployments/ingress.py) sets no "
+    "core config: serve_app.app_options sets no ingress "
     "graceful_shutdown_timeout_s, so Serve's default {grace:g} s applies; an old ingress replica "
     "whose requests wait for the new model replica (its engine takes ~30 s to start) is "
     "force-killed after {grace:g} s and those requests get a plain-text 500 from the proxy. Fix: "
@@ -41,10 +41,10 @@ GRACE_BUG = (
 def ingress_grace_s() -> float:
     from ray.serve._private.constants import DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S
 
-    from deployments.config import ServiceConfig, deployment_options
-    from deployments.ingress import IngressRouter
+    from deployments.config import ServiceConfig
+    from serve_app import app_options
 
-    opts = deployment_options(IngressRouter.DEFAULT_OPTIONS, ServiceConfig.model_validate(args(0.3, 2)), "ingress")
+    opts = app_options(ServiceConfig.model_validate(args(0.3, 2)))["ingress"]
     return float(opts.get("graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S))
 
 

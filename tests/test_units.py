@@ -67,11 +67,11 @@ def test_deep_merge():
 
 
 def test_model_options_pin_one_gpu_only_when_gpu():
-    from serve_app import model_options
+    from serve_app import app_options
 
     cfg = ServiceConfig.model_validate(app_args())
-    gpu = model_options(cfg, "gpu")
-    cpu = model_options(cfg, "cpu")
+    gpu = app_options(cfg, "gpu")["model"]
+    cpu = app_options(cfg, "cpu")["model"]
     assert gpu["ray_actor_options"]["num_gpus"] == 1
     assert cpu["ray_actor_options"]["num_gpus"] == 0
     assert gpu["max_ongoing_requests"] == 3 and gpu["max_queued_requests"] == 10
@@ -102,15 +102,22 @@ def tok():
     return PromptTokenizer(app_args())
 
 
+def _refusal(call) -> APIError:
+    """The APIError the tokenizer deployment raises for a client mistake."""
+    with pytest.raises(APIError) as exc:
+        run(call)
+    return exc.value
+
+
 def test_tokenizer_counts_and_limits(tok):
     enc = run(tok.encode_chat([{"role": "user", "content": "央行宣布降息"}], 10))
-    assert enc.error is None and enc.token_ids
-    too_long = run(tok.encode_chat([{"role": "user", "content": "降息" * 2000}], 10))
-    assert too_long.error["status"] == 400 and too_long.error["code"] == "context_length_exceeded"
+    assert enc.token_ids
+    too_long = _refusal(tok.encode_chat([{"role": "user", "content": "降息" * 2000}], 10))
+    assert too_long.status == 400 and too_long.code == "context_length_exceeded"
     fits_exactly = run(tok.encode_prompt(list(range(1, 1015)), 10))
-    assert fits_exactly.error is None
-    over_by_one = run(tok.encode_prompt(list(range(1, 1016)), 10))
-    assert over_by_one.error["code"] == "context_length_exceeded"
+    assert fits_exactly.token_ids
+    over_by_one = _refusal(tok.encode_prompt(list(range(1, 1016)), 10))
+    assert over_by_one.code == "context_length_exceeded"
 
 
 def test_tokenizer_user_special_tokens_are_text(tok):
@@ -128,8 +135,8 @@ def test_tokenizer_user_special_tokens_are_text(tok):
 
 def test_tokenizer_completion_prompt_token_ids(tok):
     assert run(tok.encode_prompt([1, 2, 3], 5)).token_ids == [1, 2, 3]
-    assert run(tok.encode_prompt([-1], 5)).error["param"] == "prompt"
-    assert run(tok.encode_prompt("", 5)).error["param"] == "prompt"
+    assert _refusal(tok.encode_prompt([-1], 5)).param == "prompt"
+    assert _refusal(tok.encode_prompt("", 5)).param == "prompt"
 
 
 def test_tokenizer_long_inputs_go_to_a_thread_with_the_same_result(tok, monkeypatch):
@@ -146,7 +153,7 @@ def test_tokenizer_long_inputs_go_to_a_thread_with_the_same_result(tok, monkeypa
     assert run(tok.encode_chat(messages, 10)) == inline and threads == []
     monkeypatch.setattr(tok, "INLINE_CHARS", 100)
     assert run(tok.encode_chat(messages, 10)) == inline
-    assert run(tok.encode_classify(["央行宣布降息" * 20], ["news_finance"]))["prompts"]
+    assert run(tok.encode_classify(["央行宣布降息" * 20], ["news_finance"])).prompts
     assert threads == ["_chat", "_classify"]
 
 

@@ -152,9 +152,6 @@ class ApiKeyAuth:
 
     # ------------------------------------------------------------------ checks
 
-    def is_public(self, path: str) -> bool:
-        return path in self.public_paths
-
     def verify(self, key: str) -> bool:
         """Constant-time membership: every stored digest is compared."""
         cand = _digest(key)

@@ -3,9 +3,9 @@ streams): request-body size (413), API-key auth (401) and the cluster-wide per-c
 limit (429 with `Retry-After` and `X-RateLimit-*`). It runs before FastAPI parses the body,
 so a client over its limit or without a key is turned away before any work is done.
 
-The ingress replica installs its `ApiKeyAuth`, `RateLimiter` and `StatsRecorder` with
-`install()` at start (a module global: Serve runs a frozen copy of the FastAPI app, so
-`app.state` set in the constructor would not be seen); until then requests pass.
+The ingress replica puts its `Admission` (its `ApiKeyAuth`, `RateLimiter` and
+`StatsRecorder`) on the FastAPI app Serve runs, as `app.state.admission`, once it is built
+(`IngressRouter.__serve_build_asgi_app__`); the middleware reads it from the request's app.
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ class Admission:
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
 
 
-_current: Admission | None = None
-
-
-def install(admission: Admission | None) -> None:
-    global _current
-    _current = admission
-
-
 class AdmissionMiddleware:
     def __init__(self, app):
         self.app = app
@@ -46,7 +38,7 @@ class AdmissionMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        adm = _current
+        adm: Admission | None = getattr(getattr(scope.get("app"), "state", None), "admission", None)
         path = route_path(scope)
         if adm is None or path in adm.public_paths:
             return await self.app(scope, receive, send)
@@ -114,19 +106,3 @@ async def _buffer_body(receive, limit: int):
         return messages.pop(0) if messages else await receive()
 
     return replay
-
-
-def _limit_body(receive, limit: int):
-    """Chunked uploads carry no Content-Length: stop reading past `limit` bytes."""
-    seen = 0
-
-    async def limited():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise APIError(413, f"Request body is over the limit of {limit} bytes.", code="request_too_large")
-        return message
-
-    return limited

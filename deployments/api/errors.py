@@ -149,22 +149,15 @@ def route_path(scope) -> str:
     return path
 
 
-# Set by the ingress replica (`set_rejection_hook`): counts requests refused before they reach
-# a route (body validation). A module global, not `app.state`: Serve runs a frozen copy of the app.
-_rejection_hook = None
-
-
-def set_rejection_hook(hook) -> None:
-    global _rejection_hook
-    _rejection_hook = hook
-
-
 def install_exception_handlers(app) -> None:
-    """Map every exception the FastAPI app can meet to an OpenAI error response."""
+    """Map every exception the FastAPI app can meet to an OpenAI error response. Requests
+    refused before they reach a route (body validation, unexpected errors) are counted by the
+    app's `state.on_rejection(path, status, code)` when the ingress has set one."""
 
     def record(request: Request, status: int, code) -> None:
-        if _rejection_hook is not None:
-            _rejection_hook(route_path(request.scope), status, code)
+        hook = getattr(request.app.state, "on_rejection", None)
+        if hook is not None:
+            hook(route_path(request.scope), status, code)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -12,7 +12,7 @@ on the streaming path; the `openai` SDK parses them in the tests).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -170,15 +170,23 @@ class GenerationChunk:
     num_tokens: int
     finish_reason: str | None = None
     stop_reason: Any = None
-    first_token_time: float | None = field(default=None)
 
 
 @dataclass
 class EncodedPrompt:
-    """What the tokenizer deployment returns: token ids, or an error for the client."""
+    """What the tokenizer deployment returns for a chat or completions prompt (a client
+    mistake is raised as `APIError` instead)."""
 
     token_ids: list[int]
-    error: dict[str, Any] | None = None  # APIError kwargs (status, message, param, code)
+
+
+@dataclass
+class EncodedClassify:
+    """What the tokenizer deployment returns for /v1/classify: each text's prompt and each
+    label's answer tokens."""
+
+    prompts: list[list[int]]
+    label_ids: list[list[int]]
 
 
 # ------------------------------------------------------------------- responses

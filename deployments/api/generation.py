@@ -1,0 +1,156 @@
+"""Chat and text completions: request → sampling parameters, tokenizer call, model call
+(through the capacity gate), and the OpenAI response (JSON, or SSE via `sse`). One
+`ServingGeneration` per ingress replica serves both endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import weakref
+from typing import Any, Callable
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from deployments.admission.capacity import ModelCalls, unavailable_types
+from deployments.api import errors, sse
+from deployments.api.models import ModelDirectory
+from deployments.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    SamplingFields,
+    chat_completion,
+    text_completion,
+)
+from deployments.config import LimitsConfig
+
+# Fields passed to vLLM's SamplingParams when the client set them.
+_PASSTHROUGH = (
+    "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "stop_token_ids",
+)
+
+
+def request_id() -> str:
+    """Serve's request id: the one in its JSON log lines and in the `X-Request-Id` response
+    header (a client-sent `X-Request-Id` is kept), so a response, its logs and its metrics join."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:
+        rid = ""
+    return rid or uuid.uuid4().hex
+
+
+def check_max_tokens(requested: int | None, default: int, limits: LimitsConfig) -> int:
+    value = default if requested is None else requested
+    cap = limits.max_tokens_cap
+    if value > cap:
+        raise errors.bad_request(
+            f"max_tokens is {value}, above this service's cap of {cap}.", "max_tokens", "max_tokens_too_large")
+    return value
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig) -> dict[str, Any]:
+    """The request's vLLM `SamplingParams` keyword arguments (the model replica builds them)."""
+    temperature = limits.default_temperature if body.temperature is None else body.temperature
+    s: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": body.ignore_eos,
+        "min_tokens": body.min_tokens,
+        "include_stop_str_in_output": body.include_stop_str_in_output,
+        "skip_special_tokens": body.skip_special_tokens,
+        "spaces_between_special_tokens": body.spaces_between_special_tokens,
+    }
+    if body.min_tokens > max_tokens:
+        raise errors.bad_request(
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
+    if body.stop:
+        s["stop"] = body.stop
+    for name in _PASSTHROUGH:
+        value = getattr(body, name)
+        if value is not None:
+            s[name] = value
+    if s.get("top_k") == 0:
+        s["top_k"] = -1
+    return s
+
+
+class ServingGeneration:
+    """POST /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, tokenizer, models: ModelDirectory, calls: ModelCalls, limits: LimitsConfig, stats):
+        self.tokenizer, self.models, self.calls = tokenizer, models, calls
+        self.limits, self.stats = limits, stats
+        self.unavailable = unavailable_types()
+
+    async def chat(self, body: ChatCompletionRequest):
+        def prepare():
+            max_tokens = check_max_tokens(body.max_completion_tokens or body.max_tokens,
+                                          self.limits.default_max_tokens_chat, self.limits)
+            if len(body.messages) > self.limits.max_messages:
+                raise errors.bad_request(
+                    f"messages: at most {self.limits.max_messages} messages per request "
+                    f"(got {len(body.messages)})", "messages", "too_many_messages")
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            return max_tokens, lambda: self.tokenizer.encode_chat.remote(
+                messages, max_tokens, body.add_generation_prompt)
+
+        return await self._serve(body, True, prepare)
+
+    async def completion(self, body: CompletionRequest):
+        def prepare():
+            max_tokens = check_max_tokens(body.max_tokens, self.limits.default_max_tokens_completion, self.limits)
+            return max_tokens, lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens)
+
+        return await self._serve(body, False, prepare)
+
+    async def _serve(self, body: SamplingFields, chat: bool, prepare: Callable[[], tuple[int, Callable]]):
+        """Validate (`prepare` → max_tokens and the tokenizer call), tokenize, generate."""
+        rid = ("chatcmpl-" if chat else "cmpl-") + request_id()
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        trace = self.stats.request_started(endpoint, request_id=rid, stream=body.stream)
+        timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
+        deadline = time.monotonic() + timeout
+        created = int(time.time())
+        slot = None
+        try:
+            model_name, mux = await self.models.resolve(body.model)
+            unary, streaming = self.models.handles(mux)
+            max_tokens, encode = prepare()
+            slot = self.calls.admit()
+            async with asyncio.timeout(timeout):
+                enc = await encode()
+                trace.tokenized(len(enc.token_ids))
+                greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux)
+                trace.dispatched()
+                if not body.stream:
+                    _, out = await self.calls.start(slot, lambda: unary.generate.remote(greq))
+                    slot.release()
+                    make = chat_completion if chat else text_completion
+                    text = out.text
+                    if not chat and body.echo and isinstance(body.prompt, str):
+                        text = body.prompt + text
+                    trace.finished(200, completion_tokens=out.num_tokens)
+                    return JSONResponse(make(rid, model_name, created, text, out.finish_reason,
+                                             len(enc.token_ids), out.num_tokens))
+                stream, first = await self.calls.start(slot, lambda: streaming.generate_stream.remote(greq),
+                                                       lambda stream: stream.__anext__())
+        except TimeoutError:
+            if slot is not None:
+                slot.release()
+            trace.finished(504, "timeout")
+            raise errors.timed_out(timeout) from None
+        except BaseException as exc:
+            if slot is not None:
+                slot.release()
+            trace.failed(exc)
+            raise
+        ctx = sse.StreamContext(chat, rid, model_name, created, len(enc.token_ids), body.include_usage(),
+                                body.continuous_usage(), deadline, timeout)
+        events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
+        weakref.finalize(events, slot.release)  # also when the stream is never iterated
+        return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,134 @@
+"""Server-sent events for streamed completions: the model replica's chunks rendered as OpenAI
+`chat.completion.chunk` / `text_completion` events, usage, errors mid-stream and `[DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from deployments.api import errors
+from deployments.api.errors import APIError
+from deployments.api.protocol import (
+    GenerationChunk,
+    chat_chunk,
+    completion_chunk,
+    usage,
+    usage_chunk,
+)
+
+SSE_DONE = b"data: [DONE]\n\n"
+MEDIA_TYPE = "text/event-stream"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+@dataclass
+class StreamContext:
+    """What a stream's events carry besides the chunks: identity, usage options, deadline."""
+
+    chat: bool
+    request_id: str
+    model: str
+    created: int
+    prompt_tokens: int
+    include_usage: bool
+    continuous_usage: bool
+    deadline: float  # time.monotonic()
+    timeout_s: float
+
+
+class ChunkRenderer:
+    """A model chunk → its SSE bytes. The hot path: a content chunk is a fixed prefix + the
+    JSON-escaped text + a fixed suffix, so only the text is serialised per chunk."""
+
+    def __init__(self, ctx: StreamContext, trace):
+        self.ctx, self.trace = ctx, trace
+        self.completion_tokens = 0
+        template = (chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"}) if ctx.chat
+                    else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0"))
+        self.head, self.tail = sse(template).split(b'"\\u0000"')
+
+    def role(self) -> bytes:
+        c = self.ctx
+        return sse(chat_chunk(c.request_id, c.model, c.created, {"role": "assistant", "content": ""})) \
+            if c.chat else b""
+
+    def chunk(self, chunk: GenerationChunk) -> bytes | None:
+        self.completion_tokens += chunk.num_tokens
+        self.trace.chunk(chunk.num_tokens)
+        if not chunk.text and not chunk.finish_reason:
+            return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
+        c = self.ctx
+        if chunk.finish_reason is None and not c.continuous_usage:
+            return self.head + json.dumps(chunk.text, ensure_ascii=False).encode() + self.tail
+        use = self.usage() if c.continuous_usage else None
+        if c.chat:
+            return sse(chat_chunk(c.request_id, c.model, c.created, {"content": chunk.text},
+                                  chunk.finish_reason, use))
+        return sse(completion_chunk(c.request_id, c.model, c.created, chunk.text, chunk.finish_reason, use))
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.ctx.prompt_tokens, self.completion_tokens)
+
+    def usage_event(self) -> bytes:
+        c = self.ctx
+        obj = "chat.completion.chunk" if c.chat else "text_completion"
+        return sse(usage_chunk(c.request_id, c.model, c.created, obj, self.usage()))
+
+    def fail(self, exc: APIError) -> bytes:
+        self.trace.finished(exc.status, exc.code, completion_tokens=self.completion_tokens)
+        return sse(exc.body()) + SSE_DONE
+
+
+async def stream_events(ctx: StreamContext, first: GenerationChunk | None, stream, trace,
+                        release, unavailable: tuple[type, ...]) -> AsyncIterator[bytes]:
+    """The response body of a streamed completion. `first` is the chunk already received (the
+    call's admission), `stream` the rest; `release()` frees the request's admission slot when
+    the stream ends, however it ends (the client leaving cancels the model call, which aborts
+    the engine request). Fewer, larger writes (each costs a send through the ASGI stack and a
+    syscall): the role chunk goes out with the first content, the last content with usage and
+    [DONE]."""
+    out = ChunkRenderer(ctx, trace)
+    done = False
+    held = out.role()
+    try:
+        if first is not None and (data := out.chunk(first)):
+            held += data
+        if first is not None and first.finish_reason is None and held:
+            yield held
+            held = b""
+        try:
+            loop_deadline = asyncio.get_running_loop().time() + (ctx.deadline - time.monotonic())
+            async with asyncio.timeout_at(loop_deadline):
+                async for chunk in stream:
+                    if data := out.chunk(chunk):
+                        if chunk.finish_reason is None:
+                            yield held + data if held else data
+                            held = b""
+                        else:
+                            held += data
+        except TimeoutError:
+            yield held + out.fail(errors.timed_out(ctx.timeout_s))
+            return
+        except APIError as exc:
+            yield held + out.fail(exc)
+            return
+        except unavailable:
+            yield held + out.fail(errors.engine_unavailable("The model replica failed mid-stream."))
+            return
+        done = True
+        trace.finished(200, completion_tokens=out.completion_tokens)
+        if ctx.include_usage:
+            held += out.usage_event()
+        yield held + SSE_DONE
+    finally:
+        release()
+        if not done:
+            # Client gone, deadline passed or replica failed: release the engine request.
+            stream.cancel()
+            trace.finished(499, "client_closed", completion_tokens=out.completion_tokens)
