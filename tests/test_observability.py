@@ -11,12 +11,14 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import deployments.observability as obs
 from deployments.observability import (
     ObservabilityConfig,
     ServiceStatsActor,
     StatsRecorder,
+    aggregator,
+    recorder,
     rejection_reason,
+    traces,
 )
 from ray_helpers import ray_local  # noqa: F401  (fixture)
 
@@ -45,7 +47,8 @@ class FakeTime:
 @pytest.fixture
 def clock(monkeypatch) -> FakeTime:
     fake = FakeTime()
-    monkeypatch.setattr(obs, "time", fake)
+    for module in (traces, recorder, aggregator):  # the modules that read the time
+        monkeypatch.setattr(module, "time", fake)
     return fake
 
 
