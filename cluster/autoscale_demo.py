@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import importlib.util
-import socket
 import sys
 import threading
 import time
@@ -31,6 +29,9 @@ from typing import Any, Callable
 
 import httpx
 import yaml
+
+from cluster import local_cluster as lc
+from cluster.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "llm"
@@ -44,12 +45,6 @@ FAST_AUTOSCALING = {
     "look_back_period_s": 4,
     "metrics_interval_s": 1,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def retry(fn: Callable[[], Any], timeout_s: float = 120.0, every_s: float = 1.0) -> Any:
@@ -67,7 +62,6 @@ def retry(fn: Callable[[], Any], timeout_s: float = 120.0, every_s: float = 1.0)
 def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
                       fast: bool = True) -> dict[str, Any]:
     """configs/serve_config.yaml as deployed on the local GPU cluster."""
-    sys.path.insert(0, str(REPO))
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.config import ServiceConfig, deep_merge
@@ -248,13 +242,6 @@ class Load:
         return sorted(l for _, s, l in list(self.results) if s == 200)
 
 
-def _load_local_cluster():
-    spec = importlib.util.spec_from_file_location("local_cluster", REPO / "cluster" / "local_cluster.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", type=Path, default=None, help="local_cluster.py's state dir")
@@ -265,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fast", dest="fast", action="store_false", help="keep the production delays")
     a = p.parse_args(argv)
 
-    lc = _load_local_cluster()
     state = lc.load_state(a.state_dir or lc.DEFAULT_STATE_DIR)
     if not state or not state.get("dashboard_url"):
         print("no local cluster with a dashboard: run `cluster/local_cluster.py start` first", file=sys.stderr)

@@ -31,8 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,101 +38,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.processes import HOST, free_port, kill_sessions, pid_alive, spawn, wait_until
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = REPO / ".ray_tmp" / "local-cluster"
-HOST = "127.0.0.1"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # small: the app passes token ids, not tensors
-_AVOID = {6379, 8000, 8265, 10001, 52365}
 START_ATTEMPTS = 3
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
-        if port not in _AVOID:
-            return port
-
-
 def ray_bin() -> str:
     """The `ray` console script of the interpreter running this file (the project's venv)."""
     here = Path(sys.executable).parent / "ray"
     return str(here) if here.exists() else (shutil.which("ray") or "ray")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (ppid, session id) of every live (non-zombie) process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields: state ppid pgrp session ...
-        if fields[0] != "Z":
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def _node_processes(sids: set[int]) -> set[int]:
-    """Every process of the recorded nodes: members of their sessions (each `ray start` runs in
-    its own session; Ray workers make their own process groups but stay in it) and any
-    descendant that left it."""
-    table = _proc_table()
-    found = {pid for pid, (_, sid) in table.items() if sid in sids}
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    todo = list(found)
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in found:
-                found.add(c)
-                todo.append(c)
-    return found
-
-
-def _kill_sessions(sids: set[int], grace_s: float) -> int:
-    """SIGTERM every process of these sessions, SIGKILL what is left after `grace_s`."""
-    procs = _node_processes(sids)
-    for pid in procs:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.3)
-    killed = 0
-    for pid in procs | _node_processes(sids):
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
 
 
 def _state_file(state_dir: Path) -> Path:
@@ -156,23 +74,14 @@ def _node_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _launch(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`ray start --block` in a new session: its pid is also the process group we stop."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True, cwd=str(REPO))
-
-
 def _wait_log(proc: subprocess.Popen, log: Path, needle: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if needle in log.read_text(errors="replace"):
-            return
+    def died() -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {log}:\n"
                                + log.read_text(errors="replace")[-3000:])
-        time.sleep(0.5)
-    raise TimeoutError(f"node did not start within {timeout_s:.0f}s; see {log}")
+
+    if wait_until(lambda: needle in log.read_text(errors="replace"), timeout_s, 0.5, died) is None:
+        raise TimeoutError(f"node did not start within {timeout_s:.0f}s; see {log}")
 
 
 def alive_nodes(gcs_address: str) -> list[dict[str, Any]]:
@@ -201,7 +110,7 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
     """Start head + `workers` worker nodes; returns (and records) the cluster state."""
     state_dir = Path(state_dir)
     old = load_state(state_dir)
-    if old and any(_alive(n["pid"]) for n in old["nodes"]):
+    if old and any(pid_alive(n["pid"]) for n in old["nodes"]):
         raise RuntimeError(f"a local cluster from {state_dir} is still running; stop it first")
     state_dir.mkdir(parents=True, exist_ok=True)
     for f in state_dir.glob("*.log"):
@@ -237,7 +146,7 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
         else:
             head += ["--include-dashboard=false"]
         log = state_dir / "head.log"
-        proc = _launch(head, log, _node_env({"CUDA_VISIBLE_DEVICES": ""}))
+        proc = spawn(head, log, _node_env({"CUDA_VISIBLE_DEVICES": ""}))
         record("head", proc, log, num_cpus=head_cpus, num_gpus=0)
         _wait_log(proc, log, "Ray runtime started", timeout_s)
 
@@ -250,7 +159,7 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
             # One at a time, and retried: on a small, busy machine a raylet can miss Ray's fixed
             # 30 s registration deadline ("The current node timed out during startup").
             for attempt in range(1, START_ATTEMPTS + 1):
-                proc = _launch(cmd, log, _node_env({"CUDA_VISIBLE_DEVICES": gpu_ids}))
+                proc = spawn(cmd, log, _node_env({"CUDA_VISIBLE_DEVICES": gpu_ids}))
                 record(f"worker-{i}", proc, log, num_cpus=worker_cpus, num_gpus=gpus_per_worker,
                        gpu_ids=gpu_ids, attempt=attempt)
                 try:
@@ -259,7 +168,7 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
                 except RuntimeError:
                     if attempt == START_ATTEMPTS:
                         raise
-                    _kill_sessions({proc.pid}, grace_s=5)
+                    kill_sessions({proc.pid}, grace_s=5)
                     state["nodes"] = [n for n in state["nodes"] if n["pid"] != proc.pid]
                     with open(log, "a") as f:
                         f.write(f"\n--- attempt {attempt} failed; retrying ---\n")
@@ -289,7 +198,7 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 15.0,
     state = state or load_state(state_dir)
     if not state:
         return 0
-    killed = _kill_sessions({n["pid"] for n in state["nodes"]}, grace_s)
+    killed = kill_sessions({n["pid"] for n in state["nodes"]}, grace_s)
     temp_dir = state.get("temp_dir")
     if temp_dir and Path(temp_dir).name.startswith("llmserve-ray-"):
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -304,7 +213,7 @@ def status(state_dir: Path = DEFAULT_STATE_DIR) -> dict[str, Any] | None:
     if not state:
         return None
     for n in state["nodes"]:
-        n["alive"] = _alive(n["pid"])
+        n["alive"] = pid_alive(n["pid"])
     try:
         state["registered_nodes"] = alive_nodes(state["gcs_address"])
     except Exception as exc:  # GCS down

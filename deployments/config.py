@@ -42,6 +42,16 @@ class ModelConfig(_Strict):
         None, description="Tokenizer path; defaults to `model_source`."
     )
     owned_by: str = Field("organization", description="`owned_by` reported by /v1/models.")
+    default_model: str | None = Field(
+        None, description="The model (the base `model_id`, an adapter name or an alias) that answers "
+        "requests which name none. null: the base model. The shipped config names the fine-tuned "
+        "classification adapter, as the replaced service answered every request with it.",
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="Other names clients may send as `model` → the base "
+        "`model_id` or an adapter name (e.g. the replaced service's `qwen-news-classifier`); "
+        "listed by /v1/models.",
+    )
 
     def resolved_source(self) -> str:
         return resolve_path(self.model_source)
@@ -83,6 +93,12 @@ class EngineConfig(_Strict):
         "as root with `capabilities: add: [SYS_NICE]`); without it the engine keeps Ray's niceness "
         "and /health says so. null: leave it as Ray started it.",
     )
+    structured_outputs: dict[str, Any] = Field(
+        default_factory=lambda: {"backend": "xgrammar", "disable_any_whitespace": True},
+        description="vLLM's `structured_outputs_config` (constrained decoding for `response_format` "
+        "and `structured_outputs`). Compact JSON by default: with vLLM's default a small model pads "
+        "JSON with whitespace until max_tokens (`disable_any_whitespace` needs a named backend).",
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any other AsyncEngineArgs, passed through unchanged."
     )
@@ -103,6 +119,7 @@ class LimitsConfig(_Strict):
         120.0, gt=0, description="Deadline of a request end to end; past it: 504 and the generation is aborted."
     )
     max_messages: int = Field(1024, gt=0, description="Most chat messages in one request.")
+    max_n: int = Field(4, ge=1, le=128, description="Largest `n` (choices per request) accepted; above it: 400.")
     max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body; above it: 413.")
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
 
@@ -169,8 +186,10 @@ class ServiceConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The served model.")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engine arguments.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
-    streaming: StreamingConfig = Field(default_factory=StreamingConfig, description="Streaming.")
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters.")
+    streaming: StreamingConfig = Field(
+        default_factory=StreamingConfig, description="How streamed tokens are chunked on their way to the client."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapters served on the base model.")
     classification: ClassificationConfig = Field(
         default_factory=ClassificationConfig, description="The /v1/classify endpoint."
     )
@@ -210,11 +229,18 @@ class ServiceConfig(_Strict):
                 f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
                 f"engine.max_model_len ({self.engine.max_model_len})"
             )
-        name = self.classification.model
-        if name not in (None, self.model.model_id) and name not in self.lora.adapters:
-            known = [self.model.model_id, *self.lora.adapters]
-            raise ValueError(f"classification.model {name!r} is neither the model nor a configured "
-                             f"adapter (lora.adapters): one of {known}")
+        known = [self.model.model_id, *self.lora.adapters]
+        for alias, target in self.model.aliases.items():
+            if alias in known:
+                raise ValueError(f"model.aliases: {alias!r} is already the name of a model or adapter")
+            if target not in known:
+                raise ValueError(f"model.aliases: {alias!r} points at {target!r}, neither the model nor a "
+                                 f"configured adapter (lora.adapters): one of {known}")
+        for field, name in (("classification.model", self.classification.model),
+                            ("model.default_model", self.model.default_model)):
+            if name is not None and name not in known and name not in self.model.aliases:
+                raise ValueError(f"{field} {name!r} is neither the model, a configured adapter "
+                                 f"(lora.adapters) nor an alias: one of {known + list(self.model.aliases)}")
         return self
 
 

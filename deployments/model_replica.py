@@ -99,13 +99,23 @@ class ModelReplica:
             return []
 
     def _sampling_params(self, sampling: dict[str, Any], final_only: bool = False):
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        """vLLM's `SamplingParams` from the ingress's translation of the request
+        (`api.generation.sampling_params`); what vLLM refuses is a 400."""
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
         kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
+        sampling = dict(sampling)
         try:
+            if sampling.get("structured_outputs") is not None:
+                sampling["structured_outputs"] = StructuredOutputsParams(**sampling["structured_outputs"])
+            if sampling.get("logit_bias") is not None:
+                sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
             return SamplingParams(**sampling, output_kind=kind)
-        except (ValueError, TypeError) as exc:
-            raise APIError(400, f"Invalid sampling parameters: {exc}", code="invalid_value") from None
+        except (ValueError, TypeError, *_vllm_client_errors()) as exc:
+            param = getattr(exc, "parameter", None) or \
+                ("structured_outputs" if "structured" in str(exc) or "constraint" in str(exc) else None)
+            raise APIError(400, f"Invalid sampling parameters: {exc}", param=param,
+                           code="invalid_value") from None
 
     # ------------------------------------------------------------------ adapters
 
@@ -192,11 +202,11 @@ class ModelReplica:
                 ):
                     if final_only:
                         timing = out.metrics  # vLLM's RequestStateStats (None without log stats)
-                        trace.completed(len(out.outputs[0].token_ids),
+                        trace.completed(sum(len(o.token_ids) for o in out.outputs),
                                         timing.first_token_latency if timing else None,
                                         timing.last_token_ts - timing.first_token_ts if timing else None)
                     else:
-                        trace.output(len(out.outputs[0].token_ids))
+                        trace.output(sum(len(o.token_ids) for o in out.outputs))
                     yield out
         except EngineDeadError:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
@@ -212,35 +222,43 @@ class ModelReplica:
         except (ValueError, *_vllm_client_errors()) as exc:  # vLLM's request validation
             raise APIError(400, str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from None
 
-    async def generate(self, req: GenerationRequest) -> GenerationChunk:
-        """Whole completion in one answer (non-streaming requests). The engine sends only the
-        final output (as vLLM's server does for these): no per-step output to build and pass."""
+    async def generate(self, req: GenerationRequest) -> list[GenerationChunk]:
+        """Whole completion in one answer (non-streaming requests): one chunk per choice. The
+        engine sends only the final output (as vLLM's server does for these): no per-step
+        output to build and pass."""
         final = None
         async for out in self._outputs(req, final_only=True):
             final = out
         if final is None:
-            return GenerationChunk("", 0)
-        c = final.outputs[0]
-        return GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason)
+            return [GenerationChunk("", 0)]
+        k = req.sampling.get("logprobs")
+        return [GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index,
+                                _token_logprobs(c, k)) for c in final.outputs]
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Streamed completion. The first output goes out at once; after it, the outputs of
-        the next `streaming.coalesce_ms` travel as one chunk (and vLLM itself merges deltas
-        that wait while a chunk is in flight), so a token costs far less than one hop."""
+        the next `streaming.coalesce_ms` travel as one chunk per choice (and vLLM itself
+        merges deltas that wait while a chunk is in flight), so a token costs far less than
+        one hop."""
         interval = self.config.streaming.coalesce_ms / 1000.0
-        texts: list[str] = []
-        ntok = 0
+        k = req.sampling.get("logprobs")
+        pending: dict[int, _Pending] = {}
         last = 0.0
         async for out in self._outputs(req):
-            c = out.outputs[0]
-            texts.append(c.text)
-            ntok += len(c.token_ids)
+            finished = False
+            for c in out.outputs:
+                p = pending.setdefault(c.index, _Pending())
+                p.add(c, k)
+                finished |= c.finish_reason is not None
             now = time.monotonic()
-            if c.finish_reason is not None or now - last >= interval:
-                yield GenerationChunk("".join(texts), ntok, c.finish_reason, c.stop_reason)
-                texts, ntok, last = [], 0, now
-        if ntok or any(texts):
-            yield GenerationChunk("".join(texts), ntok)
+            if finished or now - last >= interval:
+                for index in sorted(pending):
+                    if pending[index].ready():
+                        yield pending[index].flush(index)
+                last = now
+        for index in sorted(pending):
+            if pending[index].ready():
+                yield pending[index].flush(index)
 
     # ------------------------------------------------------------------ health
 
@@ -281,6 +299,46 @@ class ModelReplica:
                 pass
 
 
+
+
+class _Pending:
+    """One choice's output since its last chunk (streaming)."""
+
+    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs")
+
+    def __init__(self):
+        self.texts, self.ntok, self.finish, self.stop, self.logprobs = [], 0, None, None, None
+
+    def add(self, c, k: int | None) -> None:
+        self.texts.append(c.text)
+        self.ntok += len(c.token_ids)
+        if c.finish_reason is not None:
+            self.finish, self.stop = c.finish_reason, c.stop_reason
+        if k is not None:
+            self.logprobs = (self.logprobs or []) + (_token_logprobs(c, k) or [])
+
+    def ready(self) -> bool:
+        return bool(self.ntok or self.finish or any(self.texts))
+
+    def flush(self, index: int) -> GenerationChunk:
+        chunk = GenerationChunk("".join(self.texts), self.ntok, self.finish, self.stop, index, self.logprobs)
+        self.texts, self.ntok, self.logprobs = [], 0, None
+        self.finish = self.stop = None
+        return chunk
+
+
+def _token_logprobs(c, k: int | None):
+    """A completion output's per-token log-probabilities as (token, logprob, top-k
+    alternatives), None unless asked for. -inf is reported as -9999.0 (as vLLM's server)."""
+    if k is None or c.logprobs is None:
+        return None
+    out = []
+    for tid, step in zip(c.token_ids, c.logprobs):
+        chosen = step[tid]
+        top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
+        out.append((chosen.decoded_token or "", max(chosen.logprob, -9999.0),
+                    [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top]))
+    return out
 
 
 @functools.lru_cache(maxsize=64)

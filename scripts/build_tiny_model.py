@@ -41,12 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "scripts"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
+from deployments import classification as clf
 
-from deployments import classification as clf  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_DATA = clf.DEFAULT_DATA_FILE
 DEFAULT_LABELS = clf.DEFAULT_LABELS_FILE
@@ -207,7 +204,7 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    import train_lora as tl
+    from scripts import train_lora as tl
 
     torch.manual_seed(recipe["seed"])
     cfg = Qwen3Config(
@@ -252,7 +249,7 @@ def build_adapter(base_dir: Path, tokenizer, rows, recipe, log, governor, evalua
     import torch
     from transformers import AutoModelForCausalLM
 
-    import train_lora as tl
+    from scripts import train_lora as tl
 
     from peft import get_peft_model
 
@@ -359,7 +356,7 @@ def replace_dir(src: Path, dest: Path) -> None:
 def build(data: Path, labels_file: Path, out: Path, recipe: dict[str, Any], log: Log, fp: str) -> dict[str, Any]:
     import torch
 
-    import train_lora as tl
+    from scripts import train_lora as tl
 
     from transformers.utils import logging as hf_logging
 

@@ -30,11 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from deployments import classification as clf
 
-from deployments import classification as clf  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 INVALID = "(invalid)"
 

@@ -33,7 +33,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import yaml
+
+from deployments.config import ServiceConfig, deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "configs" / "serve_config.yaml"
@@ -61,34 +64,20 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- merging
 
 
-def merge(base: Any, override: Any) -> Any:
-    """Deep merge: dicts merge, anything else replaces; a None value deletes the key."""
-    if not isinstance(base, dict) or not isinstance(override, dict):
-        return copy.deepcopy(override)
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Top-level keys merge into the Serve config; `applications` (a mapping by name) merges
-    into the application of that name."""
+    into the application of that name. The code base's one merge (`deep_merge`): dicts merge,
+    anything else replaces, a None value deletes the key."""
     overrides = dict(overrides or {})
     app_overrides = overrides.pop("applications", {}) or {}
-    out = merge(config, overrides)
+    out = deep_merge(config, overrides)
     apps = out.get("applications", [])
     names = [a.get("name") for a in apps]
     for name, app_override in app_overrides.items():
         if name not in names:
             raise ConfigError(f"overrides name application {name!r}; the Serve config has {names}")
         i = names.index(name)
-        apps[i] = merge(apps[i], app_override)
+        apps[i] = deep_merge(apps[i], app_override)
     return out
 
 
@@ -105,10 +94,7 @@ def serve_config(variant: str = "gpu") -> dict[str, Any]:
 
 
 def validate_serve_config(cfg: dict[str, Any]) -> None:
-    sys.path.insert(0, str(REPO))
     from ray.serve.schema import ServeDeploySchema
-
-    from deployments.config import ServiceConfig
 
     ServeDeploySchema.model_validate(cfg)
     for app in cfg["applications"]:
@@ -234,8 +220,6 @@ def _mounted(template: dict[str, Any], path: str) -> bool:
 
 def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: str) -> None:
     """The Serve config fits the cluster it is deployed on."""
-    from deployments.config import ServiceConfig
-
     args = ServiceConfig.model_validate(app_args(cfg))
     cluster = rayservice["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
@@ -305,35 +289,10 @@ def stale() -> dict[Path, str]:
 
 
 def apply_json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
-    """RFC 6902 add/replace/remove (what the overlays use), on a copy."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")]
-        parent = doc
-        for p in parts[:-1]:
-            parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-        last = parts[-1]
-        kind = op["op"]
-        if isinstance(parent, list):
-            idx = len(parent) if last == "-" else int(last)
-            if kind == "add":
-                parent.insert(idx, copy.deepcopy(op["value"]))
-            elif kind == "replace":
-                parent[idx] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[idx]
-            else:
-                raise ValueError(f"unsupported op {kind}")
-        else:
-            if kind in ("replace", "remove") and last not in parent:
-                raise KeyError(f"{op['path']}: no such member to {kind}")
-            if kind in ("add", "replace"):
-                parent[last] = copy.deepcopy(op["value"])
-            elif kind == "remove":
-                del parent[last]
-            else:
-                raise ValueError(f"unsupported op {kind}")
-    return doc
+    """RFC 6902 (the overlays' JSON patches) on a copy of `doc`, which shares nothing with `ops`
+    (jsonpatch inserts the op values themselves). A bad op (a missing member to replace or
+    remove, an unknown op) raises `jsonpatch.JsonPatchException`."""
+    return jsonpatch.apply_patch(doc, copy.deepcopy(ops))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,11 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from deployments import classification as clf
 
-from deployments import classification as clf  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def merge(base: Path, adapter: Path, out: Path, dtype: str = "auto") -> Path:

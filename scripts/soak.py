@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from cluster.processes import free_port, wait_http
+from deployments.observability.stats import percentile
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "tnews" / "test.json"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -270,7 +273,7 @@ async def soak(url: str, *, minutes: float, rate: float, warmup_s: float = 30.0,
     lat = sorted(r[2] for r in results)
 
     def pct(q: float) -> float | None:
-        return round(lat[min(len(lat) - 1, int(q / 100 * len(lat)))], 3) if lat else None
+        return round(percentile(lat, q), 3) if lat else None
 
     report: dict[str, Any] = {
         "url": url, "minutes": minutes, "rate_per_s": rate, "load_s": round(load_end, 1), "wall_s": round(end_t, 1),
@@ -362,7 +365,6 @@ def start_own_app(name: str = "soak", num_cpus: int = 4) -> str:
     """A local Ray cluster (stopped with `stop_own_app`) and the app on a free loopback port."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only throwaway cluster
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    sys.path.insert(0, str(REPO))
     import ray
     from ray import serve
 
@@ -370,9 +372,7 @@ def start_own_app(name: str = "soak", num_cpus: int = 4) -> str:
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(soak_app_args()), name=name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -391,17 +391,10 @@ def stop_own_app() -> None:
 
 
 def wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"soak: {url} not healthy within {timeout_s:.0f} s")
+    try:
+        wait_http(f"{url}/health", timeout_s)
+    except TimeoutError:
+        raise SystemExit(f"soak: {url} not healthy within {timeout_s:.0f} s") from None
 
 
 def parse_mix(text: str) -> dict[str, int]:

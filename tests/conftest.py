@@ -4,7 +4,6 @@ tiny model) for the whole session; every Ray process started here is stopped at 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+
+from cluster.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-qwen3"
@@ -24,31 +25,31 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_args(**overrides: Any) -> dict[str, Any]:
-    """The ServiceConfig the session app runs (the README defaults, model built by setup)."""
+    """The ServiceConfig the session app runs: the `args` of configs/serve_config.yaml (the
+    shipped model and adapter, the pydantic defaults) with what the tests change, then `overrides`."""
+    import yaml
+
     from deployments.config import deep_merge
 
-    base = {
-        "model": {"model_id": "tiny-qwen3", "model_source": str(MODEL_DIR)},
-        "lora": {"adapters": {"news-lora": str(LORA_DIR)}},
-        "classification": {"model": "news-lora"},  # as configs/serve_config.yaml
-        "engine": {"max_model_len": 1024, "cpu_kvcache_space_gib": 1},
+    doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    shipped = next(app for app in doc["applications"] if app["name"] == "llm")["args"]
+    tests = {
+        "engine": {"enable_prefix_caching": None},  # None deletes the key: vLLM's default
+        # Requests without `model` go to the base model here (the tests name the adapter when
+        # they want it); tests/test_openai_fidelity.py checks the shipped default.
+        "model": {"default_model": None},
         # The shared app serves hundreds of test requests from one address; the limiter has
         # its own app in test_admission.py.
         "rate_limit": {"enabled": False},
+        # One replica each (the class defaults) on the small local cluster: no autoscaling.
         "deployments": {
-            "model": {"max_ongoing_requests": 3, "max_queued_requests": 10},
-            "tokenizer": {"ray_actor_options": {"num_cpus": 0.1}},
-            "ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+            "model": {"autoscaling_config": None},
+            "tokenizer": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
+            "ingress": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
         },
     }
-    return deep_merge(base, overrides)
+    return deep_merge(deep_merge(shipped, tests), overrides)
 
 
 def wait_healthy(base_url: str, timeout_s: float = 180.0) -> dict[str, Any]:

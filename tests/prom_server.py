@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import httpx
 import yaml
+
+from cluster.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,12 +55,6 @@ def ensure_prometheus_tools() -> str | None:
     return find_promtool() if find_prometheus() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PromServer:
     """One Prometheus process. Use as a context manager, or `start()` / `stop()`."""
 
@@ -74,7 +69,7 @@ class PromServer:
         self.rule_files = [str(Path(p).resolve()) for p in rule_files]
         self.bearer_token = bearer_token
         self.extra_scrape_configs = list(extra_scrape_configs)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.binary = binary or find_prometheus()
         self._own_dir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="prom-test-"))

@@ -1,12 +1,10 @@
-"""Unit tests of scripts/benchmark.py on synthetic data: statistics, SSE parsing, comparison,
+"""Unit tests of the benchmark (scripts/bench/) on synthetic data: statistics, SSE parsing, comparison,
 targets, report rendering, server argument building. No servers, no Ray, no engine."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("llm_benchmark", REPO / "scripts" / "benchmark.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look the module up while the class is built
-    spec.loader.exec_module(mod)
-    return mod
+    import scripts.bench
+
+    return scripts.bench
 
 
 def ok_result(bench, ttft, e2e, tokens, itl=(), start=0.0):

@@ -20,7 +20,6 @@ embedded in the RayService is parsed with Ray's `ServeDeploySchema` and the serv
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -33,21 +32,13 @@ import jsonschema
 import pytest
 import yaml
 
+from scripts import gen_kuberay as gen
+
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
 VENDORED = Path(__file__).resolve().parent / "schemas"
 KUBERAY = REPO / "kuberay"
 VARIANTS = {"gpu": KUBERAY, "cpu": KUBERAY / "overlays" / "cpu"}
-
-
-def _load_gen():
-    spec = importlib.util.spec_from_file_location("gen_kuberay", REPO / "scripts" / "gen_kuberay.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = _load_gen()
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -384,7 +375,7 @@ def test_generator_check_mode_cli():
 def test_generator_detects_drift_and_inconsistency(tmp_path, monkeypatch):
     # drift: an edited serve config makes the committed manifest stale
     edited = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    edited["applications"][0]["args"]["limits"]["max_tokens_cap"] = 256
+    edited["applications"][0]["args"].setdefault("limits", {})["max_tokens_cap"] = 256
     cfg = tmp_path / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(edited))
     monkeypatch.setattr(gen, "SERVE_CONFIG", cfg)

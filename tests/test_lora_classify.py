@@ -157,17 +157,14 @@ def test_adapter_from_train_lora_is_served(base_url, trained_adapter):
     """scripts/train_lora.py's output loads at run time, and the service's label
     probabilities with it are those transformers computes with base + that adapter."""
     import math
-    import sys
 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import MODEL_DIR, REPO
+    from conftest import MODEL_DIR
     from deployments import classification as clf
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train_lora
+    from scripts import train_lora
 
     name, texts = "trained-lora", ["央行宣布降息25个基点", "新款电动汽车正式上市", "詹姆斯带领湖人队赢得总冠军"]
     labels = clf.load_labels(None)

@@ -94,11 +94,8 @@ def test_unreachable_service():
 
 
 def test_live_rates_and_rich_render():
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import monitor
-    finally:
-        sys.path.pop(0)
+    from scripts import monitor
+
     prev = monitor.Snapshot("u", at=100.0, metrics=dict(METRICS), stats=STATS)
     cur = monitor.Snapshot("u", at=105.0, metrics={**METRICS, "total_tokens_generated": 5500,
                                                    "total_requests": 130}, stats=STATS)

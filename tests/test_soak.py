@@ -6,10 +6,8 @@ minutes against this module's own app (SOAK_MINUTES, SOAK_RATE and SOAK_MIX, e.g
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,11 +25,9 @@ RATE = float(os.environ.get("SOAK_RATE", "4"))
 
 @pytest.fixture(scope="module")
 def soak_mod():
-    spec = importlib.util.spec_from_file_location("llm_soak", REPO / "scripts" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from scripts import soak
+
+    return soak
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL_DIR, REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-
-from deployments import classification as clf  # noqa: E402
+from deployments import classification as clf
 
 TNEWS_LABELS = ["news_story", "news_culture", "news_entertainment", "news_sports", "news_finance", "news_house",
                 "news_car", "news_edu", "news_tech", "news_military", "news_travel", "news_world", "news_stock",
@@ -72,7 +69,7 @@ def test_heldout_split_is_the_last_lines():
 
 
 def test_metrics_by_hand():
-    from eval_classifier import compute_metrics, format_text, html_report
+    from scripts.eval_classifier import compute_metrics, format_text, html_report
 
     labels = ["a", "b", "c"]
     gold = ["a", "a", "a", "b", "b", "c"]
@@ -99,7 +96,7 @@ def test_metrics_by_hand():
 
 def test_eval_script_against_a_fake_server(tmp_path: Path, monkeypatch):
     """The client side of both modes, with the HTTP layer replaced (no server needed)."""
-    import eval_classifier as ev
+    from scripts import eval_classifier as ev
 
     calls = []
 
@@ -152,7 +149,7 @@ def test_train_lora_writes_a_loadable_adapter(trained_adapter: Path):
 
 
 def test_train_lora_presets():
-    import train_lora
+    from scripts import train_lora
 
     assert train_lora.PRESETS["8b"]["r"] == 64 and train_lora.PRESETS["8b"]["alpha"] == 128
     assert train_lora.PRESETS["8b"]["dropout"] == 0.05
@@ -164,8 +161,7 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter: Path, tmp_path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import merge_lora
-    import train_lora
+    from scripts import merge_lora, train_lora
 
     merged_dir = tmp_path / "merged"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_lora.py"), "--base", str(MODEL_DIR),

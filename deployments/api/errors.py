@@ -76,6 +76,10 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return APIError(400, message, param=param, code=code)
 
 
+def unsupported(param: str) -> APIError:
+    return APIError(400, f"{param} is not supported by this service.", param=param, code="unsupported_parameter")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
@@ -132,6 +136,9 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         msg = "The request body is not valid JSON." if kind != "missing" else "The request body is empty."
         return APIError(400, msg, code="invalid_json").response()
     param = _loc_to_param(first.get("loc", ()))
+    if kind == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter").response()
     msg = first.get("msg", "Invalid request.")
     if param:
         msg = f"{param}: {msg}"

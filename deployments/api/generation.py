@@ -20,7 +20,9 @@ from deployments.api.protocol import (
     CompletionRequest,
     GenerationRequest,
     SamplingFields,
+    chat_choice,
     chat_completion,
+    text_choice,
     text_completion,
 )
 from deployments.config import LimitsConfig
@@ -76,6 +78,20 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
             s[name] = value
     if s.get("top_k") == 0:
         s["top_k"] = -1
+    if body.n > limits.max_n:
+        raise errors.bad_request(f"n is {body.n}, above this service's limit of {limits.max_n}.", "n")
+    if body.n > 1:
+        s["n"] = body.n
+    if (k := body.num_logprobs()) is not None:
+        s["logprobs"] = k
+    if body.logit_bias:
+        s["logit_bias"] = body.logit_bias
+    try:
+        structured = body.structured()
+    except ValueError as exc:
+        raise errors.bad_request(str(exc), "response_format") from None
+    if structured is not None:
+        s["structured_outputs"] = structured  # compact JSON: engine.structured_outputs
     return s
 
 
@@ -97,7 +113,7 @@ class ServingGeneration:
                     f"(got {len(body.messages)})", "messages", "too_many_messages")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             return max_tokens, lambda: self.tokenizer.encode_chat.remote(
-                messages, max_tokens, body.add_generation_prompt)
+                messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs)
 
         return await self._serve(body, True, prepare)
 
@@ -118,6 +134,8 @@ class ServingGeneration:
         created = int(time.time())
         slot = None
         try:
+            if (name := body.unsupported()) is not None:
+                raise errors.unsupported(name)
             model_name, mux = await self.models.resolve(body.model)
             unary, streaming = self.models.handles(mux)
             max_tokens, encode = prepare()
@@ -128,15 +146,12 @@ class ServingGeneration:
                 greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux)
                 trace.dispatched()
                 if not body.stream:
-                    _, out = await self.calls.start(slot, lambda: unary.generate.remote(greq))
+                    _, outs = await self.calls.start(slot, lambda: unary.generate.remote(greq))
                     slot.release()
-                    make = chat_completion if chat else text_completion
-                    text = out.text
-                    if not chat and body.echo and isinstance(body.prompt, str):
-                        text = body.prompt + text
-                    trace.finished(200, completion_tokens=out.num_tokens)
-                    return JSONResponse(make(rid, model_name, created, text, out.finish_reason,
-                                             len(enc.token_ids), out.num_tokens))
+                    completion_tokens = sum(o.num_tokens for o in outs)
+                    trace.finished(200, completion_tokens=completion_tokens)
+                    return JSONResponse(self._response(body, chat, rid, model_name, created, outs,
+                                                       len(enc.token_ids), completion_tokens))
                 stream, first = await self.calls.start(slot, lambda: streaming.generate_stream.remote(greq),
                                                        lambda stream: stream.__anext__())
         except TimeoutError:
@@ -150,7 +165,19 @@ class ServingGeneration:
             trace.failed(exc)
             raise
         ctx = sse.StreamContext(chat, rid, model_name, created, len(enc.token_ids), body.include_usage(),
-                                body.continuous_usage(), deadline, timeout)
+                                body.continuous_usage(), deadline, timeout, body.n,
+                                body.num_logprobs() is not None)
         events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
+
+    @staticmethod
+    def _response(body: SamplingFields, chat: bool, rid: str, model: str, created: int, outs,
+                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """The non-streaming OpenAI response, one choice per engine sequence."""
+        if chat:
+            choices = [chat_choice(o.index, o.text, o.finish_reason, o.logprobs) for o in outs]
+            return chat_completion(rid, model, created, choices, prompt_tokens, completion_tokens)
+        echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
+        choices = [text_choice(o.index, echo + o.text, o.finish_reason, o.logprobs, len(echo)) for o in outs]
+        return text_completion(rid, model, created, choices, prompt_tokens, completion_tokens)

@@ -12,14 +12,22 @@ from deployments.api.protocol import model_card
 
 
 class ModelDirectory:
-    def __init__(self, model_id: str, owned_by: str, created: int, model_handle, adapters: AdapterRegistry):
+    def __init__(self, model_id: str, owned_by: str, created: int, model_handle, adapters: AdapterRegistry,
+                 default_model: str | None = None, aliases: dict[str, str] | None = None):
         self.model_id, self.owned_by, self.created = model_id, owned_by, created
+        self.default_model = default_model
+        self.aliases = dict(aliases or {})
         self.adapters = adapters
         self.model = model_handle
         self._handles: dict[str | None, tuple[Any, Any]] = {None: (model_handle, model_handle.options(stream=True))}
 
     async def resolve(self, name: str | None) -> tuple[str, str | None]:
-        """(served name, multiplexed adapter id or None for the base model); 404 if unknown."""
+        """(served name, multiplexed adapter id or None for the base model); 404 if unknown.
+        No name: the configured default model; an alias: the model it names (and the response
+        names the model that served it)."""
+        if name in (None, ""):
+            name = self.default_model
+        name = self.aliases.get(name, name)
         if name in (None, "", self.model_id):
             return self.model_id, None
         ref = await self.adapters.get(name)
@@ -47,4 +55,7 @@ class ModelDirectory:
 
     async def cards(self) -> list[dict[str, Any]]:
         """The base model and every registered adapter."""
-        return [self.card(self.model_id)] + [self.card(ref.name, ref.path) for ref in await self.adapters.list()]
+        refs = await self.adapters.list()
+        cards = [self.card(self.model_id)] + [self.card(ref.name, ref.path) for ref in refs]
+        paths = {ref.name: ref.path for ref in refs}
+        return cards + [self.card(alias, paths.get(target, target)) for alias, target in self.aliases.items()]

@@ -2,9 +2,17 @@
 
 Requests are pydantic models mirroring OpenAI's, plus the sampling parameters vLLM's own
 OpenAI server accepts beyond OpenAI's (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`min_tokens`, …), so clients and benchmarks written for vLLM work unchanged. Unknown fields are
-ignored, as OpenAI and vLLM do. Responses are plain dicts in OpenAI's shape (fast to serialise
-on the streaming path; the `openai` SDK parses them in the tests).
+`min_tokens`, `structured_outputs`, `chat_template_kwargs`, …), so clients and benchmarks written
+for vLLM work unchanged. A field is honoured or refused, never dropped:
+
+- an unknown field is a 400 naming it (`unknown_parameter`), as OpenAI's API answers;
+- OpenAI fields this service does not implement are declared and refused with a 400 naming
+  them (`unsupported_parameter`) when a client sets them (`UNSUPPORTED`);
+- bookkeeping fields that change no output (`user`, `metadata`, `store`, `service_tier`, …,
+  `NO_OPS`) are accepted and ignored.
+
+Responses are plain dicts in OpenAI's shape (fast to serialise on the streaming path), checked
+against OpenAI's published document in the tests.
 
 `GenerationRequest` / `GenerationChunk` are what the ingress and the model replica exchange.
 """
@@ -13,9 +21,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Integers go to the engine core through msgpack (64-bit at most); token ids and counts fit 32.
 _INT32_MAX = 2**31 - 1
@@ -23,22 +31,61 @@ _INT32_MAX = 2**31 - 1
 # --------------------------------------------------------------------------- requests
 
 
-class _Lenient(BaseModel):
-    # Unknown fields are ignored (OpenAI/vLLM behaviour); NaN/Infinity are rejected.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, protected_namespaces=())
+class _Strict(BaseModel):
+    # Unknown fields are a 400 naming them; NaN/Infinity are rejected.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=(),
+                              populate_by_name=True)
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = Field(False, description="Send a last chunk with `usage`.")
     continuous_usage_stats: bool = Field(False, description="vLLM extension: `usage` on every chunk.")
+    include_obfuscation: bool | None = Field(None, description="OpenAI's stream obfuscation; a no-op here.")
 
 
-class TextContentPart(_Lenient):
+class JsonSchemaFormat(_Strict):
+    name: str = Field(description="Name of the response format.", min_length=1, max_length=64)
+    description: str | None = Field(None, description="What the format is for.")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="The JSON Schema.")
+    strict: bool | None = Field(None, description="Output always follows the schema here (constrained decoding).")
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"] = Field(description="Output format.")
+    json_schema: JsonSchemaFormat | None = Field(None, description="For `json_schema`.")
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs` extension: exactly one constraint."""
+
+    json_: Union[str, dict[str, Any], None] = Field(None, alias="json", description="A JSON Schema.")
+    regex: str | None = Field(None, description="A regular expression.")
+    choice: list[str] | None = Field(None, min_length=1, description="One of these strings.")
+    grammar: str | None = Field(None, description="An EBNF (xgrammar/GBNF) grammar.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+    disable_any_whitespace: bool | None = Field(None, description="Compact JSON (the service default: true).")
+    disable_additional_properties: bool | None = Field(None, description="No properties beyond the schema's.")
+    whitespace_pattern: str | None = Field(None, description="Whitespace allowed in JSON.")
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        kinds = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object "
+                             f"(got {len(kinds)})")
+        return self
+
+    def engine_fields(self) -> dict[str, Any]:
+        """Keyword arguments of vLLM's `StructuredOutputsParams` (the set fields)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class TextContentPart(_Strict):
     type: Literal["text"] = Field(description="Only text parts are supported.")
     text: str = Field(description="The text.")
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Author role.")
     content: Union[str, list[TextContentPart], None] = Field(None, description="Text or text parts.")
     name: str | None = Field(None, description="Optional author name.")
@@ -51,21 +98,39 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
-class SamplingFields(_Lenient):
+# Bookkeeping fields of OpenAI's requests that change no output: accepted, ignored.
+NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+          "prompt_cache_retention")
+
+_Unsupported = Field(None, description="Not implemented here: a 400 naming it when set.")
+
+
+class SamplingFields(_Strict):
     """Fields shared by chat and completions requests."""
 
-    model: str | None = Field(None, description="Served model name (or adapter); default: the base model.")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
+
+    model: str | None = Field(None, description="Served model name, alias or adapter; default: `model.default_model`.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (cap: limits.max_tokens_cap).")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling.")
-    n: int = Field(1, ge=1, le=1, description="Number of choices (only 1 is supported).")
+    n: int = Field(1, ge=1, le=128, description="Number of choices (at most limits.max_n).")
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
     stop: Union[str, list[str], None] = Field(None, description="Stop strings (at most 8).")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Per-request sampling seed.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Presence penalty.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Frequency penalty.")
-    user: str | None = Field(None, description="End-user id (logged, not used).")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=1024, description="Token id (as a string) → bias added to its logit.")
+    # bookkeeping (NO_OPS)
+    user: str | None = Field(None, description="End-user id (not used).")
+    metadata: dict[str, str] | None = Field(None, description="Stored-completion metadata (not used).")
+    store: bool | None = Field(None, description="Store the completion (nothing is stored here).")
+    service_tier: str | None = Field(None, description="Processing tier (one tier here).")
+    safety_identifier: str | None = Field(None, description="End-user id for abuse detection (not used).")
+    prompt_cache_key: str | None = Field(None, description="Cache hint (prefix caching is automatic here).")
+    prompt_cache_retention: str | None = Field(None, description="Cache hint (not used).")
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=_INT32_MAX, description="vLLM: top-k (-1 or 0: off).")
     min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM: min-p.")
@@ -77,6 +142,8 @@ class SamplingFields(_Lenient):
     include_stop_str_in_output: bool = Field(False, description="vLLM: keep the stop string.")
     skip_special_tokens: bool = Field(True, description="vLLM: drop special tokens from the text.")
     spaces_between_special_tokens: bool = Field(True, description="vLLM: detokenizer option.")
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM: constrained decoding (json, regex, choice, grammar, json_object).")
     timeout: float | None = Field(
         None, gt=0, description="Per-request deadline in seconds (capped by limits.request_timeout_s)."
     )
@@ -90,24 +157,93 @@ class SamplingFields(_Lenient):
             return [v] if v else None
         return [s for s in v if s] or None if v is not None else None
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v):
+        for key in v or {}:
+            if not key.isdigit() or int(key) > _INT32_MAX:
+                raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
+        return v
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    def unsupported(self) -> str | None:
+        """The first field set that this service does not implement (a 400 names it)."""
+        return next((name for name in self.UNSUPPORTED if getattr(self, name) is not None), None)
+
+    def num_logprobs(self) -> int | None:
+        """Alternatives per generated token to return (vLLM's `SamplingParams.logprobs`)."""
+        raise NotImplementedError
+
+    def structured(self) -> dict[str, Any] | None:
+        """The constraint for vLLM's `StructuredOutputsParams`, if any."""
+        return self.structured_outputs.engine_fields() if self.structured_outputs else None
+
 
 class ChatCompletionRequest(SamplingFields):
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("audio", "function_call", "functions", "prediction", "web_search_options",
+                   "verbosity", "moderation", "prompt_cache_options", "reasoning_effort",
+                   "tools", "tool_choice", "parallel_tool_calls")
+
     messages: list[ChatMessage] = Field(description="The conversation, oldest first.", min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token (needs logprobs).")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema.")
+    modalities: list[Literal["text"]] | None = Field(None, description="Only text output.")
     add_generation_prompt: bool = Field(True, description="vLLM: end the prompt with the assistant header.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM: extra variables for the chat template (e.g. enable_thinking).")
+    audio: Any = _Unsupported
+    function_call: Any = _Unsupported
+    functions: Any = _Unsupported
+    prediction: Any = _Unsupported
+    web_search_options: Any = _Unsupported
+    verbosity: Any = _Unsupported
+    moderation: Any = _Unsupported
+    prompt_cache_options: Any = _Unsupported
+    reasoning_effort: Any = _Unsupported
+    tools: Any = _Unsupported
+    tool_choice: Any = _Unsupported
+    parallel_tool_calls: Any = _Unsupported
+
+    @model_validator(mode="after")
+    def _check_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def structured(self) -> dict[str, Any] | None:
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return super().structured()
+        base = super().structured() or {}
+        for key in ("json", "regex", "choice", "grammar", "json_object"):
+            base.pop(key, None)  # response_format wins, as in vLLM's server
+        if rf.type == "json_object":
+            return {**base, "json_object": True}
+        if rf.json_schema is None:
+            raise ValueError("response_format: json_schema is required when type is json_schema")
+        return {**base, "json": rf.json_schema.schema_}
 
 
 class CompletionRequest(SamplingFields):
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix",)
+
     prompt: Union[str, list[int], list[str]] = Field(
         description="Prompt text, a token-id list, or a one-element list of text."
     )
     echo: bool = Field(False, description="Prepend the prompt to the completion text.")
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of this many alternatives per token.")
+    best_of: int | None = Field(None, ge=1, description="Must equal n when set (no server-side best-of here).")
+    suffix: Any = _Unsupported
 
     @field_validator("prompt")
     @classmethod
@@ -121,8 +257,17 @@ class CompletionRequest(SamplingFields):
                 return v[0]
         return v
 
+    @model_validator(mode="after")
+    def _check_best_of(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of must equal n: this service returns every sequence it generates")
+        return self
 
-class ClassifyRequest(_Lenient):
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+
+class ClassifyRequest(_Strict):
     """POST /v1/classify, in the style of OpenAI's embeddings endpoint."""
 
     model: str | None = Field(None, description="Base model or adapter name; default: the base model.")
@@ -135,7 +280,7 @@ class ClassifyRequest(_Lenient):
         return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
-class LoadLoraRequest(_Lenient):
+class LoadLoraRequest(_Strict):
     """POST /v1/load_lora_adapter (vLLM's shape)."""
 
     lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
@@ -143,7 +288,7 @@ class LoadLoraRequest(_Lenient):
     lora_path: str = Field(min_length=1, description="Adapter folder on the model replicas' nodes.")
 
 
-class UnloadLoraRequest(_Lenient):
+class UnloadLoraRequest(_Strict):
     """POST /v1/unload_lora_adapter (vLLM's shape)."""
 
     lora_name: str = Field(min_length=1, description="Adapter to remove.")
@@ -164,12 +309,16 @@ class GenerationRequest:
 
 @dataclass
 class GenerationChunk:
-    """A coalesced piece of output: the text and token count since the previous chunk."""
+    """A coalesced piece of one choice's output: the text and token count since the previous
+    chunk of that choice, and (when asked for) each token's log-probability as
+    (token text, logprob, [(alternative text, logprob), ...])."""
 
     text: str
     num_tokens: int
     finish_reason: str | None = None
     stop_reason: Any = None
+    index: int = 0
+    logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
 
 
 @dataclass
@@ -200,57 +349,79 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def chat_completion(rid: str, model: str, created: int, text: str, finish: str | None,
+def chat_logprobs(entries) -> dict[str, Any] | None:
+    """OpenAI's chat `logprobs` object from (token, logprob, alternatives) entries."""
+    if entries is None:
+        return None
+
+    def one(token: str, lp: float) -> dict[str, Any]:
+        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]}
+                        for t, lp, alts in entries],
+            "refusal": None}
+
+
+def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's legacy completions `logprobs` object; `text_offset` counts from the start of
+    the choice's text (after an echoed prompt)."""
+    if entries is None:
+        return None
+    offsets, pos = [], text_offset
+    for t, _, _ in entries:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{a: alp for a, alp in alts} for _, _, alts in entries],
+            "text_offset": offsets}
+
+
+def chat_choice(index: int, text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+
+
+def text_choice(index: int, text: str, finish: str | None, logprobs=None, text_offset: int = 0) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, text_offset),
+            "finish_reason": finish}
+
+
+def chat_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
                     prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": finish,
-        }],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def text_completion(rid: str, model: str, created: int, text: str, finish: str | None,
+def text_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
                     prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any],
-               finish: str | None = None, use: dict[str, int] | None = None) -> dict[str, Any]:
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
+               use: dict[str, int] | None = None, index: int = 0, logprobs=None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
     }
     if use is not None:
         out["usage"] = use
     return out
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str,
-                     finish: str | None = None, use: dict[str, int] | None = None) -> dict[str, Any]:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
+                     use: dict[str, int] | None = None, index: int = 0, logprobs=None,
+                     text_offset: int = 0) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": index, "text": text, "logprobs": completion_logprobs(logprobs, text_offset),
+                     "finish_reason": finish}],
     }
     if use is not None:
         out["usage"] = use

@@ -40,37 +40,46 @@ class StreamContext:
     continuous_usage: bool
     deadline: float  # time.monotonic()
     timeout_s: float
+    n: int = 1
+    logprobs: bool = False
 
 
 class ChunkRenderer:
-    """A model chunk → its SSE bytes. The hot path: a content chunk is a fixed prefix + the
-    JSON-escaped text + a fixed suffix, so only the text is serialised per chunk."""
+    """A model chunk → its SSE bytes. The hot path (one choice, no logprobs): a content chunk is
+    a fixed prefix + the JSON-escaped text + a fixed suffix, so only the text is serialised."""
 
     def __init__(self, ctx: StreamContext, trace):
         self.ctx, self.trace = ctx, trace
         self.completion_tokens = 0
+        self.fast = ctx.n == 1 and not ctx.logprobs
+        self.offsets = [0] * ctx.n  # completions: each choice's text length so far
         template = (chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"}) if ctx.chat
                     else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0"))
         self.head, self.tail = sse(template).split(b'"\\u0000"')
 
     def role(self) -> bytes:
         c = self.ctx
-        return sse(chat_chunk(c.request_id, c.model, c.created, {"role": "assistant", "content": ""})) \
-            if c.chat else b""
+        if not c.chat:
+            return b""
+        return b"".join(sse(chat_chunk(c.request_id, c.model, c.created, {"role": "assistant", "content": ""},
+                                       index=i)) for i in range(c.n))
 
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
         self.completion_tokens += chunk.num_tokens
         self.trace.chunk(chunk.num_tokens)
-        if not chunk.text and not chunk.finish_reason:
+        if not chunk.text and not chunk.finish_reason and not chunk.logprobs:
             return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
         c = self.ctx
-        if chunk.finish_reason is None and not c.continuous_usage:
+        if self.fast and chunk.finish_reason is None and not c.continuous_usage:
             return self.head + json.dumps(chunk.text, ensure_ascii=False).encode() + self.tail
         use = self.usage() if c.continuous_usage else None
         if c.chat:
             return sse(chat_chunk(c.request_id, c.model, c.created, {"content": chunk.text},
-                                  chunk.finish_reason, use))
-        return sse(completion_chunk(c.request_id, c.model, c.created, chunk.text, chunk.finish_reason, use))
+                                  chunk.finish_reason, use, chunk.index, chunk.logprobs))
+        offset = self.offsets[chunk.index]
+        self.offsets[chunk.index] += len(chunk.text)
+        return sse(completion_chunk(c.request_id, c.model, c.created, chunk.text, chunk.finish_reason, use,
+                                    chunk.index, chunk.logprobs, offset))
 
     def usage(self) -> dict[str, int]:
         return usage(self.ctx.prompt_tokens, self.completion_tokens)

@@ -25,6 +25,7 @@ def engine_kwargs(config: ServiceConfig, on_cpu: bool) -> dict[str, Any]:
         "enforce_eager": on_cpu if e.enforce_eager is None else e.enforce_eager,
         "seed": e.seed,
         "disable_log_stats": False,
+        "structured_outputs_config": dict(e.structured_outputs),
     }
     for name in ("quantization", "enable_prefix_caching", "max_num_seqs"):
         if getattr(e, name) is not None:
