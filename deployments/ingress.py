@@ -36,6 +36,7 @@ from deployments.api.protocol import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
+from deployments.api.tokenize import DetokenizeRequest, ServingTokenize, TokenizeRequest
 from deployments.classification import labels_for_model
 from deployments.config import REPO_ROOT, ServiceConfig, current_app_name, resolve_path
 from deployments.observability import PROMETHEUS_CONTENT_TYPE, StatsRecorder
@@ -84,12 +85,15 @@ class IngressRouter:
         adapters = AdapterRegistry(app_name)
         for name, path in self.config.lora.adapters.items():
             await adapters.register(name, resolve_path(path), True)
-        self.models = ModelDirectory(self.model_id, self.config.model.owned_by, int(time.time()), model, adapters)
+        m = self.config.model
+        self.models = ModelDirectory(self.model_id, m.owned_by, int(time.time()), model, adapters,
+                                     m.default_model, m.aliases)
         self.calls = ModelCalls(ModelCapacity.from_options(model_options), self.limits.retry_after_s)
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats)
         self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,
                                           self.config.classification, labels, self.stats)
+        self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)
         logger.info("ingress ready: rate limits %s, auth %s", self.limiter.describe(),
                     "on" if self.auth.enabled else "off")
 
@@ -119,6 +123,17 @@ class IngressRouter:
     @app.post("/v1/classify")
     async def classify(self, body: ClassifyRequest) -> JSONResponse:
         return await self.classifier.classify(body)
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> JSONResponse:
+        """vLLM's /tokenize: `prompt` or chat `messages` → `count`, `max_model_len`, `tokens`
+        (`token_strs` with `return_token_strs`); the chat count is chat completions' prompt_tokens."""
+        return await self.tokenization.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:
+        """vLLM's /detokenize: `tokens` → `prompt` (the text)."""
+        return await self.tokenization.detokenize(body)
 
     @app.get("/v1/models")
     async def list_models(self) -> JSONResponse:

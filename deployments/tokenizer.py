@@ -12,6 +12,8 @@ rendered, the template's own text is encoded with special tokens, the contents w
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 import re
 from typing import Any
@@ -66,9 +68,12 @@ class PromptTokenizer:
     # ------------------------------------------------------------------ API
 
     async def encode_chat(self, messages: list[dict[str, str]], max_tokens: int,
-                          add_generation_prompt: bool = True) -> EncodedPrompt:
+                          add_generation_prompt: bool = True,
+                          template_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
+        """`template_kwargs`: extra chat-template variables (vLLM's `chat_template_kwargs`,
+        e.g. Qwen3's `enable_thinking`)."""
         size = sum(len(m.get("content") or "") for m in messages)
-        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt)
+        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt, template_kwargs)
 
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         return await self._run(len(prompt), self._prompt, prompt, max_tokens)
@@ -76,20 +81,63 @@ class PromptTokenizer:
     async def encode_classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
         return await self._run(sum(map(len, texts)), self._classify, texts, labels)
 
+    # /tokenize and /detokenize (vLLM's shapes; no context-length check, as vLLM's)
+
+    async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True,
+                              return_token_strs: bool = False) -> dict[str, Any]:
+        """`{"count", "max_model_len", "tokens", "token_strs"}` of a text prompt."""
+        return await self._run(len(prompt), self._tokenize_prompt, prompt, add_special_tokens, return_token_strs)
+
+    async def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            add_special_tokens: bool = False, return_token_strs: bool = False,
+                            template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The same for a conversation, encoded exactly as `encode_chat` encodes it."""
+        size = sum(len(m.get("content") or "") for m in messages)
+        return await self._run(size, self._tokenize_chat, messages, add_generation_prompt, add_special_tokens,
+                               return_token_strs, template_kwargs)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        """Token ids → text (special tokens kept, as vLLM's /detokenize); a 400 for an id
+        outside the vocabulary."""
+        return await self._run(4 * len(tokens), self._detokenize, tokens)
+
     async def _run(self, size: int, fn, *args):
         if size > self.INLINE_CHARS:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
     def _chat(self, messages: list[dict[str, str]], max_tokens: int,
-              add_generation_prompt: bool = True) -> EncodedPrompt:
+              add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
         """`messages`: [{"role", "content"}] with content already flattened to text."""
+        return self._check_fits(self._chat_ids(messages, add_generation_prompt, template_kwargs),
+                                max_tokens, "messages")
+
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool,
+                  template_kwargs: dict[str, Any] | None) -> list[int]:
+        """A client's conversation → prompt ids (chat completions and /tokenize): a 400 for
+        reserved template variables or a conversation the template rejects."""
+        reserved = set(template_kwargs or ()) & self._reserved_template_kwargs
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
         try:
-            ids = self._encode_chat(messages, add_generation_prompt)
+            return self._encode_chat(messages, add_generation_prompt, template_kwargs)
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             logger.info("chat template rejected the conversation: %s", exc)
             raise bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
-        return self._check_fits(ids, max_tokens, "messages")
+
+    @functools.cached_property
+    def _reserved_template_kwargs(self) -> frozenset[str]:
+        """Names a client's chat_template_kwargs may not set: every named parameter of
+        `apply_chat_template` (a request-supplied `chat_template` would run the client's own
+        Jinja; `tokenize`, `tools`, `continue_final_message`, … change what is encoded), the
+        template's `messages`, and the special-token variables (their text is encoded with
+        special tokens parsed, so overriding them would smuggle control tokens into the prompt)."""
+        params = inspect.signature(self.tokenizer.apply_chat_template).parameters.values()
+        named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return frozenset(named | {"messages", "conversation", "conversations"}
+                         | set(self.tokenizer.special_tokens_map) | {"bos_token", "eos_token", "unk_token",
+                                                                     "pad_token", "sep_token", "cls_token",
+                                                                     "mask_token"})
 
     def _prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         """Completions prompt: raw text is encoded as vLLM does (special-token text is parsed,
@@ -123,6 +171,41 @@ class PromptTokenizer:
             ids = self._encode_chat(build_messages(text), True, CHAT_TEMPLATE_KWARGS)
             prompts.append(self._check_fits(ids, longest, f"input[{i}]").token_ids)
         return EncodedClassify(prompts, label_ids)
+
+    def _tokenize_prompt(self, prompt: str, add_special_tokens: bool, return_token_strs: bool) -> dict[str, Any]:
+        if _bad_text(prompt):
+            raise bad_request("prompt is not valid Unicode (lone surrogate)", "prompt")
+        return self._tokens(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), return_token_strs)
+
+    def _tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool, add_special_tokens: bool,
+                       return_token_strs: bool, template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        ids = self._chat_ids(messages, add_generation_prompt, template_kwargs)
+        if add_special_tokens:  # vLLM encodes the rendered chat with add_special_tokens=True
+            prefix, suffix = self._special_affixes
+            ids = prefix + ids + suffix
+        return self._tokens(ids, return_token_strs)
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        vocab = len(self.tokenizer)
+        for i, t in enumerate(tokens):
+            if not 0 <= t < vocab:
+                raise bad_request(f"tokens[{i}] = {t} is out of range [0, {vocab})", "tokens", "invalid_token_id")
+        return self.tokenizer.decode(tokens)
+
+    def _tokens(self, ids: list[int], return_token_strs: bool) -> dict[str, Any]:
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
+                "token_strs": self.tokenizer.convert_ids_to_tokens(ids) if return_token_strs else None}
+
+    @functools.cached_property
+    def _special_affixes(self) -> tuple[list[int], list[int]]:
+        """The ids the tokenizer puts before and after a text when it adds special tokens
+        (e.g. Llama's BOS; none for Qwen)."""
+        plain = self.tokenizer.encode("a", add_special_tokens=False)
+        full = self.tokenizer.encode("a", add_special_tokens=True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start], full[start + len(plain):]
+        return [], []
 
     def check_health(self) -> None:
         self.tokenizer.encode("ok", add_special_tokens=False)

@@ -136,6 +136,8 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         msg = "The request body is not valid JSON." if kind != "missing" else "The request body is empty."
         return APIError(400, msg, code="invalid_json").response()
     param = _loc_to_param(first.get("loc", ()))
+    if kind == "unsupported_parameter":
+        return unsupported(first["ctx"]["param"]).response()
     if kind == "extra_forbidden":
         return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
                         code="unknown_parameter").response()

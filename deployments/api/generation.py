@@ -134,8 +134,6 @@ class ServingGeneration:
         created = int(time.time())
         slot = None
         try:
-            if (name := body.unsupported()) is not None:
-                raise errors.unsupported(name)
             model_name, mux = await self.models.resolve(body.model)
             unary, streaming = self.models.handles(mux)
             max_tokens, encode = prepare()

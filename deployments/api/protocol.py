@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # Integers go to the engine core through msgpack (64-bit at most); token ids and counts fit 32.
 _INT32_MAX = 2**31 - 1
@@ -102,9 +103,6 @@ class ChatMessage(_Strict):
 NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
           "prompt_cache_retention")
 
-_Unsupported = Field(None, description="Not implemented here: a 400 naming it when set.")
-
-
 class SamplingFields(_Strict):
     """Fields shared by chat and completions requests."""
 
@@ -171,9 +169,18 @@ class SamplingFields(_Strict):
     def continuous_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
-    def unsupported(self) -> str | None:
-        """The first field set that this service does not implement (a 400 names it)."""
-        return next((name for name in self.UNSUPPORTED if getattr(self, name) is not None), None)
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        """OpenAI fields this service does not implement: a 400 naming the first one set (an
+        explicit null is fine)."""
+        if isinstance(data, dict):
+            for name in cls.UNSUPPORTED:
+                if data.get(name) is not None:
+                    raise PydanticCustomError("unsupported_parameter",
+                                              "{param} is not supported by this service.", {"param": name})
+            data = {k: v for k, v in data.items() if k not in cls.UNSUPPORTED}
+        return data
 
     def num_logprobs(self) -> int | None:
         """Alternatives per generated token to return (vLLM's `SamplingParams.logprobs`)."""
@@ -198,18 +205,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = Field(True, description="vLLM: end the prompt with the assistant header.")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM: extra variables for the chat template (e.g. enable_thinking).")
-    audio: Any = _Unsupported
-    function_call: Any = _Unsupported
-    functions: Any = _Unsupported
-    prediction: Any = _Unsupported
-    web_search_options: Any = _Unsupported
-    verbosity: Any = _Unsupported
-    moderation: Any = _Unsupported
-    prompt_cache_options: Any = _Unsupported
-    reasoning_effort: Any = _Unsupported
-    tools: Any = _Unsupported
-    tool_choice: Any = _Unsupported
-    parallel_tool_calls: Any = _Unsupported
 
     @model_validator(mode="after")
     def _check_logprobs(self):
@@ -243,7 +238,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = Field(False, description="Prepend the prompt to the completion text.")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log-probabilities of this many alternatives per token.")
     best_of: int | None = Field(None, ge=1, description="Must equal n when set (no server-side best-of here).")
-    suffix: Any = _Unsupported
 
     @field_validator("prompt")
     @classmethod
