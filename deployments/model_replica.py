@@ -232,8 +232,9 @@ class ModelReplica:
         if final is None:
             return [GenerationChunk("", 0)]
         k = req.sampling.get("logprobs")
+        prompt = self._prompt_logprobs(final, req)
         return [GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index,
-                                _token_logprobs(c, k)) for c in final.outputs]
+                                _token_logprobs(c, k), prompt) for c in final.outputs]
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Streamed completion. The first output goes out at once; after it, the outputs of
@@ -244,10 +245,15 @@ class ModelReplica:
         k = req.sampling.get("logprobs")
         pending: dict[int, _Pending] = {}
         last = 0.0
+        prompt = None
         async for out in self._outputs(req):
             finished = False
+            if prompt is None:
+                prompt = self._prompt_logprobs(out, req)
             for c in out.outputs:
-                p = pending.setdefault(c.index, _Pending())
+                if c.index not in pending:
+                    pending[c.index] = _Pending(prompt)
+                p = pending[c.index]
                 p.add(c, k)
                 finished |= c.finish_reason is not None
             now = time.monotonic()
@@ -259,6 +265,20 @@ class ModelReplica:
         for index in sorted(pending):
             if pending[index].ready():
                 yield pending[index].flush(index)
+
+    def _prompt_logprobs(self, out, req: GenerationRequest):
+        """The prompt's (token, logprob, alternatives) when the request asked for them (an
+        echoed completions prompt); the first token has no logprob."""
+        k = req.sampling.get("prompt_logprobs")
+        if k is None or out.prompt_logprobs is None:
+            return None
+        entries = []
+        for tid, step in zip(req.prompt_token_ids, out.prompt_logprobs):
+            if step is None:
+                entries.append((self.engine.tokenizer.decode([tid]), None, []))
+            else:
+                entries.append(_entry(step, tid, k))
+        return entries
 
     # ------------------------------------------------------------------ health
 
@@ -304,10 +324,11 @@ class ModelReplica:
 class _Pending:
     """One choice's output since its last chunk (streaming)."""
 
-    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs")
+    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs", "prompt")
 
-    def __init__(self):
+    def __init__(self, prompt=None):
         self.texts, self.ntok, self.finish, self.stop, self.logprobs = [], 0, None, None, None
+        self.prompt = prompt  # the prompt's logprobs, sent with the first chunk
 
     def add(self, c, k: int | None) -> None:
         self.texts.append(c.text)
@@ -321,8 +342,9 @@ class _Pending:
         return bool(self.ntok or self.finish or any(self.texts))
 
     def flush(self, index: int) -> GenerationChunk:
-        chunk = GenerationChunk("".join(self.texts), self.ntok, self.finish, self.stop, index, self.logprobs)
-        self.texts, self.ntok, self.logprobs = [], 0, None
+        chunk = GenerationChunk("".join(self.texts), self.ntok, self.finish, self.stop, index, self.logprobs,
+                                self.prompt)
+        self.texts, self.ntok, self.logprobs, self.prompt = [], 0, None, None
         self.finish = self.stop = None
         return chunk
 
@@ -332,13 +354,15 @@ def _token_logprobs(c, k: int | None):
     alternatives), None unless asked for. -inf is reported as -9999.0 (as vLLM's server)."""
     if k is None or c.logprobs is None:
         return None
-    out = []
-    for tid, step in zip(c.token_ids, c.logprobs):
-        chosen = step[tid]
-        top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
-        out.append((chosen.decoded_token or "", max(chosen.logprob, -9999.0),
-                    [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top]))
-    return out
+    return [_entry(step, tid, k) for tid, step in zip(c.token_ids, c.logprobs)]
+
+
+def _entry(step, tid: int, k: int):
+    """One position: the token, its logprob and the `k` most likely tokens there."""
+    chosen = step[tid]
+    top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
+    return (chosen.decoded_token or "", max(chosen.logprob, -9999.0),
+            [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top])
 
 
 @functools.lru_cache(maxsize=64)

@@ -110,10 +110,16 @@ def test_completion_logprobs_and_echo(client):
                                      logprobs=2, echo=True, extra_body={"ignore_eos": True})
     choice = resp.choices[0]
     lp = choice.logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
-    assert choice.text == "央行宣布" + "".join(lp.tokens)
-    assert lp.text_offset[0] == len("央行宣布")
-    assert all(len(alts) <= 2 for alts in lp.top_logprobs)
+    # the echoed prompt's tokens come first, as in OpenAI's legacy API (the first has no logprob)
+    n = len(lp.tokens) - 5
+    assert n >= 1 and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
+    assert "".join(lp.tokens[:n]) == "央行宣布" and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert choice.text == "".join(lp.tokens) and lp.text_offset[0] == 0 and lp.text_offset[n] == len("央行宣布")
+    # each position: the sampled token and the 2 most likely (up to 3 entries)
+    assert all(tok in alts and len(alts) <= 3 for tok, alts in zip(lp.tokens[1:], lp.top_logprobs[1:]))
+    streamed = client.completions.create(model=MODEL, prompt="央行宣布", max_tokens=5, temperature=0,
+                                         echo=True, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
 # ----------------------------------------------------------------------------- n

@@ -22,6 +22,7 @@ from deployments.api.protocol import (
     SamplingFields,
     chat_choice,
     chat_completion,
+    echoed_logprobs,
     text_choice,
     text_completion,
 )
@@ -84,6 +85,8 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
         s["n"] = body.n
     if (k := body.num_logprobs()) is not None:
         s["logprobs"] = k
+        if isinstance(body, CompletionRequest) and body.echo:
+            s["prompt_logprobs"] = k  # the echoed prompt's tokens get theirs too
     if body.logit_bias:
         s["logit_bias"] = body.logit_bias
     try:
@@ -140,6 +143,7 @@ class ServingGeneration:
             slot = self.calls.admit()
             async with asyncio.timeout(timeout):
                 enc = await encode()
+                echo = await self._echo_text(body)
                 trace.tokenized(len(enc.token_ids))
                 greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux)
                 trace.dispatched()
@@ -148,7 +152,7 @@ class ServingGeneration:
                     slot.release()
                     completion_tokens = sum(o.num_tokens for o in outs)
                     trace.finished(200, completion_tokens=completion_tokens)
-                    return JSONResponse(self._response(body, chat, rid, model_name, created, outs,
+                    return JSONResponse(self._response(chat, rid, model_name, created, outs, echo,
                                                        len(enc.token_ids), completion_tokens))
                 stream, first = await self.calls.start(slot, lambda: streaming.generate_stream.remote(greq),
                                                        lambda stream: stream.__anext__())
@@ -164,18 +168,25 @@ class ServingGeneration:
             raise
         ctx = sse.StreamContext(chat, rid, model_name, created, len(enc.token_ids), body.include_usage(),
                                 body.continuous_usage(), deadline, timeout, body.n,
-                                body.num_logprobs() is not None)
+                                body.num_logprobs() is not None, echo)
         events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
 
+    async def _echo_text(self, body: SamplingFields) -> str:
+        """Completions `echo`: the prompt's text (a token-id prompt's, decoded)."""
+        if not isinstance(body, CompletionRequest) or not body.echo:
+            return ""
+        if isinstance(body.prompt, str):
+            return body.prompt
+        return await self.tokenizer.detokenize.remote(body.prompt)
+
     @staticmethod
-    def _response(body: SamplingFields, chat: bool, rid: str, model: str, created: int, outs,
+    def _response(chat: bool, rid: str, model: str, created: int, outs, echo: str,
                   prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The non-streaming OpenAI response, one choice per engine sequence."""
         if chat:
             choices = [chat_choice(o.index, o.text, o.finish_reason, o.logprobs) for o in outs]
             return chat_completion(rid, model, created, choices, prompt_tokens, completion_tokens)
-        echo = body.prompt if body.echo and isinstance(body.prompt, str) else ""
-        choices = [text_choice(o.index, echo + o.text, o.finish_reason, o.logprobs, len(echo)) for o in outs]
+        choices = [text_choice(o.index, echo + o.text, o.finish_reason, echoed_logprobs(o)) for o in outs]
         return text_completion(rid, model, created, choices, prompt_tokens, completion_tokens)

@@ -313,6 +313,9 @@ class GenerationChunk:
     stop_reason: Any = None
     index: int = 0
     logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
+    # the prompt's tokens with their log-probabilities (completions `echo` + `logprobs`; the
+    # first token has none): in the first chunk of each choice
+    prompt_logprobs: list[tuple[str, float | None, list[tuple[str, float]]]] | None = None
 
 
 @dataclass
@@ -358,7 +361,8 @@ def chat_logprobs(entries) -> dict[str, Any] | None:
 
 def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
     """OpenAI's legacy completions `logprobs` object; `text_offset` counts from the start of
-    the choice's text (after an echoed prompt)."""
+    the choice's text. Each position's `top_logprobs` holds the sampled token and the `k` most
+    likely ones (up to k+1, as OpenAI's legacy API); an echoed prompt's first token has none."""
     if entries is None:
         return None
     offsets, pos = [], text_offset
@@ -366,8 +370,16 @@ def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
         offsets.append(pos)
         pos += len(t)
     return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{a: alp for a, alp in alts} for _, _, alts in entries],
+            "top_logprobs": [None if lp is None else {t: lp, **{a: alp for a, alp in alts}}
+                             for t, lp, alts in entries],
             "text_offset": offsets}
+
+
+def echoed_logprobs(chunk: "GenerationChunk"):
+    """A completions choice's logprobs entries, the echoed prompt's first."""
+    if chunk.logprobs is None or chunk.prompt_logprobs is None:
+        return chunk.logprobs
+    return chunk.prompt_logprobs + chunk.logprobs
 
 
 def chat_choice(index: int, text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
@@ -375,9 +387,8 @@ def chat_choice(index: int, text: str, finish: str | None, logprobs=None) -> dic
             "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
 
 
-def text_choice(index: int, text: str, finish: str | None, logprobs=None, text_offset: int = 0) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs, text_offset),
-            "finish_reason": finish}
+def text_choice(index: int, text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
 
 
 def chat_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],

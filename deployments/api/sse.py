@@ -15,6 +15,7 @@ from deployments.api.protocol import (
     GenerationChunk,
     chat_chunk,
     completion_chunk,
+    echoed_logprobs,
     usage,
     usage_chunk,
 )
@@ -42,6 +43,7 @@ class StreamContext:
     timeout_s: float
     n: int = 1
     logprobs: bool = False
+    echo: str = ""  # completions: the prompt text each choice's first chunk starts with
 
 
 class ChunkRenderer:
@@ -51,8 +53,9 @@ class ChunkRenderer:
     def __init__(self, ctx: StreamContext, trace):
         self.ctx, self.trace = ctx, trace
         self.completion_tokens = 0
-        self.fast = ctx.n == 1 and not ctx.logprobs
+        self.fast = ctx.n == 1 and not ctx.logprobs and not ctx.echo
         self.offsets = [0] * ctx.n  # completions: each choice's text length so far
+        self.echoed = [False] * ctx.n
         template = (chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"}) if ctx.chat
                     else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0"))
         self.head, self.tail = sse(template).split(b'"\\u0000"')
@@ -76,10 +79,14 @@ class ChunkRenderer:
         if c.chat:
             return sse(chat_chunk(c.request_id, c.model, c.created, {"content": chunk.text},
                                   chunk.finish_reason, use, chunk.index, chunk.logprobs))
+        text, logprobs = chunk.text, chunk.logprobs
+        if c.echo and not self.echoed[chunk.index]:
+            self.echoed[chunk.index] = True
+            text, logprobs = c.echo + text, echoed_logprobs(chunk)
         offset = self.offsets[chunk.index]
-        self.offsets[chunk.index] += len(chunk.text)
-        return sse(completion_chunk(c.request_id, c.model, c.created, chunk.text, chunk.finish_reason, use,
-                                    chunk.index, chunk.logprobs, offset))
+        self.offsets[chunk.index] += len(text)
+        return sse(completion_chunk(c.request_id, c.model, c.created, text, chunk.finish_reason, use,
+                                    chunk.index, logprobs, offset))
 
     def usage(self) -> dict[str, int]:
         return usage(self.ctx.prompt_tokens, self.completion_tokens)
