@@ -47,6 +47,15 @@ class ModelConfig(_Strict):
         "requests which name none. null: the base model. The shipped config names the fine-tuned "
         "classification adapter, as the replaced service answered every request with it.",
     )
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser that reads the model's own tool calls for `tool_choice: "
+        "auto` (`hermes` for Qwen's `<tool_call>` format). null: `auto` is refused with a 400; `required`, "
+        "a named function and `none` need no parser (forced calls are constrained to the function's schema).",
+    )
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser that moves the model's reasoning out of the answer into "
+        "`reasoning_content` (`qwen3` for `<think>…</think>`). null: the text is returned as generated.",
+    )
     aliases: dict[str, str] = Field(
         default_factory=dict, description="Other names clients may send as `model` → the base "
         "`model_id` or an adapter name (e.g. the replaced service's `qwen-news-classifier`); "

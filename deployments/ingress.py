@@ -90,7 +90,7 @@ class IngressRouter:
                                      m.default_model, m.aliases)
         self.calls = ModelCalls(ModelCapacity.from_options(model_options), self.limits.retry_after_s)
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
-        self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats)
+        self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats, m)
         self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,
                                           self.config.classification, labels, self.stats)
         self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)

@@ -74,6 +74,12 @@ class ModelReplica:
         await self.stats.ready()
         self.stats.start()  # heartbeat: this replica's capacity counts while it lives
         self.adapters = AdapterRegistry(current_app_name())
+        m = self.config.model
+        self.parsers = None
+        if m.tool_call_parser or m.reasoning_parser:  # vLLM's own output parsers (engine/output_parsing)
+            from deployments.engine.output_parsing import OutputParsers
+
+            self.parsers = OutputParsers(self.engine.tokenizer, m.tool_call_parser, m.reasoning_parser, m.model_id)
         # Serve model multiplexing: keeps up to N adapters per replica (LRU) and routes
         # requests for an adapter to replicas that already hold it.
         from ray import serve
@@ -233,8 +239,24 @@ class ModelReplica:
             return [GenerationChunk("", 0)]
         k = req.sampling.get("logprobs")
         prompt = self._prompt_logprobs(final, req)
-        return [GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index,
-                                _token_logprobs(c, k), prompt) for c in final.outputs]
+        chunks = []
+        for c in final.outputs:
+            chunk = GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index,
+                                    _token_logprobs(c, k), prompt)
+            if (parser := self._choice_parser(req)) is not None:
+                reasoning, content, calls = parser.final(c.text, c.token_ids)
+                chunk.text, chunk.tool_calls = content or "", calls or None
+                chunk.reasoning = reasoning if req.parse.get("include_reasoning", True) else None
+                if calls and c.finish_reason == "stop":
+                    chunk.finish_reason = "tool_calls"
+            chunks.append(chunk)
+        return chunks
+
+    def _choice_parser(self, req: GenerationRequest):
+        """vLLM's output parser for one choice of a chat request (None without parsers)."""
+        if self.parsers is None or req.parse is None:
+            return None
+        return self.parsers.for_choice(req.parse, req.prompt_token_ids)
 
     async def generate_stream(self, req: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Streamed completion. The first output goes out at once; after it, the outputs of
@@ -252,7 +274,8 @@ class ModelReplica:
                 prompt = self._prompt_logprobs(out, req)
             for c in out.outputs:
                 if c.index not in pending:
-                    pending[c.index] = _Pending(prompt)
+                    pending[c.index] = _Pending(prompt, self._choice_parser(req),
+                                                req.parse is None or req.parse.get("include_reasoning", True))
                 p = pending[c.index]
                 p.add(c, k)
                 finished |= c.finish_reason is not None
@@ -324,27 +347,40 @@ class ModelReplica:
 class _Pending:
     """One choice's output since its last chunk (streaming)."""
 
-    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs", "prompt")
+    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs", "prompt", "parser", "reasoning", "calls",
+                 "called", "show_reasoning")
 
-    def __init__(self, prompt=None):
+    def __init__(self, prompt=None, parser=None, show_reasoning: bool = True):
         self.texts, self.ntok, self.finish, self.stop, self.logprobs = [], 0, None, None, None
         self.prompt = prompt  # the prompt's logprobs, sent with the first chunk
+        self.parser, self.show_reasoning = parser, show_reasoning  # chat output parsing (reasoning, tools)
+        self.reasoning, self.calls, self.called = [], [], False
 
     def add(self, c, k: int | None) -> None:
-        self.texts.append(c.text)
         self.ntok += len(c.token_ids)
+        if self.parser is None:
+            self.texts.append(c.text)
+        else:
+            reasoning, content, calls = self.parser.delta(c.text, c.token_ids, c.finish_reason is not None)
+            self.texts.append(content or "")
+            if reasoning and self.show_reasoning:
+                self.reasoning.append(reasoning)
+            self.calls += calls
+            self.called |= bool(calls)
         if c.finish_reason is not None:
             self.finish, self.stop = c.finish_reason, c.stop_reason
+            if self.called and self.finish == "stop":
+                self.finish = "tool_calls"
         if k is not None:
             self.logprobs = (self.logprobs or []) + (_token_logprobs(c, k) or [])
 
     def ready(self) -> bool:
-        return bool(self.ntok or self.finish or any(self.texts))
+        return bool(self.ntok or self.finish or any(self.texts) or self.reasoning or self.calls)
 
     def flush(self, index: int) -> GenerationChunk:
         chunk = GenerationChunk("".join(self.texts), self.ntok, self.finish, self.stop, index, self.logprobs,
-                                self.prompt)
-        self.texts, self.ntok, self.logprobs, self.prompt = [], 0, None, None
+                                self.prompt, "".join(self.reasoning) or None, self.calls or None)
+        self.texts, self.ntok, self.logprobs, self.prompt, self.reasoning, self.calls = [], 0, None, None, [], []
         self.finish = self.stop = None
         return chunk
 

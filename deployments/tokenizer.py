@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import json
 import logging
 import re
 from typing import Any
@@ -67,13 +68,15 @@ class PromptTokenizer:
 
     # ------------------------------------------------------------------ API
 
-    async def encode_chat(self, messages: list[dict[str, str]], max_tokens: int,
-                          add_generation_prompt: bool = True,
-                          template_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
+    async def encode_chat(self, messages: list[dict[str, Any]], max_tokens: int,
+                          add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
+                          tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
         """`template_kwargs`: extra chat-template variables (vLLM's `chat_template_kwargs`,
-        e.g. Qwen3's `enable_thinking`)."""
+        e.g. Qwen3's `enable_thinking`); `tools`: the request's function tools, which the
+        template renders for the model (Qwen3's: into the system turn)."""
         size = sum(len(m.get("content") or "") for m in messages)
-        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt, template_kwargs)
+        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt, template_kwargs,
+                               tools)
 
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         return await self._run(len(prompt), self._prompt, prompt, max_tokens)
@@ -106,24 +109,39 @@ class PromptTokenizer:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _chat(self, messages: list[dict[str, str]], max_tokens: int,
-              add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> EncodedPrompt:
-        """`messages`: [{"role", "content"}] with content already flattened to text."""
-        return self._check_fits(self._chat_ids(messages, add_generation_prompt, template_kwargs),
+    def _chat(self, messages: list[dict[str, Any]], max_tokens: int, add_generation_prompt: bool = True,
+              template_kwargs: dict[str, Any] | None = None,
+              tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+        """`messages`: as `ChatMessage.for_template` gives them (content flattened to text)."""
+        return self._check_fits(self._chat_ids(messages, add_generation_prompt, template_kwargs, tools),
                                 max_tokens, "messages")
 
-    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool,
-                  template_kwargs: dict[str, Any] | None) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                  template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
         """A client's conversation → prompt ids (chat completions and /tokenize): a 400 for
         reserved template variables or a conversation the template rejects."""
         reserved = set(template_kwargs or ()) & self._reserved_template_kwargs
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {sorted(reserved)}", "chat_template_kwargs")
+        self._check_no_control_text(messages, tools)
         try:
-            return self._encode_chat(messages, add_generation_prompt, template_kwargs)
+            return self._encode_chat(messages, add_generation_prompt, template_kwargs, tools)
         except Exception as exc:  # a template that rejects the conversation (roles, order)
             logger.info("chat template rejected the conversation: %s", exc)
             raise bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
+
+    def _check_no_control_text(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> None:
+        """Tool definitions and an assistant's tool calls are rendered into the template's own
+        text, which is encoded with special tokens parsed: control-token text in them (a literal
+        `<|im_start|>` in a description) would become a control token. Refused instead."""
+        parts = [("tools", tools)] + [(f"messages[{i}].tool_calls", m.get("tool_calls")) for i, m in enumerate(messages)]
+        for param, value in parts:
+            if value and (found := [t for t in self._control_texts if t in json.dumps(value, ensure_ascii=False)]):
+                raise bad_request(f"{param} contains the control-token text {found[0]!r}.", param)
+
+    @functools.cached_property
+    def _control_texts(self) -> tuple[str, ...]:
+        return tuple(self.tokenizer.get_added_vocab())
 
     @functools.cached_property
     def _reserved_template_kwargs(self) -> frozenset[str]:
@@ -222,16 +240,21 @@ class PromptTokenizer:
                 param=param, code="context_length_exceeded")
         return EncodedPrompt(ids)
 
-    def _encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool,
-                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    def _encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                     template_kwargs: dict[str, Any] | None = None,
+                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         contents = [m.get("content") or "" for m in messages]
-        masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
+        # Only non-empty contents get a sentinel: a template renders an empty one differently
+        # (Qwen3's: no newline between an assistant's empty content and its tool calls).
+        masked = [{**m, "content": _SENTINEL.format(i)} if contents[i] else m for i, m in enumerate(messages)]
+        if tools:
+            template_kwargs = {**(template_kwargs or {}), "tools": tools}
         rendered = self.tokenizer.apply_chat_template(
             masked, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
         )
         pieces = _SENTINEL_RE.split(rendered)
         # pieces: [template, idx, template, idx, ..., template]
-        if len(pieces) != 2 * len(messages) + 1:
+        if len(pieces) != 2 * sum(1 for c in contents if c) + 1:
             # A template that rewrites contents: fall back to rendering the real text and
             # encoding it with special tokens split (the template's markers are then plain text
             # too, so only do this when the sentinels did not survive).

@@ -7,13 +7,20 @@ tokenizer):
 
 - ``models/tiny-qwen3``: a ~0.9 M-parameter Qwen3-architecture causal LM (hidden 128, 2 layers,
   head_dim 32) with a byte-level BPE tokenizer trained on the TNEWS titles and keywords (plus
-  the words of the classification prompt and labels), the Qwen special tokens and a ChatML
-  chat template. Pre-trained from a seeded random init in two phases: the classification chat
-  of ``deployments/classification.py`` (title → label, keyword list → label), which shapes its
-  token embeddings, then language modelling on the news text (title, newline, keywords). After
-  the second phase it is a (weak) news LM, no longer a classifier (held-out accuracy near
-  chance). Also ``labels.json`` (the 15 TNEWS class names) and ``heldout.json`` (the held-out
-  rule, data hash, recipe and the accuracies measured at build time);
+  the words of the classification prompt and labels), the Qwen special tokens, Qwen3's
+  non-special added tokens (``<think>``, ``</think>``, ``<tool_call>``, ``</tool_call>``,
+  ``<tool_response>``, ``</tool_response>``, after all other ids) and Qwen3's own chat template
+  (tools, tool calls and tool results in the hermes format, ``enable_thinking``), so that the
+  service's tool calling (vLLM's ``hermes`` tool parser) and reasoning (its ``qwen3`` reasoning
+  parser) run on it as on Qwen3. Without tools the template is plain ChatML, except for Qwen3's
+  empty think block: after the generation prompt when ``enable_thinking`` is false (the
+  classification prompts), and before the final assistant answer. Pre-trained from a seeded
+  random init in two phases: the classification chat of ``deployments/classification.py``
+  (title → label, keyword list → label), which shapes its token embeddings, then language
+  modelling on the news text (title, newline, keywords). After the second phase it is a (weak)
+  news LM, no longer a classifier (held-out accuracy near chance). Also ``labels.json`` (the 15
+  TNEWS class names) and ``heldout.json`` (the held-out rule, data hash, recipe and the
+  accuracies measured at build time);
 - ``models/tiny-qwen3-lora``: the classification adapter, peft LoRA r=32 (alpha 64) on all
   projections, trained on the same chat task: ~43 % held-out accuracy (chance: 1/15, majority
   class: 12 %), through transformers and vLLM alike.
@@ -49,23 +56,126 @@ DEFAULT_DATA = clf.DEFAULT_DATA_FILE
 DEFAULT_LABELS = clf.DEFAULT_LABELS_FILE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-ADDED_TOKENS = ["<think>", "</think>"]  # Qwen3 adds these as normal (non-special) added tokens
+# Qwen3's added tokens that are not special (tokenizer_config.json: "special": false,
+# "normalized": false, no lstrip/rstrip): the think and tool-call markers. Appended after the
+# vocabulary in this order (<think>, </think> first, as before the tool markers were added),
+# so no earlier token id moves; Qwen3 has them in the order <tool_call> </tool_call> …
+# <tool_response> </tool_response> <think> </think>. vLLM's hermes tool parser and qwen3
+# reasoning parser look them up in the vocabulary.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+ADDED_TOKENS = ["<think>", "</think>", *TOOL_TOKENS]
 
-# ChatML, as Qwen uses it. `content` is always a string here: the tokenizer deployment
-# flattens OpenAI content parts before rendering.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+# Qwen3's chat template, verbatim (Qwen/Qwen3-8B tokenizer_config.json "chat_template"):
+# tools in the system turn inside <tools></tools> with the hermes instructions; assistant
+# tool_calls as <tool_call> JSON blocks; tool messages as <tool_response> blocks in a user turn;
+# reasoning_content (or <think>…</think> in the content) kept for the turns after the last user
+# query; `enable_thinking=false` opens the answer with an empty think block. Without tools, a
+# conversation of system/user/assistant turns renders as plain ChatML
+# (`<|im_start|>{role}\n{content}<|im_end|>\n`, generation prompt `<|im_start|>assistant\n`),
+# except that an assistant turn after the last user turn gets a (possibly empty) think block,
+# and so does the generation prompt with `enable_thinking=false`, which the classification
+# prompts use (classification.CHAT_TEMPLATE_KWARGS); training renders through the same template,
+# so those prompts and their answers stay consistent. System/user/tool contents are copied
+# unchanged (the tokenizer deployment's sentinels survive them). `content` is always a string
+# or null here: the tokenizer deployment flattens OpenAI content parts before rendering.
+CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {%- if loop.last or (not loop.last and reasoning_content) %}
+                {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+            {%- else %}
+                {{- '<|im_start|>' + message.role + '\n' + content }}
+            {%- endif %}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\n' + content }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
 
 # Model shape and training recipe (`--set key=value` overrides one, for experiments).
 RECIPE: dict[str, Any] = dict(
     seed=0,
     threads=2,                 # most torch CPU threads; fewer while other processes keep the CPUs
                                # busy (see ThreadGovernor). The result does not depend on it.
-    vocab_size=4096,
+    vocab_size=4100,           # the model's embedding rows = the tokenizer: 4091 byte-level BPE tokens,
+                               # 3 special and 6 added tokens (4096 before the 4 tool-call markers were
+                               # appended; the BPE part, hence every earlier id, is unchanged)
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=2,
@@ -137,7 +247,7 @@ def tokenizer_corpus(rows: list[dict[str, Any]], labels: list[str]) -> list[str]
 
 
 def build_tokenizer(texts: list[str], vocab_size: int, max_len: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -160,7 +270,8 @@ def build_tokenizer(texts: list[str], vocab_size: int, max_len: int):
         model_max_length=max_len,
     )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.add_tokens(ADDED_TOKENS)
+    fast.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
+                     for t in ADDED_TOKENS])
     fast.chat_template = CHAT_TEMPLATE
     assert len(fast) <= vocab_size, (len(fast), vocab_size)
     return fast
@@ -207,8 +318,11 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
     from scripts import train_lora as tl
 
     torch.manual_seed(recipe["seed"])
+    # Initialised without the rows of the tool-call markers (appended to the vocabulary last),
+    # so that every other weight gets the same random draws as before they were added; their
+    # rows are appended below from a separate random stream.
     cfg = Qwen3Config(
-        **model_config(recipe),
+        **{**model_config(recipe), "vocab_size": recipe["vocab_size"] - len(TOOL_TOKENS)},
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -223,6 +337,10 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
                 attn.o_proj.weight.normal_(0.0, float(recipe["vo_init"]))
             if recipe["mlp_out_init"] == "zero":
                 layer.mlp.down_proj.weight.zero_()
+    with torch.random.fork_rng(devices=[]):  # leaves the global stream as it was
+        torch.manual_seed(recipe["seed"] + 3)
+        model.resize_token_embeddings(recipe["vocab_size"], mean_resizing=False)  # normal(0, initializer_range)
+    assert model.config.vocab_size == model.get_output_embeddings().weight.shape[0] == recipe["vocab_size"]
     params = list(model.parameters())
     stats: dict[str, Any] = {"params": sum(p.numel() for p in params)}
 

@@ -119,14 +119,17 @@ def test_classify_bad_input(base_url, body, param):
 def test_classify_default_model_is_the_trained_adapter(base_url):
     """As in configs/serve_config.yaml: a request without `model` is classified by the
     adapter trained on TNEWS (scripts/build_tiny_model.py), and sensibly so."""
-    r = httpx.post(f"{base_url}/v1/classify", timeout=120,
-                   json={"input": ["央行宣布降息25个基点", "詹姆斯带领湖人队赢得总冠军"]})
+    finance = ["央行宣布降息25个基点", "央行降准0.5个百分点释放长期资金", "A股三大指数集体收涨，券商股领涨",
+               "银行理财收益率持续下降"]
+    sports = ["詹姆斯带领湖人队赢得总冠军", "国足1比0击败对手晋级", "梅西梅开二度巴萨大胜"]
+    r = httpx.post(f"{base_url}/v1/classify", timeout=120, json={"input": finance + sports})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == ADAPTER
-    finance, sports = body["data"]
-    assert finance["label"] in ("news_finance", "news_stock"), finance
-    assert sports["label"] == "news_sports", sports
+    labels = [row["label"] for row in body["data"]]
+    # a 0.9 M-parameter model at ~43 % held-out accuracy: most, not all, of a class's clear cases
+    assert sum(label in ("news_finance", "news_stock") for label in labels[:len(finance)]) >= 3, labels
+    assert labels[len(finance):] == ["news_sports"] * len(sports), labels
 
 
 def test_classify_heldout_accuracy(base_url):

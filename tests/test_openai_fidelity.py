@@ -41,9 +41,9 @@ def test_unknown_field_is_a_400_naming_it(client):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "auto"),
     ("functions", [{"name": "f"}]),
+    ("function_call", "auto"),
+    ("reasoning_effort", "low"),
     ("audio", {"voice": "alloy", "format": "mp3"}),
     ("prediction", {"type": "content", "content": "x"}),
 ])

@@ -13,20 +13,23 @@ from typing import Any, Callable
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments.admission.capacity import ModelCalls, unavailable_types
-from deployments.api import errors, sse
+from deployments.api import errors, sse, tools
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
     SamplingFields,
+)
+from deployments.api.responses import (
     chat_choice,
     chat_completion,
+    chat_message,
     echoed_logprobs,
     text_choice,
     text_completion,
 )
-from deployments.config import LimitsConfig
+from deployments.config import LimitsConfig, ModelConfig
 
 # Fields passed to vLLM's SamplingParams when the client set them.
 _PASSTHROUGH = (
@@ -93,6 +96,11 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
         structured = body.structured()
     except ValueError as exc:
         raise errors.bad_request(str(exc), "response_format") from None
+    if isinstance(body, ChatCompletionRequest) and tools.forced(body.tool_choice):
+        if structured is not None:
+            raise errors.bad_request("tool_choice forces a tool call; it cannot be combined with response_format "
+                                     "or structured_outputs.", "tool_choice")
+        structured = {"json": tools.forced_schema(body.tools, body.tool_choice, body.parallel_tool_calls)}
     if structured is not None:
         s["structured_outputs"] = structured  # compact JSON: engine.structured_outputs
     return s
@@ -101,9 +109,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
 class ServingGeneration:
     """POST /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, tokenizer, models: ModelDirectory, calls: ModelCalls, limits: LimitsConfig, stats):
+    def __init__(self, tokenizer, models: ModelDirectory, calls: ModelCalls, limits: LimitsConfig, stats,
+                 model: ModelConfig):
         self.tokenizer, self.models, self.calls = tokenizer, models, calls
         self.limits, self.stats = limits, stats
+        self.auto_tools = model.tool_call_parser is not None
+        self.parsing = self.auto_tools or model.reasoning_parser is not None
         self.unavailable = unavailable_types()
 
     async def chat(self, body: ChatCompletionRequest):
@@ -114,9 +125,11 @@ class ServingGeneration:
                 raise errors.bad_request(
                     f"messages: at most {self.limits.max_messages} messages per request "
                     f"(got {len(body.messages)})", "messages", "too_many_messages")
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            tools.check(body.tools, body.tool_choice, body.parallel_tool_calls, self.auto_tools)
+            messages = [m.for_template() for m in body.messages]
+            template_tools = tools.for_template(body.tools) if body.tools else None
             return max_tokens, lambda: self.tokenizer.encode_chat.remote(
-                messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs)
+                messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs, template_tools)
 
         return await self._serve(body, True, prepare)
 
@@ -145,14 +158,17 @@ class ServingGeneration:
                 enc = await encode()
                 echo = await self._echo_text(body)
                 trace.tokenized(len(enc.token_ids))
-                greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux)
+                parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
+                                         body.include_reasoning) if chat and self.parsing else None
+                greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux,
+                                         parse)
                 trace.dispatched()
                 if not body.stream:
                     _, outs = await self.calls.start(slot, lambda: unary.generate.remote(greq))
                     slot.release()
                     completion_tokens = sum(o.num_tokens for o in outs)
                     trace.finished(200, completion_tokens=completion_tokens)
-                    return JSONResponse(self._response(chat, rid, model_name, created, outs, echo,
+                    return JSONResponse(self._response(body, rid, model_name, created, outs, echo,
                                                        len(enc.token_ids), completion_tokens))
                 stream, first = await self.calls.start(slot, lambda: streaming.generate_stream.remote(greq),
                                                        lambda stream: stream.__anext__())
@@ -168,7 +184,8 @@ class ServingGeneration:
             raise
         ctx = sse.StreamContext(chat, rid, model_name, created, len(enc.token_ids), body.include_usage(),
                                 body.continuous_usage(), deadline, timeout, body.n,
-                                body.num_logprobs() is not None, echo)
+                                body.num_logprobs() is not None, echo,
+                                body.tool_choice if chat and tools.forced(body.tool_choice) else None)
         events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
@@ -182,11 +199,17 @@ class ServingGeneration:
         return await self.tokenizer.detokenize.remote(body.prompt)
 
     @staticmethod
-    def _response(chat: bool, rid: str, model: str, created: int, outs, echo: str,
+    def _response(body: SamplingFields, rid: str, model: str, created: int, outs, echo: str,
                   prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The non-streaming OpenAI response, one choice per engine sequence."""
-        if chat:
-            choices = [chat_choice(o.index, o.text, o.finish_reason, o.logprobs) for o in outs]
+        if isinstance(body, ChatCompletionRequest):
+            choices = []
+            for o in outs:
+                content, calls, finish = o.text, o.tool_calls, o.finish_reason
+                if tools.forced(body.tool_choice):  # the output is the call's constrained JSON
+                    calls = tools.forced_calls(o.text, body.tool_choice) if o.text else []
+                    content, finish = None, tools.finish_reason(body.tool_choice, bool(calls), o.finish_reason)
+                choices.append(chat_choice(o.index, chat_message(content, calls, o.reasoning), finish, o.logprobs))
             return chat_completion(rid, model, created, choices, prompt_tokens, completion_tokens)
         choices = [text_choice(o.index, echo + o.text, o.finish_reason, echoed_logprobs(o)) for o in outs]
         return text_completion(rid, model, created, choices, prompt_tokens, completion_tokens)

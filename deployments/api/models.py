@@ -8,7 +8,7 @@ from typing import Any
 
 from deployments.adapters import AdapterRegistry
 from deployments.api import errors
-from deployments.api.protocol import model_card
+from deployments.api.responses import model_card
 
 
 class ModelDirectory:

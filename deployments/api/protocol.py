@@ -11,15 +11,14 @@ for vLLM work unchanged. A field is honoured or refused, never dropped:
 - bookkeeping fields that change no output (`user`, `metadata`, `store`, `service_tier`, …,
   `NO_OPS`) are accepted and ignored.
 
-Responses are plain dicts in OpenAI's shape (fast to serialise on the streaming path), checked
-against OpenAI's published document in the tests.
+Responses are plain dicts in OpenAI's shape, built in `responses.py`.
 
 `GenerationRequest` / `GenerationChunk` are what the ingress and the model replica exchange.
 """
 
 from __future__ import annotations
 
-import time
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -86,10 +85,51 @@ class TextContentPart(_Strict):
     text: str = Field(description="The text.")
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Function name.")
+    description: str | None = Field(None, description="What the function does (shown to the model).")
+    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema.")
+    strict: bool | None = Field(None, description="Arguments always follow the schema when the call is forced.")
+
+
+class Tool(_Strict):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionDefinition = Field(description="The function.")
+
+
+class NamedFunction(_Strict):
+    name: str = Field(description="The function to call.")
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: NamedFunction = Field(description="The function to call.")
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
+class FunctionCallIn(_Strict):
+    name: str = Field(description="Function called.")
+    arguments: str = Field(description="Its arguments, a JSON string.")
+
+
+class ToolCallIn(_Strict):
+    """A tool call in an assistant message of the conversation."""
+
+    id: str = Field(description="Call id, answered by a tool message's tool_call_id.")
+    type: Literal["function"] = Field("function", description="Only function calls.")
+    function: FunctionCallIn = Field(description="The call.")
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Author role.")
     content: Union[str, list[TextContentPart], None] = Field(None, description="Text or text parts.")
     name: str | None = Field(None, description="Optional author name.")
+    tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant message's tool calls.")
+    tool_call_id: str | None = Field(None, description="The call a tool message answers.")
+    reasoning_content: str | None = Field(None, description="An assistant message's reasoning (vLLM/Qwen3).")
+    reasoning: str | None = Field(None, description="Alias of reasoning_content (vLLM 0.32's name).")
 
     def text(self) -> str:
         if self.content is None:
@@ -97,6 +137,29 @@ class ChatMessage(_Strict):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it (Qwen3's: tool calls with their arguments as
+        objects, tool results, reasoning)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": tc.id, "type": "function",
+                                  "function": {"name": tc.function.name, "arguments": _json_or_text(tc.function.arguments)}}
+                                 for tc in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if (reasoning := self.reasoning_content or self.reasoning) is not None:
+            out["reasoning_content"] = reasoning
+        return out
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 # Bookkeeping fields of OpenAI's requests that change no output: accepted, ignored.
@@ -193,8 +256,7 @@ class SamplingFields(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("audio", "function_call", "functions", "prediction", "web_search_options",
-                   "verbosity", "moderation", "prompt_cache_options", "reasoning_effort",
-                   "tools", "tool_choice", "parallel_tool_calls")
+                                              "verbosity", "moderation", "prompt_cache_options", "reasoning_effort")
 
     messages: list[ChatMessage] = Field(description="The conversation, oldest first.", min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
@@ -205,6 +267,11 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = Field(True, description="vLLM: end the prompt with the assistant header.")
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description="vLLM: extra variables for the chat template (e.g. enable_thinking).")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: ToolChoice | None = Field(
+        None, description="none, auto (default with tools), required, or a named function.")
+    parallel_tool_calls: bool | None = Field(None, description="Allow more than one call (default true).")
+    include_reasoning: bool = Field(True, description="vLLM: return the reasoning (when the model has a parser).")
 
     @model_validator(mode="after")
     def _check_logprobs(self):
@@ -299,6 +366,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: dict[str, Any]
     lora: str | None = None
+    # chat requests on a model with output parsers: what they need (`api.tools.parse_spec`)
+    parse: dict[str, Any] | None = None
 
 
 @dataclass
@@ -316,6 +385,10 @@ class GenerationChunk:
     # the prompt's tokens with their log-probabilities (completions `echo` + `logprobs`; the
     # first token has none): in the first chunk of each choice
     prompt_logprobs: list[tuple[str, float | None, list[tuple[str, float]]]] | None = None
+    # chat on a model with output parsers: the reasoning moved out of `text`, and the tool
+    # calls the model made (whole when not streaming; OpenAI stream deltas when streaming)
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -333,117 +406,3 @@ class EncodedClassify:
 
     prompts: list[list[int]]
     label_ids: list[list[int]]
-
-
-# ------------------------------------------------------------------- responses
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def chat_logprobs(entries) -> dict[str, Any] | None:
-    """OpenAI's chat `logprobs` object from (token, logprob, alternatives) entries."""
-    if entries is None:
-        return None
-
-    def one(token: str, lp: float) -> dict[str, Any]:
-        return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "surrogatepass"))}
-
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]}
-                        for t, lp, alts in entries],
-            "refusal": None}
-
-
-def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
-    """OpenAI's legacy completions `logprobs` object; `text_offset` counts from the start of
-    the choice's text. Each position's `top_logprobs` holds the sampled token and the `k` most
-    likely ones (up to k+1, as OpenAI's legacy API); an echoed prompt's first token has none."""
-    if entries is None:
-        return None
-    offsets, pos = [], text_offset
-    for t, _, _ in entries:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if lp is None else {t: lp, **{a: alp for a, alp in alts}}
-                             for t, lp, alts in entries],
-            "text_offset": offsets}
-
-
-def echoed_logprobs(chunk: "GenerationChunk"):
-    """A completions choice's logprobs entries, the echoed prompt's first."""
-    if chunk.logprobs is None or chunk.prompt_logprobs is None:
-        return chunk.logprobs
-    return chunk.prompt_logprobs + chunk.logprobs
-
-
-def chat_choice(index: int, text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
-
-
-def text_choice(index: int, text: str, finish: str | None, logprobs=None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
-
-
-def chat_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def text_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
-               use: dict[str, int] | None = None, index: int = 0, logprobs=None) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}],
-    }
-    if use is not None:
-        out["usage"] = use
-    return out
-
-
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
-                     use: dict[str, int] | None = None, index: int = 0, logprobs=None,
-                     text_offset: int = 0) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": completion_logprobs(logprobs, text_offset),
-                     "finish_reason": finish}],
-    }
-    if use is not None:
-        out["usage"] = use
-    return out
-
-
-def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict[str, int]) -> dict[str, Any]:
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
-
-
-def model_card(model_id: str, owned_by: str, root: str | None = None, parent: str | None = None,
-               created: int | None = None) -> dict[str, Any]:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created or int(time.time()),
-        "owned_by": owned_by,
-        "root": root or model_id,
-        "parent": parent,
-    }

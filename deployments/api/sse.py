@@ -9,16 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from deployments.api import errors
+from deployments.api import errors, tools
 from deployments.api.errors import APIError
-from deployments.api.protocol import (
-    GenerationChunk,
-    chat_chunk,
-    completion_chunk,
-    echoed_logprobs,
-    usage,
-    usage_chunk,
-)
+from deployments.api.protocol import GenerationChunk
+from deployments.api.responses import chat_chunk, completion_chunk, echoed_logprobs, usage, usage_chunk
 
 SSE_DONE = b"data: [DONE]\n\n"
 MEDIA_TYPE = "text/event-stream"
@@ -44,6 +38,7 @@ class StreamContext:
     n: int = 1
     logprobs: bool = False
     echo: str = ""  # completions: the prompt text each choice's first chunk starts with
+    forced: Any = None  # chat: the tool_choice that forces a call (its output becomes tool-call deltas)
 
 
 class ChunkRenderer:
@@ -53,9 +48,11 @@ class ChunkRenderer:
     def __init__(self, ctx: StreamContext, trace):
         self.ctx, self.trace = ctx, trace
         self.completion_tokens = 0
-        self.fast = ctx.n == 1 and not ctx.logprobs and not ctx.echo
+        self.fast = ctx.n == 1 and not ctx.logprobs and not ctx.echo and ctx.forced is None
         self.offsets = [0] * ctx.n  # completions: each choice's text length so far
         self.echoed = [False] * ctx.n
+        self.forced = [tools.ForcedCallStream(ctx.forced) for _ in range(ctx.n)] if ctx.forced is not None else None
+        self.called = [False] * ctx.n
         template = (chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"}) if ctx.chat
                     else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0"))
         self.head, self.tail = sse(template).split(b'"\\u0000"')
@@ -70,15 +67,19 @@ class ChunkRenderer:
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
         self.completion_tokens += chunk.num_tokens
         self.trace.chunk(chunk.num_tokens)
-        if not chunk.text and not chunk.finish_reason and not chunk.logprobs:
+        if not (chunk.text or chunk.finish_reason or chunk.logprobs or chunk.reasoning or chunk.tool_calls):
             return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
         c = self.ctx
-        if self.fast and chunk.finish_reason is None and not c.continuous_usage:
+        if self.fast and chunk.finish_reason is None and not c.continuous_usage \
+                and chunk.reasoning is None and not chunk.tool_calls:
             return self.head + json.dumps(chunk.text, ensure_ascii=False).encode() + self.tail
         use = self.usage() if c.continuous_usage else None
         if c.chat:
-            return sse(chat_chunk(c.request_id, c.model, c.created, {"content": chunk.text},
-                                  chunk.finish_reason, use, chunk.index, chunk.logprobs))
+            delta, finish = self.delta(chunk)
+            if not delta and finish is None and not chunk.logprobs:
+                return None
+            return sse(chat_chunk(c.request_id, c.model, c.created, delta, finish, use, chunk.index,
+                                  chunk.logprobs))
         text, logprobs = chunk.text, chunk.logprobs
         if c.echo and not self.echoed[chunk.index]:
             self.echoed[chunk.index] = True
@@ -87,6 +88,25 @@ class ChunkRenderer:
         self.offsets[chunk.index] += len(text)
         return sse(completion_chunk(c.request_id, c.model, c.created, text, chunk.finish_reason, use,
                                     chunk.index, logprobs, offset))
+
+    def delta(self, chunk: GenerationChunk) -> tuple[dict[str, Any], str | None]:
+        """A chat chunk's delta (content, reasoning, tool calls) and finish reason."""
+        delta: dict[str, Any] = {}
+        finish = chunk.finish_reason
+        if self.forced is not None:  # the output is the forced call's JSON
+            calls = self.forced[chunk.index].feed(chunk.text, finish is not None)
+            self.called[chunk.index] |= bool(calls)
+            if calls:
+                delta["tool_calls"] = calls
+            finish = tools.finish_reason(self.ctx.forced, self.called[chunk.index], finish)
+        else:
+            if chunk.text or not (chunk.reasoning or chunk.tool_calls):
+                delta["content"] = chunk.text
+            if chunk.tool_calls:
+                delta["tool_calls"] = chunk.tool_calls
+        if chunk.reasoning:
+            delta["reasoning_content"] = delta["reasoning"] = chunk.reasoning
+        return delta, finish
 
     def usage(self) -> dict[str, int]:
         return usage(self.ctx.prompt_tokens, self.completion_tokens)

@@ -10,51 +10,25 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal, Union
-
-from pydantic import Field
+from typing import Any
 
 from deployments.api import errors
-from deployments.api.protocol import _Strict
+from deployments.api.protocol import NamedToolChoice, Tool, ToolChoice
 
 MAX_TOOLS = 128
 
 
-class FunctionDefinition(_Strict):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", description="Function name.")
-    description: str | None = Field(None, description="What the function does (shown to the model).")
-    parameters: dict[str, Any] | None = Field(None, description="The arguments' JSON Schema.")
-    strict: bool | None = Field(None, description="Arguments always follow the schema when the call is forced.")
-
-
-class Tool(_Strict):
-    type: Literal["function"] = Field(description="Only function tools.")
-    function: FunctionDefinition = Field(description="The function.")
-
-
-class NamedFunction(_Strict):
-    name: str = Field(description="The function to call.")
-
-
-class NamedToolChoice(_Strict):
-    type: Literal["function"] = Field(description="Only function tools.")
-    function: NamedFunction = Field(description="The function to call.")
-
-
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
-
-
-class FunctionCallIn(_Strict):
-    name: str = Field(description="Function called.")
-    arguments: str = Field(description="Its arguments, a JSON string.")
-
-
-class ToolCallIn(_Strict):
-    """A tool call in an assistant message of the conversation."""
-
-    id: str = Field(description="Call id, answered by a tool message's tool_call_id.")
-    type: Literal["function"] = Field("function", description="Only function calls.")
-    function: FunctionCallIn = Field(description="The call.")
+def for_template(tools: list[Tool]) -> list[dict[str, Any]]:
+    """The tools as the chat template renders them, field for field as vLLM's server passes them
+    (`description` and `parameters` present even when null), so both render the same prompt."""
+    out = []
+    for t in tools:
+        f = t.function
+        function = {"name": f.name, "description": f.description, "parameters": f.parameters}
+        if f.strict is not None:
+            function["strict"] = f.strict
+        out.append({"type": "function", "function": function})
+    return out
 
 
 def call_id() -> str:
@@ -109,13 +83,30 @@ def forced_calls(content: str, choice: ToolChoice) -> list[dict[str, Any]]:
     yields its text as the arguments, as OpenAI does."""
     if isinstance(choice, NamedToolChoice):
         return [{"id": call_id(), "type": "function", "function": {"name": choice.function.name, "arguments": content}}]
-    try:
-        items = json.loads(content)
-    except ValueError:
-        return []
+    items = complete_items(content)
     return [{"id": call_id(), "type": "function",
              "function": {"name": item["name"], "arguments": json.dumps(item["parameters"], ensure_ascii=False)}}
             for item in items if isinstance(item, dict) and "name" in item]
+
+
+def complete_items(content: str) -> list[Any]:
+    """The complete items of a JSON array, also when the array is cut short (max_tokens): a
+    call whose JSON is whole is kept, the cut one dropped."""
+    decoder, items = json.JSONDecoder(), []
+    i = content.find("[") + 1
+    if i == 0:
+        return []
+    while i < len(content):
+        try:
+            item, i = decoder.raw_decode(content, i)
+        except ValueError:
+            break
+        items.append(item)
+        while i < len(content) and content[i] in ", \n\t\r":
+            i += 1
+        if content[i:i + 1] == "]":
+            break
+    return items
 
 
 class ForcedCallStream:
@@ -150,9 +141,9 @@ def finish_reason(choice: ToolChoice | None, called: bool, engine_reason: str | 
     return engine_reason
 
 
-def parse_spec(tools: list[Tool] | None, choice: ToolChoice | None,
-               template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def parse_spec(tools: list[Tool] | None, choice: ToolChoice | None, template_kwargs: dict[str, Any] | None,
+               include_reasoning: bool = True) -> dict[str, Any]:
     """What the model replica's parsers need (forced calls are this module's: `none` there)."""
-    return {"tools": [t.model_dump(exclude_none=True) for t in tools] if tools else None,
+    return {"tools": for_template(tools) if tools else None,
             "tool_choice": "none" if (forced(choice) or not tools) else (choice or "auto"),
-            "chat_template_kwargs": template_kwargs}
+            "chat_template_kwargs": template_kwargs, "include_reasoning": include_reasoning}

@@ -54,3 +54,19 @@ def cpu_engine_env(config: ServiceConfig, num_cpus: float | None) -> dict[str, s
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": str(max(1, int(num_cpus or 1))),
     }
+
+
+def server_flags(config: ServiceConfig) -> list[str]:
+    """The flags that give vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)
+    what our service adds around the same engine, for side-by-side runs: the configured LoRA
+    adapters, the tool-call parser (`auto` tool choice) and the reasoning parser."""
+    from deployments.config import resolve_path
+
+    m, flags = config.model, []
+    if config.lora.adapters:
+        flags += ["--lora-modules", *(f"{name}={resolve_path(path)}" for name, path in config.lora.adapters.items())]
+    if m.tool_call_parser:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", m.tool_call_parser]
+    if m.reasoning_parser:
+        flags += ["--reasoning-parser", m.reasoning_parser]
+    return flags

@@ -18,7 +18,14 @@ class OutputParsers:
 
     def __init__(self, tokenizer, tool_parser: str | None, reasoning_parser: str | None, model_name: str):
         from vllm.parser.parser_manager import ParserManager
+        from vllm.reasoning import ReasoningParserManager
+        from vllm.tool_parsers import ToolParserManager
 
+        for field, name, known in (("model.tool_call_parser", tool_parser, ToolParserManager.list_registered()),
+                                   ("model.reasoning_parser", reasoning_parser,
+                                    ReasoningParserManager.list_registered())):
+            if name is not None and name not in known:
+                raise ValueError(f"{field} {name!r} is not one of vLLM's parsers: {sorted(known)}")
         self.tokenizer = tokenizer
         self.auto_tools = tool_parser is not None
         self.cls = ParserManager.get_parser(tool_parser_name=tool_parser, reasoning_parser_name=reasoning_parser,

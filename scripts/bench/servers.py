@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from cluster.processes import ManagedProcess, free_port
 from deployments.config import ServiceConfig, deep_merge
+from deployments.engine import server_flags
 from scripts.bench.common import CHILD_READY, ENTRY, REPO, RUN_MARKER_ENV
 
 
@@ -204,7 +205,8 @@ class Servers:
         kwargs, engine_env = engine_kwargs_for(args, self.cpu())
         port = free_port()
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                "--port", str(port), *vllm_cli_args(kwargs), *shlex.split(self.opts.vllm_args or "")]
+                "--port", str(port), *vllm_cli_args(kwargs),
+                *server_flags(ServiceConfig.model_validate(args)), *shlex.split(self.opts.vllm_args or "")]
         env = self._base_env("vllm")
         env.update(engine_env)
         env.update(self.opts.vllm_env)
