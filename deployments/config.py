@@ -277,6 +277,12 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def base_options(name: str, **options: Any) -> dict[str, Any]:
+    """A deployment class's `DEFAULT_OPTIONS`: what all three share (one replica, structured JSON
+    logs with request ids and never a prompt) with the class's own `options` over it."""
+    return {"name": name, "logging_config": {"encoding": "JSON"}, "num_replicas": 1, **options}
+
+
 def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: str) -> dict[str, Any]:
     """A deployment class's DEFAULT_OPTIONS with `config.deployments[key]` deep-merged over them.
 

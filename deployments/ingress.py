@@ -38,7 +38,7 @@ from deployments.api.protocol import (
 )
 from deployments.api.tokenize import DetokenizeRequest, ServingTokenize, TokenizeRequest
 from deployments.classification import labels_for_model
-from deployments.config import REPO_ROOT, ServiceConfig, current_app_name, resolve_path
+from deployments.config import REPO_ROOT, ServiceConfig, base_options, current_app_name, resolve_path
 from deployments.observability import PROMETHEUS_CONTENT_TYPE, StatsRecorder
 
 logger = logging.getLogger("ray.serve")
@@ -55,16 +55,11 @@ app.add_middleware(AdmissionMiddleware)
 class IngressRouter:
     """Serve deployment class (plain class; `serve_app` wraps it with `serve.ingress(app)`)."""
 
-    DEFAULT_OPTIONS: dict[str, Any] = {
-        "name": "IngressRouter",
-        "logging_config": {"encoding": "JSON"},  # structured logs with request ids; no prompts
-        "num_replicas": 1,
-        "max_ongoing_requests": 1000,
-        "ray_actor_options": {"num_cpus": 0.25},
-        # Old replicas drain on redeploy/downscale; graceful_shutdown_timeout_s is derived from
-        # limits.request_timeout_s (serve_app.app_options) so every request reaches its deadline.
-        "graceful_shutdown_wait_loop_s": 2,
-    }
+    # Old replicas drain on redeploy/downscale; graceful_shutdown_timeout_s is derived from
+    # limits.request_timeout_s (serve_app.app_options) so every request reaches its deadline.
+    DEFAULT_OPTIONS: dict[str, Any] = base_options(
+        "IngressRouter", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25},
+        graceful_shutdown_wait_loop_s=2)
 
     async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig,
                        model_options: dict[str, Any]):

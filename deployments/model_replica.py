@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 
 from deployments.adapters import AdapterRegistry, validate_adapter_dir
 from deployments.classification import label_scoring_tokens
-from deployments.config import ServiceConfig, current_app_name
+from deployments.config import ServiceConfig, base_options, current_app_name
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
@@ -29,18 +29,11 @@ logger = logging.getLogger("ray.serve")
 class ModelReplica:
     """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
 
-    DEFAULT_OPTIONS: dict[str, Any] = {
-        "name": "ModelReplica",
-        "logging_config": {"encoding": "JSON"},  # structured logs with request ids; no prompts
-        "num_replicas": 1,
-        "max_ongoing_requests": 3,
-        "max_queued_requests": 10,
-        "ray_actor_options": {"num_cpus": 1},
-        "health_check_period_s": 10,
-        "health_check_timeout_s": 30,
-        "graceful_shutdown_wait_loop_s": 2,
-        # graceful_shutdown_timeout_s: derived from limits.request_timeout_s (serve_app.app_options)
-    }
+    # The user's GPU semaphore (3) and waiting queue (10). graceful_shutdown_timeout_s is derived
+    # from limits.request_timeout_s (serve_app.app_options).
+    DEFAULT_OPTIONS: dict[str, Any] = base_options(
+        "ModelReplica", max_ongoing_requests=3, max_queued_requests=10, ray_actor_options={"num_cpus": 1},
+        health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_wait_loop_s=2)
 
     async def __init__(self, config: dict[str, Any] | ServiceConfig, options: dict[str, Any]):
         """`options`: this deployment's Serve options as the builder computed them

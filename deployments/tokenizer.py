@@ -19,7 +19,7 @@ import logging
 import re
 from typing import Any
 
-from deployments.config import ServiceConfig
+from deployments.config import ServiceConfig, base_options
 from deployments.api.errors import APIError, bad_request
 from deployments.api.protocol import EncodedClassify, EncodedPrompt
 
@@ -40,16 +40,11 @@ def _bad_text(text: str) -> bool:
 class PromptTokenizer:
     """Serve deployment class (plain class; `serve_app` applies `serve.deployment`)."""
 
-    DEFAULT_OPTIONS: dict[str, Any] = {
-        "name": "PromptTokenizer",
-        # Structured logs with request ids, no prompts. No access line per call: the ingress
-        # logs each request once, and this internal hop's line cost ~10 % of its CPU.
-        "logging_config": {"encoding": "JSON", "enable_access_log": False},
-        "num_replicas": 1,
-        "max_ongoing_requests": 256,
-        "ray_actor_options": {"num_cpus": 0.25},
-        "health_check_period_s": 10,
-    }
+    # No access line per call: the ingress logs each request once, and this internal hop's line
+    # cost ~10 % of its CPU.
+    DEFAULT_OPTIONS: dict[str, Any] = base_options(
+        "PromptTokenizer", logging_config={"encoding": "JSON", "enable_access_log": False},
+        max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25}, health_check_period_s=10)
 
     def __init__(self, config: dict[str, Any] | ServiceConfig):
         from transformers import AutoTokenizer
