@@ -114,7 +114,7 @@ class ServingGeneration:
         self.tokenizer, self.models, self.calls = tokenizer, models, calls
         self.limits, self.stats = limits, stats
         self.auto_tools = model.tool_call_parser is not None
-        self.parsing = self.auto_tools or model.reasoning_parser is not None
+        self.reasoning = model.reasoning_parser is not None
         self.unavailable = unavailable_types()
 
     async def chat(self, body: ChatCompletionRequest):
@@ -158,8 +158,10 @@ class ServingGeneration:
                 enc = await encode()
                 echo = await self._echo_text(body)
                 trace.tokenized(len(enc.token_ids))
-                parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
-                                         body.include_reasoning) if chat and self.parsing else None
+                parse = None
+                if chat and (self.reasoning or tools.parsed(body.tools, body.tool_choice)):
+                    parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
+                                             body.include_reasoning)
                 greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux,
                                          parse)
                 trace.dispatched()

@@ -63,6 +63,12 @@ def _parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
+def parsed(tools: list[Tool] | None, choice: ToolChoice | None) -> bool:
+    """Whether the model replica's tool parser reads this request's output (`auto` with tools);
+    other requests skip it: no per-step parsing cost."""
+    return bool(tools) and choice in (None, "auto")
+
+
 def forced_schema(tools: list[Tool], choice: ToolChoice, parallel: bool | None) -> dict[str, Any]:
     """The JSON schema the output is constrained to: a named function's parameters, or (for
     `required`) a list of `{"name", "parameters"}` calls of the given tools (vLLM's format),
