@@ -395,6 +395,40 @@ def test_lora_path_does_not_expand_environment_variables(url, lora_path):
     assert CANARY not in r.text
 
 
+HUGE_ENUM = {"type": "object", "properties": {"x": {"type": "string", "enum": [f"v{i}" for i in range(20_000)]}},
+             "required": ["x"]}
+
+
+@pytest.mark.parametrize("extra", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}},
+    {"structured_outputs": {"regex": "(((("}},
+    {"structured_outputs": {"grammar": "root ::= "}},
+    {"structured_outputs": {"json": "{not json"}},
+    {"structured_outputs": {}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": HUGE_ENUM}}],
+     "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+               for i in range(129)], "tool_choice": "required"},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"$ref": "#/properties/a"}}}}}], "tool_choice": "required"},
+    {"n": 4}, {"n": 5}, {"n": 0}, {"n": 10**9},
+    {"logprobs": True, "top_logprobs": 20}, {"logprobs": True, "top_logprobs": 21}, {"top_logprobs": 3},
+    {"logit_bias": {"99999999": 5}}, {"logit_bias": {"1": 1000}},
+    {"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}},
+], ids=lambda e: "-".join(sorted(e))[:40])
+def test_new_fields_bad_input_is_4xx_or_served(url, extra):
+    """The fields the API gained (structured outputs, tools, n, logprobs, logit_bias, template
+    kwargs) at and past their limits: an OpenAI 4xx or a 200, never a 500, never a hang."""
+    t0 = time.monotonic()
+    r = post(url, "/v1/chat/completions", timeout=60,
+             json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "体育新闻"}], **extra})
+    assert time.monotonic() - t0 < 60
+    assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert is_openai_error(r.json()), r.text[:300]
+
+
 def test_service_still_serves_after_bad_input(url):
     still_serves(url)
     h = httpx.get(f"{url}/health", timeout=30)
