@@ -86,13 +86,14 @@ class PromptTokenizer:
         """`{"count", "max_model_len", "tokens", "token_strs"}` of a text prompt."""
         return await self._run(len(prompt), self._tokenize_prompt, prompt, add_special_tokens, return_token_strs)
 
-    async def tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+    async def tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             add_special_tokens: bool = False, return_token_strs: bool = False,
-                            template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                            template_kwargs: dict[str, Any] | None = None,
+                            tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The same for a conversation, encoded exactly as `encode_chat` encodes it."""
         size = sum(len(m.get("content") or "") for m in messages)
         return await self._run(size, self._tokenize_chat, messages, add_generation_prompt, add_special_tokens,
-                               return_token_strs, template_kwargs)
+                               return_token_strs, template_kwargs, tools)
 
     async def detokenize(self, tokens: list[int]) -> str:
         """Token ids → text (special tokens kept, as vLLM's /detokenize); a 400 for an id
@@ -190,9 +191,10 @@ class PromptTokenizer:
             raise bad_request("prompt is not valid Unicode (lone surrogate)", "prompt")
         return self._tokens(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), return_token_strs)
 
-    def _tokenize_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool, add_special_tokens: bool,
-                       return_token_strs: bool, template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-        ids = self._chat_ids(messages, add_generation_prompt, template_kwargs)
+    def _tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool,
+                       return_token_strs: bool, template_kwargs: dict[str, Any] | None,
+                       tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        ids = self._chat_ids(messages, add_generation_prompt, template_kwargs, tools)
         if add_special_tokens:  # vLLM encodes the rendered chat with add_special_tokens=True
             prefix, suffix = self._special_affixes
             ids = prefix + ids + suffix

@@ -52,6 +52,7 @@ def test_chat_count_is_chat_completions_prompt_tokens(base_url, name):
 @pytest.mark.parametrize("extra", [
     {"add_generation_prompt": False},
     {"chat_template_kwargs": {"enable_thinking": False}},
+    {"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]},
 ])
 def test_chat_options_count_as_chat_completions_does(base_url, extra):
     out = ok(tokenize(base_url, {"messages": MESSAGES, **extra}))
@@ -141,7 +142,8 @@ def _error(r: httpx.Response, status: int) -> dict:
     ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 7 * 7 }}"}, "chat_template", "unsupported_parameter"),
     ("/tokenize", {"messages": MESSAGES, "continue_final_message": True}, "continue_final_message",
      "unsupported_parameter"),
-    ("/tokenize", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "unsupported_parameter"),
+    ("/tokenize", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools.0.function", None),
+    ("/tokenize", {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", None),
     ("/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}},
      "chat_template_kwargs", None),
     ("/tokenize", {"messages": MESSAGES, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs", None),

@@ -24,9 +24,9 @@ from typing import Any, ClassVar
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from deployments.api import errors
+from deployments.api import errors, tools
 from deployments.api.models import ModelDirectory
-from deployments.api.protocol import ChatMessage, _Strict
+from deployments.api.protocol import ChatMessage, Tool, _Strict
 from deployments.config import LimitsConfig
 
 
@@ -36,8 +36,8 @@ class TokenizeRequest(_Strict):
 
     # chat-only fields vLLM accepts that are not implemented here: a 400 naming them when set
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "continue_final_message", "chat_template", "tools", "media_io_kwargs", "mm_processor_kwargs")
-    CHAT_ONLY: ClassVar[tuple[str, ...]] = ("add_generation_prompt", "chat_template_kwargs") + UNSUPPORTED
+        "continue_final_message", "chat_template", "media_io_kwargs", "mm_processor_kwargs")
+    CHAT_ONLY: ClassVar[tuple[str, ...]] = ("add_generation_prompt", "chat_template_kwargs", "tools") + UNSUPPORTED
 
     model: str | None = Field(None, description="Served model name, alias or adapter; default: the default model.")
     prompt: str | None = Field(None, description="Text to tokenize (give this or `messages`).")
@@ -53,7 +53,7 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool | None = Field(False, description="Also return each token's string.")
     continue_final_message: bool | None = Field(None, description="Not supported here (a 400 when true).")
     chat_template: str | None = Field(None, description="Not supported here: the model's own template is used.")
-    tools: list[Any] | None = Field(None, description="Not supported here (a 400 when non-empty).")
+    tools: list[Tool] | None = Field(None, description="Chat only: tools, rendered as chat completions render them.")
     media_io_kwargs: dict[str, Any] | None = Field(None, description="Not supported here (text only).")
     mm_processor_kwargs: dict[str, Any] | None = Field(None, description="Not supported here (text only).")
 
@@ -95,11 +95,12 @@ class ServingTokenize:
                 raise errors.bad_request(
                     f"messages: at most {self.limits.max_messages} messages per request "
                     f"(got {len(body.messages)})", "messages", "too_many_messages")
-            # the same flattening as ServingGeneration.chat, so the count is the same
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            # the same messages and tools as ServingGeneration.chat, so the count is the same
+            messages = [m.for_template() for m in body.messages]
             call = self.tokenizer.tokenize_chat.remote(
                 messages, _default(body.add_generation_prompt, True), _default(body.add_special_tokens, False),
-                bool(body.return_token_strs), body.chat_template_kwargs)
+                bool(body.return_token_strs), body.chat_template_kwargs,
+                tools.for_template(body.tools) if body.tools else None)
         return JSONResponse(await self._call(call))
 
     async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:
