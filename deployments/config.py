@@ -189,6 +189,17 @@ class ClassificationConfig(_Strict):
     max_input_chars: int = Field(2000, gt=0, description="Longest text accepted, in characters.")
 
 
+class CompatConfig(_Strict):
+    """Compatibility with the replaced Flask service's clients (docs/migration.md). Its other
+    fields (/health `gpu` and `limits.*`, /stats `statistics`, the 503's `queue_size`, the
+    `vllm_*` gauges) are always present beside ours; only what would change ours is switched."""
+
+    legacy_health_status: bool = Field(
+        False, description="GET /health says `status: ok` when healthy (the replaced service's "
+        "word) instead of `healthy`; `unhealthy` and the HTTP status (200/503) are the same either way.",
+    )
+
+
 class ServiceConfig(_Strict):
     """Everything `serve_app.build_app` needs. Given as the application's `args`."""
 
@@ -209,6 +220,9 @@ class ServiceConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Optional API-key authentication.")
     observability: ObservabilityConfig = Field(
         default_factory=ObservabilityConfig, description="Cluster-wide /stats, /metrics, Prometheus."
+    )
+    compat: CompatConfig = Field(
+        default_factory=CompatConfig, description="Compatibility with the replaced Flask service's clients."
     )
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto",

@@ -28,6 +28,7 @@ from deployments.api import errors
 from deployments.api.classify import ServingClassify
 from deployments.api.errors import APIError
 from deployments.api.generation import ServingGeneration
+from deployments.api.health import ServingHealth
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
     ChatCompletionRequest,
@@ -89,6 +90,8 @@ class IngressRouter:
         self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,
                                           self.config.classification, labels, self.stats)
         self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)
+        self.health_check = ServingHealth(model, self.config, model_options, self.calls, self.limiter,
+                                          self.auth.enabled)
         logger.info("ingress ready: rate limits %s, auth %s", self.limiter.describe(),
                     "on" if self.auth.enabled else "off")
 
@@ -183,20 +186,7 @@ class IngressRouter:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """Healthy only when the model deployment has a running replica whose engine answers."""
-        report: dict[str, Any] = {"model": self.model_id, "limits": self._limits_report()}
-        ok = True
-        try:
-            report["replica"] = await asyncio.wait_for(self.model.health.remote(), timeout=5.0)
-            ok = report["replica"].get("engine") == "ok"
-        except Exception as exc:
-            report["replica"], ok = _replica_state(exc)
-        report["deployments"] = _deployment_states()
-        model_state = report["deployments"].get("ModelReplica")
-        if model_state is not None and model_state.get("running_replicas", 0) == 0:
-            ok = False
-        report["status"] = "healthy" if ok else "unhealthy"
-        report["accelerator_memory_gb"] = (report.get("replica") or {}).get("accelerator_memory_gb")
-        return JSONResponse(report, status_code=200 if ok else 503)
+        return await self.health_check.health()
 
     @app.get("/stats")
     async def stats(self) -> JSONResponse:
@@ -218,49 +208,3 @@ class IngressRouter:
         except Exception as exc:
             logger.warning("stats actor unavailable: %s", exc)
             raise errors.engine_unavailable("Statistics are briefly unavailable; retry.") from None
-
-    def _limits_report(self) -> dict[str, Any]:
-        opts = self.model_options
-        return {
-            "max_ongoing_requests": opts.get("max_ongoing_requests"),
-            "max_queued_requests": opts.get("max_queued_requests"),
-            "autoscaling": bool(opts.get("autoscaling_config")),
-            # this ingress replica's capacity gate: requests it has in flight to the model
-            # deployment against the most Serve admits from it (None: Serve alone decides)
-            **self.calls.report(),
-            "max_tokens_cap": self.limits.max_tokens_cap,
-            "max_model_len": self.config.engine.max_model_len,
-            "request_timeout_s": self.limits.request_timeout_s,
-            "default_temperature": self.limits.default_temperature,
-            "rate_limits": self.limiter.describe(),
-        }
-
-
-def _replica_state(exc: Exception) -> tuple[dict[str, Any], bool]:
-    """/health's `replica` entry when the model replica's deep health call did not answer."""
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(exc, BackPressureError):
-        return {"engine": "busy (all slots and queue places taken)"}, True
-    if isinstance(exc, asyncio.TimeoutError):
-        return {"engine": "busy (no answer within 5 s)"}, True
-    return {"engine": f"unavailable: {type(exc).__name__}"}, False
-
-
-def _deployment_states() -> dict[str, Any]:
-    try:
-        from ray import serve
-
-        app_name = serve.get_replica_context().app_name
-        status = serve.status().applications[app_name]
-    except Exception as exc:  # outside Serve, or the controller is briefly unreachable
-        return {"error": f"{type(exc).__name__}"}
-    out = {}
-    for name, dep in status.deployments.items():
-        states = {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
-        out[name] = {
-            "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
-            "replica_states": states,
-            "running_replicas": states.get("RUNNING", 0),
-        }
-    return out

@@ -19,6 +19,7 @@ from deployments.adapters import AdapterRegistry, validate_adapter_dir
 from deployments.classification import label_scoring_tokens
 from deployments.config import ServiceConfig, base_options, current_app_name
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
+from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
 from deployments.api.protocol import GenerationChunk, GenerationRequest
@@ -324,6 +325,7 @@ class ModelReplica:
             "num_unfinished_requests": self.engine.get_num_unfinished_requests(),
             "engine_priority": self.engine_priority,
             "accelerator_memory_gb": _accelerator_memory(self.on_cpu),
+            "gpu": gpu_memory_gb(self.on_cpu),  # the replaced service's /health `gpu` (NVML)
         }
 
     def __del__(self):

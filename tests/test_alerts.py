@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -168,6 +169,110 @@ def test_real_prometheus_scrapes_exposition_and_loads_rules(promtool):
 
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # stopped by pid
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --------------------------------------------------------------------------- the replaced service's rules
+
+LEGACY_RULES = {  # ../shared/LEGACY_API.md, as deployed by the replaced service
+    "HighQueueLength": {"expr": "vllm_num_waiting_requests > 5", "for": "1m", "labels": {"severity": "warning"}},
+    "HighTTFT": {"expr": "vllm_ttft_p95 > 2", "for": "5m", "labels": {"severity": "warning"}},
+}
+
+
+def test_legacy_rules_are_verbatim():
+    groups = yaml.safe_load((MON / "legacy_alerts.yaml").read_text())["groups"]
+    assert [g["name"] for g in groups] == ["vllm"]
+    assert {r["alert"]: {k: v for k, v in r.items() if k != "alert"} for r in groups[0]["rules"]} == LEGACY_RULES
+
+
+def test_promtool_legacy_rules(promtool):
+    """promtool checks monitoring/legacy_alerts.yaml and runs its unit tests
+    (monitoring/legacy_alerts_test.yaml): both fire above threshold, neither at it."""
+    r = _run(promtool, "check", "rules", "legacy_alerts.yaml")
+    assert r.returncode == 0 and "2 rules found" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = _run(promtool, "test", "rules", "legacy_alerts_test.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    tests = yaml.safe_load((MON / "legacy_alerts_test.yaml").read_text())["tests"]
+    firing = {a["alertname"] for t in tests for a in t["alert_rule_test"] if a["exp_alerts"]}
+    quiet = {a["alertname"] for t in tests for a in t["alert_rule_test"] if not a["exp_alerts"]}
+    assert firing == quiet == set(LEGACY_RULES)
+
+
+def test_real_prometheus_evaluates_legacy_rules_on_our_exposition(promtool, monkeypatch):
+    """The replaced service's rules, loaded by a real Prometheus scraping our exposition (job
+    `vllm`, path /metrics/prometheus, as they deployed it): both expressions select our
+    `vllm_*` gauges, which carry the /metrics JSON's figures. Traffic puts both above their
+    thresholds: 6 requests waiting (9 dispatched, 3 slots running) and TTFT p95 2.5 s."""
+    from deployments.observability import aggregator, recorder, traces
+
+    class Clock:  # the observability modules' `time`, moved by hand
+        t = 1000.0
+
+        def time(self):
+            return 1_700_000_000.0 + self.t
+
+        def perf_counter(self):
+            return self.t
+
+        monotonic = perf_counter
+
+    clock = Clock()
+    for module in (traces, recorder, aggregator):
+        monkeypatch.setattr(module, "time", clock)
+    actor = ServiceStatsActor(ray_metrics=False, clock=clock.monotonic)
+    ing = StatsRecorder("ingress", sink=actor, source_id="i")
+    mod = StatsRecorder("model", sink=actor, source_id="m", capacity=3)
+
+    async def traffic():
+        for i in range(3):  # finished: first token after 2.5 s, then 3 tokens 100 ms apart
+            t = ing.request_started("/v1/chat/completions", request_id=f"done{i}")
+            t.dispatched()
+            e = mod.engine_started(f"done{i}", 4)
+            clock.t += 2.5
+            for _ in range(4):
+                e.output(1)
+                clock.t += 0.1
+            e.finished()
+            t.finished(200, completion_tokens=4)
+        open_traces = []
+        for i in range(9):  # in flight: 3 running, 6 waiting
+            t = ing.request_started("/v1/chat/completions", request_id=f"open{i}")
+            t.dispatched()
+            open_traces.append(t)
+            if i < 3:
+                open_traces.append(mod.engine_started(f"open{i}", 4))
+        await mod.flush()
+        await ing.flush()
+        return open_traces
+
+    held = asyncio.run(traffic())  # noqa: F841  (kept open: they are the in-flight requests)
+    metrics = actor.metrics_json()
+    assert metrics["num_waiting_requests"] == 6 and metrics["num_running_requests"] == 3
+    assert metrics["slo"]["ttft_p95"] == pytest.approx(2.5)
+    _Exposition.text = actor.prometheus_text()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Exposition)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        with PromServer([target], job="vllm", rule_files=[MON / "legacy_alerts.yaml"]) as prom:
+            prom.wait_for_scrape()
+            # each rule's expression, exactly as deployed, selects our series
+            assert prom.wait_for_value(LEGACY_RULES["HighQueueLength"]["expr"]) == 6
+            assert prom.query_value(LEGACY_RULES["HighTTFT"]["expr"]) == pytest.approx(2.5)
+            assert prom.query_value('vllm_num_running_requests{job="vllm"}') == 3
+            assert prom.query_value("vllm_decoding_throughput_mean") == pytest.approx(10.0)  # 3 gaps in 0.3 s
+            deadline = time.monotonic() + 30
+            while True:  # evaluated: both pending (their `for` has not elapsed), none in error
+                rules = {r["name"]: r for r in prom.rules()}
+                if all(r.get("state") == "pending" for r in rules.values()) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert set(rules) == set(LEGACY_RULES)
+            assert all(r["health"] != "err" for r in rules.values()), rules
+            assert {n: r["state"] for n, r in rules.items()} == {n: "pending" for n in LEGACY_RULES}
     finally:
         server.shutdown()
         server.server_close()

@@ -119,6 +119,17 @@ def test_model_capacity_gate():
     to_zero = ServiceConfig.model_validate({"deployments": {"model": {
         "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}})
     assert ModelCapacity.from_options(model_options(to_zero)).assured == 10  # no replica yet: the queue only
+    # a request for n choices takes n places (its n engine sequences)
+    weighted = ModelCapacity(13)
+    three = weighted.acquire(1, weight=3)
+    assert weighted.in_flight == 3
+    rest = [weighted.acquire(1, weight=2) for _ in range(5)]
+    with pytest.raises(APIError):
+        weighted.acquire(1, weight=1)
+    three.release()
+    assert weighted.in_flight == 10 and weighted.acquire(1, weight=3).weight == 3
+    assert ModelCapacity(2).acquire(1, weight=5).weight == 2  # never more than the whole gate
+    del rest
     unbounded = ServiceConfig.model_validate({"deployments": {"model": {"max_queued_requests": -1}}})
     assert ModelCapacity.from_options(model_options(unbounded)).limit is None
 

@@ -35,14 +35,16 @@ class ModelCapacity:
     to that count a refusal by Serve's router is its counting race, not a full queue (see
     `ModelCalls.start`)."""
 
-    def __init__(self, limit: int | None, assured: int | None = None):
+    def __init__(self, limit: int | None, assured: int | None = None, max_queued: int | None = None):
         self.limit, self.in_flight = limit, 0
         self.assured = limit if assured is None else assured
+        self.max_queued = max_queued  # the model deployment's max_queued_requests (None: unbounded)
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> "ModelCapacity":
         """From the model deployment's Serve options (`serve_app.app_options(...)["model"]`)."""
         queued = opts.get("max_queued_requests", -1)
+        max_queued = queued if isinstance(queued, int) and queued >= 0 else None
         auto = opts.get("autoscaling_config")
 
         def auto_field(name: str):
@@ -52,25 +54,30 @@ class ModelCapacity:
         fewest = auto_field("min_replicas") if auto else replicas
         fewest = 1 if fewest is None else fewest  # Serve's default min_replicas
         if queued is None or queued < 0 or not isinstance(replicas, int):
-            return cls(None)  # unbounded queue (or "auto" replicas): Serve alone decides
+            return cls(None, max_queued=max_queued)  # unbounded queue (or "auto" replicas): Serve alone decides
         ongoing = opts["max_ongoing_requests"]
-        return cls(ongoing * replicas + queued, ongoing * fewest + queued)
+        return cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued)
 
-    def acquire(self, retry_after_s: float) -> "Slot":
-        if self.limit is not None and self.in_flight >= self.limit:
-            raise errors.overloaded(retry_after_s)
-        self.in_flight += 1
-        return Slot(self, self.in_flight)
+    def acquire(self, retry_after_s: float, weight: int = 1) -> "Slot":
+        """A place for a request of `weight` engine sequences (its `n`): a request asking for n
+        choices takes n places, as it takes n of the engine's sequences (never more than the
+        whole limit, so a request the limit can hold at all is admitted when the gate is empty)."""
+        weight = max(1, min(weight, self.limit or weight))
+        if self.limit is not None and self.in_flight + weight > self.limit:
+            raise errors.overloaded(retry_after_s, max_queue_size=self.max_queued)
+        self.in_flight += weight
+        return Slot(self, self.in_flight, weight)
 
 
 class Slot:
     """One admitted request's place in the gate; `release()` is idempotent."""
 
-    __slots__ = ("owner", "position")
+    __slots__ = ("owner", "position", "weight")
 
-    def __init__(self, owner: ModelCapacity, position: int):
+    def __init__(self, owner: ModelCapacity, position: int, weight: int = 1):
         self.owner: ModelCapacity | None = owner
         self.position = position  # the in-flight count this request made on arrival
+        self.weight = weight
 
     def assured(self) -> bool:
         """Whether Serve admits this request for sure: it arrived (or the count has dropped
@@ -81,7 +88,7 @@ class Slot:
 
     def release(self) -> None:
         if self.owner is not None:
-            self.owner.in_flight -= 1
+            self.owner.in_flight -= self.weight
             self.owner = None
 
 
@@ -108,9 +115,9 @@ class ModelCalls:
         self.capacity = capacity
         self.retry_after_s = retry_after_s
 
-    def admit(self) -> Slot:
-        """A place in the gate, or the 503 at once."""
-        return self.capacity.acquire(self.retry_after_s)
+    def admit(self, weight: int = 1) -> Slot:
+        """A place in the gate for `weight` engine sequences, or the 503 at once."""
+        return self.capacity.acquire(self.retry_after_s, weight)
 
     async def start(self, slot: Slot, send: Callable[[], Any],
                     first: Callable[[Any], Awaitable[Any]] = lambda response: response):
@@ -152,7 +159,11 @@ class ModelCalls:
         except APIError:
             raise
         except _backpressure_types() as exc:
-            raise errors.overloaded(getattr(exc, "_retry_after_s", None) or self.retry_after_s) from None
+            # BackPressureError(num_queued_requests, max_queued_requests, ...): its args
+            queued, most = (tuple(exc.args[:2]) + (None, None))[:2]
+            raise errors.overloaded(getattr(exc, "_retry_after_s", None) or self.retry_after_s,
+                                    max_queue_size=most if isinstance(most, int) else self.capacity.max_queued,
+                                    queue_size=queued if isinstance(queued, int) else None) from None
         except unavailable_types() as exc:
             logger.warning("model replica unavailable: %s", exc)
             raise errors.engine_unavailable(

@@ -294,6 +294,13 @@ class RateLimiter:
         """For /health's limits report."""
         return {w.label(): w.limit for w in self.windows} if self.windows else {"enabled": False}
 
+    def summary(self, per: str = "IP") -> str:
+        """The replaced service's /health `limits.rate_limit` wording, for these windows:
+        "10 requests/minute, 100 requests/hour per IP"; "disabled" without a window."""
+        if not self.windows:
+            return "disabled"
+        return ", ".join(f"{w.limit} requests/{w.label()}" for w in self.windows) + f" per {per}"
+
     def _resolve(self):
         return get_or_create_actor(RateLimiterActor, self.actor_name, self.namespace, self.windows,
                                    pin_to_head=self.pin_to_head)

@@ -46,14 +46,16 @@ class APIError(Exception):
         code: str | int | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        fields: dict[str, Any] | None = None,
     ):
-        super().__init__(status, message, param, code, headers, extra)
+        super().__init__(status, message, param, code, headers, extra, fields)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.headers = headers or {}
-        self.extra = extra or {}
+        self.extra = extra or {}  # inside the error object
+        self.fields = fields or {}  # top level, beside the error object (the replaced service's keys)
 
     def __str__(self) -> str:
         return f"{self.status}: {self.message}"
@@ -66,7 +68,7 @@ class APIError(Exception):
             "code": self.code,
         }
         err.update(self.extra)
-        return {"error": err}
+        return {"error": err, **self.fields}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -86,7 +88,12 @@ def model_not_found(model: str) -> APIError:
     )
 
 
-def overloaded(retry_after_s: float | None, detail: str = "") -> APIError:
+def overloaded(retry_after_s: float | None, detail: str = "", max_queue_size: int | None = None,
+               queue_size: int | None = None) -> APIError:
+    """The queue-full 503. Beside the OpenAI error object it carries the replaced service's
+    `queue_size` (requests waiting when this one was refused: Serve's count, or, from the
+    ingress's gate, the full queue) and `max_queue_size` (the model deployment's
+    `max_queued_requests`; null when unbounded)."""
     retry = max(1, math.ceil(retry_after_s)) if retry_after_s else 1
     return APIError(
         503,
@@ -94,6 +101,8 @@ def overloaded(retry_after_s: float | None, detail: str = "") -> APIError:
         f"{retry} s.{(' ' + detail) if detail else ''}",
         code="queue_full",
         headers={"Retry-After": str(retry)},
+        fields={"queue_size": max_queue_size if queue_size is None else queue_size,
+                "max_queue_size": max_queue_size},
     )
 
 

@@ -153,7 +153,7 @@ class ServingGeneration:
             model_name, mux = await self.models.resolve(body.model)
             unary, streaming = self.models.handles(mux)
             max_tokens, encode = prepare()
-            slot = self.calls.admit()
+            slot = self.calls.admit(body.n)  # n choices: n engine sequences
             async with asyncio.timeout(timeout):
                 enc = await encode()
                 echo = await self._echo_text(body)

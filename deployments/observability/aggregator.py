@@ -235,13 +235,16 @@ class ServiceStatsActor:
             ok = self._sum(t, "requests", lambda lb: lb[1].startswith("2"))
             done = self._sum(t, "requests")
             rejections = {r: int(self._sum(t, "rejections", lambda lb, r=r: lb[0] == r)) for r in REJECTION_REASONS}
-            return {
+            statistics = {
                 "total_requests": int(self._sum(t, "requests_started")),
                 "successful_requests": int(ok),
                 "failed_requests": int(done - ok),
                 "queue_full_count": rejections["queue_full"],
                 "current_queue_size": g["waiting"],
                 "peak_queue_size": max(self._peak_waiting, g["waiting"]),
+            }
+            return {
+                **statistics,
                 "available_slots": g["available_slots"],
                 "running_requests": g["running"],
                 "in_flight_requests": g["inflight"],
@@ -249,6 +252,8 @@ class ServiceStatsActor:
                 "ingress_replicas": g["ingress_replicas"],
                 "capacity": g["capacity"],
                 "rejections": rejections,
+                # the replaced service's shape: these six nested (they are also top-level above)
+                "statistics": statistics,
             }
 
     def metrics_json(self) -> dict[str, Any]:
@@ -285,7 +290,7 @@ class ServiceStatsActor:
     def families(self) -> list[Any]:
         """The Prometheus metric families (prometheus_client objects)."""
         with self._lock:
-            return exposition.metric_families(*self._current(), self._hists)
+            return exposition.metric_families(*self._current(), self._hists, self.metrics_json())
 
     def prometheus_text(self) -> str:
         """Prometheus text exposition (format 0.0.4) of every family."""

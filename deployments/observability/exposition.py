@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 from typing import Any, Mapping
 
-from deployments.observability.families import BUCKETS, COUNTERS, GAUGES, HISTOGRAMS
+from deployments.observability.families import BUCKETS, COUNTERS, GAUGES, HISTOGRAMS, LEGACY_GAUGES
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -45,9 +45,10 @@ def new_histograms() -> dict[str, HistogramCounts]:
 
 
 def metric_families(totals: Mapping[tuple[str, tuple], float], gauges: Mapping[str, int],
-                    hists: Mapping[str, HistogramCounts]) -> list[Any]:
+                    hists: Mapping[str, HistogramCounts], metrics: Mapping[str, Any] | None = None) -> list[Any]:
     """The families as prometheus_client objects, from the cluster-wide counter totals
-    (`(counter, labels) -> value`), gauges and histograms."""
+    (`(counter, labels) -> value`), gauges and histograms; with `metrics` (the /metrics JSON)
+    the replaced service's `LEGACY_GAUGES` too."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     fams: list[Any] = []
@@ -65,6 +66,14 @@ def metric_families(totals: Mapping[tuple[str, tuple], float], gauges: Mapping[s
     for key, (name, doc) in HISTOGRAMS.items():
         h = hists[key]
         fams.append(HistogramMetricFamily(name, doc, buckets=h.cumulative(), sum_value=h.sum))
+    for name, (doc, path) in LEGACY_GAUGES.items() if metrics is not None else ():
+        value: Any = metrics
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        fam = GaugeMetricFamily(name, doc)
+        if value is not None:
+            fam.add_metric([], value)
+        fams.append(fam)
     return fams
 
 

@@ -26,6 +26,23 @@ GAUGES: dict[str, tuple[str, str]] = {
                         "Free request slots: healthy replicas x max_ongoing_requests - running."),
 }
 
+# The replaced Flask service's gauges, exposed beside ours so that its dashboards and alert
+# rules keep working (docs/migration.md): family name -> (help, path of the same figure in the
+# /metrics JSON). Underscores, not vLLM's own `vllm:` prefix with a colon: no clash. A figure
+# that is null there (no request in the SLO window) is left out (the family, without a sample).
+# Not mirrored through Ray: the native families above are.
+LEGACY_GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vllm_num_waiting_requests": ("Requests waiting for a model slot (= llm_requests_waiting; "
+                                  "the replaced service's name).", ("num_waiting_requests",)),
+    "vllm_num_running_requests": ("Requests running on a model replica (= llm_requests_running; "
+                                  "the replaced service's name).", ("num_running_requests",)),
+    "vllm_ttft_p95": ("Time to first token p95 in seconds over the SLO window (/metrics slo.ttft_p95; "
+                      "the replaced service's name).", ("slo", "ttft_p95")),
+    "vllm_decoding_throughput_mean": ("Mean per-request decoding throughput in tokens/s over the SLO window "
+                                      "(/metrics slo.decoding_throughput_mean; the replaced service's name).",
+                                      ("slo", "decoding_throughput_mean")),
+}
+
 # Histogram buckets (seconds). TTFT has 0.5 (the user's target) and 2 (the alert threshold).
 BUCKETS: dict[str, tuple[float, ...]] = {
     "ttft": (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 30.0, 60.0, 120.0),
