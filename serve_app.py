@@ -20,7 +20,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import ServiceConfig, deployment_options
+from deployments.config import ServiceConfig, deployment_options, load_config
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
 from deployments.tokenizer import PromptTokenizer
@@ -75,7 +75,7 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder (`import_path: serve_app:build_app`)."""
-    config = ServiceConfig.model_validate(args or {})
+    config = load_config(args)  # the YAML args, then the environment (LLM_SERVE__…, the old names)
     accelerator = resolve_accelerator(config)
     options = app_options(config, accelerator)
     cfg = config.model_dump(mode="json")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -317,3 +317,82 @@ def current_app_name(default: str = "llm") -> str:
         return serve.get_replica_context().app_name or default
     except Exception:  # outside a Serve replica (unit tests, scripts)
         return default
+
+
+# --------------------------------------------------------------------------- environment
+
+ENV_PREFIX = "LLM_SERVE__"
+
+# The replaced service's container variables → the field each sets (below LLM_SERVE__ variables,
+# above the YAML `args`). VLLM_PORT is Serve's HTTP port (`http_options.port` in the Serve config
+# file), not an application setting; TENSOR_PARALLEL_SIZE has no equivalent (one GPU per replica).
+LEGACY_ENV = {
+    "VLLM_MODEL": ("model", "model_source"),
+    "MODEL_NAME": ("model", "model_id"),
+    "MAX_MODEL_LEN": ("engine", "max_model_len"),
+    "GPU_MEMORY_UTILIZATION": ("engine", "gpu_memory_utilization"),
+}
+
+
+def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """The application's config: the YAML `args`, then the replaced service's variables
+    (`LEGACY_ENV`), then any `LLM_SERVE__<SECTION>__<FIELD>` variable (e.g.
+    `LLM_SERVE__LIMITS__MAX_TOKENS_CAP=1024`, `LLM_SERVE__LORA__ADAPTERS='{"a": "/path"}'`: JSON
+    for lists and maps), read by pydantic-settings. Read once, where the application is built;
+    the deployments get the result. A variable naming no field, or a value its field refuses, is
+    an error at start naming the variable."""
+    from pydantic import ValidationError
+    from pydantic_settings import BaseSettings, SettingsConfigDict
+
+    environ = os.environ if environ is None else environ
+    ours = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
+    for key in ours:
+        section = key[len(ENV_PREFIX):].split("__", 1)[0].lower()
+        if section not in ServiceConfig.model_fields:
+            raise ValueError(f"environment variable {key}: {section!r} is not a config section or field "
+                             f"(one of {sorted(ServiceConfig.model_fields)})")
+    legacy: dict[str, Any] = {}
+    for name, (section, field) in LEGACY_ENV.items():
+        if environ.get(name):
+            legacy.setdefault(section, {})[field] = environ[name]
+
+    class Settings(ServiceConfig, BaseSettings):
+        model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                          protected_namespaces=(), case_sensitive=False)
+
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **_):
+            return (_EnvironSource(settings_cls, environ), init_settings)  # the environment wins
+
+    try:
+        settings = Settings(**deep_merge(args or {}, legacy))
+    except ValidationError as exc:
+        names = [f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in e['loc'])}" if e["loc"] else "the configuration"
+                 for e in exc.errors()]
+        legacy_used = [n for n, path in LEGACY_ENV.items() if environ.get(n)]
+        hint = f" (set by the environment: {sorted(set(ours) | set(legacy_used))})" if ours or legacy_used else ""
+        raise ValueError(f"invalid configuration{hint}: {exc.error_count()} problem(s), e.g. "
+                         f"{names[0]}: {exc.errors()[0]['msg']}\n{exc}") from None
+    return ServiceConfig.model_validate(settings.model_dump())
+
+
+def _environ_source():
+    from pydantic_settings import EnvSettingsSource
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class EnvironSource(EnvSettingsSource):
+        """pydantic-settings' environment source over a given mapping (the process's
+        environment by default; a test's dict)."""
+
+        def __init__(self, settings_cls, environ: Mapping[str, str]):
+            self._environ = environ
+            super().__init__(settings_cls)
+
+        def _load_env_vars(self):
+            return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    return EnvironSource
+
+
+def _EnvironSource(settings_cls, environ: Mapping[str, str]):
+    return _environ_source()(settings_cls, environ)
