@@ -21,6 +21,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import ServiceConfig, deployment_options, load_config
+from deployments.engine.output_parsing import check_parser_names
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
 from deployments.tokenizer import PromptTokenizer
@@ -76,6 +77,7 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Serve application builder (`import_path: serve_app:build_app`)."""
     config = load_config(args)  # the YAML args, then the environment (LLM_SERVE__…, the old names)
+    check_parser_names(config.model.tool_call_parser, config.model.reasoning_parser)
     accelerator = resolve_accelerator(config)
     options = app_options(config, accelerator)
     cfg = config.model_dump(mode="json")

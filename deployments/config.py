@@ -13,7 +13,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from deployments.admission.auth import AuthConfig
 from deployments.observability import ObservabilityConfig
@@ -341,9 +343,6 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
     for lists and maps), read by pydantic-settings. Read once, where the application is built;
     the deployments get the result. A variable naming no field, or a value its field refuses, is
     an error at start naming the variable."""
-    from pydantic import ValidationError
-    from pydantic_settings import BaseSettings, SettingsConfigDict
-
     environ = os.environ if environ is None else environ
     ours = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
     for key in ours:
@@ -376,23 +375,13 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
     return ServiceConfig.model_validate(settings.model_dump())
 
 
-def _environ_source():
-    from pydantic_settings import EnvSettingsSource
-    from pydantic_settings.sources.utils import parse_env_vars
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (the process's environment by
+    default; a test's dict)."""
 
-    class EnvironSource(EnvSettingsSource):
-        """pydantic-settings' environment source over a given mapping (the process's
-        environment by default; a test's dict)."""
+    def __init__(self, settings_cls, environ: Mapping[str, str]):
+        self._environ = environ
+        super().__init__(settings_cls)
 
-        def __init__(self, settings_cls, environ: Mapping[str, str]):
-            self._environ = environ
-            super().__init__(settings_cls)
-
-        def _load_env_vars(self):
-            return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
-
-    return EnvironSource
-
-
-def _EnvironSource(settings_cls, environ: Mapping[str, str]):
-    return _environ_source()(settings_cls, environ)
+    def _load_env_vars(self):
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)

@@ -53,3 +53,11 @@ def test_the_application_builder_reads_the_environment(monkeypatch):
         build_app({"accelerator": "cpu"})
     monkeypatch.delenv("LLM_SERVE__LIMITS__MAX_TOKENZ_CAP")
     build_app({"accelerator": "cpu"})
+
+
+@pytest.mark.parametrize("field", ["tool_call_parser", "reasoning_parser"])
+def test_an_unknown_parser_stops_the_start_naming_the_field(field):
+    from serve_app import build_app
+
+    with pytest.raises(ValueError, match=f"model.{field} 'nope'"):
+        build_app({"accelerator": "cpu", "model": {field: "nope"}})

@@ -25,6 +25,34 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 SCHEMAS = {"get_weather": WEATHER, "classify": NEWS}
 
 
+def raw(base_url: str, **body) -> dict:
+    """The JSON of a chat completion, checked against OpenAI's published schema."""
+    import httpx
+
+    from openai_schema import assert_valid
+
+    r = httpx.post(f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert_valid("CreateChatCompletionResponse", r.json(), "tool response")
+    return r.json()
+
+
+def test_tool_responses_match_openais_schema(base_url):
+    named = {"type": "function", "function": {"name": "classify"}}
+    for choice in (named, "required", "auto", "none"):
+        raw(base_url, tools=TOOLS, tool_choice=choice, max_tokens=40, temperature=0)
+    import httpx
+
+    from openai_schema import assert_valid
+
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": MESSAGES, "tools": TOOLS, "tool_choice": named, "max_tokens": 40,
+            "stream": True, "temperature": 0}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+    for i, event in enumerate(events):
+        assert_valid("CreateChatCompletionStreamResponse", json.loads(event), f"tool stream chunk {i}")
+
+
 def assert_valid_call(call) -> None:
     assert call.type == "function" and call.id
     jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
@@ -134,8 +162,26 @@ def parsers(hf_tokenizer):
     return OutputParsers(hf_tokenizer, "hermes", "qwen3", MODEL)
 
 
-def spec(tool_choice="auto"):
-    return {"tools": [t for t in TOOLS], "tool_choice": tool_choice, "chat_template_kwargs": None}
+def spec(tool_choice="auto", parallel=None):
+    return {"tools": [t for t in TOOLS], "tool_choice": tool_choice, "chat_template_kwargs": None,
+            "parallel_tool_calls": parallel}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call(parsers, hf_tokenizer):
+    """As vLLM's server: `parallel_tool_calls: false` keeps the first of the model's calls."""
+    two = ('<tool_call>\n{"name": "classify", "arguments": {"label": "sports"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_weather", "arguments": {"unit": "celsius"}}\n</tool_call>')
+    ids = hf_tokenizer.encode(two)
+    assert len(parsers.for_choice(spec(), []).final(two, ids)[2]) == 2
+    [call] = parsers.for_choice(spec(parallel=False), []).final(two, ids)[2]
+    assert call["function"]["name"] == "classify"
+    parser, deltas, sent = parsers.for_choice(spec(parallel=False), []), [], ""
+    for i, tid in enumerate(ids):
+        now = hf_tokenizer.decode(ids[:i + 1])
+        step = "" if now.endswith("\ufffd") else now[len(sent):]
+        sent += step
+        deltas += parser.delta(step, [tid], i == len(ids) - 1)[2]
+    assert deltas and {d["index"] for d in deltas} == {0}
 
 
 def test_hermes_and_qwen3_parsers_on_whole_outputs(parsers, hf_tokenizer):
@@ -201,6 +247,10 @@ def test_reasoning_parser(thinking):
                                           extra_body={"ignore_eos": True})
     message = on.choices[0].message
     assert message.reasoning_content and not message.content
+    raw = on.model_dump(exclude_unset=True)  # what the server sent, reasoning keys included
+    from openai_schema import assert_valid
+
+    assert_valid("CreateChatCompletionResponse", raw, "response with reasoning")
     streamed = thinking.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
                                                 stream=True, extra_body={"ignore_eos": True})
     text = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in streamed if c.choices)

@@ -161,7 +161,7 @@ class ServingGeneration:
                 parse = None
                 if chat and (self.reasoning or tools.parsed(body.tools, body.tool_choice)):
                     parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
-                                             body.include_reasoning)
+                                             body.include_reasoning, body.parallel_tool_calls)
                 greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux,
                                          parse)
                 trace.dispatched()

@@ -148,8 +148,9 @@ def finish_reason(choice: ToolChoice | None, called: bool, engine_reason: str | 
 
 
 def parse_spec(tools: list[Tool] | None, choice: ToolChoice | None, template_kwargs: dict[str, Any] | None,
-               include_reasoning: bool = True) -> dict[str, Any]:
+               include_reasoning: bool = True, parallel: bool | None = None) -> dict[str, Any]:
     """What the model replica's parsers need (forced calls are this module's: `none` there)."""
     return {"tools": for_template(tools) if tools else None,
             "tool_choice": "none" if (forced(choice) or not tools) else (choice or "auto"),
-            "chat_template_kwargs": template_kwargs, "include_reasoning": include_reasoning}
+            "chat_template_kwargs": template_kwargs, "include_reasoning": include_reasoning,
+            "parallel_tool_calls": parallel}

@@ -13,19 +13,27 @@ from __future__ import annotations
 from typing import Any
 
 
+def check_parser_names(tool_parser: str | None, reasoning_parser: str | None) -> None:
+    """A parser name vLLM does not have is a config error naming the field (the application
+    builder checks it at start, before any replica is made)."""
+    if tool_parser is None and reasoning_parser is None:
+        return
+    from vllm.reasoning import ReasoningParserManager
+    from vllm.tool_parsers import ToolParserManager
+
+    for field, name, manager in (("model.tool_call_parser", tool_parser, ToolParserManager),
+                                 ("model.reasoning_parser", reasoning_parser, ReasoningParserManager)):
+        if name is not None and name not in (known := manager.list_registered()):
+            raise ValueError(f"{field} {name!r} is not one of vLLM's parsers: {sorted(known)}")
+
+
 class OutputParsers:
     """vLLM's composed parser class for this model, built once per replica."""
 
     def __init__(self, tokenizer, tool_parser: str | None, reasoning_parser: str | None, model_name: str):
         from vllm.parser.parser_manager import ParserManager
-        from vllm.reasoning import ReasoningParserManager
-        from vllm.tool_parsers import ToolParserManager
 
-        for field, name, known in (("model.tool_call_parser", tool_parser, ToolParserManager.list_registered()),
-                                   ("model.reasoning_parser", reasoning_parser,
-                                    ReasoningParserManager.list_registered())):
-            if name is not None and name not in known:
-                raise ValueError(f"{field} {name!r} is not one of vLLM's parsers: {sorted(known)}")
+        check_parser_names(tool_parser, reasoning_parser)
         self.tokenizer = tokenizer
         self.auto_tools = tool_parser is not None
         self.cls = ParserManager.get_parser(tool_parser_name=tool_parser, reasoning_parser_name=reasoning_parser,
@@ -70,7 +78,10 @@ class ChoiceParser:
             "model": "parser", "messages": [{"role": "user", "content": ""}],
             "tools": spec.get("tools"), "tool_choice": spec.get("tool_choice") or "none",
             "chat_template_kwargs": spec.get("chat_template_kwargs"),
+            "parallel_tool_calls": spec.get("parallel_tool_calls"),
         })
+        # parallel_tool_calls: false keeps the first call only, as vLLM's server does
+        self.single_call = spec.get("parallel_tool_calls") is False
         self.parser = parsers.cls(parsers.tokenizer, self.request.tools,
                                   chat_template_kwargs=spec.get("chat_template_kwargs"))
 
@@ -78,11 +89,13 @@ class ChoiceParser:
         """(reasoning, content, tool calls) of a whole output."""
         reasoning, content, calls = self.parser.parse(text, self.request, enable_auto_tools=self.parsers.auto_tools,
                                                       model_output_token_ids=list(token_ids))
-        return reasoning, content, [_tool_call(tc) for tc in calls or []]
+        calls = [_tool_call(tc) for tc in calls or []]
+        return reasoning, content, calls[:1] if self.single_call else calls
 
     def delta(self, text: str, token_ids, finished: bool) -> tuple[str | None, str | None, list[dict[str, Any]]]:
         """(reasoning, content, tool-call deltas) of one engine step's output."""
         msg = self.parser.parse_delta(text, list(token_ids), self.request, self.prompt_token_ids, finished=finished)
         if msg is None:
             return None, None, []
-        return msg.reasoning, msg.content, [_delta_tool_call(tc) for tc in msg.tool_calls]
+        deltas = [_delta_tool_call(tc) for tc in msg.tool_calls if not (self.single_call and tc.index > 0)]
+        return msg.reasoning, msg.content, deltas
