@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from deployments.adapters import AdapterRegistry
 from deployments.admission.auth import ApiKeyAuth
 from deployments.admission.capacity import ModelCalls, ModelCapacity
+from deployments.admission.client_address import ClientAddress
 from deployments.admission.middleware import Admission, AdmissionMiddleware
 from deployments.admission.rate_limit import RateLimiter
 from deployments.api import errors
@@ -76,6 +77,7 @@ class IngressRouter:
         self.stats = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
         self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name)
         self.auth = ApiKeyAuth.from_config(self.config.auth)
+        self.client_address = await ClientAddress.for_ingress_replica()
         await self.limiter.ready()
         await self.stats.ready()
         adapters = AdapterRegistry(app_name)
@@ -103,7 +105,7 @@ class IngressRouter:
         served.state.admission = Admission(
             auth=self.auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
             max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
-            public_paths=frozenset(self.auth.public_paths),
+            public_paths=frozenset(self.auth.public_paths), client_address=self.client_address,
         )
         served.state.on_rejection = self.stats.record_rejection
         return served

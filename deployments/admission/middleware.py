@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.admission.auth import ApiKeyAuth
+from deployments.admission.client_address import ClientAddress
 from deployments.api.errors import APIError, route_path
 from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
 
@@ -27,6 +28,7 @@ class Admission:
     limiter: RateLimiter
     trusted_proxies: list[str]
     max_request_bytes: int
+    client_address: ClientAddress = field(default_factory=lambda: ClientAddress(fast_path=False))
     stats: Any = None  # StatsRecorder
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
 
@@ -52,8 +54,8 @@ class AdmissionMiddleware:
             extra_headers: dict[str, str] = {}
             if path in RATE_LIMITED_PATHS and adm.limiter.enabled and scope.get("method") == "POST":
                 client = scope.get("client")
-                ck = client_key(key, client[0] if client else None, headers.get("x-forwarded-for"),
-                                adm.trusted_proxies)
+                peer = adm.client_address.peer(client[0] if client else None, headers)
+                ck = client_key(key, peer, _forwarded_for(scope), adm.trusted_proxies)
                 decision = await adm.limiter.check(ck)
                 if not decision.allowed:
                     raise rate_limited_error(decision)
@@ -81,6 +83,13 @@ class AdmissionMiddleware:
             await send(message)
 
         return await self.app(scope, receive, send_with_headers)
+
+
+def _forwarded_for(scope) -> str | None:
+    """Every `X-Forwarded-For` line of the request, in order, as one list (a proxy may add its
+    own line rather than extend the client's)."""
+    lines = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"x-forwarded-for"]
+    return ", ".join(lines) if lines else None
 
 
 async def _no_body():

@@ -43,6 +43,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from deployments.admission.haproxy_wrapper import fast_path_env
 from scripts.bench.common import (DEFAULT_DATASET, DEFAULT_MODEL, DEFAULT_SERVE_CONFIG, REPO, check_loopback,
                                   now_stamp, parse_list)
 from scripts.bench.machine import machine_info
@@ -83,8 +84,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vllm-env", action="append", default=[], metavar="K=V", help="extra env for vLLM's server")
     g.add_argument("--ours-env", action="append", default=[], metavar="K=V", help="extra env for our Serve app")
     g.add_argument("--ours-env-file", type=Path, default=None, metavar="FILE",
-                   help="KEY=VALUE lines (# comments) for our Serve app's Ray cluster, e.g. "
-                   "configs/fast-path.env; --ours-env wins")
+                   help="KEY=VALUE lines (# comments) for our Serve app's Ray cluster, over the "
+                   "request path's environment; --ours-env wins")
+    g.add_argument("--ours-path", choices=["fast", "python-proxy"], default="fast",
+                   help="our app's request path: Serve's fast path as `make run` serves it "
+                   "(configs/fast-path.env + llm-serve-haproxy; default) or Serve's Python proxy")
     g.add_argument("--serve-override", default=None,
                    help="JSON deep-merged over our app's ServiceConfig args (also feeds vLLM's engine args)")
     g.add_argument("--keep-autoscaling", action="store_true",
@@ -159,7 +163,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if opts.stream is None:
         opts.stream = "both" if opts.compare else "on"
     opts.vllm_env = dict(kv.split("=", 1) for kv in opts.vllm_env)
-    opts.ours_env = {**read_env_file(opts.ours_env_file), **dict(kv.split("=", 1) for kv in opts.ours_env)}
+    path_env = fast_path_env() if opts.ours_path == "fast" else {"FORWARDED_ALLOW_IPS": ""}
+    opts.ours_env = {**path_env, **read_env_file(opts.ours_env_file),
+                     **dict(kv.split("=", 1) for kv in opts.ours_env)}
     opts.serve_override = json.loads(opts.serve_override) if opts.serve_override else None
     if opts.out_dir is None:
         opts.out_dir = REPO / "reports" / f"benchmark-{now_stamp()}"

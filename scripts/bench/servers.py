@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cluster.processes import ManagedProcess, free_port
+from deployments.admission.haproxy_wrapper import read_env_file as _read_env_file
 from deployments.config import ServiceConfig, deep_merge
 from deployments.engine import server_flags
 from scripts.bench.common import CHILD_READY, ENTRY, REPO, RUN_MARKER_ENV
@@ -67,15 +68,10 @@ def read_env_file(path: Path | None) -> dict[str, str]:
         return {}
     if not path.is_file():
         raise SystemExit(f"--ours-env-file: no such file: {path}")
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            if not sep:
-                raise SystemExit(f"{path}: not KEY=VALUE: {line!r}")
-            out[key.strip()] = value.strip()
-    return out
+    try:
+        return _read_env_file(path)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def engine_kwargs_for(args: dict[str, Any], on_cpu: bool) -> tuple[dict[str, Any], dict[str, str]]:

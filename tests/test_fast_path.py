@@ -1,0 +1,166 @@
+"""The default request path (`make run`): Serve's fast path with each client's own address.
+
+Unit tests of the pieces (our HAProxy binary's config rewrite, the client-address decision,
+the start line), then the user's command itself: `make run CONFIG=<a copy of the shipped
+config on a free port>`, driven as the replaced service's clients would: one client, 12
+requests → 10 × 200 then 2 × 429 (its 10/minute limit); the same client forging
+`X-Forwarded-For` and our own header → still limited; a second client (another loopback
+address) → served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from cluster.processes import free_port, kill_sessions, session_processes
+from deployments.admission.client_address import (CLIENT_ADDR_HEADER, ClientAddress, disable_uvicorn_forwarding,
+                                                  startup_report)
+from deployments.admission.haproxy_wrapper import RULE, SUFFIX, add_client_address, fast_path_env, rewrite_args
+from deployments.admission.middleware import _forwarded_for
+from deployments.admission.rate_limit import client_key
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The shape Ray Serve 2.60 writes (ray/serve/_private/haproxy_templates.py), abridged.
+RAY_CONFIG = """global
+    maxconn 4096
+defaults
+    mode http
+frontend prometheus
+    bind :9101
+frontend http_frontend
+    bind 127.0.0.1:8000
+    acl healthcheck path -i /-/healthz
+backend http-default
+    server SERVE_REPLICA_a 127.0.0.1:30000 check
+"""
+
+
+def test_the_rule_goes_into_the_http_frontend_only():
+    out = add_client_address(RAY_CONFIG)
+    lines = out.splitlines()
+    bind = lines.index("    bind 127.0.0.1:8000")
+    assert lines[bind + 2] == f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]"
+    assert out.count("http-request set-header") == 1 and out.replace(RULE, "") == RAY_CONFIG
+    with pytest.raises(ValueError):
+        add_client_address(RAY_CONFIG.replace("frontend http_frontend", "frontend other"))
+
+
+def test_rewrite_args_writes_beside_rays_file_and_keeps_the_rest(tmp_path, capsys):
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(RAY_CONFIG)
+    args = ["-db", "-f", str(cfg), "-dR", "-sf", "123"]
+    out = rewrite_args(args)
+    assert out == ["-db", "-f", str(cfg) + SUFFIX, "-dR", "-sf", "123"]
+    assert RULE in Path(out[2]).read_text() and cfg.read_text() == RAY_CONFIG
+    assert rewrite_args(out) == out                      # a reload of our own file: unchanged
+    cfg.write_text("global\n")                           # another shape: HAProxy on Ray's file, said so
+    assert rewrite_args(args) == args and "unchanged" in capsys.readouterr().err
+
+
+def test_fast_path_env_names_our_binary():
+    env = fast_path_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["FORWARDED_ALLOW_IPS"] == ""
+    binary = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
+    assert binary.name == "llm-serve-haproxy" and binary.is_absolute() and os.access(binary, os.X_OK)
+
+
+def test_the_client_address_decision():
+    hdr = {CLIENT_ADDR_HEADER.lower(): "198.51.100.7"}
+    python_proxy = ClientAddress(fast_path=False)
+    assert python_proxy.peer("127.0.0.1", hdr) == "127.0.0.1"        # nobody sets it there: ignored
+    fast = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"])
+    assert fast.peer("127.0.0.1", hdr) == "198.51.100.7"             # HAProxy on this node
+    assert fast.peer("::ffff:10.0.0.5", hdr) == "198.51.100.7"       # HAProxy on another node
+    assert fast.peer("10.0.0.9", hdr) == "10.0.0.9"                  # straight to the ingress port
+    assert fast.peer("127.0.0.1", {}) == "127.0.0.1"
+    # then ours: X-Forwarded-For only from a configured proxy, read right to left
+    assert client_key(None, "198.51.100.7", "203.0.113.9", ["10.0.0.0/8"]) == "ip:198.51.100.7"
+    assert client_key(None, "10.1.2.3", "203.0.113.9, 10.1.1.1", ["10.0.0.0/8"]) == "ip:203.0.113.9"
+
+
+def test_every_forwarded_for_line_counts():
+    scope = {"headers": [(b"x-forwarded-for", b"203.0.113.9"), (b"host", b"x"), (b"x-forwarded-for", b"10.1.1.1")]}
+    assert _forwarded_for(scope) == "203.0.113.9, 10.1.1.1" and _forwarded_for({"headers": []}) is None
+
+
+def test_uvicorn_forwarding_is_switched_off_and_reported():
+    env = {"FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    assert disable_uvicorn_forwarding(env) == "127.0.0.1" and env["FORWARDED_ALLOW_IPS"] == ""
+    level, line = startup_report({}, inherited_forwarding=None)
+    assert level == logging.WARNING and "Python proxy" in line and "make run" in line and "FORWARDED_ALLOW_IPS" in line
+    level, line = startup_report({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, inherited_forwarding="")
+    assert level == logging.WARNING and "llm-serve-haproxy" in line          # fast path, Ray's own HAProxy
+    fast = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": "/x/bin/llm-serve-haproxy"}
+    assert startup_report(fast, inherited_forwarding="") == (
+        logging.INFO, "request path: Serve's fast path (HAProxy direct ingress, configs/fast-path.env)")
+
+
+# ----------------------------------------------------------------------------- `make run`
+
+
+@pytest.fixture(scope="module")
+def make_run(tmp_path_factory):
+    """`make run CONFIG=...` as a user types it (the shipped config on a free port), in its own
+    session; everything it started is stopped by pid at the end."""
+    port = free_port()
+    doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    doc.setdefault("http_options", {}).update({"host": "127.0.0.1", "port": port})
+    tmp = tmp_path_factory.mktemp("make_run")
+    cfg = tmp / "serve_config.yaml"
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RATE_LIMIT_", "LLM_SERVE__"))}
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    log = (tmp / "make_run.log").open("wb")
+    proc = subprocess.Popen(["make", "--no-print-directory", "run", f"CONFIG={cfg}"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"make run did not serve: {(tmp / 'make_run.log').read_text()[-3000:]}")
+            time.sleep(2)
+        yield url, tmp / "make_run.log"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C, as a user stops it
+            proc.wait(timeout=90)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        time.sleep(5)
+        left = session_processes({proc.pid})
+        kill_sessions({proc.pid}, grace_s=20)   # whatever is left of it, by pid
+        log.close()
+        assert not left, f"still running after Ctrl-C: {sorted(left)}"
+
+
+def _chat(url: str, source: str = "127.0.0.1", **headers) -> int:
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(transport=transport, timeout=60) as c:
+        return c.post(url + "/v1/chat/completions", headers=headers,
+                      json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1}).status_code
+
+
+def test_make_run_limits_each_client_by_its_own_address(make_run):
+    url, log = make_run
+    assert "fast path" in log.read_text()
+    codes = [_chat(url) for _ in range(12)]
+    assert codes == [200] * 10 + [429] * 2, codes
+    forged = {"X-Forwarded-For": "203.0.113.9", CLIENT_ADDR_HEADER: "203.0.113.10"}
+    assert [_chat(url, **forged) for _ in range(2)] == [429, 429]
+    assert [_chat(url, source="127.0.0.2") for _ in range(2)] == [200, 200]   # a second client
