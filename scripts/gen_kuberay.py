@@ -14,6 +14,10 @@ What is generated, and from what:
 * ``kuberay/overlays/cpu/rayservice-patch.yaml``: the CPU overlay's JSON patch of the
   RayService: its ``serveConfigV2`` (``configs/serve_config.yaml`` +
   ``kuberay/overlays/cpu/serve-overrides.yaml``) and a CPU-only cluster (no GPU, no PVC).
+* the Ray containers' fast-path environment in ``kuberay/base/rayservice.yaml`` (between the
+  ``# BEGIN/END GENERATED fast-path env`` markers of each container's ``env``) and in the CPU
+  overlay's worker: ``configs/fast-path.env`` plus the image's ``llm-serve-haproxy`` as Serve's
+  HAProxy binary, the request path ``make run`` serves on.
 * ``kuberay/base/monitoring/prometheusrule.yaml``: a PrometheusRule carrying the rule groups of
   ``monitoring/alerts.yaml`` unchanged.
 
@@ -29,6 +33,8 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,7 @@ from typing import Any
 import jsonpatch
 import yaml
 
+from deployments.admission.haproxy_wrapper import fast_path_env
 from deployments.config import ServiceConfig, deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +56,11 @@ CPU_OVERRIDES = CPU_DIR / "serve-overrides.yaml"
 CPU_PATCH = CPU_DIR / "rayservice-patch.yaml"
 ALERTS = REPO / "monitoring" / "alerts.yaml"
 PROMETHEUS_RULE = BASE / "monitoring" / "prometheusrule.yaml"
+
+# Where `pip install -e .` puts console scripts in the rayproject/ray image (cluster/Dockerfile).
+IMAGE_HAPROXY = "/home/ray/anaconda3/bin/llm-serve-haproxy"
+ENV_BEGIN = "# BEGIN GENERATED fast-path env"
+ENV_END = "# END GENERATED fast-path env"
 
 APP_NAME = "llm"
 SERVE_PORT = 8000
@@ -138,6 +150,27 @@ def render_rayservice(text: str, cfg: dict[str, Any]) -> str:
     return "".join(lines[: b] + block + lines[e:])
 
 
+def fast_path_entries() -> list[dict[str, str]]:
+    """The Ray containers' `env` entries for Serve's fast path, as `make run` sets them."""
+    return [{"name": k, "value": v} for k, v in fast_path_env(binary=IMAGE_HAPROXY).items()]
+
+
+def render_env_blocks(text: str) -> str:
+    """`text` with every fast-path env block (between ENV_BEGIN and ENV_END) regenerated."""
+    entries = fast_path_entries()
+
+    def block(m: re.Match) -> str:
+        indent = m.group(1)
+        body = "".join(f"{indent}- {{name: {e['name']}, value: {json.dumps(e['value'])}}}\n" for e in entries)
+        return f"{indent}{ENV_BEGIN}\n{body}{indent}{ENV_END}\n"
+
+    out, n = re.subn(rf"^([ ]*){re.escape(ENV_BEGIN)}\n.*?^[ ]*{re.escape(ENV_END)}\n", block, text,
+                     flags=re.M | re.S)
+    if n == 0:
+        raise ConfigError(f"{RAYSERVICE.relative_to(REPO)}: no `{ENV_BEGIN}` markers in the containers' env")
+    return out
+
+
 def cpu_patch(cfg: dict[str, Any]) -> str:
     """JSON patch (RFC 6902) turning the GPU RayService into a CPU-only one."""
     head_volumes = [{"name": "ray-logs", "emptyDir": {}}]
@@ -146,7 +179,8 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
     pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
                     "seccompProfile": {"type": "RuntimeDefault"}}
     env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-           {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"}]
+           {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+           *fast_path_entries()]
     worker = {
         "groupName": "cpu",
         "replicas": 1,
@@ -229,6 +263,12 @@ def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: 
         errors.append(f"http_options.port must be {SERVE_PORT} (the serve Service's target port)")
     if cfg.get("http_options", {}).get("host") != "0.0.0.0":
         errors.append("http_options.host must be 0.0.0.0 (pods serve the Service)")
+    want_env = {e["name"]: e["value"] for e in fast_path_entries()}
+    for group in [head, *workers]:
+        for c in _containers(group["template"]):
+            have = {e["name"]: e.get("value") for e in c.get("env", [])}
+            if any(have.get(k) != v for k, v in want_env.items()):
+                errors.append(f"container {c['name']} lacks the fast-path environment (configs/fast-path.env)")
     model = args.deployments.get("model", {})
     auto = model.get("autoscaling_config") or {}
     if auto.get("target_ongoing_requests", 2) > model.get("max_ongoing_requests", 3):
@@ -265,7 +305,7 @@ def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: 
 def outputs() -> dict[Path, str]:
     """Every generated file's expected content."""
     gpu_cfg = serve_config("gpu")
-    rayservice_text = render_rayservice(RAYSERVICE.read_text(), gpu_cfg)
+    rayservice_text = render_env_blocks(render_rayservice(RAYSERVICE.read_text(), gpu_cfg))
     rayservice = yaml.safe_load(rayservice_text)
     check_consistency(rayservice, gpu_cfg, "gpu")
 

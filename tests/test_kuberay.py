@@ -443,6 +443,20 @@ def test_cpu_overlay_has_no_gpu_and_no_pvc():
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_ray_containers_run_the_fast_path(variant):
+    """Every Ray container has configs/fast-path.env and our HAProxy binary, as `make run`."""
+    from deployments.admission.haproxy_wrapper import read_env_file
+
+    want = read_env_file(gen.REPO / "configs" / "fast-path.env")
+    want["RAY_SERVE_HAPROXY_BINARY_PATH"] = gen.IMAGE_HAPROXY
+    rs = one(rendered(variant), "RayService")
+    for name, template in pod_templates(rs):
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert {k: env.get(k) for k in want} == want, (variant, name)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_pods_run_non_root_without_privileges(variant):
     rs = one(rendered(variant), "RayService")
     for name, template in pod_templates(rs):
