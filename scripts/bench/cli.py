@@ -101,6 +101,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--startup-timeout", type=float, default=600.0)
 
     g = p.add_argument_group("load")
+    g.add_argument("--client", choices=["ours", "vllm", "both"], default=None,
+                   help="load generator: ours, vLLM's `vllm bench serve` (streaming closed-loop points "
+                        "only; the referee) or both, each point run with each (default: both with "
+                        "--compare, else ours)")
     g.add_argument("--concurrency", default=None, help="closed-loop points (default 1,3,8,16,32; none with --rate only)")
     g.add_argument("--rate", default="", help="open-loop Poisson points, req/s, e.g. 5,10")
     g.add_argument("--stream", choices=["on", "off", "both"], default=None,
@@ -162,6 +166,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         opts.concurrency = parse_list(opts.concurrency)
     if opts.stream is None:
         opts.stream = "both" if opts.compare else "on"
+    if opts.client is None:
+        opts.client = "both" if opts.compare else "ours"
     opts.vllm_env = dict(kv.split("=", 1) for kv in opts.vllm_env)
     path_env = fast_path_env() if opts.ours_path == "fast" else {"FORWARDED_ALLOW_IPS": ""}
     opts.ours_env = {**path_env, **read_env_file(opts.ours_env_file),

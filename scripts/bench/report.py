@@ -47,6 +47,21 @@ def compare_text(rows: list[dict[str, Any]]) -> str:
     return table(headers, body)
 
 
+def cpu_rows(agg: dict[tuple[str, str], dict[str, Any]]) -> list[list[str]]:
+    """Per (target, point): server CPU ms per request: front end, engine, background, by role."""
+    rows = []
+    for (target, point), s in agg.items():
+        c = s.get("server_cpu")
+        if not c:
+            continue
+        roles = ", ".join(f"{role} {fmt(ms, 2)}" for role, ms in c["ms_per_request"].items() if ms >= 0.005)
+        rows.append([target, point, fmt(c["front_end_ms"], 2), fmt(c["engine_ms"], 2), fmt(c["system_ms"], 2), roles])
+    return rows
+
+
+CPU_HEADERS = ["target", "point", "front end ms/req", "engine", "background", "by process role (ms/req)"]
+
+
 def points_text(agg: dict[tuple[str, str], dict[str, Any]]) -> str:
     headers = ["target", "point", "ok/sent", "req/s", "tok/s", "goodput/s", "TTFT p50", "p90", "p99",
                "TPOT p50", "ITL p50", "p99", "E2E p50", "p99", "tok/event", "non-200"]
@@ -226,6 +241,7 @@ def render_html(report: dict[str, Any]) -> str:
         meta=report.get("meta", {}),
         checks=report.get("targets_check") or [],
         compare_rows=_compare_rows(report.get("compare") or []),
+        cpu_headers=CPU_HEADERS, cpu_rows=report.get("cpu") or [],
         plots=make_plots(report),
         point_rows=_point_rows(pts),
         slo=pts[0]["stats"].get("slo", {}) if pts else {},
@@ -251,6 +267,7 @@ def finish_report(report: dict[str, Any], points: list[Point], slo: SLO, opts, i
                          "max_ongoing": by_key[k].max_ongoing, "stats": s}
                         for (t, k), s in agg.items() if k in by_key]
     report["compare"] = compare_rows(points, agg)
+    report["cpu"] = cpu_rows(agg)
     report["targets_check"] = check_targets(report["compare"])
     report["meta"]["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     report["meta"]["interrupted"] = interrupted
@@ -267,6 +284,8 @@ def finish_report(report: dict[str, Any], points: list[Point], slo: SLO, opts, i
         print("\n" + points_text(agg))
     if report["compare"]:
         print("\nSide by side (ratio = ours / vLLM; delta = ours - vLLM):\n" + compare_text(report["compare"]))
+    if report["cpu"]:
+        print("\nServer CPU per request (every process of each server, by role):\n" + table(CPU_HEADERS, report["cpu"]))
     for c in report["targets_check"]:
         print(f"  [{'pass' if c['pass'] else 'FAIL'}] {c['target']} @ {c['point']}: {fmt(c['value'], 3)}")
     ov = report.get("overload")

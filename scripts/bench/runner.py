@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from scripts.bench import vllm_client
 from scripts.bench.client import LoadSpec, burst, closed_loop, open_loop, run_async
 from scripts.bench.common import fmt
+from scripts.bench.cpu import cpu_per_request, snapshot
 from scripts.bench.machine import cpu_busy, cpu_times, machine_load
 from scripts.bench.prompts import load_tnews, synthetic_prompts
 from scripts.bench.servers import Servers
@@ -29,11 +31,12 @@ class Point:
     concurrency: int | None = None
     rate: float | None = None
     max_ongoing: int = 3
+    client: str = "ours"         # the load generator: ours | vllm (vLLM's `vllm bench serve`)
 
     @property
     def key(self) -> str:
         load = f"c={self.concurrency}" if self.mode == "closed" else f"rate={self.rate:g}/s"
-        return f"{'stream' if self.stream else 'nostream'} {load}"
+        return f"{'stream' if self.stream else 'nostream'} {load}" + (" [vLLM client]" if self.client == "vllm" else "")
 
     @property
     def x(self) -> float:
@@ -52,11 +55,17 @@ def max_ongoing_for(concurrency: int | None, values: Sequence[int]) -> int:
 def build_points(opts: argparse.Namespace) -> list[Point]:
     streams = {"on": [True], "off": [False], "both": [True, False]}[opts.stream]
     points = []
+    clients = ["ours", "vllm"] if opts.client == "both" else [opts.client]
     for s in streams:
         for c in opts.concurrency:
-            points.append(Point("closed", s, concurrency=c, max_ongoing=max_ongoing_for(c, opts.max_ongoing)))
-        for r in opts.rate:
-            points.append(Point("open", s, rate=r, max_ongoing=opts.max_ongoing[0]))
+            for client in clients:
+                if client == "vllm" and not s:
+                    continue   # vLLM's chat client always streams
+                points.append(Point("closed", s, concurrency=c, max_ongoing=max_ongoing_for(c, opts.max_ongoing),
+                                    client=client))
+        if "ours" in clients:
+            for r in opts.rate:
+                points.append(Point("open", s, rate=r, max_ongoing=opts.max_ongoing[0]))
     return points
 
 
@@ -82,7 +91,9 @@ def make_prompts(opts: argparse.Namespace, n: int, seed: int) -> list[str]:
 
 
 def run_point(target: str, base_url: str, point: Point, opts: argparse.Namespace, slo: SLO, repeat: int,
-              point_index: int) -> dict[str, Any]:
+              point_index: int, session: int | None = None) -> dict[str, Any]:
+    """One run of one point against one server; `session`: the server's session id, whose
+    processes' CPU seconds per request are recorded by role (`cpu.py`)."""
     spec = LoadSpec(endpoint=opts.endpoint, model=opts.served_model_name_resolved, output_len=opts.output_len,
                     ignore_eos=opts.ignore_eos, temperature=opts.temperature, stream=point.stream,
                     timeout_s=opts.timeout, api_key=opts.api_key)
@@ -92,18 +103,28 @@ def run_point(target: str, base_url: str, point: Point, opts: argparse.Namespace
     desc = f"{target:>4} {point.key}"
     load_before = machine_load()
     cpu0 = cpu_times()
-    if point.mode == "closed":
+    procs0 = snapshot(session)
+    warmups = warmup_for(point, opts)
+    results = None
+    if point.client == "vllm":
+        stats, _ = vllm_client.run_point(base_url, prompts, int(point.concurrency or 1), opts, opts.out_dir,
+                                         f"{target}-{point_index}-{repeat}-c{point.concurrency}", warmups)
+    elif point.mode == "closed":
         results, duration = run_async(closed_loop(base_url, spec, prompts, int(point.concurrency or 1),
-                                                  opts.max_duration, warmup_for(point, opts), opts.progress, desc))
+                                                  opts.max_duration, warmups, opts.progress, desc))
     else:
         results, duration = run_async(open_loop(base_url, spec, prompts, float(point.rate or 1), opts.max_duration,
-                                                seed, warmup_for(point, opts), opts.progress, desc))
-    stats = compute_stats(results, duration, slo)
+                                                seed, warmups, opts.progress, desc))
+    if results is not None:
+        stats = compute_stats(results, duration, slo)
     stats["machine"] = {**load_before, "cpu_busy_pct": cpu_busy(cpu0)}
+    if session is not None:   # warm-up requests cost CPU too: counted in the divisor
+        stats["server_cpu"] = cpu_per_request(procs0, snapshot(session), stats["num_requests"] + warmups)
     run = {"target": target, "point": point.key, "mode": point.mode, "stream": point.stream,
            "concurrency": point.concurrency, "rate": point.rate, "max_ongoing": point.max_ongoing,
            "repeat": repeat, "stats": stats}
-    run["_results"] = results   # pooled across repeats; written to JSON only with --save-requests
+    if results is not None:
+        run["_results"] = results   # pooled across repeats; written to JSON only with --save-requests
     print(f"[bench] {desc} rep{repeat}: {one_line(stats)}", file=sys.stderr, flush=True)
     return run
 
@@ -184,8 +205,14 @@ def run_single(opts, servers: Servers | None, points: list[Point], slo: SLO, rep
             url = servers.start_vllm()
         else:
             url = servers.start_ours(p.max_ongoing, _sweep_max_queued(opts))
+        server = None if opts.url else (servers.vllm if opts.start == "vllm" else servers.ours)
         for rep in range(opts.repeats):
-            report["runs"].append(run_point(target, url, p, opts, slo, rep, i))
+            report["runs"].append(run_point(target, url, p, opts, slo, rep, i, _session(server)))
+
+
+def _session(server) -> int | None:
+    """A server started here leads its own session (cluster.processes.spawn)."""
+    return server.pid if server is not None else None
 
 
 def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: dict[str, Any]) -> None:
@@ -197,13 +224,14 @@ def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: d
         servers.start_vllm()
         for i, p in enumerate(points):
             for rep in range(opts.repeats):
-                report["runs"].append(run_point("vllm", servers.vllm_url, p, opts, slo, rep, i))
+                report["runs"].append(run_point("vllm", servers.vllm_url, p, opts, slo, rep, i,
+                                                _session(servers.vllm)))
         servers.stop_vllm()
         for mo, items in groups.items():
             url = servers.start_ours(mo, mq)
             for i, p in items:
                 for rep in range(opts.repeats):
-                    report["runs"].append(run_point("ours", url, p, opts, slo, rep, i))
+                    report["runs"].append(run_point("ours", url, p, opts, slo, rep, i, _session(servers.ours)))
         return
     servers.start_vllm()
     k = 0
@@ -214,5 +242,6 @@ def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: d
                 order = ["vllm", "ours"] if k % 2 == 0 else ["ours", "vllm"]   # flip every time
                 k += 1
                 for target in order:
-                    report["runs"].append(run_point(target, servers.vllm_url if target == "vllm" else url,
-                                                    p, opts, slo, rep, i))
+                    vllm = target == "vllm"
+                    report["runs"].append(run_point(target, servers.vllm_url if vllm else url, p, opts, slo, rep, i,
+                                                    _session(servers.vllm if vllm else servers.ours)))

