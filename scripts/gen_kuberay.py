@@ -18,6 +18,8 @@ What is generated, and from what:
   ``# BEGIN/END GENERATED fast-path env`` markers of each container's ``env``) and in the CPU
   overlay's worker: ``configs/fast-path.env`` plus the image's ``llm-serve-haproxy`` as Serve's
   HAProxy binary, the request path ``make run`` serves on.
+* ``configs/one-box.yaml``: the one-box production config (``cluster.supervise``, the compose
+  recipe in ``cluster/onebox/``) = ``configs/serve_config.yaml`` + ``cluster/onebox/serve-overrides.yaml``.
 * ``kuberay/base/monitoring/prometheusrule.yaml``: a PrometheusRule carrying the rule groups of
   ``monitoring/alerts.yaml`` unchanged.
 
@@ -54,6 +56,8 @@ PROD_OVERRIDES = KUBERAY / "serve-overrides.yaml"
 CPU_DIR = KUBERAY / "overlays" / "cpu"
 CPU_OVERRIDES = CPU_DIR / "serve-overrides.yaml"
 CPU_PATCH = CPU_DIR / "rayservice-patch.yaml"
+ONEBOX_OVERRIDES = REPO / "cluster" / "onebox" / "serve-overrides.yaml"
+ONEBOX_CONFIG = REPO / "configs" / "one-box.yaml"
 ALERTS = REPO / "monitoring" / "alerts.yaml"
 PROMETHEUS_RULE = BASE / "monitoring" / "prometheusrule.yaml"
 
@@ -99,7 +103,7 @@ def load_yaml(path: Path) -> Any:
 
 def serve_config(variant: str = "gpu") -> dict[str, Any]:
     """The Serve config a variant deploys (validated against Ray's and the service's schemas)."""
-    overrides = PROD_OVERRIDES if variant == "gpu" else CPU_OVERRIDES
+    overrides = {"gpu": PROD_OVERRIDES, "cpu": CPU_OVERRIDES, "onebox": ONEBOX_OVERRIDES}[variant]
     cfg = apply_overrides(load_yaml(SERVE_CONFIG), load_yaml(overrides) or {})
     validate_serve_config(cfg)
     return cfg
@@ -313,7 +317,11 @@ def outputs() -> dict[Path, str]:
     patch_text = cpu_patch(cpu_cfg)
     cpu_service = apply_json_patch(rayservice, yaml.safe_load(patch_text))
     check_consistency(cpu_service, cpu_cfg, "cpu")
-    return {RAYSERVICE: rayservice_text, CPU_PATCH: patch_text, PROMETHEUS_RULE: prometheus_rule()}
+    onebox = HEADER.format(sources="configs/serve_config.yaml + cluster/onebox/serve-overrides.yaml") + (
+        "# One-box production (docs/one-box.md): `.venv/bin/python -m cluster.supervise` serves it.\n"
+        ) + dump_serve_config(serve_config("onebox"))
+    return {RAYSERVICE: rayservice_text, CPU_PATCH: patch_text, PROMETHEUS_RULE: prometheus_rule(),
+            ONEBOX_CONFIG: onebox}
 
 
 def stale() -> dict[Path, str]:
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
     p.add_argument("--print", dest="print_", action="store_true", help="print the Serve config")
-    p.add_argument("--variant", choices=("gpu", "cpu"), default="gpu")
+    p.add_argument("--variant", choices=("gpu", "cpu", "onebox"), default="gpu")
     a = p.parse_args(argv)
     try:
         if a.print_:
