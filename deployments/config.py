@@ -118,7 +118,12 @@ class EngineConfig(_Strict):
 class LimitsConfig(_Strict):
     """Request limits, defaults from the user's single-GPU service."""
 
-    max_tokens_cap: int = Field(512, gt=0, description="Largest `max_tokens` accepted; above it: 400.")
+    max_tokens_cap: int = Field(
+        512, gt=0, description="Largest `max_tokens` served; above it, what `max_tokens_over_cap` says.")
+    max_tokens_over_cap: Literal["refuse", "clamp"] = Field(
+        "refuse", description="A request's `max_tokens` above `max_tokens_cap`: `refuse` answers 400 "
+        "`max_tokens_too_large`; `clamp` serves it with `max_tokens_cap` (for gateways configured with "
+        "a larger fixed value; the response's `usage` shows what was generated).")
     default_max_tokens_chat: int = Field(100, gt=0, description="`max_tokens` when a chat request omits it.")
     default_max_tokens_completion: int = Field(
         16, gt=0, description="`max_tokens` when a completions request omits it (OpenAI's default)."

@@ -22,6 +22,8 @@ from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
+from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
+from deployments.observability.tracing import engine_span
 from deployments.api.protocol import GenerationChunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
@@ -53,7 +55,11 @@ class ModelReplica:
 
         self.engine_args = AsyncEngineArgs(**engine_kwargs(self.config, self.on_cpu))
         t0 = time.monotonic()
-        self.engine = AsyncLLM.from_engine_args(self.engine_args)
+        obs = self.config.observability
+        # vLLM's own stat loggers (observability/engine_metrics.py); None: vLLM's defaults
+        stat_loggers = engine_stat_loggers(obs.ray_metrics) if obs.engine_metrics and obs.enabled else None
+        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=stat_loggers)
+        self.vllm_traces = bool(getattr(self.engine_args, "otlp_traces_endpoint", None))  # vLLM's own spans
         # vLLM re-reads its environment variables on every access unless cached; its engine
         # core caches them once started, its API server does not. The output path reads several
         # per engine step, so this process caches them too (the environment is final by now).
@@ -65,6 +71,8 @@ class ModelReplica:
         capacity = options["max_ongoing_requests"]
         self.stats = StatsRecorder.from_config(self.config.observability, role="model",
                                                app_name=current_app_name(), capacity=capacity)
+        if stat_loggers is not None:
+            self.stats.engine_source = EngineMetrics(self.on_cpu).snapshot
         await self.stats.ready()
         self.stats.start()  # heartbeat: this replica's capacity counts while it lives
         self.adapters = AdapterRegistry(current_app_name())
@@ -195,10 +203,11 @@ class ModelReplica:
         params = self._sampling_params(req.sampling, final_only)
         lora_request = await self._lora_request(req.lora)
         try:
-            with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace:
+            with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace, \
+                    engine_span(req.request_id, len(req.prompt_token_ids), self.vllm_traces) as span:
                 async for out in self.engine.generate(
                     TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
-                    lora_request=lora_request,
+                    lora_request=lora_request, trace_headers=span.headers,
                 ):
                     if final_only:
                         timing = out.metrics  # vLLM's RequestStateStats (None without log stats)
@@ -208,6 +217,7 @@ class ModelReplica:
                     else:
                         trace.output(sum(len(o.token_ids) for o in out.outputs))
                     yield out
+                span.set("llm.completion_tokens", trace.tokens)
         except EngineDeadError:
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
         except EngineGenerateError as exc:
@@ -307,6 +317,12 @@ class ModelReplica:
             self.stats.set_healthy(False)
             raise
         self.stats.set_healthy(True)
+
+    async def engine_metrics(self) -> dict[str, Any] | None:
+        """vLLM's engine figures as this replica reads them now (what its pushes carry);
+        None with `observability.engine_metrics` off."""
+        source = self.stats.engine_source
+        return source() if source is not None else None
 
     async def health(self) -> dict[str, Any]:
         """Deep health for GET /health: engine state, pinning and accelerator memory."""

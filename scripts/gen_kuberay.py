@@ -21,7 +21,7 @@ What is generated, and from what:
 * ``configs/one-box.yaml``: the one-box production config (``cluster.supervise``, the compose
   recipe in ``cluster/onebox/``) = ``configs/serve_config.yaml`` + ``cluster/onebox/serve-overrides.yaml``.
 * ``kuberay/base/monitoring/prometheusrule.yaml``: a PrometheusRule carrying the rule groups of
-  ``monitoring/alerts.yaml`` unchanged.
+  ``monitoring/alerts.yaml`` and ``monitoring/engine_alerts.yaml`` unchanged.
 
 Every generated Serve config is checked before anything is written: Ray's own
 ``ServeDeploySchema``, the service's ``ServiceConfig`` for the application ``args``, and its
@@ -59,6 +59,7 @@ CPU_PATCH = CPU_DIR / "rayservice-patch.yaml"
 ONEBOX_OVERRIDES = REPO / "cluster" / "onebox" / "serve-overrides.yaml"
 ONEBOX_CONFIG = REPO / "configs" / "one-box.yaml"
 ALERTS = REPO / "monitoring" / "alerts.yaml"
+ENGINE_ALERTS = REPO / "monitoring" / "engine_alerts.yaml"
 PROMETHEUS_RULE = BASE / "monitoring" / "prometheusrule.yaml"
 
 # Where `pip install -e .` puts console scripts in the rayproject/ray image (cluster/Dockerfile).
@@ -231,15 +232,16 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
 
 
 def prometheus_rule() -> str:
-    alerts = load_yaml(ALERTS)
+    groups = [g for path in (ALERTS, ENGINE_ALERTS) for g in load_yaml(path)["groups"]]
     rule = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {"name": "llm-serve-alerts", "labels": {"app.kubernetes.io/name": "llm-serve"}},
-        "spec": {"groups": alerts["groups"]},
+        "spec": {"groups": groups},
     }
-    header = HEADER.format(sources="monitoring/alerts.yaml") + (
-        "# The service's alert rules (HighQueueLength, HighTTFT, ...) for the prometheus-operator.\n"
+    header = HEADER.format(sources="monitoring/alerts.yaml + monitoring/engine_alerts.yaml") + (
+        "# The service's alert rules (HighQueueLength, HighTTFT, ...; the engine's: KV cache,\n"
+        "# preemptions, GPU memory, restarts, p95 latency) for the prometheus-operator.\n"
         "# Add the label your Prometheus' ruleSelector expects (e.g. release: kube-prometheus-stack).\n")
     return header + yaml.safe_dump(rule, sort_keys=False, allow_unicode=True, width=100)
 

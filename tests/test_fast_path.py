@@ -119,7 +119,9 @@ def make_run(tmp_path_factory):
     cfg = tmp / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RATE_LIMIT_", "LLM_SERVE__"))}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                # a gateway's fixed max_tokens above the cap is served at the cap (issue 15)
+                "LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP": "clamp"})
     log = (tmp / "make_run.log").open("wb")
     proc = subprocess.Popen(["make", "--no-print-directory", "run", f"CONFIG={cfg}"], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -149,11 +151,15 @@ def make_run(tmp_path_factory):
         assert not left, f"still running after Ctrl-C: {sorted(left)}"
 
 
-def _chat(url: str, source: str = "127.0.0.1", **headers) -> int:
+def _post(url: str, source: str = "127.0.0.1", headers=None, **body) -> httpx.Response:
     transport = httpx.HTTPTransport(local_address=source)
-    with httpx.Client(transport=transport, timeout=60) as c:
-        return c.post(url + "/v1/chat/completions", headers=headers,
-                      json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1}).status_code
+    with httpx.Client(transport=transport, timeout=120) as c:
+        return c.post(url + "/v1/chat/completions", headers=headers or {},
+                      json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1, **body})
+
+
+def _chat(url: str, source: str = "127.0.0.1", **headers) -> int:
+    return _post(url, source, headers).status_code
 
 
 def test_make_run_limits_each_client_by_its_own_address(make_run):
@@ -164,3 +170,12 @@ def test_make_run_limits_each_client_by_its_own_address(make_run):
     forged = {"X-Forwarded-For": "203.0.113.9", CLIENT_ADDR_HEADER: "203.0.113.10"}
     assert [_chat(url, **forged) for _ in range(2)] == [429, 429]
     assert [_chat(url, source="127.0.0.2") for _ in range(2)] == [200, 200]   # a second client
+
+
+def test_make_run_reads_the_environment_max_tokens_over_the_cap_is_clamped(make_run):
+    """`LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP=clamp` in `make run`'s environment: a gateway's
+    max_tokens 2000 is served with the cap (512), not refused."""
+    url, _ = make_run
+    r = _post(url, source="127.0.0.3", max_tokens=2000, ignore_eos=True, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 512

@@ -544,8 +544,9 @@ def test_monitoring_targets_and_alert_rules():
     assert [e["path"] for e in sm["endpoints"]] == ["/metrics/prometheus"]
 
     rule = one(docs, "PrometheusRule")["spec"]
-    alerts = yaml.safe_load((REPO / "monitoring" / "alerts.yaml").read_text())
-    assert rule["groups"] == alerts["groups"]
+    groups = [g for f in ("alerts.yaml", "engine_alerts.yaml")
+              for g in yaml.safe_load((REPO / "monitoring" / f).read_text())["groups"]]
+    assert rule["groups"] == groups
     by_name = {r["alert"]: r for g in rule["groups"] for r in g["rules"] if "alert" in r}
     assert by_name["HighQueueLength"]["for"] == "1m" and "> 5" in by_name["HighQueueLength"]["expr"]
     assert by_name["HighTTFT"]["for"] == "5m" and "> 2" in by_name["HighTTFT"]["expr"]

@@ -243,3 +243,13 @@ def test_health_status_switch(legacy, engine, status, code):
     assert body["gpu"] is None
     assert body["limits"]["max_concurrent_requests"] == 3 and body["limits"]["max_queue_size"] == 10
     assert body["limits"]["rate_limit"] == "10 requests/minute, 100 requests/hour per IP"
+
+
+def test_max_tokens_over_the_cap_is_refused_naming_it(base_url):
+    """The default (`limits.max_tokens_over_cap: refuse`): a gateway's fixed max_tokens above the
+    cap is a 400 naming the field; `clamp` serves it at the cap (tests/test_fast_path.py)."""
+    r = requests.post(f"{base_url}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": TITLES[0]}], "max_tokens": 1024})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert (err["param"], err["code"]) == ("max_tokens", "max_tokens_too_large") and "512" in err["message"]

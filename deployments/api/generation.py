@@ -53,6 +53,8 @@ def request_id() -> str:
 def check_max_tokens(requested: int | None, default: int, limits: LimitsConfig) -> int:
     value = default if requested is None else requested
     cap = limits.max_tokens_cap
+    if value > cap and limits.max_tokens_over_cap == "clamp":
+        return cap
     if value > cap:
         raise errors.bad_request(
             f"max_tokens is {value}, above this service's cap of {cap}.", "max_tokens", "max_tokens_too_large")

@@ -70,3 +70,36 @@ def gpu_memory_gb(on_cpu: bool, visible: str | None = None) -> dict[str, float] 
         "total_gb": round(sum(i.total for i in infos) / GIB, 3),
         "devices": len(infos),
     }
+
+
+class GpuUsage:
+    """Memory in use, total memory (bytes) and utilization (0-1) of the replica's devices, read
+    with NVML for the per-replica metrics (`llm_gpu_*`). NVML is initialised once, on the first
+    read, and kept (a read is then microseconds); `read()` is None on the CPU platform, without
+    NVML or a device, and after the first failure it stops trying."""
+
+    def __init__(self, on_cpu: bool, visible: str | None = None):
+        self._nvml = None
+        self._handles: list[Any] | None = None if not on_cpu else []
+        self._visible = visible
+
+    def read(self) -> dict[str, float] | None:
+        if self._handles is None:  # first read
+            try:
+                self._nvml = _nvml()
+                self._nvml.nvmlInit()
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES") if self._visible is None else self._visible
+                self._handles = _handles(self._nvml, visible)
+            except Exception:
+                self._handles = []
+        if not self._handles:
+            return None
+        try:
+            mem = [self._nvml.nvmlDeviceGetMemoryInfo(h) for h in self._handles]
+            util = [self._nvml.nvmlDeviceGetUtilizationRates(h).gpu for h in self._handles]
+        except Exception:
+            self._handles = []
+            return None
+        return {"gpu_memory_used_bytes": float(sum(m.used for m in mem)),
+                "gpu_memory_total_bytes": float(sum(m.total for m in mem)),
+                "gpu_utilization": sum(util) / len(util) / 100.0}

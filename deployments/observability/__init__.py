@@ -12,6 +12,9 @@ Files (recording side first, then the actor's):
 * ``exposition.py`` — Prometheus text (``PROMETHEUS_CONTENT_TYPE``) and the histograms behind it
 * ``ray_mirror.py`` — the families through ``ray.util.metrics`` (``ray_llm_*``)
 * ``stats.py``      — ``mean`` and ``percentile``, shared with the tools
+* ``engine_metrics.py`` — vLLM's stat loggers for a model replica's engine and the snapshot of
+  their figures its recorder pushes (per-replica ``vllm:*`` families, the /metrics ``engine`` section)
+* ``tracing.py``    — OpenTelemetry: the OTLP exporter for Ray Serve's tracing, the engine's span
 
 Importing the package loads neither Ray nor vLLM nor prometheus_client.
 """

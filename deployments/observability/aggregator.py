@@ -20,7 +20,7 @@ class _Source:
     """One recorder as the actor knows it: its latest cumulative counters and gauges, when it
     was last heard from, and the highest event sequence number applied."""
 
-    __slots__ = ("role", "last_seen", "counters", "gauges", "seq", "first_seen")
+    __slots__ = ("role", "last_seen", "counters", "gauges", "seq", "first_seen", "engine")
 
     def __init__(self, role: str, now: float):
         self.role = role
@@ -29,6 +29,7 @@ class _Source:
         self.counters: dict[tuple[str, tuple], float] = {}
         self.gauges: dict[str, Any] = {}
         self.seq = 0
+        self.engine: dict[str, Any] | None = None  # a model replica's latest engine snapshot
 
 
 class ServiceStatsActor:
@@ -82,6 +83,8 @@ class ServiceStatsActor:
                 if value >= src.counters.get(key, 0):  # cumulative: never go backwards
                     src.counters[key] = value
             src.gauges = dict(payload.get("gauges", {}))
+            if payload.get("engine") is not None:
+                src.engine = payload["engine"]
             for seq, kind, record in payload.get("events", ()):
                 if seq <= src.seq:
                     continue
@@ -203,6 +206,10 @@ class ServiceStatsActor:
                 peak = max(peak, g["dispatched"] + extra - max(g["running"], g["capacity"]))
         self._peak_waiting = max(self._peak_waiting, peak)
 
+    def _engines(self, now: float) -> list[dict[str, Any]]:
+        """Engine snapshots of the live model replicas (a silent replica's series disappear)."""
+        return [s.engine for s in self._live(now) if s.role == "model" and s.engine is not None]
+
     def _totals(self) -> dict[tuple[str, tuple], float]:
         out = dict(self._retired)
         for src in self._sources.values():
@@ -285,12 +292,15 @@ class ServiceStatsActor:
                     "sample_size": len(samples),
                     "window_s": self.window_s,
                 },
+                "engine": {"replicas": {e["replica"]: exposition.engine_summary(e)
+                                        for e in self._engines(self._clock())}},
             }
 
     def families(self) -> list[Any]:
         """The Prometheus metric families (prometheus_client objects)."""
         with self._lock:
-            return exposition.metric_families(*self._current(), self._hists, self.metrics_json())
+            return (exposition.metric_families(*self._current(), self._hists, self.metrics_json())
+                    + exposition.engine_families(self._engines(self._clock())))
 
     def prometheus_text(self) -> str:
         """Prometheus text exposition (format 0.0.4) of every family."""

@@ -28,6 +28,11 @@ class ObservabilityConfig(BaseModel):
         "(queue time, engine time, overhead) before finishing it without."
     )
     ray_metrics: bool = Field(True, description="Mirror every family into Ray's metrics export (`ray_llm_*`).")
+    engine_metrics: bool = Field(
+        True, description="Export vLLM's own engine metrics per model replica (KV-cache usage, engine running/waiting, "
+        "preemptions, prefix cache, tokens, engine queue time, step sizes; GPU memory and utilization by NVML): "
+        "`vllm:*` and `llm_gpu_*` families labelled `replica` in /metrics/prometheus, the /metrics `engine` "
+        "section, and (with `ray_metrics`) vLLM's Ray logger on Ray's metrics port (`ray_vllm_*`).")
     actor_name: str | None = Field(None, description="Name of the stats actor; default `service_stats.<app name>`.")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Ray namespace of the stats actor.")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import bisect
 from typing import Any, Mapping
 
-from deployments.observability.families import BUCKETS, COUNTERS, GAUGES, HISTOGRAMS, LEGACY_GAUGES
+from deployments.observability.families import (BUCKETS, COUNTERS, ENGINE_FAMILIES, GAUGES, HISTOGRAMS, LEGACY_GAUGES,
+                                                REPLICA_GAUGES)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -75,6 +76,70 @@ def metric_families(totals: Mapping[tuple[str, tuple], float], gauges: Mapping[s
             fam.add_metric([], value)
         fams.append(fam)
     return fams
+
+
+def engine_families(engines: list[Mapping[str, Any]]) -> list[Any]:
+    """vLLM's engine families (`ENGINE_FAMILIES`) and the per-replica gauges (`REPLICA_GAUGES`)
+    from the live model replicas' snapshots (`engine_metrics.EngineMetrics.snapshot`): vLLM's
+    names and labels, `replica` added. Every family is present, without samples when no
+    replica reports it (the CPU platform has no GPU figures)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    by_name: dict[str, list[tuple[str, dict[str, str], Any]]] = {name: [] for name in ENGINE_FAMILIES}
+    for e in engines:
+        for name, labels, value in e.get("metrics", ()):
+            if name in by_name:
+                by_name[name].append((str(e["replica"]), dict(labels), value))
+    fams: list[Any] = []
+    for name, (kind, doc, _key) in ENGINE_FAMILIES.items():
+        samples = by_name[name]
+        label_names = ["replica"] + sorted({k for _, labels, _ in samples for k in labels} - {"replica"})
+        cls = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily, "histogram": HistogramMetricFamily}[kind]
+        fam = cls(name, doc, labels=label_names)
+        for replica, labels, value in sorted(samples, key=lambda s: (s[0], sorted(s[1].items()))):
+            values = [replica] + [labels.get(k, "") for k in label_names[1:]]
+            if kind == "histogram":
+                _count, total, buckets = value
+                fam.add_metric(values, buckets=[(le, float(c)) for le, c in buckets], sum_value=total)
+            else:
+                fam.add_metric(values, value)
+        fams.append(fam)
+    for key, (name, doc) in REPLICA_GAUGES.items():
+        fam = GaugeMetricFamily(name, doc, labels=["replica"])
+        for e in sorted(engines, key=lambda e: str(e["replica"])):
+            if e.get(key) is not None:
+                fam.add_metric([str(e["replica"])], e[key])
+        fams.append(fam)
+    return fams
+
+
+def engine_summary(e: Mapping[str, Any]) -> dict[str, Any]:
+    """One replica's entry in the /metrics JSON `engine` section: each `ENGINE_FAMILIES` key,
+    gauges and counters summed over their label sets (KV-cache usage: the highest engine's),
+    histograms as `{"count", "sum", "mean"}`; the prefix-cache hit rate; the GPU figures."""
+    out: dict[str, Any] = {}
+    for name, labels, value in e.get("metrics", ()):
+        if name not in ENGINE_FAMILIES:
+            continue
+        kind, _doc, key = ENGINE_FAMILIES[name]
+        if kind == "histogram":
+            h = out.setdefault(key, {"count": 0, "sum": 0.0})
+            h["count"] += int(value[0])
+            h["sum"] += float(value[1])
+        elif key == "kv_cache_usage":
+            out[key] = max(out.get(key, 0.0), float(value))
+        else:
+            out[key] = out.get(key, 0) + value
+    for key, v in out.items():
+        if isinstance(v, dict):
+            v["mean"] = v["sum"] / v["count"] if v["count"] else None
+        elif key != "kv_cache_usage" and float(v).is_integer():
+            out[key] = int(v)
+    queries = out.get("prefix_cache_queries") or 0
+    out["prefix_cache_hit_rate"] = (out.get("prefix_cache_hits", 0) / queries) if queries else None
+    for key in REPLICA_GAUGES:
+        out[key] = e.get(key)
+    return out
 
 
 class _Families:

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from deployments.actors import DEFAULT_NAMESPACE, actor_failure_types, get_or_create_actor
 from deployments.observability.aggregator import ServiceStatsActor
@@ -69,6 +69,9 @@ class StatsRecorder:
         self._closed = False
         self._last_warning = 0.0
         self._endpoints: set[str] = set()
+        # Model replicas: a callable returning the engine's figures (engine_metrics.EngineMetrics
+        # .snapshot), sent whole with every push (gauges and cumulative counters).
+        self.engine_source: Callable[[], dict[str, Any]] | None = None
 
     @classmethod
     def from_config(cls, cfg: ObservabilityConfig | Mapping[str, Any] | None, role: str,
@@ -188,7 +191,17 @@ class StatsRecorder:
 
     # ------------------------------------------------------------------ flushing
 
+    def _engine_snapshot(self) -> dict[str, Any] | None:
+        if self.engine_source is None:
+            return None
+        try:
+            return self.engine_source()
+        except Exception as exc:  # never lose a push over the engine's figures
+            self._warn(exc)
+            return None
+
     def _payload(self) -> tuple[dict[str, Any], int]:
+        engine = self._engine_snapshot()
         with self._lock:
             gauges = {"inflight": self._inflight, "dispatched": self._dispatched,
                       "dispatched_peak": self._dispatched_peak, "running": self._running,
@@ -202,6 +215,8 @@ class StatsRecorder:
                 "events": list(self._events),
                 "dropped_events": self._dropped_events,
             }
+            if engine is not None:
+                payload["engine"] = engine
             return payload, self._seq
 
     def _ack(self, acked: int) -> None:
