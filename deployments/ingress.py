@@ -16,14 +16,14 @@ import os
 import time
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from deployments.adapters import AdapterRegistry
 from deployments.admission.auth import ApiKeyAuth
 from deployments.admission.capacity import ModelCalls, ModelCapacity
 from deployments.admission.client_address import ClientAddress
-from deployments.admission.middleware import Admission, AdmissionMiddleware
+from deployments.admission.middleware import Admission, AdmissionMiddleware, is_admin
 from deployments.admission.rate_limit import RateLimiter
 from deployments.api import errors
 from deployments.api.classify import ServingClassify
@@ -94,6 +94,7 @@ class IngressRouter:
         self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)
         self.health_check = ServingHealth(model, self.config, model_options, self.calls, self.limiter,
                                           self.auth.enabled)
+        logger.log(*self.auth.startup_summary())
         logger.info("ingress ready: rate limits %s, auth %s", self.limiter.describe(),
                     "on" if self.auth.enabled else "off")
 
@@ -106,6 +107,9 @@ class IngressRouter:
             auth=self.auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
             max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
             public_paths=frozenset(self.auth.public_paths), client_address=self.client_address,
+            default_max_tokens={"/v1/chat/completions": self.limits.default_max_tokens_chat,
+                                "/v1/completions": self.limits.default_max_tokens_completion,
+                                "/v1/classify": 1},
         )
         served.state.on_rejection = self.stats.record_rejection
         return served
@@ -150,6 +154,9 @@ class IngressRouter:
 
     # ------------------------------------------------------------------ LoRA adapters
 
+    # Admin routes (auth.admin_paths): the admission middleware answers 401 without a key and
+    # 403 for a client key before the body is read.
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, body: LoadLoraRequest) -> Response:
         """vLLM's shape: register an adapter for every replica; 400 for a bad path or a taken name."""
@@ -186,9 +193,11 @@ class IngressRouter:
     # ------------------------------------------------------------------ health and figures
 
     @app.get("/health")
-    async def health(self) -> JSONResponse:
-        """Healthy only when the model deployment has a running replica whose engine answers."""
-        return await self.health_check.health()
+    async def health(self, request: Request) -> JSONResponse:
+        """Healthy only when the model deployment has a running replica whose engine answers.
+        Public: the status and the replaced service's fields; the details with an admin key
+        (or with auth off)."""
+        return await self.health_check.health(detailed=is_admin(request.scope, self.auth))
 
     @app.get("/stats")
     async def stats(self) -> JSONResponse:

@@ -44,8 +44,14 @@ def chat(url: str, key: str | None, **extra) -> httpx.Response:
 
 
 def test_two_ingress_replicas_running(guarded):
-    health = httpx.get(f"{guarded}/health", timeout=30).json()
-    assert health["deployments"]["IngressRouter"]["running_replicas"] == 2
+    from ray import serve
+
+    ingress = serve.status().applications["guarded"].deployments["IngressRouter"]
+    assert ingress.replica_states.get("RUNNING") == 2
+    # auth on, plain key list: /health is public with the status only (keys are clients, not admins)
+    health = httpx.get(f"{guarded}/health", headers={"Authorization": f"Bearer {KEYS[0]}"}, timeout=30).json()
+    assert set(health) == {"status", "gpu", "limits"}
+    assert health["limits"]["rate_limit"] == "10 requests/minute, 100 requests/hour per API key, else IP"
 
 
 def test_auth(guarded):

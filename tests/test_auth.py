@@ -100,3 +100,111 @@ def test_public_paths_and_parse_keys():
     assert parse_keys("a,b  c\n d") == ["a", "b", "c", "d"]
     assert parse_keys("# c\n a \n\n#d\nb", lines=True) == ["a", "b"]
     assert all(f.description for f in AuthConfig.model_fields.values())
+
+
+# --------------------------------------------------------------------------- tenants and roles (issue 18)
+
+from deployments.admission.auth import Identity, parse_keys_document  # noqa: E402
+
+KEYS_DOC = """
+tenants:
+  acme: {priority: 1, requests_per_minute: 5, tokens_per_minute: 1000, max_concurrent: 2}
+  ops: {priority: 10}
+keys:
+  - {key: sk-acme-1, tenant: acme}
+  - {key: sk-acme-2, tenant: acme, role: client}
+  - {sha256: %s, tenant: ops, role: admin}
+  - {key: sk-loose, tenant: nobody}
+"""
+
+
+def _doc() -> str:
+    import hashlib
+
+    return KEYS_DOC % hashlib.sha256(b"sk-ops-admin").hexdigest()
+
+
+def test_structured_keys_file_tenants_roles_limits(tmp_path):
+    f = tmp_path / "keys.yaml"
+    f.write_text(_doc())
+    auth = ApiKeyAuth.from_config(AuthConfig(enabled=True, file=str(f), env_var=None))
+    assert auth.file_structured and auth.num_keys == 4 and auth.num_admin_keys == 1
+    a1, a2 = auth.identify("Bearer sk-acme-1"), auth.identify("Bearer sk-acme-2")
+    assert (a1.tenant, a1.role, a1.is_admin, a1.priority) == ("acme", "client", False, 1)
+    assert a1.limits.requests_per_minute == 5 and a1.limits.tokens_per_minute == 1000
+    assert a2.tenant == "acme" and a1.key_id != a2.key_id
+    ops = auth.identify("Bearer sk-ops-admin")  # listed by its SHA-256 only
+    assert ops.is_admin and ops.tenant == "ops" and ops.priority == 10
+    loose = auth.identify("Bearer sk-loose")
+    assert loose.tenant == "nobody" and loose.limits is None  # the default budgets
+    assert auth.check("Bearer sk-acme-1") == "sk-acme-1"  # the old API still answers
+    with pytest.raises(APIError) as ei:
+        auth.identify("Bearer sk-acme-3")
+    assert ei.value.status == 401
+    # keys are never held in clear, nor in identities
+    assert "sk-acme-1" not in repr(vars(auth)) and "sk-acme-1" not in repr(a1)
+
+
+def test_admin_guard_403_and_message():
+    import hashlib
+
+    from deployments.admission.auth import _Entry
+
+    plain = ApiKeyAuth(True, ["sk-plain"])  # a plain key list: clients
+    ident = plain.identify("Bearer sk-plain")
+    assert ident.role == "client" and ident.tenant.startswith("key:")
+    with pytest.raises(APIError) as ei:
+        plain.require_admin(ident, "/v1/load_lora_adapter")
+    err = ei.value
+    assert err.status == 403 and err.code == "admin_key_required"
+    body = err.body()["error"]
+    assert body["type"] == "permission_error"
+    # the upgrade case: no admin key at all -> the message says how to get one
+    assert "none is configured" in body["message"] and "role: admin" in body["message"]
+    level, line = plain.startup_summary()
+    assert level >= 30 and "no admin key" in line and "sk-plain" not in line
+    # plain_keys_role: admin restores the pre-tenant behaviour
+    legacy = ApiKeyAuth.from_config(AuthConfig(enabled=True, plain_keys_role="admin", env_var="K"),
+                                    env={"K": "sk-plain"})
+    legacy.require_admin(legacy.identify("Bearer sk-plain"), "/v1/load_lora_adapter")
+    # auth off: everyone may
+    ApiKeyAuth(False).require_admin(None, "/v1/load_lora_adapter")
+    assert isinstance(_Entry(hashlib.sha256(b"x").digest(), None, "client", None), _Entry)
+
+
+def test_keys_file_errors_name_the_problem_not_the_key(tmp_path):
+    for text, fragment in (
+        ("keys:\n  - {key: sk-secret-zz, tenant: a, role: root}\n", "role"),
+        ("keys:\n  - {key: sk-secret-zz}\n", "tenant"),
+        ("keys:\n  - {key: sk-secret-zz, sha256: '" + "0" * 64 + "', tenant: a}\n", "exactly one"),
+        ("tenants: {a: {tokens_per_minute: -1}}\nkeys: []\n", "tokens_per_minute"),
+    ):
+        with pytest.raises(ValueError) as ei:
+            parse_keys_document(text)
+        assert fragment in str(ei.value) and "sk-secret-zz" not in str(ei.value)
+    # a plain list stays a plain list
+    entries, structured = parse_keys_document("# comment\nsk-a\nsk-b\n")
+    assert not structured and len(entries) == 2 and all(e.role == "client" for e in entries)
+    # a broken rotation keeps the last good keys
+    f = tmp_path / "keys"
+    f.write_text(_doc())
+    auth = ApiKeyAuth.from_config(AuthConfig(enabled=True, file=str(f), env_var=None, reload_interval_s=0))
+    f.write_text("keys:\n  - {key: x, tenant: a, role: root}\n")
+    st = f.stat()
+    os.utime(f, (st.st_atime, st.st_mtime + 5))
+    assert auth.identify("Bearer sk-acme-1").tenant == "acme"
+
+
+def test_identify_compares_every_key(monkeypatch):
+    import deployments.admission.auth as auth_mod
+
+    auth = ApiKeyAuth(True, [f"sk-{i:04d}" for i in range(20)])
+    calls = []
+    real = auth_mod.hmac.compare_digest
+    monkeypatch.setattr(auth_mod.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    for key in ("sk-0000", "sk-0019"):
+        calls.clear()
+        assert isinstance(auth.identify(f"Bearer {key}"), Identity)
+        assert len(calls) == 20
+    calls.clear()
+    assert auth.identify_quietly("Bearer nope") is None and len(calls) == 20

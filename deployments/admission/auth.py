@@ -1,15 +1,32 @@
 """Optional API-key authentication (`Authorization: Bearer <key>`), off by default.
 
-Keys come from an environment variable (comma/whitespace separated) and/or a file with one key
-per line (`#` comments and blank lines ignored) — on Kubernetes, a Secret mounted as a file.
-The file is re-read when it changes (Secret rotation), checked at most every
-`reload_interval_s`. Keys are held only as SHA-256 digests and compared in constant time
-(every stored digest is compared, no early exit).
+Keys come from an environment variable (comma/whitespace separated) and/or a file — on
+Kubernetes, a Secret mounted as a file, re-read when it changes (Secret rotation), checked at
+most every `reload_interval_s`. The file is either
+
+* a plain key list, one key per line (`#` comments and blank lines ignored) — the format before
+  tenants: every such key (and every key of the environment variable) is its own tenant with
+  the role `auth.plain_keys_role` (default `client`) and the default budgets; or
+* a YAML/JSON document with `keys:` (each key mapped to a tenant and a role) and optionally
+  `tenants:` (each tenant's budgets and priority)::
+
+      tenants:
+        acme:  {priority: 1, requests_per_minute: 600, tokens_per_minute: 200000, max_concurrent: 8}
+        ops:   {priority: 10}
+      keys:
+        - {key: sk-acme-1, tenant: acme}                     # role: client (the default)
+        - {sha256: 5e88…, tenant: acme}                      # the key's SHA-256 hex instead
+        - {key: sk-ops-admin, tenant: ops, role: admin}
+
+Keys are held only as SHA-256 digests and compared in constant time (every stored digest is
+compared, no early exit, whichever matches); they are never logged (log lines name the tenant
+and a short digest prefix).
 
     auth = ApiKeyAuth.from_config(cfg.auth.enabled, cfg.auth.env_var, cfg.auth.file)
     api_key = auth.check(request.headers.get("authorization"))   # raises APIError(401)
 
-`check` returns the verified key, or None when auth is disabled. Use that value (not the raw
+`check` returns the verified key, or None when auth is disabled; `identify` returns the
+key's `Identity` (tenant, role, budgets; a digest prefix, never the key). Use that value (not the raw
 header) for per-key rate limiting: with auth off, clients send arbitrary keys (the OpenAI SDK
 always sends one), and limiting by them would let a client dodge its limit by changing keys.
 """
@@ -21,16 +38,20 @@ import hmac
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from deployments.api.errors import APIError
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_ENV_VAR = "LLM_SERVE_API_KEYS"
+
+Role = Literal["client", "admin"]
+ROLES = ("client", "admin")
 
 
 class AuthConfig(BaseModel):
@@ -44,20 +65,135 @@ class AuthConfig(BaseModel):
     )
     file: str | None = Field(
         None,
-        description="File with one key per line (`#` comments allowed), e.g. a mounted Kubernetes "
-        "Secret; re-read when it changes.",
+        description="Keys file, e.g. a mounted Kubernetes Secret; re-read when it changes. Either one "
+        "key per line (`#` comments allowed; role `plain_keys_role`, each key its own tenant) or YAML "
+        "with `keys:` (each `{key | sha256, tenant, role: client|admin}`) and `tenants:` (each "
+        "tenant's `priority`, `requests_per_minute`, `requests_per_hour`, `tokens_per_minute`, "
+        "`max_concurrent`); docs/security.md.",
     )
     reload_interval_s: float = Field(
         30.0, ge=0, description="How often (at most) the key file is checked for changes; 0: every request."
     )
     public_paths: list[str] = Field(
         default_factory=lambda: ["/health"],
-        description="Paths served without a key (liveness/readiness probes).",
+        description="Paths served without a key (liveness/readiness probes). `/health` answers "
+        "the status (and the replaced service's `gpu` and `limits`) to anyone, its details only "
+        "to an admin key.",
+    )
+    plain_keys_role: Role = Field(
+        "client",
+        description="Role of keys given without one: the environment variable's and a plain "
+        "one-key-per-line file's. `client` (default): admin routes need a key with `role: admin` "
+        "in a structured keys file; `admin`: the pre-tenant behaviour, every key may use them.",
+    )
+    admin_paths: list[str] = Field(
+        default_factory=lambda: ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"],
+        description="Paths that change the service: with auth on they need an admin key "
+        "(403 `admin_key_required` for a client key, 401 without a key).",
     )
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class TenantConfig(BaseModel):
+    """One tenant of a structured keys file: its budgets (null: the service's default) and its
+    admission priority."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int = Field(0, description="Higher is admitted first under overload (docs/security.md).")
+    requests_per_minute: int | None = Field(None, ge=0, description="Requests per moving minute; 0: no limit; null: `rate_limit.per_minute`.")
+    requests_per_hour: int | None = Field(None, ge=0, description="Requests per moving hour; 0: no limit; null: `rate_limit.per_hour`.")
+    tokens_per_minute: int | None = Field(None, ge=0, description="Prompt + completion tokens per moving minute; 0: no limit; null: `rate_limit.tokens_per_minute`.")
+    max_concurrent: int | None = Field(None, ge=0, description="Requests in flight at once; 0: no limit; null: `rate_limit.max_concurrent`.")
+
+
+class KeyEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = Field(None, min_length=1)
+    sha256: str | None = None
+    tenant: str = Field(..., min_length=1)
+    role: Role = "client"
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None:
+            v = v.strip().lower()
+            if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+                raise ValueError("sha256 must be 64 hex digits")
+        return v
+
+
+class KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    keys: list[KeyEntry]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified key belongs to. `key_id` is a digest prefix (safe to log or use as a
+    limiter key); the key itself is not kept."""
+
+    tenant: str
+    role: str
+    key_id: str
+    limits: TenantConfig | None = None  # None: the service's default budgets
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    @property
+    def priority(self) -> int:
+        return self.limits.priority if self.limits is not None else 0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    digest: bytes
+    tenant: str | None  # None: a plain key, its own tenant
+    role: str
+    limits: TenantConfig | None
+
+
+def _plain_entries(keys: list[str], role: str) -> list[_Entry]:
+    return [_Entry(_digest(k), None, role, None) for k in keys]
+
+
+def parse_keys_document(text: str, plain_role: str = "client") -> tuple[list[_Entry], bool]:
+    """(entries, structured) from a keys file's text: a YAML/JSON mapping with `keys:` is the
+    tenant format; anything else is a plain key list. Raises ValueError naming the problem
+    (never a key)."""
+    import yaml
+
+    doc: Any = None
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "tenants:", "keys:")) or "\nkeys:" in text or "\ntenants:" in text:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"keys file is not valid YAML/JSON (line {getattr(getattr(exc, 'problem_mark', None), 'line', '?')})") from None
+    if not isinstance(doc, dict):
+        return _plain_entries(parse_keys(text, lines=True), plain_role), False
+    try:
+        parsed = KeysFile.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        raise ValueError(f"keys file: {problems}") from None
+    out = []
+    for i, e in enumerate(parsed.keys):
+        if (e.key is None) == (e.sha256 is None):
+            raise ValueError(f"keys file: keys.{i}: give exactly one of `key` and `sha256`")
+        limits = parsed.tenants.get(e.tenant)
+        digest = _digest(e.key) if e.key is not None else bytes.fromhex(e.sha256)  # type: ignore[arg-type]
+        out.append(_Entry(digest, e.tenant, e.role, limits))
+    return out, True
 
 
 def parse_keys(text: str, *, lines: bool = False) -> list[str]:
@@ -81,22 +217,29 @@ def unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
 
 
 class ApiKeyAuth:
-    """Verifies bearer keys against the configured set."""
+    """Verifies bearer keys against the configured set and says whose they are."""
 
     def __init__(self, enabled: bool, keys: list[str] | None = None, *, file: str | None = None,
                  env_keys: list[str] | None = None, reload_interval_s: float = 30.0,
-                 public_paths: list[str] | None = None):
+                 public_paths: list[str] | None = None, plain_keys_role: str = "client",
+                 admin_paths: list[str] | None = None):
         self.enabled = enabled
         self.file = file
         self.reload_interval_s = reload_interval_s
         self.public_paths = tuple(public_paths or ())
-        self._static = [_digest(k) for k in (keys or [])] + [_digest(k) for k in (env_keys or [])]
-        self._file_digests: list[bytes] = []
+        self.admin_paths = frozenset(admin_paths if admin_paths is not None
+                                     else AuthConfig.model_fields["admin_paths"].default_factory())
+        if plain_keys_role not in ROLES:
+            raise ValueError(f"plain_keys_role must be one of {ROLES}")
+        self.plain_keys_role = plain_keys_role
+        self._static = _plain_entries(list(keys or []) + list(env_keys or []), plain_keys_role)
+        self._file_entries: list[_Entry] = []
+        self.file_structured = False
         self._file_stamp: tuple[float, int] | None = None
         self._next_check = 0.0
         if file:
             self._load_file(force=True)
-        if enabled and not self._digests():
+        if enabled and not self._entries():
             raise ValueError(
                 "API-key auth is enabled but no keys were found "
                 f"(env var / file {file!r}); refusing to start with every request rejected")
@@ -106,23 +249,48 @@ class ApiKeyAuth:
                     file: str | None = None, *, env: Mapping[str, str] | None = None,
                     reload_interval_s: float = 30.0, public_paths: list[str] | None = None) -> "ApiKeyAuth":
         """From the config fields (or an `AuthConfig` as the first argument)."""
+        plain_role, admin_paths = "client", None
         if isinstance(enabled, AuthConfig):
             c = enabled
             enabled, env_var, file = c.enabled, c.env_var, c.file
             reload_interval_s, public_paths = c.reload_interval_s, c.public_paths
+            plain_role, admin_paths = c.plain_keys_role, c.admin_paths
         env = os.environ if env is None else env
         env_keys = parse_keys(env.get(env_var, "")) if env_var else []
         return cls(bool(enabled), env_keys=env_keys, file=file, reload_interval_s=reload_interval_s,
-                   public_paths=public_paths if public_paths is not None else ["/health"])
+                   public_paths=public_paths if public_paths is not None else ["/health"],
+                   plain_keys_role=plain_role, admin_paths=admin_paths)
 
     # ------------------------------------------------------------------ keys
 
+    def _entries(self) -> list[_Entry]:
+        return self._static + self._file_entries
+
     def _digests(self) -> list[bytes]:
-        return self._static + self._file_digests
+        return [e.digest for e in self._entries()]
 
     @property
     def num_keys(self) -> int:
         return len(set(self._digests()))
+
+    @property
+    def num_admin_keys(self) -> int:
+        return len({e.digest for e in self._entries() if e.role == "admin"})
+
+    def startup_summary(self) -> tuple[int, str]:
+        """(log level, line) for the ingress's start: key and tenant counts, and a warning
+        when auth is on without any admin key (the admin routes then answer 403 to everyone)."""
+        if not self.enabled:
+            return logging.INFO, "auth off: every route is open, admin routes included"
+        tenants = {e.tenant for e in self._entries() if e.tenant is not None}
+        line = (f"auth on: {self.num_keys} keys ({self.num_admin_keys} admin), "
+                f"{len(tenants)} named tenants, keys file {'structured' if self.file_structured else 'plain'}")
+        if not self.num_admin_keys:
+            return logging.WARNING, line + (
+                "; no admin key, so " + ", ".join(sorted(self.admin_paths)) + " answer 403 to every key: "
+                "add `{key: ..., tenant: ..., role: admin}` to the keys file (docs/security.md) or set "
+                "auth.plain_keys_role: admin")
+        return logging.INFO, line
 
     def _load_file(self, force: bool = False) -> None:
         path = Path(self.file)  # type: ignore[arg-type]
@@ -131,15 +299,16 @@ class ApiKeyAuth:
             stamp = (st.st_mtime, st.st_size)
             if not force and stamp == self._file_stamp:
                 return
-            keys = parse_keys(path.read_text(encoding="utf-8"), lines=True)
-        except OSError as exc:
+            entries, structured = parse_keys_document(path.read_text(encoding="utf-8"), self.plain_keys_role)
+        except (OSError, ValueError) as exc:
             if force:
                 raise ValueError(f"API key file {self.file!r} cannot be read: {exc}") from None
-            logger.warning("API key file %s unreadable (%s); keeping the previous keys", self.file, exc)
+            logger.warning("API key file %s unusable (%s); keeping the previous keys", self.file, exc)
             return
-        self._file_digests = [_digest(k) for k in keys]
+        self._file_entries = entries
+        self.file_structured = structured
         if self._file_stamp is not None:
-            logger.info("API key file %s reloaded: %d keys", self.file, len(keys))
+            logger.info("API key file %s reloaded: %d keys", self.file, len(entries))
         self._file_stamp = stamp
 
     def _maybe_reload(self) -> None:
@@ -152,13 +321,31 @@ class ApiKeyAuth:
 
     # ------------------------------------------------------------------ checks
 
+    def _lookup(self, key: str) -> _Entry | None:
+        """Constant-time lookup: every stored digest is compared, whichever matches (the last
+        match wins, so a file entry overrides a plain key with the same value)."""
+        cand = _digest(key)
+        found: _Entry | None = None
+        for e in self._entries():
+            if hmac.compare_digest(cand, e.digest):
+                found = e
+        return found
+
     def verify(self, key: str) -> bool:
         """Constant-time membership: every stored digest is compared."""
-        cand = _digest(key)
-        found = 0
-        for d in self._digests():
-            found |= hmac.compare_digest(cand, d)
-        return bool(found)
+        return self._lookup(key) is not None
+
+    def _token(self, authorization: str | None) -> str:
+        if not authorization or not authorization.strip():
+            raise unauthorized(
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
+                code="missing_api_key")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise unauthorized("Malformed Authorization header: expected `Bearer <key>`.",
+                               code="invalid_authorization_header")
+        return token
 
     def check(self, authorization: str | None) -> str | None:
         """The verified key from an `Authorization` header value; None when auth is disabled.
@@ -169,15 +356,45 @@ class ApiKeyAuth:
         if not self.enabled:
             return None
         self._maybe_reload()
-        if not authorization or not authorization.strip():
-            raise unauthorized(
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
-                code="missing_api_key")
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized("Malformed Authorization header: expected `Bearer <key>`.",
-                               code="invalid_authorization_header")
+        token = self._token(authorization)
         if not self.verify(token):
             raise unauthorized("Incorrect API key provided.")
         return token
+
+    def identify(self, authorization: str | None) -> Identity | None:
+        """The key's `Identity`; None when auth is disabled. Raises `APIError(401)` as `check`."""
+        if not self.enabled:
+            return None
+        self._maybe_reload()
+        token = self._token(authorization)
+        entry = self._lookup(token)
+        if entry is None:
+            raise unauthorized("Incorrect API key provided.")
+        key_id = entry.digest.hex()[:32]
+        return Identity(tenant=entry.tenant if entry.tenant is not None else f"key:{key_id}",
+                        role=entry.role, key_id=key_id, limits=entry.limits)
+
+    def identify_quietly(self, authorization: str | None) -> Identity | None:
+        """For public paths: the identity when a valid key came, else None (never raises)."""
+        if not self.enabled or not authorization:
+            return None
+        try:
+            return self.identify(authorization)
+        except APIError:
+            return None
+
+    def require_admin(self, identity: Identity | None, path: str) -> None:
+        """403 unless `identity` is an admin (auth off: everyone is)."""
+        if not self.enabled or (identity is not None and identity.is_admin):
+            return
+        if not self.num_admin_keys:
+            msg = (f"{path} needs an admin API key and none is configured: every key is a client "
+                   "key (plain key lists are clients, auth.plain_keys_role). Add "
+                   "`{key: <key>, tenant: <name>, role: admin}` to the keys file (docs/security.md).")
+        else:
+            msg = f"{path} needs an admin API key; this key's role is client."
+        raise admin_required(msg)
+
+
+def admin_required(message: str) -> APIError:
+    return APIError(403, message, code="admin_key_required")

@@ -1,7 +1,13 @@
-"""Admission in front of the OpenAI routes, as one pure ASGI middleware (no per-chunk cost on
-streams): request-body size (413), API-key auth (401) and the cluster-wide per-client rate
-limit (429 with `Retry-After` and `X-RateLimit-*`). It runs before FastAPI parses the body,
-so a client over its limit or without a key is turned away before any work is done.
+"""Admission in front of the OpenAI routes, as one pure ASGI middleware: request-body size
+(413), API-key auth (401), the admin role on admin paths (403) and the cluster-wide budgets of
+the client's tenant and of the whole service (429 with `Retry-After`, OpenAI's
+`x-ratelimit-*-requests` / `-tokens` headers and `X-RateLimit-*`). It runs before FastAPI
+parses the body, so a client over its budget or without a key is turned away before any work
+is done. When a token budget applies it reads the body's `max_tokens` (and `n`) to reserve
+them, and charges the response's `usage` when the request ends (streams: the usage chunk when
+`stream_options.include_usage` asked for one, else the reservation); no per-chunk cost
+otherwise. The verified `Identity` is left in `scope["state"]["identity"]` for the routes
+(`/health` shows its details to admins).
 
 The ingress replica puts its `Admission` (its `ApiKeyAuth`, `RateLimiter` and
 `StatsRecorder`) on the FastAPI app Serve runs, as `app.state.admission`, once it is built
@@ -10,13 +16,17 @@ The ingress replica puts its `Admission` (its `ApiKeyAuth`, `RateLimiter` and
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from deployments.admission.auth import ApiKeyAuth
+from deployments.admission.auth import ApiKeyAuth, Identity
 from deployments.admission.client_address import ClientAddress
 from deployments.api.errors import APIError, route_path
 from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
+
+logger = logging.getLogger("ray.serve")
 
 # Routes that cost model time: counted against the client's rate limit.
 RATE_LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/classify"})
@@ -31,6 +41,20 @@ class Admission:
     client_address: ClientAddress = field(default_factory=lambda: ClientAddress(fast_path=False))
     stats: Any = None  # StatsRecorder
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
+    # `max_tokens` when a request omits it, per path (the reservation of a token budget)
+    default_max_tokens: dict[str, int] = field(default_factory=lambda: {
+        "/v1/chat/completions": 100, "/v1/completions": 16, "/v1/classify": 1})
+
+
+def identity_of(scope) -> Identity | None:
+    """The verified key's identity the middleware left on the request (None: no key / auth off)."""
+    return (scope.get("state") or {}).get("identity")
+
+
+def is_admin(scope, auth: ApiKeyAuth) -> bool:
+    """Auth off: everyone; on: an admin key."""
+    ident = identity_of(scope)
+    return not auth.enabled or (ident is not None and ident.is_admin)
 
 
 class AdmissionMiddleware:
@@ -42,47 +66,166 @@ class AdmissionMiddleware:
             return await self.app(scope, receive, send)
         adm: Admission | None = getattr(getattr(scope.get("app"), "state", None), "admission", None)
         path = route_path(scope)
-        if adm is None or path in adm.public_paths:
+        if adm is None:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if path in adm.public_paths:
+            ident = adm.auth.identify_quietly(headers.get("authorization"))
+            if ident is not None:
+                scope.setdefault("state", {})["identity"] = ident
+            return await self.app(scope, receive, send)
+        budgeted = path in RATE_LIMITED_PATHS and scope.get("method") == "POST"
+        extra_headers: dict[str, str] = {}
+        lease = None
         try:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > adm.max_request_bytes:
                 raise APIError(413, f"Request body of {length} bytes is over the limit of "
                                f"{adm.max_request_bytes} bytes.", code="request_too_large")
-            key = adm.auth.check(headers.get("authorization"))
-            extra_headers: dict[str, str] = {}
-            if path in RATE_LIMITED_PATHS and adm.limiter.enabled and scope.get("method") == "POST":
-                client = scope.get("client")
-                peer = adm.client_address.peer(client[0] if client else None, headers)
-                ck = client_key(key, peer, _forwarded_for(scope), adm.trusted_proxies)
-                decision = await adm.limiter.check(ck)
+            ident = adm.auth.identify(headers.get("authorization"))
+            if ident is not None:
+                scope.setdefault("state", {})["identity"] = ident
+            if path in adm.auth.admin_paths:
+                adm.auth.require_admin(ident, path)
+            if budgeted and (adm.limiter.enabled or has_own_budgets(ident)):
+                reserve = 0
+                if getattr(adm.limiter, "counts_tokens", _no_tokens)(ident):
+                    receive = await _buffer_body(receive, adm.max_request_bytes)
+                    if receive is None:
+                        raise APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
+                                       code="request_too_large")
+                    reserve = _reservation(await _peek_body(receive), adm.default_max_tokens.get(path, 1))
+                if ident is not None:  # plain keys are tenants "key:<digest prefix>"
+                    ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
+                else:
+                    client = scope.get("client")
+                    peer = adm.client_address.peer(client[0] if client else None, headers)
+                    ck = client_key(None, peer, _forwarded_for(scope), adm.trusted_proxies)
+                if ident is None or (ident.limits is None and not reserve):
+                    decision = await adm.limiter.check(ck)  # the service's default budgets
+                else:
+                    decision = await adm.limiter.check(ck, ident, reserve)
                 if not decision.allowed:
                     raise rate_limited_error(decision)
                 extra_headers = RateLimiter.headers(decision)
+                lease = decision.lease
         except APIError as exc:
             if adm.stats is not None:
                 adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
-            return await exc.response()(scope, receive, send)
+            return await exc.response()(scope, receive if receive is not None else _no_body, send)
 
-        if "content-length" not in headers:
+        if "content-length" not in headers and not getattr(receive, "buffered", False):
             receive = await _buffer_body(receive, adm.max_request_bytes)
             if receive is None:
                 exc = APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
                                code="request_too_large")
                 if adm.stats is not None:
                     adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", 413, exc.code)
+                if lease:
+                    adm.limiter.release(lease, 0)
                 return await exc.response()(scope, _no_body, send)
-        if not extra_headers:
+        if not extra_headers and not lease:
             return await self.app(scope, receive, send)
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()]
+        meter = _UsageMeter() if lease else None
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) + raw}
+                if meter is not None:
+                    meter.start(message)
+            elif meter is not None and message["type"] == "http.response.body":
+                meter.body(message.get("body", b""))
             await send(message)
 
-        return await self.app(scope, receive, send_with_headers)
+        if lease is None:
+            return await self.app(scope, receive, send_with_headers)
+        try:
+            return await self.app(scope, receive, send_with_headers)
+        finally:
+            adm.limiter.release(lease, meter.tokens())
+
+
+def has_own_budgets(ident: Identity | None) -> bool:
+    """The key's tenant sets a budget of its own (it applies even with no default budget)."""
+    lim = getattr(ident, "limits", None)
+    return lim is not None and any(getattr(lim, f) for f in (
+        "requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent"))
+
+
+def _no_tokens(_ident) -> bool:
+    return False
+
+
+def _reservation(body: bytes, default_max_tokens: int) -> int:
+    """Tokens a request may use: `max_completion_tokens` or `max_tokens` (else the route's
+    default) times `n`; a body that is not a JSON object reserves the default (the route will
+    refuse it anyway)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return default_max_tokens
+    if not isinstance(doc, dict):
+        return default_max_tokens
+    mt = doc.get("max_completion_tokens")
+    if mt is None:
+        mt = doc.get("max_tokens")
+    n = doc.get("n")
+    mt = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else default_max_tokens
+    n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    return mt * n
+
+
+class _UsageMeter:
+    """The `usage.total_tokens` a response reports: the JSON body's, or an SSE stream's last
+    usage object; None when there is none (e.g. a stream without `include_usage`)."""
+
+    def __init__(self):
+        self.kind = ""
+        self.status = 0
+        self._json = bytearray()
+        self._usage: int | None = None
+        self._tail = b""
+
+    def start(self, message) -> None:
+        self.status = message.get("status", 0)
+        for k, v in message.get("headers", ()):
+            if k.lower() == b"content-type":
+                self.kind = "sse" if b"event-stream" in v else ("json" if b"json" in v else "")
+
+    def body(self, chunk: bytes) -> None:
+        if self.kind == "json":
+            if len(self._json) < (1 << 22):
+                self._json += chunk
+        elif self.kind == "sse":
+            data = self._tail + chunk
+            lines = data.split(b"\n")
+            self._tail = lines.pop()[-(1 << 16):]  # an unfinished line waits for the next chunk
+            for line in lines:
+                if line.startswith(b"data: {") and b'"usage"' in line:
+                    self._usage = _total_tokens(line[6:]) or self._usage
+
+    def tokens(self) -> int | None:
+        if self.status >= 400:
+            return 0  # refused or failed before any answer: no tokens charged
+        if self.kind == "json":
+            return _total_tokens(bytes(self._json))
+        return self._usage
+
+
+def _total_tokens(raw: bytes) -> int | None:
+    try:
+        usage = json.loads(raw).get("usage")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if isinstance(usage, dict):
+        total = usage.get("total_tokens")
+        if isinstance(total, int):
+            return total
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(p, int):
+            return p + (c if isinstance(c, int) else 0)
+    return None
 
 
 def _forwarded_for(scope) -> str | None:
@@ -96,9 +239,13 @@ async def _no_body():
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
+async def _peek_body(receive) -> bytes:
+    """The whole body a `_buffer_body` replay holds (without consuming it)."""
+    return b"".join(m.get("body", b"") for m in receive.messages if m["type"] == "http.request")
+
+
 async def _buffer_body(receive, limit: int):
-    """A body without Content-Length (chunked): read it up to `limit` bytes; None when over,
-    else a `receive` that replays it."""
+    """Read the body up to `limit` bytes; None when over, else a `receive` that replays it."""
     messages, seen = [], 0
     while True:
         message = await receive()
@@ -114,4 +261,6 @@ async def _buffer_body(receive, limit: int):
     async def replay():
         return messages.pop(0) if messages else await receive()
 
+    replay.messages = list(messages)  # type: ignore[attr-defined]
+    replay.buffered = True  # type: ignore[attr-defined]
     return replay

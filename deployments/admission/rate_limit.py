@@ -71,6 +71,20 @@ class RateLimitConfig(BaseModel):
         "through (logged), false rejects it with 503.",
     )
     timeout_s: float = Field(2.0, gt=0, description="Deadline of one limiter actor call.")
+    tokens_per_minute: int = Field(
+        0, ge=0, description="Default budget of prompt + completion tokens per client (tenant, key "
+        "or address) per moving minute, charged with each response's usage; a request whose "
+        "`max_tokens` does not fit the rest is refused up front (429). 0: off. A tenant of the keys "
+        "file may set its own.")
+    max_concurrent: int = Field(
+        0, ge=0, description="Default limit of requests in flight at once per client (tenant, key "
+        "or address); 0: off. A tenant of the keys file may set its own.")
+    cluster: "ClusterBudget" = Field(
+        default_factory=lambda: ClusterBudget(),
+        description="Budgets shared by every client together (the whole service).")
+    lease_ttl_s: float = Field(
+        600.0, gt=0, description="A request's concurrency slot and token reservation are given back "
+        "after this long even if its ingress replica never reports its end (a killed replica).")
     actor_name: str | None = Field(
         None, description="Name of the limiter actor; default `rate_limiter.<app name>`."
     )
@@ -90,6 +104,29 @@ class RateLimitConfig(BaseModel):
         per_minute, per_hour = effective_limits(self.per_minute, self.per_hour,
                                                 os.environ if env is None else env)
         return make_windows(per_minute, per_hour)
+
+
+class ClusterBudget(BaseModel):
+    """Service-wide budgets, checked besides each client's; 0 turns one off."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_minute: int = Field(0, ge=0, description="Requests per moving minute, all clients together; 0: off.")
+    tokens_per_minute: int = Field(0, ge=0, description="Prompt + completion tokens per moving minute, all clients together; 0: off.")
+    max_concurrent: int = Field(0, ge=0, description="Requests in flight at once, all clients together; 0: off.")
+    fair_share_above: float = Field(
+        0.0, ge=0, le=1, description="Fair shares under overload (needs `max_concurrent`): once this "
+        "fraction of `max_concurrent` is in flight, a client at or above its weighted share "
+        "(`max_concurrent` × its weight / the weights of the clients with requests in flight and "
+        "its own, plus 1 for a newcomer when it is alone; weight = tenant priority + 1) is refused with 429 "
+        "`fair_share_exceeded`. 0: off; 0.6 keeps 40 % free for light clients (docs/security.md S17).")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_concurrent)
+
+
+RateLimitConfig.model_rebuild()
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -159,12 +196,45 @@ class RateDecision:
     period_s: int = 0  # length of that window
     degraded: bool = False  # the limiter could not be asked (fail-open decision)
     windows: list[dict[str, Any]] = field(default_factory=list)  # per-window detail
+    reason: str = "requests"  # what refused it: "requests", "tokens", "concurrency"
+    scope: str = "client"  # whose budget: "client" (tenant, key or address) or "cluster"
+    tokens_limit: int = 0  # token budget per minute applied (0: none)
+    tokens_remaining: int = 0  # tokens left after this request's reservation
+    tokens_reset_epoch_s: float = 0.0  # when the tokens counted now have left the window
+    concurrency_limit: int = 0
+    lease: str | None = None  # to give back with `RateLimiter.release` when the request ends
+    never_fits: bool = False  # the request's max_tokens is over the whole per-minute budget
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 UNLIMITED = RateDecision(allowed=True)
+
+CLUSTER_KEY = "cluster:*"
+TOKEN_WINDOW_S = 60
+
+
+@dataclass(frozen=True)
+class AdmitSpec:
+    """One request's admission question: its client key, the client's budgets (request windows,
+    tokens per minute, concurrency; 0: off) and the tokens it may use (`max_tokens` × n)."""
+
+    key: str
+    windows: tuple[RateWindow, ...] = ()
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+    reserve_tokens: int = 0
+    ttl_s: float = 600.0
+    weight: int = 1  # fair-share weight: the tenant's priority + 1
+
+
+@dataclass
+class _Lease:
+    key: str
+    reserve: int
+    expires: float
+    counted_tokens: bool
 
 
 # --------------------------------------------------------------------------- the actor
@@ -184,20 +254,208 @@ class RateLimiterActor:
         self._items: list[Any] = []
         self.allowed_total = 0
         self.rejected_total = 0
+        self._cluster = ClusterBudget()
+        self._cluster_windows: tuple[RateWindow, ...] = ()
+        # tokens charged per key: (time, tokens), oldest first; reservations of open requests
+        self._token_log: dict[str, Any] = {}
+        self._reserved: dict[str, int] = {}
+        self._inflight: dict[str, int] = {}
+        self._leases: dict[str, _Lease] = {}
+        self._weights: dict[str, int] = {}
+        self._lease_seq = 0
+        self._next_reap = 0.0
         self.configure(list(windows) if windows is not None else make_windows(10, 100))
 
-    def configure(self, windows: Iterable[RateWindow | tuple[int, int]]) -> list[dict[str, Any]]:
-        """Replace the window set. Windows whose (limit, period) are unchanged keep their state
-        (the ``limits`` storage key depends only on those)."""
-        from limits import RateLimitItemPerSecond
-
+    def configure(self, windows: Iterable[RateWindow | tuple[int, int]],
+                  cluster: "ClusterBudget | Mapping[str, Any] | None" = None) -> list[dict[str, Any]]:
+        """Replace the window set (and the cluster-wide budgets). Windows whose (limit, period)
+        are unchanged keep their state (the ``limits`` storage key depends only on those)."""
         ws = [w if isinstance(w, RateWindow) else RateWindow(int(w[0]), int(w[1])) for w in windows]
         for w in ws:
             if w.limit < 1 or w.period_s < 1:
                 raise ValueError(f"invalid window {w}: limit and period must be >= 1")
         self._windows = ws
-        self._items = [RateLimitItemPerSecond(w.limit, w.period_s) for w in ws]
+        self._items = [self._item(w) for w in ws]
+        if cluster is not None:
+            self._cluster = ClusterBudget.model_validate(cluster)
+            self._cluster_windows = ((RateWindow(self._cluster.requests_per_minute, 60, "minute"),)
+                                     if self._cluster.requests_per_minute else ())
         return [asdict(w) for w in ws]
+
+    @staticmethod
+    @lru_cache(maxsize=1024)
+    def _item(w: RateWindow):
+        from limits import RateLimitItemPerSecond
+
+        return RateLimitItemPerSecond(w.limit, w.period_s)
+
+    # ------------------------------------------------------------------ budgets (admit/release)
+
+    def _tokens_used(self, key: str, now: float) -> int:
+        from collections import deque
+
+        log = self._token_log.get(key)
+        if log is None:
+            log = self._token_log[key] = deque()
+        while log and log[0][0] <= now - TOKEN_WINDOW_S:
+            log.popleft()
+        return sum(n for _, n in log) + self._reserved.get(key, 0)
+
+    def _tokens_free_at(self, key: str, need: int, now: float) -> float:
+        """When `need` more tokens will have left `key`'s window (now + 1 s when only the
+        reservations of requests still running stand in the way)."""
+        freed = 0
+        for t, n in self._token_log.get(key, ()):
+            freed += n
+            if freed >= need:
+                return t + TOKEN_WINDOW_S
+        return now + 1
+
+    def _reap(self, now: float) -> None:
+        if now < self._next_reap:
+            return
+        self._next_reap = now + 5
+        for lease_id in [k for k, v in self._leases.items() if v.expires <= now]:
+            self.release(lease_id, None)
+        for key in [k for k, log in self._token_log.items() if not log or log[-1][0] <= now - TOKEN_WINDOW_S]:
+            if not self._reserved.get(key):
+                self._token_log.pop(key, None)
+
+    def _refuse(self, spec: AdmitSpec, now: float, reason: str, scope: str, limit: int,
+                retry_at: float, **extra: Any) -> RateDecision:
+        self.rejected_total += 1
+        return RateDecision(allowed=False, limit=limit, remaining=0, reset_epoch_s=retry_at,
+                            retry_after_s=max(1, math.ceil(retry_at - now)), window="minute",
+                            period_s=60, reason=reason, scope=scope, **extra)
+
+    def admit(self, spec: AdmitSpec) -> RateDecision:
+        """Admit one request when every budget of its client and of the cluster has room —
+        request windows, concurrency, tokens (`reserve_tokens` must fit what is left) — and
+        then take from each; otherwise refuse, taking nothing. A lease is returned when a
+        concurrency or token budget applies: give it back with `release`."""
+        now = time.time()
+        self._reap(now)
+        checks = [(self._item(w), spec.key, w, "client") for w in spec.windows]
+        checks += [(self._item(w), CLUSTER_KEY, w, "cluster") for w in self._cluster_windows]
+        full = [c for c in checks if not self._limiter.test(c[0], c[1])]
+        if full:
+            self.rejected_total += 1
+            worst, worst_reset = None, -1.0
+            for item, key, w, scope in full:
+                reset = float(self._limiter.get_window_stats(item, key).reset_time)
+                if reset > worst_reset:
+                    worst, worst_reset = (w, scope), reset
+            w, scope = worst  # type: ignore[misc]
+            details = (self._details_for(spec.key, spec.windows, now)
+                       + self._details_for(CLUSTER_KEY, self._cluster_windows, now))
+            return RateDecision(allowed=False, limit=w.limit, remaining=0, reset_epoch_s=worst_reset,
+                                retry_after_s=max(1, math.ceil(worst_reset - now)), window=w.label(),
+                                period_s=w.period_s, reason="requests", scope=scope, windows=details)
+        for key, limit, scope in ((spec.key, spec.max_concurrent, "client"),
+                                  (CLUSTER_KEY, self._cluster.max_concurrent, "cluster")):
+            if limit and self._inflight.get(key, 0) >= limit:
+                return self._refuse(spec, now, "concurrency", scope, limit, now + 1, concurrency_limit=limit)
+        share = self._over_fair_share(spec)
+        if share is not None:
+            return self._refuse(spec, now, "fair_share", "cluster", self._cluster.max_concurrent, now + 1,
+                                concurrency_limit=share)
+        token_budgets = [(k, lim, sc) for k, lim, sc in ((spec.key, spec.tokens_per_minute, "client"),
+                                                         (CLUSTER_KEY, self._cluster.tokens_per_minute, "cluster"))
+                         if lim]
+        tokens_left: list[tuple[int, int, float]] = []
+        for key, limit, scope in token_budgets:
+            used = self._tokens_used(key, now)
+            if spec.reserve_tokens > limit:
+                return self._refuse(spec, now, "tokens", scope, limit, now + TOKEN_WINDOW_S,
+                                    tokens_limit=limit, never_fits=True)
+            if used + spec.reserve_tokens > limit:
+                retry_at = self._tokens_free_at(key, used + spec.reserve_tokens - limit, now)
+                return self._refuse(spec, now, "tokens", scope, limit, retry_at, tokens_limit=limit,
+                                    tokens_remaining=max(0, limit - used), tokens_reset_epoch_s=retry_at)
+            log = self._token_log.get(key) or ()
+            tokens_left.append((limit, limit - used - spec.reserve_tokens,
+                                (log[-1][0] + TOKEN_WINDOW_S) if log else now + TOKEN_WINDOW_S))
+        # every budget has room: take from each
+        for item, key, _, _ in checks:
+            self._limiter.hit(item, key)
+        self.allowed_total += 1
+        decision = RateDecision(allowed=True)
+        client_details = self._details_for(spec.key, spec.windows, now) if spec.windows else []
+        cluster_details = self._details_for(CLUSTER_KEY, self._cluster_windows, now)
+        details = client_details + cluster_details
+        if details:
+            d = min(details, key=lambda x: (x["remaining"], x["period_s"]))
+            decision = RateDecision(allowed=True, limit=d["limit"], remaining=d["remaining"],
+                                    reset_epoch_s=d["reset_epoch_s"], window=d["window"],
+                                    period_s=d["period_s"], windows=details)
+        if tokens_left:
+            limit, left, reset = min(tokens_left, key=lambda x: x[1])
+            decision.tokens_limit, decision.tokens_remaining = limit, left
+            decision.tokens_reset_epoch_s = reset
+        concurrency = [lim for lim in (spec.max_concurrent, self._cluster.max_concurrent) if lim]
+        if concurrency or token_budgets:
+            self._weights[spec.key] = max(1, spec.weight)
+            decision.concurrency_limit = min(concurrency) if concurrency else 0
+            self._lease_seq += 1
+            lease_id = f"{self._lease_seq:x}"
+            self._leases[lease_id] = _Lease(spec.key, spec.reserve_tokens if token_budgets else 0,
+                                            now + spec.ttl_s, bool(token_budgets))
+            for key in (spec.key, CLUSTER_KEY):
+                self._inflight[key] = self._inflight.get(key, 0) + 1
+                if token_budgets:
+                    self._reserved[key] = self._reserved.get(key, 0) + spec.reserve_tokens
+            decision.lease = lease_id
+        return decision
+
+    def _over_fair_share(self, spec: AdmitSpec) -> int | None:
+        """The client's share (whole requests) when the cluster is busy and the client holds at
+        least that many; None: admit."""
+        c, above = self._cluster.max_concurrent, self._cluster.fair_share_above
+        if not c or not above or self._inflight.get(CLUSTER_KEY, 0) < c * above:
+            return None
+        weights = {k: self._weights.get(k, 1) for k, n in self._inflight.items() if n > 0 and k != CLUSTER_KEY}
+        weights[spec.key] = max(1, spec.weight)
+        # alone, a client counts a newcomer beside it (weight 1): it cannot take the headroom
+        share = c * max(1, spec.weight) / (sum(weights.values()) + (1 if len(weights) == 1 else 0))
+        held = self._inflight.get(spec.key, 0)
+        return max(1, math.floor(share)) if held >= share else None
+
+    def release(self, lease_id: str, tokens: int | None) -> bool:
+        """A request ended: give back its concurrency slot and its reservation, and charge the
+        tokens it used (its response's usage; None: unknown, the reservation is charged)."""
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        now = time.time()
+        for key in (lease.key, CLUSTER_KEY):
+            self._inflight[key] = max(0, self._inflight.get(key, 0) - 1)
+            if not self._inflight[key]:
+                self._inflight.pop(key)
+                self._weights.pop(key, None)
+            if lease.counted_tokens:
+                self._reserved[key] = max(0, self._reserved.get(key, 0) - lease.reserve)
+                charge = lease.reserve if tokens is None else max(0, int(tokens))
+                if charge:
+                    self._tokens_used(key, now)  # creates / prunes the log
+                    self._token_log[key].append((now, charge))
+        return True
+
+    def usage(self, key: str) -> dict[str, int]:
+        """In-flight requests, reserved and counted tokens of `key` (tests, debugging)."""
+        now = time.time()
+        used = self._tokens_used(key, now)
+        return {"in_flight": self._inflight.get(key, 0), "reserved_tokens": self._reserved.get(key, 0),
+                "tokens_last_minute": used}
+
+    def _details_for(self, key: str, windows: Iterable[RateWindow], now: float) -> list[dict[str, Any]]:
+        out = []
+        for w in windows:
+            stats = self._limiter.get_window_stats(self._item(w), key)
+            remaining = max(0, int(stats.remaining))
+            reset = float(stats.reset_time) if remaining < w.limit else now + w.period_s
+            out.append({"window": w.label(), "limit": w.limit, "period_s": w.period_s,
+                        "remaining": remaining, "reset_epoch_s": reset})
+        return out
 
     def windows(self) -> list[dict[str, Any]]:
         return [asdict(w) for w in self._windows]
@@ -267,8 +525,16 @@ class RateLimiter:
 
     def __init__(self, windows: Sequence[RateWindow], *, actor_name: str = "rate_limiter.llm",
                  namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 2.0, fail_open: bool = True,
-                 pin_to_head: bool = True):
+                 pin_to_head: bool = True, tokens_per_minute: int = 0, max_concurrent: int = 0,
+                 cluster: ClusterBudget | None = None, lease_ttl_s: float = 600.0, master: bool = True):
         self.windows = list(windows)
+        self.master = master  # rate_limit.enabled: false turns every budget off, tenants' too
+        self.tokens_per_minute = tokens_per_minute if master else 0
+        self.max_concurrent = max_concurrent if master else 0
+        self.cluster = (cluster or ClusterBudget()) if master else ClusterBudget()
+        self.lease_ttl_s = lease_ttl_s
+        by_period = {w.period_s: w.limit for w in self.windows}
+        self.per_minute, self.per_hour = by_period.get(60, 0), by_period.get(3600, 0)
         self.actor_name = actor_name
         self.namespace = namespace
         self.timeout_s = timeout_s
@@ -284,11 +550,52 @@ class RateLimiter:
                     env: Mapping[str, str] | None = None) -> "RateLimiter":
         cfg = RateLimitConfig.model_validate(cfg or {})
         return cls(cfg.windows(env), actor_name=cfg.actor_name or f"rate_limiter.{app_name}",
-                   namespace=cfg.namespace, timeout_s=cfg.timeout_s, fail_open=cfg.fail_open)
+                   namespace=cfg.namespace, timeout_s=cfg.timeout_s, fail_open=cfg.fail_open,
+                   tokens_per_minute=cfg.tokens_per_minute, max_concurrent=cfg.max_concurrent,
+                   cluster=cfg.cluster, lease_ttl_s=cfg.lease_ttl_s, master=cfg.enabled)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.windows)
+        """Some budget applies to every request (the defaults or the cluster's)."""
+        return bool(self.windows or self.tokens_per_minute or self.max_concurrent or self.cluster.active)
+
+    def applies(self, identity: Any = None) -> bool:
+        """Some budget applies to a request of `identity` (an `auth.Identity` or None)."""
+        if self.enabled:
+            return True
+        lim = getattr(identity, "limits", None)
+        return bool(self.master and lim is not None and any(
+            getattr(lim, f) for f in ("requests_per_minute", "requests_per_hour", "tokens_per_minute",
+                                      "max_concurrent")))
+
+    def _budget(self, identity: Any, name: str, default: int) -> int:
+        lim = getattr(identity, "limits", None)
+        value = getattr(lim, name, None) if lim is not None else None
+        return default if value is None else value
+
+    def counts_tokens(self, identity: Any = None) -> bool:
+        """A token budget applies: the request's `max_tokens` is needed up front."""
+        return bool(self.master and (self.cluster.tokens_per_minute
+                                     or self._budget(identity, "tokens_per_minute", self.tokens_per_minute)))
+
+    def spec(self, client_key: str, identity: Any = None, reserve_tokens: int = 0) -> AdmitSpec:
+        """The admission question for one request of `identity` (None: a key-less client,
+        the default budgets) under the limiter key `client_key`."""
+        if identity is not None:
+            tenant = str(identity.tenant)
+            client_key = tenant if tenant.startswith("key:") else "tenant:" + tenant
+        lim = getattr(identity, "limits", None)
+        if lim is None or (lim.requests_per_minute is None and lim.requests_per_hour is None):
+            windows = list(self.windows)  # the service's default windows
+        else:
+            windows = make_windows(self._budget(identity, "requests_per_minute", self.per_minute),
+                                   self._budget(identity, "requests_per_hour", self.per_hour))
+        tokens = self._budget(identity, "tokens_per_minute", self.tokens_per_minute)
+        return AdmitSpec(key=client_key, windows=tuple(windows), tokens_per_minute=tokens,
+                         weight=max(1, int(getattr(identity, "priority", 0) or 0) + 1),
+                         max_concurrent=self._budget(identity, "max_concurrent", self.max_concurrent),
+                         reserve_tokens=reserve_tokens if (tokens or self.cluster.tokens_per_minute) else 0,
+                         ttl_s=self.lease_ttl_s)
 
     def describe(self) -> dict[str, Any]:
         """For /health's limits report."""
@@ -310,7 +617,7 @@ class RateLimiter:
         Call it once at replica start (an async ``__init__``, or before the first request) so
         the first requests do not pay for the actor's start-up — or, past `timeout_s` on a
         loaded cluster, get a fail-open decision. Raises when the actor cannot be reached."""
-        if not self.windows:
+        if not self.enabled:
             return
         await asyncio.wait_for(self._actor(configure_timeout_s=timeout_s), timeout_s)
 
@@ -326,26 +633,43 @@ class RateLimiter:
             if not self._configured:
                 # An existing actor (other replicas, an earlier deploy) takes this deploy's
                 # windows. The first call also waits for a new actor's process to start.
-                await asyncio.wait_for(_aw(self._handle.configure.remote(self.windows)),
+                await asyncio.wait_for(_aw(self._handle.configure.remote(self.windows, self.cluster)),
                                        configure_timeout_s or max(10.0, self.timeout_s * 5))
                 self._configured = True
         return self._handle
 
-    async def check(self, key: str) -> RateDecision:
-        """Count one request for `key` cluster-wide; never raises for limiter trouble."""
-        if not self.windows:
+    async def check(self, key: str, identity: Any = None, reserve_tokens: int = 0) -> RateDecision:
+        """Admit one request of client `key` (of `identity`'s tenant when given, with its
+        budgets; `reserve_tokens`: its max_tokens × n) cluster-wide; never raises for limiter
+        trouble. Give `decision.lease` back with `release` when the request ends."""
+        if not self.applies(identity):
             return UNLIMITED
+        return await self.admit(self.spec(key, identity, reserve_tokens))
+
+    async def admit(self, spec: AdmitSpec) -> RateDecision:
+        """Ask the shared actor to admit one request (`RateLimiterActor.admit`); never raises
+        for limiter trouble (fail open or closed)."""
         try:
             handle = await self._actor()
-            return await asyncio.wait_for(_aw(handle.hit.remote(key)), self.timeout_s)
+            return await asyncio.wait_for(_aw(handle.admit.remote(spec)), self.timeout_s)
         except (asyncio.TimeoutError, TimeoutError) as exc:
             return self._degraded(exc)
         except actor_failure_types() as exc:
             self._handle, self._configured = None, False  # re-resolve next time (restarted actor)
             return self._degraded(exc)
-        except Exception as exc:  # GCS hiccup while resolving, etc.
+        except Exception as exc:
             self._handle, self._configured = None, False
             return self._degraded(exc)
+
+    def release(self, lease: str | None, tokens: int | None) -> None:
+        """Give a lease back (fire and forget: the response is not held for it). A lost call
+        is repaired by the lease's expiry (`lease_ttl_s`)."""
+        if not lease or self._handle is None:
+            return
+        try:
+            self._handle.release.remote(lease, tokens)
+        except Exception as exc:  # the actor restarting: its leases are gone with it
+            logger.debug("rate limiter release failed: %s", exc)
 
     def _degraded(self, exc: BaseException) -> RateDecision:
         now = time.monotonic()
@@ -357,17 +681,48 @@ class RateLimiter:
                             retry_after_s=0 if self.fail_open else 1)
 
     @staticmethod
-    def headers(decision: RateDecision) -> dict[str, str]:
-        """Response headers: `X-RateLimit-Limit/Remaining/Reset` (reset as unix epoch seconds,
-        GitHub's convention) whenever a limit applied, plus `Retry-After` on a rejection."""
+    def headers(decision: RateDecision, now: float | None = None) -> dict[str, str]:
+        """Response headers whenever a limit applied:
+
+        * OpenAI's: `x-ratelimit-limit-requests`, `-remaining-requests`, `-reset-requests`
+          (a duration, "6s", "1m0s") for the tightest request window, and the same trio with
+          `-tokens` for the tightest token budget;
+        * `X-RateLimit-Limit/Remaining/Reset` (reset as unix epoch seconds, GitHub's
+          convention) for the tightest request window;
+        * `Retry-After` on a rejection.
+        """
+        now = time.time() if now is None else now
         out: dict[str, str] = {}
-        if decision.limit:
+        if decision.limit and decision.reason == "requests":
             out["X-RateLimit-Limit"] = str(decision.limit)
             out["X-RateLimit-Remaining"] = str(max(0, decision.remaining))
             out["X-RateLimit-Reset"] = str(math.ceil(decision.reset_epoch_s))
+            out["x-ratelimit-limit-requests"] = str(decision.limit)
+            out["x-ratelimit-remaining-requests"] = str(max(0, decision.remaining))
+            out["x-ratelimit-reset-requests"] = openai_duration(decision.reset_epoch_s - now)
+        if decision.tokens_limit:
+            out["x-ratelimit-limit-tokens"] = str(decision.tokens_limit)
+            out["x-ratelimit-remaining-tokens"] = str(max(0, decision.tokens_remaining))
+            out["x-ratelimit-reset-tokens"] = openai_duration(decision.tokens_reset_epoch_s - now)
         if not decision.allowed:
             out["Retry-After"] = str(max(1, decision.retry_after_s))
         return out
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "6s", "1m0s", "1h2m3s"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, round(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    h, rest = divmod(total, 3600)
+    m, sec = divmod(rest, 60)
+    if h:
+        return f"{h}h{m}m{sec}s"
+    if m:
+        return f"{m}m{sec}s"
+    return f"{sec}s"
 
 
 async def _aw(ref):
@@ -382,6 +737,32 @@ def rate_limited_error(decision: RateDecision):
     if decision.degraded:
         return APIError(503, "Rate limiter unavailable; retry shortly.", code="rate_limiter_unavailable",
                         headers={"Retry-After": "1"})
+    whose = "the service's (all clients)" if decision.scope == "cluster" else "your"
+    if decision.reason == "tokens":
+        if decision.never_fits:
+            return APIError(
+                429, f"Rate limit exceeded: this request's max_tokens is more than {whose} whole budget "
+                f"of {decision.tokens_limit} tokens per minute; lower max_tokens.",
+                param="max_tokens", code="tokens_budget_exceeded", headers=headers)
+        return APIError(
+            429, f"Rate limit exceeded: {whose} budget of {decision.tokens_limit} tokens per minute has "
+            f"{decision.tokens_remaining} left, less than this request's max_tokens. Retry after "
+            f"{max(1, decision.retry_after_s)} s or lower max_tokens.",
+            param="max_tokens", code="tokens_rate_limit_exceeded", headers=headers)
+    if decision.reason == "fair_share":
+        return APIError(
+            429, f"Rate limit exceeded: the service is busy and you hold your fair share "
+            f"({decision.concurrency_limit} concurrent requests) of it. Retry after 1 s.",
+            code="fair_share_exceeded", headers=headers)
+    if decision.reason == "concurrency":
+        return APIError(
+            429, f"Rate limit exceeded: {whose} limit of {decision.concurrency_limit} concurrent requests "
+            "is reached. Retry after 1 s.", code="concurrency_limit_exceeded", headers=headers)
+    if decision.scope == "cluster":
+        return APIError(
+            429, f"Rate limit exceeded: the service's budget of {decision.limit} requests per "
+            f"{decision.window} (all clients) is spent. Retry after {max(1, decision.retry_after_s)} s.",
+            code="rate_limit_exceeded", headers=headers)
     return APIError(
         429,
         f"Rate limit exceeded: {decision.limit} requests per {decision.window}. "

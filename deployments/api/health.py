@@ -2,7 +2,13 @@
 answers. Our fields, and beside them the replaced Flask service's (docs/migration.md):
 `gpu` `{"allocated_gb", "reserved_gb", "free_gb"}` (NVML, null on CPU) and, under `limits`,
 `max_concurrent_requests`, `max_queue_size`, `rate_limit`. `compat.legacy_health_status`
-makes `status` say "ok" (the old word) instead of "healthy"."""
+makes `status` say "ok" (the old word) instead of "healthy".
+
+Who sees what (docs/security.md S5): with auth on, the public answer is `status` and the
+replaced service's fields its health checks read (`gpu`, and `limits` with
+`max_concurrent_requests`, `max_queue_size`, `rate_limit`) — no pids, node ids, GPU ids,
+paths or deployment states; an admin key gets the whole report. With auth off everyone is
+an admin (as every route is open) and gets the whole report."""
 
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ class ServingHealth:
         self.calls, self.limiter, self.auth_enabled = calls, limiter, auth_enabled
         self.ok_word = "ok" if config.compat.legacy_health_status else "healthy"
 
-    async def health(self) -> JSONResponse:
+    PUBLIC_LIMITS = ("max_concurrent_requests", "max_queue_size", "rate_limit")
+
+    async def health(self, detailed: bool = True) -> JSONResponse:
         report: dict[str, Any] = {"model": self.config.model.model_id, "limits": self.limits_report()}
         ok = True
         try:
@@ -41,6 +49,9 @@ class ServingHealth:
         replica = report.get("replica") or {}
         report["accelerator_memory_gb"] = replica.get("accelerator_memory_gb")
         report["gpu"] = replica.get("gpu")  # the replaced service's field: null on CPU
+        if not detailed:
+            report = {"status": report["status"], "gpu": _public_gpu(report["gpu"]),
+                      "limits": {k: report["limits"][k] for k in self.PUBLIC_LIMITS}}
         return JSONResponse(report, status_code=200 if ok else 503)
 
     def limits_report(self) -> dict[str, Any]:
@@ -62,6 +73,13 @@ class ServingHealth:
             "max_queue_size": opts.get("max_queued_requests"),
             "rate_limit": self.limiter.summary("API key, else IP" if self.auth_enabled else "IP"),
         }
+
+
+def _public_gpu(gpu: Any) -> Any:
+    """The replaced service's three memory figures only (no device list)."""
+    if not isinstance(gpu, dict):
+        return gpu
+    return {k: gpu.get(k) for k in ("allocated_gb", "reserved_gb", "free_gb")}
 
 
 def replica_state(exc: Exception) -> tuple[dict[str, Any], bool]:
