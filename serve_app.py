@@ -60,7 +60,9 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
     - the model replica asks Ray for one GPU when `accelerator` is `gpu`, for none on `cpu`;
     - `graceful_shutdown_timeout_s` (where the config leaves it unset) is
       `limits.request_timeout_s` + `SHUTDOWN_MARGIN_S`: a replica stopping on redeploy or
-      downscale lets every request it holds reach its own deadline instead of being killed.
+      downscale lets every request it holds reach its own deadline instead of being killed;
+    - with `autoscaling.policy: llm`, the model deployment's `autoscaling_config.policy` is the
+      LLM-aware policy (deployments/autoscaling.py), unless that config names a policy itself.
     """
     out = {}
     for name, cls in DEPLOYMENTS.items():
@@ -69,6 +71,10 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
             opts.setdefault("graceful_shutdown_timeout_s",
                             config.limits.request_timeout_s + SHUTDOWN_MARGIN_S)
         out[name] = opts
+    policy = config.autoscaling.policy_options()
+    model_auto = out["model"].get("autoscaling_config")
+    if policy is not None and model_auto and "policy" not in model_auto:
+        model_auto["policy"] = policy
     actor = out["model"].setdefault("ray_actor_options", {})
     actor["num_gpus"] = 1 if accelerator == "gpu" else 0
     return out

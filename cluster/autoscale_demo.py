@@ -12,6 +12,12 @@ production delays: 15 s up, 300 s down), then drives `--users` concurrent chat r
 `--load-s` seconds (and until 2 replicas run), printing the model deployment's replicas (state,
 node, GPU id) whenever they change, then waits for the scale-down. `serve status -a $RAY_DASHBOARD_ADDRESS` shows the same.
 
+    .venv/bin/python cluster/autoscale_demo.py --policy llm --long --users 1
+
+shows the LLM-aware policy (deployments/autoscaling.py): one client with long requests keeps
+half of `target_ongoing_requests` in flight, yet fills the engine's KV cache; the deployment
+scales out on that (the controller's log says why: `llm-autoscaling:` lines) and back after.
+
 It only talks HTTP (dashboard + the app), so it never joins the cluster. tests/test_autoscaling.py
 uses the same pieces and asserts on what they observe.
 """
@@ -59,9 +65,30 @@ def retry(fn: Callable[[], Any], timeout_s: float = 120.0, every_s: float = 1.0)
             time.sleep(every_s)
 
 
+# `--policy llm --long`: the LLM-aware policy (deployments/autoscaling.py) against a load of few,
+# long requests. The tiny model's whole context is a few MB of KV, so the engine gets a small
+# cache (9 blocks of 128 tokens, one of them vLLM's null block: a long request grows from 4 to
+# 7 of the 8; one client's back-to-back requests kept it 0.43-0.72 full (window means, from run
+# to run of the loaded test machine)) and the policy a KV target below that: 2 replicas, at
+# times 3 asked for (the 3rd then pends, as no GPU is left).
+LLM_POLICY_ARGS: dict[str, Any] = {
+    "autoscaling": {"policy": "llm", "kv_cache_target": 0.35},
+    "engine": {"extra": {"num_gpu_blocks_override": 9}},
+}
+LONG_MAX_TOKENS = 500  # + a ~380-token prompt: ~7 KV blocks per request, within max_model_len
+
+
+def long_prompt(user: int, i: int) -> str:
+    """~380 prompt tokens with the tiny model's tokenizer, distinct from the first token (no
+    prefix-cache sharing between requests)."""
+    head = f"用户{user}的第{i}条长新闻："
+    return head + "，".join(f"第{k}段关于经济与体育的长篇报道" for k in range(30))[:480 - len(head)]
+
+
 def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
-                      fast: bool = True) -> dict[str, Any]:
-    """configs/serve_config.yaml as deployed on the local GPU cluster."""
+                      fast: bool = True, args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """configs/serve_config.yaml as deployed on the local GPU cluster; `args` deep-merges over
+    its application args (e.g. `LLM_POLICY_ARGS`)."""
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.config import ServiceConfig, deep_merge
@@ -78,6 +105,7 @@ def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
         # of vLLM pinning each engine to the same core (its `auto` binding on a small machine).
         "engine_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
     })
+    app["args"] = deep_merge(app["args"], args or {})
     if "rate_limit" in ServiceConfig.model_fields:  # all the load comes from one client address
         app["args"]["rate_limit"] = {**app["args"].get("rate_limit", {}), "enabled": False}
     ServiceConfig.model_validate(app["args"])
@@ -196,12 +224,15 @@ class Watcher:
 
 
 class Load:
-    """`users` clients in a loop on /v1/chat/completions, in a background thread."""
+    """`users` clients in a loop on /v1/chat/completions, in a background thread. `prompt(u, i)`:
+    the i-th message of user u (default: a short news title)."""
 
-    def __init__(self, base_url: str, users: int, max_tokens: int = 128):
+    def __init__(self, base_url: str, users: int, max_tokens: int = 128,
+                 prompt: Callable[[int, int], str] | None = None):
         self.url = f"{base_url}/v1/chat/completions"
         self.users = users
         self.max_tokens = max_tokens
+        self.prompt = prompt or (lambda u, i: f"用户{u}的第{i}条新闻")
         self.results: list[tuple[float, int, float]] = []  # (t_end, status, latency)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -221,7 +252,7 @@ class Load:
         i = 0
         while not self._stop.is_set():
             body = {"model": "tiny-qwen3", "max_tokens": self.max_tokens, "temperature": 0,
-                    "ignore_eos": True, "messages": [{"role": "user", "content": f"用户{u}的第{i}条新闻"}]}
+                    "ignore_eos": True, "messages": [{"role": "user", "content": self.prompt(u, i)}]}
             t = time.monotonic()
             try:
                 status = (await client.post(self.url, json=body)).status_code
@@ -250,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-s", type=float, default=60, help="seconds of load (default 60)")
     p.add_argument("--max-replicas", type=int, default=3, help="model max_replicas (default 3)")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="keep the production delays")
+    p.add_argument("--policy", choices=("ongoing_requests", "llm"), default="ongoing_requests",
+                   help="model autoscaling policy; llm: the LLM-aware one, with a small KV cache "
+                        "and KV target for the tiny model (LLM_POLICY_ARGS)")
+    p.add_argument("--long", action="store_true",
+                   help=f"long requests (~380 prompt tokens, max_tokens {LONG_MAX_TOKENS}); "
+                        "with --users 1 the request count alone stays at one replica")
     a = p.parse_args(argv)
 
     state = lc.load_state(a.state_dir or lc.DEFAULT_STATE_DIR)
@@ -258,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     port = a.port or free_port()
     base_url = f"http://127.0.0.1:{port}"
-    cfg = demo_serve_config(port, {"max_replicas": a.max_replicas}, fast=a.fast)
+    cfg = demo_serve_config(port, {"max_replicas": a.max_replicas}, fast=a.fast,
+                            args=LLM_POLICY_ARGS if a.policy == "llm" else None)
     w = Watcher(state["dashboard_url"], base_url)
     deploy(state["dashboard_url"], cfg)
     w.note(f"deployed to {state['dashboard_url']}; app at {base_url}")
@@ -266,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     w.learn_gpu_ids(snap)
     for ids, cvd in w.sample_gpu_ids(1).items():
         w.note(f"replica reports ray.get_gpu_ids()=['{ids}'] CUDA_VISIBLE_DEVICES={cvd}")
-    with Load(base_url, a.users) as load:
+    load_kw = {"max_tokens": LONG_MAX_TOKENS, "prompt": long_prompt} if a.long else {}
+    with Load(base_url, a.users, **load_kw) as load:
         w.note(f"load: {a.users} concurrent clients for {a.load_s:.0f}s, and until 2 replicas run")
         t0 = time.monotonic()
         last = None

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 from pydantic_settings.sources.utils import parse_env_vars
 
 from deployments.admission.auth import AuthConfig
+from deployments.autoscaling import DEFAULTS as _AUTOSCALING_DEFAULTS
+from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
 from deployments.observability import ObservabilityConfig
 from deployments.admission.rate_limit import RateLimitConfig
 
@@ -207,6 +209,51 @@ class CompatConfig(_Strict):
     )
 
 
+class AutoscalingPolicyConfig(_Strict):
+    """How the model deployment's autoscaling decides its replica count (docs/scale-out.md,
+    "LLM-aware autoscaling"). Applies only where `deployments.model.autoscaling_config` is set;
+    its delays, bounds and `target_ongoing_requests` apply to either policy."""
+
+    policy: Literal["ongoing_requests", "llm"] = Field(
+        "ongoing_requests",
+        description="`ongoing_requests`: Serve's default policy, `ceil(ongoing requests / "
+        "target_ongoing_requests)`. `llm`: `deployments.autoscaling.LLMAutoscalingPolicy`, the largest "
+        "of that and the engines' own signals (KV-cache usage, engine waiting requests, TTFT), which the "
+        "model replicas then report to Serve's controller; it scales out for a few long requests that "
+        "fill the KV cache, where the request count alone would not. A `policy` set in "
+        "`deployments.model.autoscaling_config` itself wins.",
+    )
+    kv_cache_target: float = Field(
+        _AUTOSCALING_DEFAULTS["kv_cache_target"], gt=0, le=1,
+        description="`llm` policy: the KV-cache usage (0-1) one replica should run at; replicas wanted = "
+        "the replicas' KV-cache usage summed / this.",
+    )
+    engine_waiting_per_replica: float = Field(
+        _AUTOSCALING_DEFAULTS["engine_waiting_per_replica"], ge=0,
+        description="`llm` policy: engine waiting requests (accepted, not batched: KV cache or batch full) "
+        "per replica, averaged over the look-back window, above which the policy scales out to "
+        "(running + waiting) / running per replica.",
+    )
+    ttft_target_s: float | None = Field(
+        _AUTOSCALING_DEFAULTS["ttft_target_s"], gt=0,
+        description="`llm` policy: mean engine time to first token (s) over the look-back window above "
+        "which one replica is added (the replaced service's target: 500 ms). null: TTFT is no signal.",
+    )
+    ttft_scale_in_ratio: float = Field(
+        _AUTOSCALING_DEFAULTS["ttft_scale_in_ratio"], ge=0, le=1,
+        description="`llm` policy: while the mean TTFT is above this fraction of `ttft_target_s`, the "
+        "policy does not scale in (latency close to the target is no time to give a GPU back).",
+    )
+
+    def policy_options(self) -> dict[str, Any] | None:
+        """`autoscaling_config.policy` for the `llm` policy (Serve's `AutoscalingPolicy` fields);
+        None for Serve's default."""
+        if self.policy != "llm":
+            return None
+        return {"policy_function": _POLICY_FUNCTION,
+                "policy_kwargs": self.model_dump(exclude={"policy"})}
+
+
 class ServiceConfig(_Strict):
     """Everything `serve_app.build_app` needs. Given as the application's `args`."""
 
@@ -230,6 +277,11 @@ class ServiceConfig(_Strict):
     )
     compat: CompatConfig = Field(
         default_factory=CompatConfig, description="Compatibility with the replaced Flask service's clients."
+    )
+    autoscaling: AutoscalingPolicyConfig = Field(
+        default_factory=AutoscalingPolicyConfig,
+        description="The model deployment's autoscaling policy: Serve's request count (default) or "
+        "LLM-aware (KV cache, engine queue, TTFT).",
     )
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto",

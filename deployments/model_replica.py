@@ -8,18 +8,17 @@ Cancelling the call (client gone, deadline passed) aborts the engine request.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import os
 import time
 from typing import Any, AsyncIterator
 
 from deployments.adapters import AdapterRegistry, validate_adapter_dir
-from deployments.classification import label_scoring_tokens
+from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
 from deployments.config import ServiceConfig, base_options, current_app_name
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
+from deployments.engine.label_scoring import score_labels
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
@@ -69,6 +68,8 @@ class ModelReplica:
         self.gpu_ids = self._gpu_ids()
         self.engine_priority = prioritise_engine(os.getpid(), self.config.engine.engine_niceness)
         capacity = options["max_ongoing_requests"]
+        if not uses_llm_policy(options.get("autoscaling_config")):
+            self.record_autoscaling_stats = None  # Serve then collects no custom metrics from us
         self.stats = StatsRecorder.from_config(self.config.observability, role="model",
                                                app_name=current_app_name(), capacity=capacity)
         if stat_loggers is not None:
@@ -160,38 +161,14 @@ class ModelReplica:
     async def classify(self, prompts: list[list[int]], label_ids: list[list[int]],
                        lora: str | None = None) -> list[list[float]]:
         """Log-probability of each label's answer tokens after each prompt, up to a term common
-        to all labels (label scoring, so the answer is always a valid label). The labels'
-        remaining tokens form a trie; one 1-token engine step per trie node and prompt returns
-        the log-probabilities of exactly that node's children (`logprob_token_ids`)."""
+        to all labels (label scoring, so the answer is always a valid label):
+        `deployments.engine.label_scoring`, shared with the batch job."""
         import uuid
 
-        from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
         lora_request = await self._lora_request(lora)
-        common, label_ids, nodes = _scoring_plan(tuple(map(tuple, label_ids)))
         tag = uuid.uuid4().hex[:12]
-
-        async def step(i: int, n: int) -> dict[int, float]:
-            prefix, kids = nodes[n]
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(kids),
-                                    output_kind=RequestOutputKind.FINAL_ONLY)
-            final = None
-            prompt = TokensPrompt(prompt_token_ids=prompts[i] + common + list(prefix))
-            async for out in self.engine.generate(prompt, params, f"cls-{tag}-{i}-{n}",
-                                                  lora_request=lora_request):
-                final = out
-            row = final.outputs[0].logprobs[0]
-            return {t: row[t].logprob for t in kids}
-
         with self.stats.engine_request(f"cls-{tag}", sum(len(p) for p in prompts)):
-            tables = await asyncio.gather(*[step(i, n) for i in range(len(prompts)) for n in range(len(nodes))])
-        index = {prefix: n for n, (prefix, _) in enumerate(nodes)}
-        scores = []
-        for i in range(len(prompts)):
-            row = tables[i * len(nodes):(i + 1) * len(nodes)]
-            scores.append([sum(row[index[tuple(ids[:k])]][ids[k]] for k in range(len(ids))) for ids in label_ids])
-        return scores
+            return await score_labels(self.engine, prompts, label_ids, lora_request, tag)
 
     # ------------------------------------------------------------------ generation
 
@@ -318,6 +295,12 @@ class ModelReplica:
             raise
         self.stats.set_healthy(True)
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook: the engine's KV-cache usage, running and
+        waiting requests and TTFT totals for the LLM-aware policy (deployments/autoscaling.py).
+        Only with that policy (`__init__` hides it otherwise)."""
+        return engine_autoscaling_stats()
+
     async def engine_metrics(self) -> dict[str, Any] | None:
         """vLLM's engine figures as this replica reads them now (what its pushes carry);
         None with `observability.engine_metrics` off."""
@@ -410,22 +393,6 @@ def _entry(step, tid: int, k: int):
     top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
     return (chosen.decoded_token or "", max(chosen.logprob, -9999.0),
             [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top])
-
-
-@functools.lru_cache(maxsize=64)
-def _scoring_plan(label_ids: tuple[tuple[int, ...], ...]):
-    """(tokens every label shares, each label's tokens still to score, the trie of those as
-    [(prefix, sorted next tokens)]), computed once per label set, not per classify request.
-    Tokens all labels share cost no engine step (the softmax over labels cancels them), nor
-    does their shared end-of-turn token when it tells no two labels apart: one engine step per
-    text for TNEWS (each step is a full prefill: ~30x slower with LoRA on the CPU engine)."""
-    common, labels = label_scoring_tokens(label_ids)
-    children: dict[tuple[int, ...], set[int]] = {}
-    for ids in labels:
-        for k in range(len(ids)):
-            children.setdefault(tuple(ids[:k]), set()).add(ids[k])
-    nodes = [(prefix, tuple(sorted(kids))) for prefix, kids in children.items()]
-    return common, labels, nodes
 
 
 def _node_id() -> str | None:

@@ -22,11 +22,11 @@ tokenizer):
   TNEWS class names) and ``heldout.json`` (the held-out rule, data hash, recipe and the
   accuracies measured at build time);
 - ``models/tiny-qwen3-lora``: the classification adapter, peft LoRA r=32 (alpha 64) on all
-  projections, trained on the same chat task: ~43 % held-out accuracy (chance: 1/15, majority
+  projections, trained on the same chat task (label smoothing 0.1): 44.9 % held-out accuracy (chance: 1/15, majority
   class: 12 %), through transformers and vLLM alike.
 
 Nothing is downloaded. Everything is seeded; a rebuild gives the same files (the thread count
-does not change them). About two CPU minutes (1 thread: ~140 s; 2 idle cores: less). Skips the
+does not change them). About three CPU minutes (see heldout.json's build_seconds). Skips the
 work when the fingerprint (data, labels, recipe, this code) is unchanged unless ``--force``.
 The result is written to a temporary folder and moved into place at the end, so readers of
 ``models/`` never see a half-written model.
@@ -104,18 +104,20 @@ RECIPE: dict[str, Any] = dict(
     # stage 1, the base. Phase 1: the classification chat (title → label; keyword lists →
     # label as extra inputs); phase 2: language modelling on the news text (title, newline,
     # keywords), each with its own warm-up and cosine schedule.
-    cls_steps=800,
+    cls_steps=1200,            # 800: 43.9 %, 1200: 44.3 % held-out (lora_steps 1000, no smoothing)
     cls_lr=5e-3,
     cls_batch=32,
+    cls_label_smoothing=0.0,   # of the answer tokens' cross-entropy
     keyword_inputs=True,
     lm_steps=300,
     lm_lr=5e-3,
     lm_batch=16,
     lm_len=64,
     # stage 2: the LoRA adapter (classification)
-    lora_steps=600,
+    lora_steps=1000,           # 600: 42.6 % held-out (the previous recipe)
     lora_lr=5e-3,
     lora_batch=32,
+    lora_label_smoothing=0.1,  # 0.0: 44.3 %, 0.1: 44.9 % held-out (cls_label_smoothing 0.1 too: 44.1 %)
     lora_r=32,
     lora_alpha=64,
     lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -257,7 +259,8 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
     stats: dict[str, Any] = {"params": sum(p.numel() for p in params)}
 
     examples = tl.build_examples(tokenizer, classification_pairs(rows, recipe["keyword_inputs"]))
-    cls = tl.ExampleBatcher(examples, recipe["cls_batch"], tl.pad_id(tokenizer), recipe["seed"] + 2)
+    cls = tl.ExampleBatcher(examples, recipe["cls_batch"], tl.pad_id(tokenizer), recipe["seed"] + 2,
+                            label_smoothing=recipe["cls_label_smoothing"])
     cb = evaluator(model) if evaluator else None
     s1 = tl.train_loop(model, params, recipe["cls_steps"], lambda step: cls.loss(model), lr=recipe["cls_lr"],
                        weight_decay=0.01, progress=log.progress, desc="base/classification",
@@ -285,7 +288,8 @@ def build_adapter(base_dir: Path, tokenizer, rows, recipe, log, governor, evalua
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     cfg = tl.TrainConfig(max_steps=recipe["lora_steps"], batch_size=recipe["lora_batch"], lr=recipe["lora_lr"],
-                         seed=recipe["seed"] + 4, progress=log.progress, desc="lora")
+                         label_smoothing=recipe["lora_label_smoothing"], seed=recipe["seed"] + 4,
+                         progress=log.progress, desc="lora")
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base, tl.lora_config(recipe["lora_r"], recipe["lora_alpha"], 0.0, recipe["lora_targets"]))
     examples = tl.build_examples(tokenizer, classification_pairs(rows, recipe["lora_keyword_inputs"]))

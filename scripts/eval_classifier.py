@@ -3,12 +3,16 @@
 Calls a running service (``POST /v1/classify``, or ``--mode chat``: ``/v1/chat/completions``
 at temperature 0 with the classification prompt of ``deployments/classification.py``) and
 prints accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the number
-of invalid labels; writes an HTML report (and a PNG confusion matrix with ``--png`` when
+of invalid labels, with a 95 % (Wilson) interval for the accuracy and the calibration of the
+label probabilities (expected calibration error, 15 equal-width bins of the top probability);
+``--batch-output DIR`` evaluates a batch job's output (``scripts/classify_batch.py``) instead of
+calling the service, with the same code and figures. Writes an HTML report (and a PNG confusion matrix with ``--png`` when
 matplotlib is installed) and the metrics as JSON.
 
     python scripts/eval_classifier.py                          # held-out TNEWS slice, http://127.0.0.1:8000
     python scripts/eval_classifier.py --model tiny-qwen3 --report reports/eval-base.html   # the base, no adapter
     python scripts/eval_classifier.py --data my.jsonl --labels my_labels.json --mode chat
+    python scripts/eval_classifier.py --batch-output out/tnews     # a batch job over ../shared/data/tnews/test.json
 
 Rows need ``sentence`` (or ``text``/``input``) and ``label_desc`` (or ``label``). The default
 data is the held-out slice of ``../shared/data/tnews/test.json`` (its last 1,000 lines), which
@@ -35,13 +39,42 @@ from deployments import classification as clf
 REPO = Path(__file__).resolve().parents[1]
 
 INVALID = "(invalid)"
+ECE_BINS = 15
 
 
 # ---------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str]) -> dict[str, Any]:
-    """Classification metrics. ``y_pred`` entries that are None or not in ``labels`` are
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def calibration(correct: Sequence[bool], confidence: Sequence[float], bins: int = ECE_BINS) -> dict[str, Any]:
+    """Expected calibration error: the mean |accuracy - confidence| over equal-width bins of the
+    top probability, weighted by the bin's share of the examples; and the bins."""
+    table = [[0, 0, 0.0] for _ in range(bins)]  # n, correct, sum of confidences
+    for ok, c in zip(correct, confidence):
+        b = table[min(bins - 1, int(c * bins))]
+        b[0] += 1
+        b[1] += int(ok)
+        b[2] += c
+    n = sum(b[0] for b in table)
+    ece = sum(abs(b[1] - b[2]) for b in table) / n if n else float("nan")
+    return {"ece": ece, "bins": [{"lo": i / bins, "hi": (i + 1) / bins, "n": b[0],
+                                  "accuracy": b[1] / b[0] if b[0] else None,
+                                  "confidence": b[2] / b[0] if b[0] else None} for i, b in enumerate(table)]}
+
+
+def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str],
+                    confidence: Sequence[float | None] | None = None) -> dict[str, Any]:
+    """Classification metrics. ``confidence``: each prediction's probability (the top label
+    probability), for the calibration; examples without one are left out of it. ``y_pred`` entries that are None or not in ``labels`` are
     invalid: counted wrong and shown in an extra ``(invalid)`` confusion-matrix column.
 
     Macro-F1 averages the per-class F1 over the classes that occur in ``y_true`` or among the
@@ -79,9 +112,16 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels:
                             "predicted": predicted}
         if support or predicted:
             f1s.append(f1)
+    cal = None
+    if confidence is not None:
+        pairs = [(t == p, c) for t, p, c in zip(y_true, y_pred, confidence) if c is not None]
+        cal = calibration([ok for ok, _ in pairs], [c for _, c in pairs]) if pairs else None
     return {
         "n": total,
         "accuracy": correct / total if total else float("nan"),
+        "accuracy_ci95": list(wilson_interval(correct, total)),
+        "ece": cal["ece"] if cal else None,
+        "calibration": cal["bins"] if cal else None,
         "macro_f1": sum(f1s) / len(f1s) if f1s else float("nan"),
         "invalid": invalid,
         "labels": labels,
@@ -92,9 +132,12 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels:
 
 
 def format_text(metrics: dict[str, Any]) -> str:
+    lo, hi = metrics.get("accuracy_ci95") or (float("nan"), float("nan"))
+    ece = metrics.get("ece")
     lines = [
-        f"examples: {metrics['n']}   accuracy: {metrics['accuracy']:.4f}   macro-F1: {metrics['macro_f1']:.4f}   "
-        f"invalid labels: {metrics['invalid']}",
+        f"examples: {metrics['n']}   accuracy: {metrics['accuracy']:.4f} (95 % CI {lo:.4f}-{hi:.4f})   "
+        f"macro-F1: {metrics['macro_f1']:.4f}   invalid labels: {metrics['invalid']}"
+        + (f"   ECE: {ece:.4f}" if ece is not None else ""),
         "",
         f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
     ]
@@ -144,6 +187,9 @@ def html_report(metrics: dict[str, Any], meta: dict[str, Any], errors: list[dict
         f"<tr><td>{x['index']}</td><td>{e(x['text'])}</td><td>{e(x['gold'])}</td><td>{e(str(x['pred']))}</td></tr>"
         for x in errors[:50]
     )
+    rows_cal = "".join(
+        f"<tr><td>{b['lo']:.2f}&ndash;{b['hi']:.2f}</td><td>{b['n']}</td><td>{b['accuracy']:.3f}</td>"
+        f"<td>{b['confidence']:.3f}</td></tr>" for b in (metrics.get("calibration") or []) if b["n"])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Classifier evaluation</title>
 <style>
@@ -157,7 +203,9 @@ th {{ background: #f5f5f5; text-align: left }}
 .bar {{ height: 10px; background: #1f77b4 }}
 </style></head><body>
 <h1>Classifier evaluation</h1>
-<p><span class=big>accuracy <b>{metrics['accuracy']:.2%}</b></span>
+<p><span class=big>accuracy <b>{metrics['accuracy']:.2%}</b>
+<small>(95 % CI {metrics['accuracy_ci95'][0]:.1%}&ndash;{metrics['accuracy_ci95'][1]:.1%})</small></span>
+<span class=big>ECE <b>{'n/a' if metrics.get('ece') is None else format(metrics['ece'], '.3f')}</b></span>
 <span class=big>macro-F1 <b>{metrics['macro_f1']:.3f}</b></span>
 <span class=big>invalid labels <b>{metrics['invalid']}</b></span>
 <span class=big>examples <b>{metrics['n']}</b></span></p>
@@ -166,6 +214,8 @@ th {{ background: #f5f5f5; text-align: left }}
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>predicted</th><th></th></tr>{rows_pc}</table>
 <h2>Confusion matrix</h2><p>Rows: gold label; columns: predicted label.</p>
 <table class=cm><thead><tr><th></th>{''.join(f'<th>{e(c)}</th>' for c in cols)}</tr></thead>{rows_cm}</table>
+<h2>Calibration</h2><p>Top-label probability in {ECE_BINS} bins: accuracy vs mean probability.</p>
+<table><tr><th>probability</th><th>n</th><th>accuracy</th><th>mean probability</th></tr>{rows_cal}</table>
 <h2>Some errors</h2>
 <table><tr><th>#</th><th>text</th><th>gold</th><th>predicted</th></tr>{rows_err}</table>
 </body></html>
@@ -297,6 +347,32 @@ def _run_all(fn, items: list, concurrency: int, progress: bool, unit: str) -> No
         bar.close()
 
 
+def confidences(preds: list[str | None], scores: list[dict | None] | None) -> list[float | None] | None:
+    """Each prediction's probability (None without scores)."""
+    if scores is None:
+        return None
+    return [sc.get(p) if sc and p is not None else None for p, sc in zip(preds, scores)]
+
+
+def _first_line(data: Path | None, limit: int | None) -> int:
+    """The line number (1-based, blank lines skipped, as the batch job counts) of the first
+    evaluated row: the held-out slice starts after the training lines."""
+    if data is not None:
+        return 1
+    return len(clf.read_jsonl(clf.DEFAULT_DATA_FILE)) - clf.HELDOUT_LAST_N + 1
+
+
+def batch_predictions(out: str, rows: list[dict[str, Any]], id_field: str | None,
+                      first_line: int = 1) -> tuple[list[str | None], list[dict | None]]:
+    """The batch job's label and scores for each row (None for a row it rejected or lacks)."""
+    from scripts.batch_io import read_output
+
+    by_id = {str(r["id"]): r for r in read_output(out)[0]}
+    keys = [str(r.get(id_field)) if id_field else str(first_line + i) for i, r in enumerate(rows)]
+    found = [by_id.get(k) for k in keys]
+    return [f["label"] if f else None for f in found], [f["scores"] if f else None for f in found]
+
+
 # ---------------------------------------------------------------------------- CLI
 
 
@@ -323,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "eval_classifier.html", help="HTML report")
     ap.add_argument("--json", type=Path, default=None, help="metrics JSON (default: next to the report)")
     ap.add_argument("--png", action="store_true", help="also a PNG confusion matrix (needs matplotlib)")
+    ap.add_argument("--batch-output", default=None,
+                    help="evaluate this batch job's output folder (scripts/classify_batch.py) instead of calling "
+                    "the service: its rows are matched to --data by --id-field, else by line number")
+    ap.add_argument("--id-field", default=None, help="with --batch-output: the id field of --data's rows")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -334,16 +414,22 @@ def main(argv: list[str] | None = None) -> int:
     labels = labels_sent or clf.load_labels()
     texts = [clf.example_text(r) for r in rows]
     gold = [clf.example_label(r) for r in rows]
-    client = Client(args.url, args.api_key, args.timeout, args.max_wait)
     t0 = time.monotonic()
-    if args.mode == "classify":
-        preds, _ = classify_batches(client, texts, args.model, labels_sent, args.batch_size, args.concurrency,
-                                    not args.no_progress)
+    scores: list[dict | None] | None = None
+    if args.batch_output:
+        preds, scores = batch_predictions(args.batch_output, rows, args.id_field,
+                                          first_line=_first_line(args.data, args.limit))
+        args.mode, args.url = "batch", args.batch_output
+    elif args.mode == "classify":
+        client = Client(args.url, args.api_key, args.timeout, args.max_wait)
+        preds, scores = classify_batches(client, texts, args.model, labels_sent, args.batch_size, args.concurrency,
+                                         not args.no_progress)
     else:
+        client = Client(args.url, args.api_key, args.timeout, args.max_wait)
         preds, _ = chat_batches(client, texts, args.model, labels, args.concurrency, not args.no_progress,
                                 args.max_tokens)
     seconds = time.monotonic() - t0
-    metrics = compute_metrics(gold, preds, labels)
+    metrics = compute_metrics(gold, preds, labels, confidences(preds, scores))
     meta = {"url": args.url, "mode": args.mode, "model": args.model or "(service default)", "data": source,
             "labels": len(labels), "seconds": round(seconds, 1),
             "texts_per_second": round(len(texts) / seconds, 2) if seconds else None,

@@ -20,6 +20,7 @@ What is generated, and from what:
   HAProxy binary, the request path ``make run`` serves on.
 * ``configs/one-box.yaml``: the one-box production config (``cluster.supervise``, the compose
   recipe in ``cluster/onebox/``) = ``configs/serve_config.yaml`` + ``cluster/onebox/serve-overrides.yaml``.
+* ``cluster/kuberay/rayjob-classify.yaml``: the batch classifier's RayJob (``scripts/gen_rayjob.py``).
 * ``kuberay/base/monitoring/prometheusrule.yaml``: a PrometheusRule carrying the rule groups of
   ``monitoring/alerts.yaml`` and ``monitoring/engine_alerts.yaml`` unchanged.
 
@@ -322,8 +323,10 @@ def outputs() -> dict[Path, str]:
     onebox = HEADER.format(sources="configs/serve_config.yaml + cluster/onebox/serve-overrides.yaml") + (
         "# One-box production (docs/one-box.md): `.venv/bin/python -m cluster.supervise` serves it.\n"
         ) + dump_serve_config(serve_config("onebox"))
+    from scripts import gen_rayjob  # the batch RayJob, from the same sources (it imports this module)
+
     return {RAYSERVICE: rayservice_text, CPU_PATCH: patch_text, PROMETHEUS_RULE: prometheus_rule(),
-            ONEBOX_CONFIG: onebox}
+            ONEBOX_CONFIG: onebox, gen_rayjob.RAYJOB: gen_rayjob.render()}
 
 
 def stale() -> dict[Path, str]:

@@ -121,6 +121,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
+    label_smoothing: float = 0.0          # of the answer tokens' cross-entropy
     seed: int = 0
     shared_prefix: bool = True            # run the common prompt prefix once per batch
     progress: bool = True
@@ -153,7 +154,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, device,
-                lm_weight: float = 0.0) -> "torch.Tensor":
+                lm_weight: float = 0.0, label_smoothing: float = 0.0) -> "torch.Tensor":
     """Mean cross-entropy of the answer tokens. With a shared ``prefix`` the prefix runs once
     (batch 1) and its KV cache is repeated over the batch; gradients flow through it.
     ``lm_weight`` > 0 adds that much of the language-modelling loss on the prompt tokens after
@@ -192,7 +193,7 @@ def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, dev
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     head = model.get_output_embeddings()
     sel = tgt != -100
-    loss = F.cross_entropy(head(hidden[sel]).float(), tgt[sel])
+    loss = F.cross_entropy(head(hidden[sel]).float(), tgt[sel], label_smoothing=label_smoothing)
     if lm_weight:
         lm_tgt = lm_tgt.to(device)
         lsel = lm_tgt != -100
@@ -240,8 +241,8 @@ class ExampleBatcher:
     with the examples' common prompt prefix run once per batch."""
 
     def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0,
-                 shared_prefix: bool = True, lm_weight: float = 0.0):
-        self.lm_weight = lm_weight
+                 shared_prefix: bool = True, lm_weight: float = 0.0, label_smoothing: float = 0.0):
+        self.lm_weight, self.label_smoothing = lm_weight, label_smoothing
         if not examples:
             raise ValueError("no training examples")
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
@@ -264,7 +265,8 @@ class ExampleBatcher:
 
     def loss(self, model) -> "torch.Tensor":
         device = next(model.parameters()).device
-        return answer_loss(model, self.next_batch(), self.prefix, self.pad_id, device, self.lm_weight)
+        return answer_loss(model, self.next_batch(), self.prefix, self.pad_id, device, self.lm_weight,
+                           self.label_smoothing)
 
 
 def train_examples(model, examples: list[Example], cfg: TrainConfig, pad_id: int,
@@ -272,7 +274,8 @@ def train_examples(model, examples: list[Example], cfg: TrainConfig, pad_id: int
     """Train ``model`` (plain or peft: only trainable parameters are optimised) on ``examples``
     with answer-only loss. Returns stats."""
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    batcher = ExampleBatcher(examples, cfg.batch_size, pad_id, cfg.seed, cfg.shared_prefix)
+    batcher = ExampleBatcher(examples, cfg.batch_size, pad_id, cfg.seed, cfg.shared_prefix,
+                             label_smoothing=cfg.label_smoothing)
     steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
     total = cfg.max_steps if cfg.max_steps else max(1, round(cfg.epochs * steps_per_epoch))
     stats = train_loop(model, params, total, lambda step: batcher.loss(model), lr=cfg.lr,

@@ -8,6 +8,14 @@ the real vLLM CPU engine and the embedded tiny model. Under load the model deplo
 1 to 2 replicas, one per worker node and GPU id; the 3rd replica it asks for stays pending (no
 free GPU) while every request still succeeds; after the load it scales back to 1.
 
+The model deployment runs the LLM-aware policy (`autoscaling.policy: llm`,
+deployments/autoscaling.py), with a small engine KV cache for the tiny model
+(`autoscale_demo.LLM_POLICY_ARGS`). Its request signal is Serve's own formula, so the first test
+is the request-count scale-out as with Serve's default policy; the second, on the same
+deployment, drives a client with long requests (the request count stays at half a replica's
+worth): the KV cache fills, the deployment scales to 2 and back to 1, and the controller's log
+shows that the KV signal, not the request count, asked for the second replica.
+
 This test process never joins the Ray cluster (the session cluster of the other tests may live
 in it): it watches through HTTP only — the Serve REST API (`serve status`), the state API and
 the app's GET /health. The pieces are cluster/autoscale_demo.py's (the interactive demo).
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +41,11 @@ pytestmark = pytest.mark.slow
 
 WORKERS = 2                      # logical GPUs in the cluster
 USERS = 6                        # concurrent clients: 2 replicas x 3 slots
+# Long requests, back to back: ongoing 1 = half of target_ongoing_requests. (Two such clients
+# are target_ongoing_requests exactly, but on the loaded machine Serve's handle-side count of
+# back-to-back requests overlapped and averaged up to 1.15 x target: no margin for the claim
+# that the request count alone stays at one replica.)
+LONG_USERS = 1
 # Replica starts (a vLLM CPU engine each) dominate the run time. On the 2-core development
 # machine shared with other test runs (load average 30-60) they took 1-4 minutes each and the
 # whole test 5-8 minutes; the engine alone starts in ~16 s on an idle machine.
@@ -69,6 +83,25 @@ def gpu_cluster():
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def deployed(gpu_cluster):
+    """The app, deployed once for both tests: (Serve config, Watcher)."""
+    http_port = demo.free_port()
+    # production knobs from configs/serve_config.yaml, with test delays; one replica more than
+    # there are GPUs, so that one must stay pending. Scale-in waits 30 s (the demo: 6 s): on
+    # the loaded 2-core machine a window of slow clients otherwise drops the target for a moment
+    # and Serve stops the replica whose engine is still starting (seen: minutes lost).
+    autoscaling = {"min_replicas": 1, "max_replicas": WORKERS + 1, "target_ongoing_requests": 2,
+                   "downscale_delay_s": 30}
+    cfg = demo.demo_serve_config(http_port, autoscaling, args=demo.LLM_POLICY_ARGS)
+    w = demo.Watcher(gpu_cluster["dashboard_url"], f"http://127.0.0.1:{http_port}")
+    demo.deploy(gpu_cluster["dashboard_url"], cfg)
+    model = cfg["applications"][0]["args"]["deployments"]["model"]
+    w.note(f"deployed (PUT {gpu_cluster['dashboard_url']}/api/serve/applications/) model autoscaling="
+           f"{model['autoscaling_config']}, policy {cfg['applications'][0]['args']['autoscaling']}")
+    return cfg, w
+
+
 def _log_tails(state: dict, lines: int = 40) -> str:
     """The last lines of the Serve logs of the local cluster (printed when the test fails)."""
     logs = Path(state["temp_dir"]) / "session_latest" / "logs" / "serve"
@@ -80,41 +113,38 @@ def _log_tails(state: dict, lines: int = 40) -> str:
     return "\n".join(out)
 
 
-def test_model_scales_across_gpus_and_back(gpu_cluster):
+def test_model_scales_across_gpus_and_back(gpu_cluster, deployed):
     try:
-        _scenario(gpu_cluster)
+        _scenario(gpu_cluster, *deployed)
     except BaseException:
         print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
         raise
 
 
-def _scenario(gpu_cluster: dict) -> None:
-    dashboard = gpu_cluster["dashboard_url"]
+def _at_rest(w) -> dict:
+    """1 model replica RUNNING (and nothing else), the application RUNNING."""
+    snap = w.wait_for("1 model replica RUNNING",
+                      lambda s: len(s["running"]) == 1 and s["target"] == 1 and not s["pending_actors"]
+                      and set(s["states"]) == {"RUNNING"}, START_TIMEOUT_S)
+    deadline = time.monotonic() + 120
+    while demo.retry(w.app_status) != "RUNNING":
+        assert time.monotonic() < deadline, "application not RUNNING"
+        time.sleep(1)
+    return snap
+
+
+def _scenario(gpu_cluster: dict, cfg: dict, w) -> None:
     nodes = local_cluster.alive_nodes(gpu_cluster["gcs_address"])
     gpu_nodes = {n["node_id"] for n in nodes if n["resources"].get("GPU")}
     assert len(gpu_nodes) == WORKERS
     assert not any(n["resources"].get("GPU") for n in nodes if n["head"]), "the head has no GPU"
 
-    http_port = demo.free_port()
-    base_url = f"http://127.0.0.1:{http_port}"
-    # production knobs from configs/serve_config.yaml, with test delays; one replica more than
-    # there are GPUs, so that one must stay pending
-    autoscaling = {"min_replicas": 1, "max_replicas": WORKERS + 1, "target_ongoing_requests": 2}
-    cfg = demo.demo_serve_config(http_port, autoscaling)
+    base_url = w.base_url
     model = cfg["applications"][0]["args"]["deployments"]["model"]
     assert model["max_ongoing_requests"] == 3 and model["max_queued_requests"] == 10
-    w = demo.Watcher(dashboard, base_url)
-    demo.deploy(dashboard, cfg)
-    w.note(f"deployed (PUT {dashboard}/api/serve/applications/) model autoscaling="
-           f"{model['autoscaling_config']}")
 
     # --- at rest: 1 replica, on a GPU worker, pinned to that worker's GPU
-    snap = w.wait_for("1 model replica RUNNING", lambda s: len(s["running"]) == 1 and s["target"] == 1,
-                      START_TIMEOUT_S)
-    deadline = time.monotonic() + 120
-    while demo.retry(w.app_status) != "RUNNING":
-        assert time.monotonic() < deadline, "application not RUNNING"
-        time.sleep(1)
+    snap = _at_rest(w)
     health = demo.retry(w.health)
     assert health["status"] == "healthy", health
     first = health["replica"]
@@ -152,7 +182,8 @@ def _scenario(gpu_cluster: dict) -> None:
         w.note(f"served while the 3rd replica was pending: {dict(served_while_pending)}")
         assert served_while_pending[200] > 0
 
-        status_cli = subprocess.run([str(Path(sys.executable).parent / "serve"), "status", "-a", dashboard],
+        status_cli = subprocess.run([str(Path(sys.executable).parent / "serve"), "status",
+                                     "-a", gpu_cluster["dashboard_url"]],
                                     capture_output=True, text=True, timeout=120)
         print("`serve status` at peak:\n" + status_cli.stdout, flush=True)
         assert "ModelReplica" in status_cli.stdout, status_cli.stderr
@@ -173,3 +204,86 @@ def _scenario(gpu_cluster: dict) -> None:
            f"{t_down - t_stop:.0f}s after it stopped; GPU id by node: "
            + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()}))
     assert sorted(w.gpu_of_node.values()) == [str(i) for i in range(WORKERS)]
+
+
+# --------------------------------------------------------------------------- LLM-aware policy
+
+
+def test_long_requests_scale_out_on_kv_pressure(gpu_cluster, deployed):
+    """A client with long requests: ongoing requests half of target_ongoing_requests (Serve's
+    default policy asks for 1 replica), but they fill the engine's KV cache: the LLM-aware
+    policy scales to 2, then back to 1 after the load."""
+    try:
+        _long_scenario(gpu_cluster, *deployed)
+    except BaseException:
+        print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
+        raise
+
+
+DECISION = re.compile(r"llm-autoscaling: ModelReplica wants (\d+) replicas \(running (\d+), target (\d+); "
+                      r"lead (\w+); (.*?)\)")
+
+
+def _controller_logs(state: dict) -> dict[Path, int]:
+    """The Serve controller's log files and their sizes now (where new lines will start)."""
+    logs = Path(state["temp_dir"]) / "session_latest" / "logs" / "serve"
+    return {f: f.stat().st_size for f in logs.glob("controller_*.log")}
+
+
+def _decisions(state: dict, since: dict[Path, int]) -> list[dict]:
+    """The LLM policy's decision lines (`llm-autoscaling:`) logged since `since`."""
+    out = []
+    for f in _controller_logs(state):
+        with f.open("rb") as fh:
+            fh.seek(since.get(f, 0))
+            text = fh.read().decode(errors="replace")
+        for m in DECISION.finditer(text):
+            signals = {k: (None if v == "-" else float(v.rstrip("s")))
+                       for k, v in re.findall(r"(\w+)=([\d.]+s?|-)", m.group(5))}
+            out.append({"wants": int(m.group(1)), "running": int(m.group(2)), "target": int(m.group(3)),
+                        "lead": m.group(4), **signals, "line": m.group(0)})
+    return out
+
+
+def _long_scenario(gpu_cluster: dict, cfg: dict, w) -> None:
+    policy = cfg["applications"][0]["args"]["autoscaling"]
+    target_ongoing = cfg["applications"][0]["args"]["deployments"]["model"]["autoscaling_config"][
+        "target_ongoing_requests"]
+    assert policy["policy"] == "llm" and LONG_USERS < target_ongoing
+    _at_rest(w)
+    since = _controller_logs(gpu_cluster)
+    with demo.Load(w.base_url, LONG_USERS, max_tokens=demo.LONG_MAX_TOKENS, prompt=demo.long_prompt) as load:
+        t_load = time.monotonic()
+        w.note(f"long load: {LONG_USERS} client(s), ~380 prompt tokens + {demo.LONG_MAX_TOKENS} "
+               f"generated each (target_ongoing_requests={target_ongoing}, kv_cache_target="
+               f"{policy['kv_cache_target']})")
+        w.wait_for("2 model replicas RUNNING (long requests)", lambda s: len(s["running"]) >= 2,
+                   START_TIMEOUT_S)
+        t_two = time.monotonic()
+        served = load.statuses()
+    t_stop = time.monotonic()
+    counts = load.statuses()
+    lat = load.latencies()
+    w.note(f"long load stopped: {sum(counts.values())} requests {dict(counts)}; "
+           f"latency p50={lat[len(lat) // 2]:.2f}s max={lat[-1]:.2f}s" if lat else f"{dict(counts)}")
+    assert served[200] > 0 and set(counts) == {200}, f"every request must succeed: {counts}"
+
+    decisions = _decisions(gpu_cluster, since)
+    for d in decisions:
+        w.note("controller: " + d["line"])
+    # what asked for the 2nd replica: the engine's KV (or its queue), with the request count
+    # (Serve's default policy: ongoing / target_ongoing_requests) at one replica's worth
+    up = next(d for d in decisions if d["wants"] >= 2 and d["running"] == 1)
+    assert up["requests"] <= 1.0, up
+    assert (up["kv"] or 0) > 1.0 or (up["waiting"] or 0) > 1.0, up
+    assert all(d["requests"] <= 1.0 for d in decisions), "few requests in flight throughout"
+
+    w.wait_for("back to 1 replica after the long load",
+               lambda s: s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"]
+               and set(s["states"]) == {"RUNNING"}, 180)
+    t_down = time.monotonic()
+    for d in _decisions(gpu_cluster, since)[len(decisions):]:
+        w.note("controller: " + d["line"])
+    w.note(f"summary (long requests): 1->2 replicas {t_two - t_load:.0f}s after the load started "
+           f"(decided on {up['lead']}: requests={up['requests']:.2f}, kv={up['kv']}); back to 1 "
+           f"{t_down - t_stop:.0f}s after it stopped")

@@ -1,0 +1,152 @@
+"""The batch classifier's worker: one vLLM engine per actor, fed whole shards.
+
+It encodes texts with the tokenizer deployment's own code (``PromptTokenizer``: the same chat
+prompt and label tokens as ``POST /v1/classify``), scores the labels with
+``deployments.engine.label_scoring.score_labels`` (the model replica's implementation) and turns
+scores into probabilities with ``deployments.api.classify.softmax_rows``, so a text gets the
+label the service would give it. The engine is built from the service config exactly as the
+model replica builds it (``deployments.engine``): on a GPU node the actor holds one GPU; on
+CPU the engine runs in the actor's process (never vLLM's Ray executor).
+
+With ``merge_adapter`` an adapter is merged into the base weights once per actor
+(``scripts/merge_lora.py``) and the engine runs without LoRA: the same function up to float
+rounding, and on the CPU engine, whose LoRA kernels dominate a step, several times faster.
+
+``ShardClassifier`` is a Ray Data ``map_batches`` callable class (a batch holds shard
+descriptors, one per row) and also a plain Ray actor (``process``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from scripts import batch_io
+
+
+class ShardClassifier:
+    def __init__(self, config: dict[str, Any], model: str, labels: list[str], out: str,
+                 text_field: str, id_field: str | None, batch_size: int = 256, num_cpus: float | None = 1,
+                 merge_adapter: bool = False):
+        from deployments.config import ServiceConfig, resolve_path
+        from deployments.engine import cpu_engine_env, engine_kwargs
+        from deployments.tokenizer import PromptTokenizer
+
+        cfg = ServiceConfig.model_validate(config)
+        if model != cfg.model.model_id and model not in cfg.lora.adapters:
+            raise ValueError(f"unknown model {model!r}: the base {cfg.model.model_id!r} or one of "
+                             f"{sorted(cfg.lora.adapters)}")
+        if merge_adapter and model != cfg.model.model_id:
+            cfg = _merged_config(cfg, model)
+            model = cfg.model.model_id
+        self.config = cfg
+        os.environ.update(cfg.engine_env)
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            for key, value in cpu_engine_env(cfg, num_cpus).items():
+                os.environ.setdefault(key, value)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.labels, self.out, self.batch_size = list(labels), out, batch_size
+        self.text_field, self.id_field = text_field, id_field
+        self.tokenizer = PromptTokenizer(cfg)
+        self.loop = asyncio.new_event_loop()
+        t0 = time.monotonic()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg, current_platform.is_cpu())))
+        self.engine_start_s = time.monotonic() - t0
+        self.lora = None
+        if model != cfg.model.model_id:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest(lora_name=model, lora_int_id=1, lora_path=resolve_path(cfg.lora.adapters[model]))
+
+    # ------------------------------------------------------------------ classification
+
+    def classify(self, texts: list[str]) -> list[dict[str, Any] | str]:
+        """Each text's ``{"label", "scores"}``, or the reason it cannot be classified (a text
+        the tokenizer deployment would refuse with a 400: over the context length, bad Unicode)."""
+        from deployments.api.classify import softmax_rows
+        from deployments.api.errors import APIError
+        from deployments.engine.label_scoring import score_labels
+
+        results: list[dict[str, Any] | str] = [""] * len(texts)
+        prompts, where, label_ids = [], [], None
+        for i, text in enumerate(texts):
+            try:
+                enc = self.tokenizer._classify([text], self.labels)
+            except APIError as exc:
+                results[i] = f"{exc.code or 'invalid_input'}: {exc.message}"
+                continue
+            label_ids = enc.label_ids
+            prompts.append(enc.prompts[0])
+            where.append(i)
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start:start + self.batch_size]
+            scores = self.loop.run_until_complete(score_labels(self.engine, chunk, label_ids, self.lora))
+            for k, row in enumerate(softmax_rows(scores, self.labels)):
+                results[where[start + k]] = {"label": row["label"], "scores": row["scores"]}
+        return results
+
+    def process(self, shard_json: str) -> dict[str, Any]:
+        """Classify one shard and write it (rows, rejects, done marker); its statistics."""
+        shard = batch_io.Shard.from_json(shard_json)
+        t0 = time.monotonic()
+        fs, _ = batch_io.filesystem(self.out)
+        parsed = batch_io.parse_shard(fs, shard, self.text_field, self.id_field,
+                                      self.config.classification.max_input_chars)
+        results = self.classify([text for _, _, text in parsed.rows])
+        rows, rejects = [], list(parsed.rejects)
+        for (row, rid, text), res in zip(parsed.rows, results):
+            if isinstance(res, str):
+                rejects.append({"source": shard.path, "row": row, "id": rid, "reason": "too_long"
+                                if "context_length" in res else "bad_encoding" if "Unicode" in res else "invalid_input",
+                                "detail": res, "raw": text[:batch_io.RAW_CHARS]})
+            else:
+                rows.append({"id": rid, **res})
+        stats = {"key": shard.key, "rows_in": shard.n_rows, "rows_out": len(rows), "rejects": len(rejects),
+                 "labels": dict(Counter(r["label"] for r in rows)),
+                 "reasons": dict(Counter(r["reason"] for r in rejects)),
+                 "seconds": time.monotonic() - t0, "pid": os.getpid()}
+        if stats["rows_out"] + stats["rejects"] != stats["rows_in"]:  # never silently drop a row
+            raise RuntimeError(f"shard {shard.key}: {shard.n_rows} rows in, {len(rows)} out + {len(rejects)} rejects")
+        batch_io.write_shard(fs, self.out, shard, rows, rejects, self.labels, stats)
+        return stats
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
+        """Ray Data: a batch of shard descriptors (column ``shard``) → their statistics."""
+        import json
+
+        return {"stats": [json.dumps(self.process(s)) for s in batch["shard"]]}
+
+    def ready(self) -> float:
+        return self.engine_start_s
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:
+                pass
+
+
+def _merged_config(cfg, adapter: str):
+    """`cfg` serving `adapter` merged into the base (a folder under the temporary directory)."""
+    import tempfile
+    from pathlib import Path
+
+    from deployments.config import ServiceConfig, resolve_path
+    from scripts.merge_lora import merge
+
+    out = Path(tempfile.mkdtemp(prefix="classify-batch-")) / adapter
+    merge(Path(cfg.model.resolved_source()), Path(resolve_path(cfg.lora.adapters[adapter])), out)
+    doc = cfg.model_dump(mode="json")
+    doc["model"].update(model_id=adapter, model_source=str(out), default_model=None, aliases={})
+    doc["lora"].update(adapters={}, enabled=False)
+    doc["classification"]["model"] = None
+    return ServiceConfig.model_validate(doc)

@@ -1,0 +1,346 @@
+"""The batch classifier (scripts/classify_batch.py): rows in = rows out + rejects on a malformed
+file, interruption and resume, the same labels as the service's /v1/classify code, the batch
+output evaluated as the HTTP path is; and its RayJob manifest (schema, drift)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deployments import classification as clf
+from scripts import batch_io
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1"}
+N_GOOD = 24
+
+
+def _held_out(n: int) -> list[dict]:
+    return clf.heldout_split(clf.read_jsonl(clf.DEFAULT_DATA_FILE))[1][:n]
+
+
+def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scripts.classify_batch", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# Malformed records (line, expected reason), mixed among the good ones; the file ends with a
+# truncated line.
+BAD = [
+    (b'{"id": "b1", "sentence": ""}\n', "empty_text"),
+    (b'{"id": "b2", "sentence": "   "}\n', "empty_text"),
+    (b"this is not json\n", "malformed_json"),
+    (b'{"id": "b3", "sentence": "\xff\xfe broken bytes"}\n', "bad_encoding"),
+    (b'{"id": "b4", "sentence": "\\ud800 lone surrogate"}\n', "bad_encoding"),
+    (b'["a", "list"]\n', "not_an_object"),
+    (b'{"id": "b5", "title": "wrong field"}\n', "missing_text"),
+    (b'{"id": "b6", "sentence": 42}\n', "text_not_a_string"),
+    (json.dumps({"id": "b7", "sentence": "x" * 2500}).encode() + b"\n", "too_long"),
+]
+TRUNCATED = b'{"id": "b8", "sentence": "cut sho'
+
+
+def _write_mixed(path: Path) -> list[dict]:
+    good = [{"id": f"g{i}", "sentence": r["sentence"], "label_desc": r["label_desc"]}
+            for i, r in enumerate(_held_out(N_GOOD))]
+    lines = [json.dumps(g, ensure_ascii=False).encode() + b"\n" for g in good]
+    for k, (line, _) in enumerate(BAD):  # spread the bad rows among the good ones
+        lines.insert(2 * k + 1, line)
+    lines.insert(5, b"\n")  # a blank line is not a record
+    path.write_bytes(b"".join(lines) + TRUNCATED)
+    return good
+
+
+# ---------------------------------------------------------------------------- parsing (no engine)
+
+
+def test_shards_cover_every_record_and_rejects_have_reasons(tmp_path):
+    src = tmp_path / "in.jsonl"
+    good = _write_mixed(src)
+    fs, files, fmt = batch_io.list_inputs(str(src))
+    for shard_rows in (1, 4, 7, 1000):
+        shards = batch_io.plan_file(fs, files[0], fmt, 0, shard_rows, "")
+        assert sum(s.n_rows for s in shards) == len(good) + len(BAD) + 1
+        parsed = [batch_io.parse_shard(fs, s, "sentence", "id", 2000) for s in shards]
+        ids = [rid for p in parsed for _, rid, _ in p.rows]
+        assert ids == [g["id"] for g in good]
+        reasons = sorted(r["reason"] for p in parsed for r in p.rejects)
+        assert reasons == sorted([r for _, r in BAD] + ["truncated"])
+        assert all(r["detail"] and r["row"] for p in parsed for r in p.rejects)
+
+
+def test_csv_records_quoted_newlines_and_bad_rows(tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_bytes('\ufeffid,title\n1,hello\n2,"two\nlines"\n3,a,b\n4,\n5,\xff\n6,"open\n'
+                    .encode().replace("\xff".encode(), b"\xff"))
+    fs, files, fmt = batch_io.list_inputs(str(src))
+    shards = batch_io.plan_file(fs, files[0], fmt, 0, 2, "")
+    parsed = [batch_io.parse_shard(fs, s, "title", "id", 2000) for s in shards]
+    assert [(rid, text) for p in parsed for _, rid, text in p.rows] == [("1", "hello"), ("2", "two\nlines")]
+    assert [r["reason"] for p in parsed for r in p.rejects] == ["malformed_csv", "empty_text", "bad_encoding",
+                                                                "malformed_csv"]
+
+
+def test_merged_adapter_config(tmp_path, monkeypatch):
+    """--merge-adapter: the engine gets the adapter merged into the base, without LoRA."""
+    from scripts.batch_worker import _merged_config
+    from scripts.classify_batch import DEFAULT_CONFIG, service_config
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    cfg = _merged_config(service_config(DEFAULT_CONFIG), "news-lora")
+    src = Path(cfg.model.resolved_source())
+    assert src.is_relative_to(tmp_path) and (src / "config.json").is_file() and (src / "labels.json").is_file()
+    assert cfg.model.model_id == "news-lora" and not cfg.lora.engine_enabled()
+
+
+# ---------------------------------------------------------------------------- the job (real engine)
+
+
+@pytest.fixture(scope="module")
+def mixed_job(tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch")
+    good = _write_mixed(d / "in.jsonl")
+    r = _cli(str(d / "in.jsonl"), "--out", str(d / "out"), "--text-field", "sentence", "--id-field", "id",
+             "--shard-rows", "10", "--no-progress", "--pool", "actors")  # Ray Data: the other tests
+    return d, good, r
+
+
+def test_malformed_file_good_rows_labelled_bad_rows_rejected(mixed_job):
+    d, good, r = mixed_job
+    assert r.returncode == 2, r.stderr[-3000:]  # finished, with rejects
+    rows, rejects = batch_io.read_output(str(d / "out"))
+    assert sorted(x["id"] for x in rows) == sorted(g["id"] for g in good)
+    labels = clf.load_labels(REPO / "models" / "tiny-qwen3")
+    for x in rows:
+        assert x["label"] in labels and set(x["scores"]) == set(labels)
+        assert abs(sum(x["scores"].values()) - 1) < 1e-6 and x["label"] == max(x["scores"], key=x["scores"].get)
+    assert sorted(x["reason"] for x in rejects) == sorted([r for _, r in BAD] + ["truncated"])
+    summary = json.loads((d / "out" / "_summary.json").read_text())
+    assert summary["rows_in"] == len(good) + len(BAD) + 1 == summary["rows_out"] + summary["rejects"]
+    assert "rows in" in r.stdout and "rows/s" in r.stdout and "pool: actors" in r.stderr
+
+
+def test_same_labels_as_the_service_scoring(mixed_job):
+    """The batch job's labels and probabilities equal what the service's own code computes:
+    the tokenizer deployment's encoding, the model replica's `classify`, the ingress's softmax."""
+    import contextlib
+
+    from deployments.api.classify import softmax_rows
+    from deployments.model_replica import ModelReplica
+    from scripts.batch_worker import ShardClassifier
+    from scripts.classify_batch import DEFAULT_CONFIG, resolve_labels, service_config
+
+    d, good, _ = mixed_job
+    batch = {x["id"]: x for x in batch_io.read_output(str(d / "out"))[0]}
+    cfg = service_config(DEFAULT_CONFIG)
+    labels = resolve_labels(cfg, None)
+    worker = ShardClassifier(cfg.model_dump(mode="json"), cfg.classification.model, labels, str(d / "x"),
+                             "sentence", "id")
+    try:
+        texts = [g["sentence"] for g in good]
+        enc = worker.tokenizer._classify(texts, labels)
+
+        class Replica:  # what ModelReplica.classify uses of its instance
+            engine = worker.engine
+            stats = type("S", (), {"engine_request": staticmethod(lambda *a: contextlib.nullcontext())})()
+
+            async def _lora_request(self, lora):
+                return worker.lora
+
+        scores = worker.loop.run_until_complete(ModelReplica.classify(Replica(), enc.prompts, enc.label_ids, "x"))
+        served = softmax_rows(scores, labels)
+        direct = worker.classify(texts)
+    finally:
+        worker.engine.shutdown()
+    for g, s, w in zip(good, served, direct):
+        assert batch[g["id"]]["label"] == s["label"] == w["label"]
+        for k in labels:
+            assert abs(batch[g["id"]]["scores"][k] - s["scores"][k]) < 1e-4
+
+    # The evaluation of the batch output gives the figures of the service's path.
+    from scripts import eval_classifier as ev
+
+    gold_file = d / "gold.jsonl"
+    gold_file.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in good))
+    report = d / "eval.html"
+    assert ev.main(["--data", str(gold_file), "--batch-output", str(d / "out"), "--id-field", "id",
+                    "--report", str(report), "--no-progress"]) == 0
+    got = json.loads(report.with_suffix(".json").read_text())["metrics"]
+    preds = [s["label"] for s in served]
+    want = ev.compute_metrics([g["label_desc"] for g in good], preds, labels,
+                              ev.confidences(preds, [s["scores"] for s in served]))
+    assert got["accuracy"] == want["accuracy"] and got["confusion_matrix"] == want["confusion_matrix"]
+    assert got["accuracy_ci95"] == pytest.approx(want["accuracy_ci95"])
+    assert got["ece"] == pytest.approx(want["ece"], abs=1e-4) and 0 <= got["ece"] <= 1
+    assert got["macro_f1"] == pytest.approx(want["macro_f1"])
+    assert "ECE" in report.read_text()
+
+
+def test_wilson_interval_and_ece():
+    from scripts import eval_classifier as ev
+
+    lo, hi = ev.wilson_interval(426, 1000)
+    assert lo == pytest.approx(0.3956, abs=1e-3) and hi == pytest.approx(0.4570, abs=1e-3)
+    assert ev.calibration([True, False], [0.5, 0.5])["ece"] == pytest.approx(0.0)
+    assert ev.calibration([True, True, False, False], [0.9, 0.9, 0.9, 0.9])["ece"] == pytest.approx(0.4)
+
+
+def test_interrupted_run_resumes_without_duplicates(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = _held_out(60)
+    src.write_text("".join(json.dumps({"sentence": r["sentence"]}, ensure_ascii=False) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), "--text-field", "sentence",
+            "--shard-rows", "4", "--batch-size", "2", "--no-progress"]
+    p = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and p.poll() is None:
+            if (out / "done").is_dir() and len(list((out / "done").glob("*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    first = {f.name: f.stat().st_mtime_ns for f in (out / "done").glob("*.json")}
+    assert p.returncode == 130, err[-3000:]
+    assert 2 <= len(first) < 15
+    r = _cli(str(src), "--out", str(out), "--text-field", "sentence", "--shard-rows", "4", "--batch-size", "2",
+             "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{len(first)} shards already done" in r.stderr and "pool: data" in r.stderr
+    assert {f: m for f, m in ((f.name, f.stat().st_mtime_ns) for f in (out / "done").glob("*.json"))
+            if f in first} == first  # finished shards were not redone
+    got, rejects = batch_io.read_output(str(out))
+    assert not rejects and sorted(x["id"] for x in got) == list(range(1, 61))
+
+
+# ---------------------------------------------------------------------------- the RayJob
+
+
+CRD = REPO.parent / "shared" / "kuberay" / "crds" / "ray.io_rayjobs.yaml"
+
+
+def _strict(schema):
+    """An openAPIV3Schema as a jsonschema that rejects unknown fields, as the API server does."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) if k in ("items", "not") else v for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            out[key] = [_strict(s) for s in schema[key]]
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(schema["additionalProperties"])
+    if schema.get("nullable") and "type" in schema:
+        out["type"] = [schema["type"], "null"]
+    if (schema.get("type") == "object" and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _defaults(instance, schema) -> None:
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in instance and "default" in sub:
+                instance[key] = json.loads(json.dumps(sub["default"]))
+            if key in instance:
+                _defaults(instance[key], sub)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            _defaults(item, schema["items"])
+
+
+def _rayjob_errors(doc) -> list[str]:
+    import copy
+
+    import jsonschema
+    import yaml
+
+    crd = yaml.safe_load(CRD.read_text())
+    ver = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    assert ver["served"]
+    schema = ver["schema"]["openAPIV3Schema"]
+    schema = {**schema, "properties": {**schema["properties"], "metadata": {
+        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
+            "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+            "namespace": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}}}
+    doc = copy.deepcopy(doc)
+    _defaults(doc, schema)
+    return [f"{'/'.join(map(str, e.path))}: {e.message[:200]}"
+            for e in jsonschema.Draft7Validator(_strict(schema)).iter_errors(doc)]
+
+
+def test_rayjob_validates_against_the_crd():
+    import yaml
+
+    from scripts import gen_rayjob
+
+    doc = yaml.safe_load(gen_rayjob.RAYJOB.read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    assert not _rayjob_errors(doc)
+    bad = json.loads(json.dumps(doc))
+    bad["spec"]["shutdownAfterJobFinish"] = True  # a typo is rejected
+    del bad["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert len(_rayjob_errors(bad)) >= 2
+
+
+def test_rayjob_runs_the_rayservice_cluster_and_config():
+    import shlex
+
+    import yaml
+
+    from deployments.config import ServiceConfig
+    from scripts import classify_batch, gen_kuberay as gen, gen_rayjob
+
+    job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]
+    service = yaml.safe_load(gen.RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
+    cluster = job["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
+        service["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    gpu = [w for w in cluster["workerGroupSpecs"] if w["rayStartParams"].get("num-gpus", "0") != "0"]
+    assert gpu and all(w["replicas"] == w["maxReplicas"] for w in gpu)
+    args = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"][classify_batch.BATCH_ARGS_ENV]
+    assert json.loads(args) == gen.app_args(gen.serve_config("gpu"))
+    ServiceConfig.model_validate(json.loads(args))
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:3] == ["python", "-m", "scripts.classify_batch"]
+    parsed = classify_batch.parser().parse_args(argv[3:])
+    assert parsed.concurrency == sum(w["maxReplicas"] for w in gpu) and parsed.num_gpus == 1
+    for pod in [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]:
+        mounts = [m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]]
+        assert gen_rayjob.DATA_MOUNT in mounts
+
+
+def test_rayjob_drift(tmp_path, monkeypatch):
+    import yaml
+
+    from scripts import gen_kuberay as gen, gen_rayjob
+
+    assert gen_rayjob.stale() == "", "the RayJob is stale: run `python scripts/gen_rayjob.py`"
+    r = subprocess.run([sys.executable, "scripts/gen_rayjob.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    edited = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
+    edited["applications"][0]["args"]["classification"]["max_input_chars"] = 1500
+    cfg = tmp_path / "serve_config.yaml"
+    cfg.write_text(yaml.safe_dump(edited))
+    monkeypatch.setattr(gen, "SERVE_CONFIG", cfg)
+    assert "max_input_chars" in gen_rayjob.stale()
