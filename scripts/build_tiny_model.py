@@ -22,7 +22,7 @@ tokenizer):
   TNEWS class names) and ``heldout.json`` (the held-out rule, data hash, recipe and the
   accuracies measured at build time);
 - ``models/tiny-qwen3-lora``: the classification adapter, peft LoRA r=32 (alpha 64) on all
-  projections, trained on the same chat task (label smoothing 0.1): 44.9 % held-out accuracy (chance: 1/15, majority
+  projections, trained on the same chat task (label smoothing 0.05): 45.4 % held-out accuracy (chance: 1/15, majority
   class: 12 %), through transformers and vLLM alike.
 
 Nothing is downloaded. Everything is seeded; a rebuild gives the same files (the thread count
@@ -117,7 +117,8 @@ RECIPE: dict[str, Any] = dict(
     lora_steps=1000,           # 600: 42.6 % held-out (the previous recipe)
     lora_lr=5e-3,
     lora_batch=32,
-    lora_label_smoothing=0.1,  # 0.0: 44.3 %, 0.1: 44.9 % held-out (cls_label_smoothing 0.1 too: 44.1 %)
+    lora_label_smoothing=0.05,  # 0.0: 44.3 %, 0.05: 45.4 %, 0.1: 44.9 %, 0.15: 45.0 % held-out
+                                # (cls_label_smoothing 0.1 too: 44.1 %)
     lora_r=32,
     lora_alpha=64,
     lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
