@@ -165,11 +165,12 @@ def make_run(tmp_path_factory):
     finally:
         try:
             os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C, as a user stops it
-            proc.wait(timeout=90)
+            proc.wait(timeout=180)               # Serve drains and stops Ray (slow on a loaded machine)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-        time.sleep(5)
-        left = session_processes({proc.pid})
+        deadline = time.monotonic() + 60
+        while (left := session_processes({proc.pid})) and time.monotonic() < deadline:
+            time.sleep(2)
         kill_sessions({proc.pid}, grace_s=20)   # whatever is left of it, by pid
         log.close()
         assert not left, f"still running after Ctrl-C: {sorted(left)}"
