@@ -17,6 +17,7 @@ from deployments.adapters import AdapterRegistry, validate_adapter_dir
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
 from deployments.config import ServiceConfig, base_options, current_app_name
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
+from deployments.engine.process import shutdown_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.engine.label_scoring import score_labels
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
@@ -328,12 +329,7 @@ class ModelReplica:
         }
 
     def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            try:
-                engine.shutdown()
-            except Exception:
-                pass
+        shutdown_engine(self)
 
 
 

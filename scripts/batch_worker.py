@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from deployments.engine.process import shutdown_engine
 from scripts import batch_io
 
 
@@ -127,12 +128,7 @@ class ShardClassifier:
         return self.engine_start_s
 
     def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            try:
-                engine.shutdown()
-            except Exception:
-                pass
+        shutdown_engine(self)
 
 
 def _merged_config(cfg, adapter: str):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from crd_schema import strict
 from deployments import classification as clf
 from scripts import batch_io
 
@@ -234,28 +235,6 @@ def test_interrupted_run_resumes_without_duplicates(tmp_path):
 CRD = REPO.parent / "shared" / "kuberay" / "crds" / "ray.io_rayjobs.yaml"
 
 
-def _strict(schema):
-    """An openAPIV3Schema as a jsonschema that rejects unknown fields, as the API server does."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) if k in ("items", "not") else v for k, v in schema.items()}
-    if "properties" in schema:
-        out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
-    for key in ("anyOf", "allOf", "oneOf"):
-        if key in schema:
-            out[key] = [_strict(s) for s in schema[key]]
-    if isinstance(schema.get("additionalProperties"), dict):
-        out["additionalProperties"] = _strict(schema["additionalProperties"])
-    if schema.get("nullable") and "type" in schema:
-        out["type"] = [schema["type"], "null"]
-    if (schema.get("type") == "object" and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
-        out["additionalProperties"] = False
-    return out
-
-
 def _defaults(instance, schema) -> None:
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
@@ -286,7 +265,7 @@ def _rayjob_errors(doc) -> list[str]:
     doc = copy.deepcopy(doc)
     _defaults(doc, schema)
     return [f"{'/'.join(map(str, e.path))}: {e.message[:200]}"
-            for e in jsonschema.Draft7Validator(_strict(schema)).iter_errors(doc)]
+            for e in jsonschema.Draft7Validator(strict(schema)).iter_errors(doc)]
 
 
 def test_rayjob_validates_against_the_crd():

@@ -43,3 +43,14 @@ def prioritise_engine(replica_pid: int, niceness: int | None) -> dict[str, Any]:
     if pids:
         report["niceness"] = os.getpriority(os.PRIO_PROCESS, pids[0])
     return report
+
+
+def shutdown_engine(owner: Any) -> None:
+    """`owner.engine.shutdown()` if it has one, never raising (from `__del__` of an object that
+    holds an `AsyncLLM`: the model replica, a batch worker)."""
+    engine = getattr(owner, "engine", None)
+    if engine is not None:
+        try:
+            engine.shutdown()
+        except Exception:
+            pass
