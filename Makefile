@@ -4,9 +4,12 @@
 # `make run CONFIG=path/to/other.yaml` serves another Serve config the same way.
 CONFIG ?= configs/serve_config.yaml
 # Serve's fast request path (HAProxy straight to the ingress replicas; configs/fast-path.env),
-# with our HAProxy binary, which passes each client's address on for per-client rate limits.
+# with our HAProxy binary, which passes each client's address on for per-client rate limits,
+# vouched for by a secret shared with the ingress (a new random one unless the environment has
+# LLM_SERVE_PROXY_SECRET; deployments/admission/client_address.py).
 FAST_PATH = set -a && . configs/fast-path.env && set +a && \
-	export RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/.venv/bin/llm-serve-haproxy"
+	export RAY_SERVE_HAPROXY_BINARY_PATH="$(CURDIR)/.venv/bin/llm-serve-haproxy" && \
+	export LLM_SERVE_PROXY_SECRET="$${LLM_SERVE_PROXY_SECRET:-$$(.venv/bin/llm-serve-haproxy --new-secret)}"
 
 setup:
 	scripts/setup.sh

@@ -96,6 +96,11 @@ class EngineConfig(_Strict):
     quantization: str | None = Field(None, description="awq, gptq, fp8, bitsandbytes, … or null.")
     enable_prefix_caching: bool | None = Field(None, description="Prefix caching; null: vLLM's default.")
     max_num_seqs: int | None = Field(None, gt=0, description="Max sequences per engine step; null: vLLM's default.")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "priority", description="vLLM's scheduler: `priority` orders its waiting queue (and, when KV "
+        "memory runs short, which running request is preempted) by tenant priority, then each "
+        "request's `priority`, then arrival; `fcfs`: arrival only (a request's `priority` then orders "
+        "only the capacity gate's queue).")
     seed: int | None = Field(0, description="Engine seed (per-request `seed` overrides sampling).")
     engine_niceness: int | None = Field(
         0, ge=-20, le=19,
@@ -140,6 +145,19 @@ class LimitsConfig(_Strict):
     max_n: int = Field(4, ge=1, le=128, description="Largest `n` (choices per request) accepted; above it: 400.")
     max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body; above it: 413.")
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
+    fair_queue: bool = Field(
+        True, description="Under overload, admit and send to the model by tenant (or key-less client "
+        "address) so that each one's share tracks its weight (tenant priority + 1): the next request "
+        "sent is from the tenant holding the fewest places per weight, and a newcomer from a lighter "
+        "tenant takes the newest waiting place of the one holding the most, which gets the 503. "
+        "false: first come, first served (docs/security.md S17).")
+    fair_queue_reserve: int = Field(
+        0, ge=0, description="Model slots one tenant (or key-less client address) cannot fill while "
+        "another has sent requests within the last 10 s: the other's next request starts at once "
+        "instead of waiting for one of the first tenant's to end (its TTFT stays near what it gets "
+        "alone); the busy tenant loses up to that many slots meanwhile. Counted per ingress replica "
+        "against `max_ongoing_requests` × replicas; 0: work-conserving fair queueing only "
+        "(docs/security.md S17). Applies with a bounded queue (`max_queued_requests` ≥ 0).")
 
 
 class StreamingConfig(_Strict):
@@ -170,6 +188,14 @@ class LoraConfig(_Strict):
     allow_runtime_loading: bool = Field(
         True, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key "
         "required when auth is on).",
+    )
+    adapter_roots: list[str] = Field(
+        default_factory=lambda: ["models"], min_length=1,
+        description="Folders POST /v1/load_lora_adapter may load adapters from (relative paths resolve "
+        "against the repo root): a `lora_path` is accepted only if, with symlinks and `..` resolved on "
+        "the model replica's node, it lies inside one of them (its weights and config too); else 400 "
+        "`lora_path_not_allowed`. The adapters of `adapters` are the operator's own and exempt. Every "
+        "adapter must ship `adapter_model.safetensors` and no pickled weights (`adapter_model.bin`/`.pt`).",
     )
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank the engine accepts (the user's r=64).")
     max_loras: int = Field(4, gt=0, description="Adapters active in one engine batch.")

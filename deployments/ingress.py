@@ -86,7 +86,8 @@ class IngressRouter:
         m = self.config.model
         self.models = ModelDirectory(self.model_id, m.owned_by, int(time.time()), model, adapters,
                                      m.default_model, m.aliases)
-        self.calls = ModelCalls(ModelCapacity.from_options(model_options), self.limits.retry_after_s)
+        self.calls = ModelCalls(ModelCapacity.from_options(model_options, self.limits.fair_queue_reserve,
+                                                           self.limits.fair_queue), self.limits.retry_after_s)
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats, m)
         self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,
@@ -107,6 +108,7 @@ class IngressRouter:
             auth=self.auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
             max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
             public_paths=frozenset(self.auth.public_paths), client_address=self.client_address,
+            capacity=self.calls.capacity, retry_after_s=self.limits.retry_after_s,
             default_max_tokens={"/v1/chat/completions": self.limits.default_max_tokens_chat,
                                 "/v1/completions": self.limits.default_max_tokens_completion,
                                 "/v1/classify": 1},
@@ -167,9 +169,11 @@ class IngressRouter:
                                    "lora_name", "adapter_exists")
         if await self.models.adapters.get(body.lora_name) is not None:
             raise taken
-        # Client input: never expand ~ or $VARS (the 400 message echoes the path).
+        # Client input: never expand ~ or $VARS (the 400 message echoes the path as sent). The
+        # model replica checks it on its node: inside lora.adapter_roots once symlinks and `..`
+        # are resolved, safetensors weights only (deployments/adapters.py check_adapter).
         path = body.lora_path if os.path.isabs(body.lora_path) else os.path.join(REPO_ROOT, body.lora_path)
-        await self.calls.call(self.model.validate_adapter.remote(path))
+        await self.calls.call(self.model.validate_adapter.remote(path, body.lora_path))
         if await self.models.adapters.register(body.lora_name, path, False) is None:
             raise taken
         logger.info("LoRA adapter %s registered from %s", body.lora_name, path)

@@ -13,9 +13,9 @@ import os
 import time
 from typing import Any, AsyncIterator
 
-from deployments.adapters import AdapterRegistry, validate_adapter_dir
+from deployments.adapters import AdapterRegistry, check_adapter
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
-from deployments.config import ServiceConfig, base_options, current_app_name
+from deployments.config import ServiceConfig, base_options, current_app_name, resolve_path
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
 from deployments.engine.process import shutdown_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
@@ -138,21 +138,28 @@ class ModelReplica:
         ref = await self.adapters.get(name)
         if ref is None or str(ref.version) != version:
             raise model_not_found(name)
-        validate_adapter_dir(ref.path, self.config.lora.max_lora_rank)
-        lora = LoRARequest(lora_name=ref.name, lora_int_id=ref.version, lora_path=ref.path)
+        # Checked again on this node at load time (a runtime adapter: inside lora.adapter_roots,
+        # resolved; every adapter: safetensors only); messages name the adapter, not its path.
+        configured = ref.path in {resolve_path(p) for p in self.config.lora.adapters.values()}
+        folder, _ = check_adapter(ref.path, self.config.lora, f"LoRA adapter {name!r}", configured=configured)
+        lora = LoRARequest(lora_name=ref.name, lora_int_id=ref.version, lora_path=folder)
         try:
             await self.engine.add_lora(lora)
         except Exception as exc:
-            raise APIError(400, f"The engine could not load adapter {name!r}: {exc}",
+            detail = str(exc).replace(folder, "<adapter folder>").replace(ref.path, "<adapter folder>")
+            raise APIError(400, f"The engine could not load adapter {name!r}: {detail}",
                            param="lora_path", code="invalid_lora_adapter") from None
-        logger.info("loaded LoRA adapter %s (v%s) from %s", ref.name, ref.version, ref.path)
+        logger.info("loaded LoRA adapter %s (v%s) from %s", ref.name, ref.version, folder)
         return lora
 
-    async def validate_adapter(self, path: str) -> dict[str, Any]:
-        """For POST /v1/load_lora_adapter: the adapter must be loadable from this node."""
+    async def validate_adapter(self, path: str, shown: str | None = None) -> dict[str, Any]:
+        """For POST /v1/load_lora_adapter: the adapter must be loadable from this node, from inside
+        `lora.adapter_roots`, as safetensors. `shown`: the client's `lora_path`, the only path
+        a message names."""
         if not self.config.lora.engine_enabled():
             raise APIError(400, "LoRA is disabled on this deployment (lora.enabled: false).", code="lora_disabled")
-        return validate_adapter_dir(path, self.config.lora.max_lora_rank)
+        shown = path if shown is None else shown
+        return check_adapter(path, self.config.lora, f"LoRA adapter path {shown!r}")[1]
 
     async def _lora_request(self, multiplexed_id: str | None):
         return None if not multiplexed_id else await self._adapter(multiplexed_id)
@@ -185,7 +192,7 @@ class ModelReplica:
                     engine_span(req.request_id, len(req.prompt_token_ids), self.vllm_traces) as span:
                 async for out in self.engine.generate(
                     TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
-                    lora_request=lora_request, trace_headers=span.headers,
+                    lora_request=lora_request, trace_headers=span.headers, priority=req.priority,
                 ):
                     if final_only:
                         timing = out.metrics  # vLLM's RequestStateStats (None without log stats)

@@ -45,6 +45,7 @@ from typing import Any
 import jsonpatch
 import yaml
 
+from deployments.admission.client_address import PROXY_SECRET_ENV
 from deployments.admission.haproxy_wrapper import fast_path_env
 from deployments.config import ServiceConfig, deep_merge
 
@@ -65,6 +66,42 @@ PROMETHEUS_RULE = BASE / "monitoring" / "prometheusrule.yaml"
 
 # Where `pip install -e .` puts console scripts in the rayproject/ray image (cluster/Dockerfile).
 IMAGE_HAPROXY = "/home/ray/anaconda3/bin/llm-serve-haproxy"
+
+# ----------------------------------------------------------------------------- read-only root
+# Every container runs with `readOnlyRootFilesystem: true`. The paths the Ray containers write
+# (found by reading the installed Ray 2.60 / Serve / vLLM 0.32 / torch 2.13 / Triton / huggingface
+# packages, not by guessing) are emptyDir volumes; a few writers are pointed into them by
+# environment variables (WRITABLE_ENV). HOME itself cannot be a volume: the app (/home/ray/app)
+# and Python (/home/ray/anaconda3) live there. check_consistency() and tests/test_kuberay.py
+# hold every Ray container to this list.
+RAY_HOME = "/home/ray"  # HOME of the image's user `ray` (uid 1000)
+WRITABLE_PATHS: dict[str, str] = {
+    "/tmp": "tempfile.gettempdir(): vLLM's ZMQ IPC sockets (VLLM_RPC_BASE_PATH); Serve's HAProxy "
+            "(RAY_SERVE_HAPROXY_*: /tmp/haproxy-serve/haproxy.cfg, admin.sock, metrics.sock, server-state, "
+            "and llm-serve-haproxy's haproxy.cfg.client-addr beside them); torch inductor's default cache "
+            "(/tmp/torchinductor_ray); tiktoken's cache; multiprocessing",
+    "/tmp/ray": "Ray's temp dir (RAY_TMPDIR unset): session dirs, logs (KubeRay shares this `ray-logs` "
+                "volume with the autoscaler sidecar), sockets, runtime envs, plasma fallback, spilled objects",
+    "/dev/shm": "Ray's object store (plasma) and vLLM/torch shared memory (medium: Memory)",
+    f"{RAY_HOME}/.cache": "XDG cache: vLLM's VLLM_CACHE_ROOT (torch.compile cache, modelinfos, startup plans, "
+                          "DeepGEMM), FlashInfer's JIT cache, HF_HOME (transformers' dynamic modules), numba, "
+                          "matplotlib, torch extensions; Triton (TRITON_HOME) and CUDA's JIT cache "
+                          "(CUDA_CACHE_PATH) are pointed here",
+    f"{RAY_HOME}/.config": "XDG config: vLLM's VLLM_CONFIG_ROOT (usage_stats.json, do_not_track), matplotlib",
+}
+# The emptyDir volume behind each writable path (`ray-logs` is the name KubeRay itself uses, so
+# its autoscaler sidecar mounts the same volume).
+WRITABLE_VOLUMES: dict[str, str] = {"/tmp": "tmp", "/tmp/ray": "ray-logs", "/dev/shm": "dshm",
+                                    f"{RAY_HOME}/.cache": "home-cache", f"{RAY_HOME}/.config": "home-config"}
+WRITABLE_ENV: dict[str, str] = {
+    "PYTHONDONTWRITEBYTECODE": "1",                               # no __pycache__ beside the app's sources
+    "HF_HOME": f"{RAY_HOME}/.cache/huggingface",                  # the default, stated
+    "TRITON_HOME": f"{RAY_HOME}/.cache",                          # Triton's ~/.triton (cache, dumps)
+    "CUDA_CACHE_PATH": f"{RAY_HOME}/.cache/nv/ComputeCache",      # CUDA's JIT cache, default ~/.nv
+}
+# The autoscaler sidecar (`ray kuberay-autoscaler`) writes its monitor logs to /tmp/ray (KubeRay
+# mounts `ray-logs` there) and may use tempfile: /tmp.
+AUTOSCALER_WRITABLE = {"/tmp": "tmp"}
 ENV_BEGIN = "# BEGIN GENERATED fast-path env"
 ENV_END = "# END GENERATED fast-path env"
 
@@ -156,9 +193,24 @@ def render_rayservice(text: str, cfg: dict[str, Any]) -> str:
     return "".join(lines[: b] + block + lines[e:])
 
 
-def fast_path_entries() -> list[dict[str, str]]:
-    """The Ray containers' `env` entries for Serve's fast path, as `make run` sets them."""
-    return [{"name": k, "value": v} for k, v in fast_path_env(binary=IMAGE_HAPROXY).items()]
+# The HAProxy-to-ingress secret comes from a Secret the operator creates once (docs/kuberay.md):
+#   kubectl create secret generic llm-serve-proxy --from-literal=secret=$(openssl rand -hex 32)
+# optional, so pods start without it; the ingress then ignores HAProxy's client addresses and
+# says so in its log (clients without an API key share one budget).
+PROXY_SECRET_REF = {"secretKeyRef": {"name": "llm-serve-proxy", "key": "secret", "optional": True}}
+
+
+def flow(value: dict) -> str:
+    """`value` as one line of YAML flow style."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+
+
+def fast_path_entries() -> list[dict]:
+    """The Ray containers' `env` entries for Serve's fast path, as `make run` sets them (the
+    secret by reference, never a value in the manifest)."""
+    env = fast_path_env(binary=IMAGE_HAPROXY, secret="-" * 32)
+    return [{"name": k, "valueFrom": PROXY_SECRET_REF} if k == PROXY_SECRET_ENV else {"name": k, "value": v}
+            for k, v in env.items()]
 
 
 def render_env_blocks(text: str) -> str:
@@ -167,7 +219,9 @@ def render_env_blocks(text: str) -> str:
 
     def block(m: re.Match) -> str:
         indent = m.group(1)
-        body = "".join(f"{indent}- {{name: {e['name']}, value: {json.dumps(e['value'])}}}\n" for e in entries)
+        body = "".join(f"{indent}- {{name: {e['name']}, "
+                       + (f"value: {json.dumps(e['value'])}}}\n" if "value" in e else
+                          f"valueFrom: {flow(e['valueFrom'])}}}\n") for e in entries)
         return f"{indent}{ENV_BEGIN}\n{body}{indent}{ENV_END}\n"
 
     out, n = re.subn(rf"^([ ]*){re.escape(ENV_BEGIN)}\n.*?^[ ]*{re.escape(ENV_END)}\n", block, text,
@@ -177,16 +231,31 @@ def render_env_blocks(text: str) -> str:
     return out
 
 
+def writable_volumes(shm_size: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) for WRITABLE_PATHS: emptyDirs, /dev/shm in memory up to `shm_size`
+    (KubeRay's own default is the container's memory)."""
+    volumes, mounts = [], []
+    for path, name in WRITABLE_VOLUMES.items():
+        volumes.append({"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size} if path == "/dev/shm" else {}})
+        mounts.append({"name": name, "mountPath": path})
+    return volumes, mounts
+
+
+def writable_env() -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in WRITABLE_ENV.items()]
+
+
 def cpu_patch(cfg: dict[str, Any]) -> str:
     """JSON patch (RFC 6902) turning the GPU RayService into a CPU-only one."""
-    head_volumes = [{"name": "ray-logs", "emptyDir": {}}]
-    head_mounts = [{"name": "ray-logs", "mountPath": "/tmp/ray"}]
-    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    head_volumes, head_mounts = writable_volumes("3Gi")
+    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+                "readOnlyRootFilesystem": True}
     pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
                     "seccompProfile": {"type": "RuntimeDefault"}}
+    worker_volumes, worker_mounts = writable_volumes("4Gi")
     env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
            {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
-           *fast_path_entries()]
+           *writable_env(), *fast_path_entries()]
     worker = {
         "groupName": "cpu",
         "replicas": 1,
@@ -210,9 +279,9 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
                     "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
                                   "limits": {"cpu": "2", "memory": "4Gi"}},
                     "securityContext": security,
-                    "volumeMounts": [{"name": "ray-logs", "mountPath": "/tmp/ray"}],
+                    "volumeMounts": worker_mounts,
                 }],
-                "volumes": [{"name": "ray-logs", "emptyDir": {}}],
+                "volumes": worker_volumes,
             },
         },
     }
@@ -259,6 +328,33 @@ def _mounted(template: dict[str, Any], path: str) -> bool:
     return any(path == m or path.startswith(m + "/") for m in mounts)
 
 
+def read_only_root_errors(template: dict[str, Any], ray_containers: bool = True) -> list[str]:
+    """What keeps a pod template from running on a read-only root filesystem: a container (or
+    init container) without `readOnlyRootFilesystem: true`; with `ray_containers`, a container
+    without an emptyDir at each WRITABLE_PATHS path (/dev/shm in memory) or without WRITABLE_ENV."""
+    spec = template.get("spec", {})
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    errors = []
+    for c in [*spec.get("initContainers", []), *spec.get("containers", [])]:
+        if (c.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            errors.append(f"container {c['name']} lacks securityContext.readOnlyRootFilesystem: true")
+        if not ray_containers:
+            continue
+        mounts = {m["mountPath"].rstrip("/") or "/": m for m in c.get("volumeMounts", [])}
+        for path in WRITABLE_PATHS:
+            m = mounts.get(path)
+            empty = volumes.get(m["name"], {}).get("emptyDir") if m else None
+            if m is None or m.get("readOnly") or empty is None:
+                errors.append(f"container {c['name']}: {path} is not a writable emptyDir mount")
+            elif path == "/dev/shm" and empty.get("medium") != "Memory":
+                errors.append(f"container {c['name']}: /dev/shm must be an emptyDir with medium: Memory")
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        missing = [k for k, v in WRITABLE_ENV.items() if env.get(k) != v]
+        if missing:
+            errors.append(f"container {c['name']} lacks {', '.join(missing)} (gen_kuberay.WRITABLE_ENV)")
+    return errors
+
+
 def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: str) -> None:
     """The Serve config fits the cluster it is deployed on."""
     args = ServiceConfig.model_validate(app_args(cfg))
@@ -270,12 +366,22 @@ def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: 
         errors.append(f"http_options.port must be {SERVE_PORT} (the serve Service's target port)")
     if cfg.get("http_options", {}).get("host") != "0.0.0.0":
         errors.append("http_options.host must be 0.0.0.0 (pods serve the Service)")
-    want_env = {e["name"]: e["value"] for e in fast_path_entries()}
+    want_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in fast_path_entries()}
     for group in [head, *workers]:
         for c in _containers(group["template"]):
-            have = {e["name"]: e.get("value") for e in c.get("env", [])}
+            have = {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
             if any(have.get(k) != v for k, v in want_env.items()):
                 errors.append(f"container {c['name']} lacks the fast-path environment (configs/fast-path.env)")
+        errors += read_only_root_errors(group["template"])
+    scaler = cluster.get("autoscalerOptions") or {}
+    if cluster.get("enableInTreeAutoscaling"):
+        if (scaler.get("securityContext") or {}).get("readOnlyRootFilesystem") is not True:
+            errors.append("autoscalerOptions.securityContext lacks readOnlyRootFilesystem: true")
+        head_volumes = {v["name"] for v in head["template"]["spec"].get("volumes", [])}
+        have = {m["mountPath"]: m["name"] for m in scaler.get("volumeMounts", [])}
+        for path, name in AUTOSCALER_WRITABLE.items():
+            if have.get(path) != name or name not in head_volumes:
+                errors.append(f"autoscalerOptions.volumeMounts lacks {path} (the head's {name} volume)")
     model = args.deployments.get("model", {})
     auto = model.get("autoscaling_config") or {}
     if auto.get("target_ongoing_requests", 2) > model.get("max_ongoing_requests", 3):
@@ -295,8 +401,10 @@ def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: 
         lora = getattr(args, "lora", None)
         adapters = dict(getattr(lora, "adapters", None) or {})
         for w in gpu_groups:
+            roots = list(getattr(lora, "adapter_roots", None) or []) if args.lora.allow_runtime_loading else []
             for what, path in [("model_source", args.model.model_source),
-                               *((f"LoRA adapter {n}", p) for n, p in adapters.items())]:
+                               *((f"LoRA adapter {n}", p) for n, p in adapters.items()),
+                               *(("lora.adapter_roots entry", r) for r in roots)]:
                 if not path.startswith("/") or not _mounted(w["template"], path):
                     errors.append(f"{what} {path} is not on a volume of worker group {w['groupName']}")
         tok = args.model.tokenizer_source or args.model.model_source

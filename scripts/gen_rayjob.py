@@ -43,6 +43,35 @@ def _add_data_volume(template: dict[str, Any]) -> None:
         c.setdefault("volumeMounts", []).append({"name": "batch-data", "mountPath": DATA_MOUNT})
 
 
+def submitter_template(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The pod KubeRay runs `ray job submit` in (K8sJobMode; KubeRay fills in the command): the
+    head's image, pod security and resources of KubeRay's default submitter, a read-only root with
+    /tmp writable (the job CLI's tempfile use) and no service-account token (it talks to the
+    dashboard over HTTP, with the Ray token KubeRay injects)."""
+    head = cluster["headGroupSpec"]["template"]
+    ray_container = head["spec"]["containers"][0]
+    return {
+        "metadata": {"labels": {"app.kubernetes.io/name": "llm-serve",
+                                "app.kubernetes.io/component": "batch-classify-submitter"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": copy.deepcopy(head["spec"]["securityContext"]),
+            "containers": [{
+                "name": "ray-job-submitter",
+                "image": ray_container["image"],
+                "imagePullPolicy": ray_container.get("imagePullPolicy", "IfNotPresent"),
+                "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+                "resources": {"requests": {"cpu": "500m", "memory": "200Mi"},
+                              "limits": {"cpu": "1", "memory": "1Gi"}},
+                "securityContext": copy.deepcopy(ray_container["securityContext"]),
+                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            }],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+
+
 def rayjob() -> dict[str, Any]:
     """The RayJob object (checked against the service config it runs)."""
     cfg = gen.serve_config("gpu")
@@ -73,6 +102,7 @@ def rayjob() -> dict[str, Any]:
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
             "backoffLimit": 2,  # a retry resumes: finished shards are kept in /data/output
+            "submitterPodTemplate": submitter_template(cluster),
             "rayClusterSpec": cluster,
         },
     }

@@ -99,13 +99,15 @@ def http_port(ray_cluster) -> int:
 
 
 @pytest.fixture(scope="session")
-def base_url(http_port) -> str:
-    """The default app (README config) deployed once for the session."""
+def base_url(http_port, tmp_path_factory) -> str:
+    """The default app (README config) deployed once for the session. Runtime LoRA loads may
+    also read from pytest's temporary folder (adapters the tests write: `trained_adapter`)."""
     from ray import serve
 
     from serve_app import build_app
 
-    serve.run(build_app(app_args()), name="llm", route_prefix="/", blocking=False)
+    roots = {"lora": {"adapter_roots": ["models", str(tmp_path_factory.getbasetemp())]}}
+    serve.run(build_app(app_args(**roots)), name="llm", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{http_port}"
     wait_healthy(url)
     return url

@@ -5,7 +5,8 @@ the start line), then the user's command itself: `make run CONFIG=<a copy of the
 config on a free port>`, driven as the replaced service's clients would: one client, 12
 requests → 10 × 200 then 2 × 429 (its 10/minute limit); the same client forging
 `X-Forwarded-For` and our own header → still limited; a second client (another loopback
-address) → served.
+address) → served; a process that connects to the ingress replica's own port (behind HAProxy)
+and names an address without the cluster's HAProxy secret → still limited.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import pytest
 import yaml
 
 from cluster.processes import free_port, kill_sessions, session_processes
-from deployments.admission.client_address import (CLIENT_ADDR_HEADER, ClientAddress, disable_uvicorn_forwarding,
+from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
+                                                  ClientAddress, disable_uvicorn_forwarding, proxy_secret,
                                                   startup_report)
 from deployments.admission.haproxy_wrapper import (MAX_CONNS_ENV, SUFFIX, TIMEOUT_ENV, add_rules, fast_path_env,
                                                    real_binary, rewrite_args, rules)
@@ -60,6 +62,20 @@ def test_the_rules_go_into_the_http_frontend_only():
         add_rules(RAY_CONFIG.replace("frontend http_frontend", "frontend other"), added)
 
 
+SECRET = "s" * 40
+
+
+def test_the_secret_is_passed_by_reference_and_checked():
+    added = rules({PROXY_SECRET_ENV: SECRET})
+    assert f'http-request set-header {PROXY_SECRET_HEADER} "${{{PROXY_SECRET_ENV}}}"' in added
+    assert SECRET not in added                                   # HAProxy reads it from its environment
+    assert f"http-request del-header {PROXY_SECRET_HEADER}" in rules({})   # none: a client's copy removed
+    for bad in ("short", "x" * 40 + '"; evil', "x" * 40 + " y"):
+        with pytest.raises(SystemExit, match=PROXY_SECRET_ENV):
+            rules({PROXY_SECRET_ENV: bad})
+    assert proxy_secret({}) is None and proxy_secret({PROXY_SECRET_ENV: f" {SECRET} "}) == SECRET
+
+
 def test_slow_client_settings():
     added = rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "0"})
     assert "timeout http-request 3s" in added and "stick-table" not in added   # 0: no cap
@@ -72,8 +88,9 @@ def test_haproxy_accepts_the_rewritten_config(tmp_path):
     """The real HAProxy binary (`haproxy -c`) checks the config with our rules in it."""
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(add_rules(RAY_CONFIG.replace(":9101", f":{free_port()}").replace(":8000", f":{free_port()}"),
-                             rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "50"})))
-    r = subprocess.run([real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30)
+                             rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "50", PROXY_SECRET_ENV: SECRET})))
+    r = subprocess.run([real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30,
+                       env={**os.environ, PROXY_SECRET_ENV: SECRET})
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -94,17 +111,25 @@ def test_fast_path_env_names_our_binary():
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["FORWARDED_ALLOW_IPS"] == ""
     binary = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
     assert binary.name == "llm-serve-haproxy" and binary.is_absolute() and os.access(binary, os.X_OK)
+    assert proxy_secret(env) and env[PROXY_SECRET_ENV] != fast_path_env()[PROXY_SECRET_ENV]   # a new one each
+    out = subprocess.run([str(binary), "--new-secret"], capture_output=True, text=True, check=True).stdout.strip()
+    assert proxy_secret({PROXY_SECRET_ENV: out}) == out
 
 
 def test_the_client_address_decision():
     hdr = {CLIENT_ADDR_HEADER.lower(): "198.51.100.7"}
     python_proxy = ClientAddress(fast_path=False)
     assert python_proxy.peer("127.0.0.1", hdr) == "127.0.0.1"        # nobody sets it there: ignored
-    fast = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"])
-    assert fast.peer("127.0.0.1", hdr) == "198.51.100.7"             # HAProxy on this node
-    assert fast.peer("::ffff:10.0.0.5", hdr) == "198.51.100.7"       # HAProxy on another node
-    assert fast.peer("10.0.0.9", hdr) == "10.0.0.9"                  # straight to the ingress port
+    fast = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"], secret=SECRET)
+    vouched = {**hdr, PROXY_SECRET_HEADER.lower(): SECRET}
+    assert fast.peer("127.0.0.1", vouched) == "198.51.100.7"         # HAProxy on this node
+    assert fast.peer("::ffff:10.0.0.5", vouched) == "198.51.100.7"   # HAProxy on another node
+    assert fast.peer("10.0.0.9", vouched) == "10.0.0.9"              # not a Ray node
+    assert fast.peer("127.0.0.1", hdr) == "127.0.0.1"                # a local process, no secret
+    assert fast.peer("127.0.0.1", {**hdr, PROXY_SECRET_HEADER.lower(): SECRET[:-1] + "t"}) == "127.0.0.1"
     assert fast.peer("127.0.0.1", {}) == "127.0.0.1"
+    no_secret = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"])   # never believed
+    assert no_secret.peer("127.0.0.1", vouched) == "127.0.0.1"
     # then ours: X-Forwarded-For only from a configured proxy, read right to left
     assert client_key(None, "198.51.100.7", "203.0.113.9", ["10.0.0.0/8"]) == "ip:198.51.100.7"
     assert client_key(None, "10.1.2.3", "203.0.113.9, 10.1.1.1", ["10.0.0.0/8"]) == "ip:203.0.113.9"
@@ -123,6 +148,9 @@ def test_uvicorn_forwarding_is_switched_off_and_reported():
     level, line = startup_report({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, inherited_forwarding="")
     assert level == logging.WARNING and "llm-serve-haproxy" in line          # fast path, Ray's own HAProxy
     fast = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": "/x/bin/llm-serve-haproxy"}
+    level, line = startup_report(fast, inherited_forwarding="")
+    assert level == logging.WARNING and PROXY_SECRET_ENV in line                  # no secret: said so
+    fast[PROXY_SECRET_ENV] = SECRET
     assert startup_report(fast, inherited_forwarding="") == (
         logging.INFO, "request path: Serve's fast path (HAProxy direct ingress, configs/fast-path.env)")
 
@@ -199,6 +227,32 @@ def test_make_run_limits_each_client_by_its_own_address(make_run):
     forged = {"X-Forwarded-For": "203.0.113.9", CLIENT_ADDR_HEADER: "203.0.113.10"}
     assert [_chat(url, **forged) for _ in range(2)] == [429, 429]
     assert [_chat(url, source="127.0.0.2") for _ in range(2)] == [200, 200]   # a second client
+
+
+def _ingress_port(haproxy_port: int) -> int:
+    """The ingress replica's own HTTP port, from the HAProxy config `make run` wrote."""
+    import re
+
+    for cfg in sorted(Path("/tmp/haproxy-serve").glob("*/haproxy.cfg" + SUFFIX), key=lambda p: -p.stat().st_mtime):
+        text = cfg.read_text()
+        if re.search(rf"^\s*bind \S*:{haproxy_port}\s*$", text, re.M):
+            m = re.search(r"server SERVE_REPLICA_\S*IngressRouter\S* [\d.]+:(\d+)", text)
+            if m:
+                return int(m.group(1))
+    pytest.fail(f"no HAProxy config serving port {haproxy_port} with an ingress replica")
+
+
+def test_a_direct_connection_to_the_ingress_cannot_name_an_address(make_run):
+    """Another process on the node connects to the ingress replica's own port (HAProxy's
+    backend) and sets the address header, with a wrong secret or none: not believed — its
+    requests count against its own address, which has spent its 10/minute."""
+    url, _ = make_run
+    direct = f"http://127.0.0.1:{_ingress_port(int(url.rsplit(':', 1)[1]))}"
+    assert [_chat(url, source="127.0.0.9") for _ in range(10)] == [200] * 10
+    named = {CLIENT_ADDR_HEADER: "203.0.113.50"}
+    assert _chat(direct, source="127.0.0.9", **named) == 429
+    assert _chat(direct, source="127.0.0.9", **named, **{PROXY_SECRET_HEADER: "x" * 43}) == 429
+    assert _chat(url, source="127.0.0.9", **named, **{PROXY_SECRET_HEADER: "x" * 43}) == 429   # via HAProxy
 
 
 def test_make_run_reads_the_environment_max_tokens_over_the_cap_is_clamped(make_run):

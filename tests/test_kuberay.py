@@ -20,6 +20,8 @@ embedded in the RayService is parsed with Ray's `ServeDeploySchema` and the serv
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -39,7 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
 VENDORED = Path(__file__).resolve().parent / "schemas"
 KUBERAY = REPO / "kuberay"
-VARIANTS = {"gpu": KUBERAY, "cpu": KUBERAY / "overlays" / "cpu"}
+VARIANTS = {"gpu": KUBERAY, "cpu": KUBERAY / "overlays" / "cpu"}  # each with its own Serve config
+PINNED = KUBERAY / "overlays" / "pinned"  # GPU production with the image by digest (scripts/pin_image.py)
+OVERLAYS = {**VARIANTS, "pinned": PINNED}  # every directory `kubectl apply -k` is meant for
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -103,6 +107,8 @@ def schemas() -> dict[tuple[str, str], dict[str, Any]]:
     rayservice = _crd_schema(CRD_DIR / "ray.io_rayservices.yaml", "v1")
     rayservice = {**rayservice, "properties": {**rayservice["properties"], "metadata": OBJECT_META}}
     out[("ray.io/v1", "RayService")] = rayservice
+    rayjob = _crd_schema(CRD_DIR / "ray.io_rayjobs.yaml", "v1")  # cluster/kuberay/rayjob-classify.yaml
+    out[("ray.io/v1", "RayJob")] = {**rayjob, "properties": {**rayjob["properties"], "metadata": OBJECT_META}}
     for name in ("podmonitors", "servicemonitors", "prometheusrules"):
         path = VENDORED / f"monitoring.coreos.com_{name}.yaml"
         crd = yaml.safe_load(path.read_text())
@@ -136,10 +142,11 @@ def schemas() -> dict[tuple[str, str], dict[str, Any]]:
 KUSTOMIZATION_SCHEMA = strict({
     "type": "object",
     "properties": {
-        "apiVersion": {"type": "string", "enum": ["kustomize.config.k8s.io/v1beta1"]},
-        "kind": {"type": "string", "enum": ["Kustomization"]},
+        "apiVersion": {"type": "string", "enum": ["kustomize.config.k8s.io/v1beta1", "kustomize.config.k8s.io/v1alpha1"]},
+        "kind": {"type": "string", "enum": ["Kustomization", "Component"]},
         "namespace": {"type": "string"},
         "resources": {"type": "array", "items": {"type": "string"}},
+        "components": {"type": "array", "items": {"type": "string"}},
         "images": {"type": "array", "items": {"type": "object", "properties": {
             "name": {"type": "string"}, "newName": {"type": "string"}, "newTag": {"type": "string"},
             "digest": {"type": "string"}}, "required": ["name"]}},
@@ -182,15 +189,29 @@ def _matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
     ])
 
 
+def split_image(ref: str) -> tuple[str, str | None, str | None]:
+    """(name, tag, digest) of an image reference; a registry's :port is part of the name."""
+    ref, _, digest = ref.partition("@")
+    slash = ref.rfind("/")
+    name, colon, tag = ref[slash + 1:].partition(":")
+    return ref[: slash + 1] + name, (tag if colon else None), (digest or None)
+
+
 def _set_images(node: Any, images: list[dict[str, Any]]) -> None:
+    """kustomize's `images`: a `digest` replaces tag and digest, else `newTag` the tag."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key in ("containers", "initContainers") and isinstance(value, list):
                 for c in value:
-                    name, _, tag = c.get("image", "").partition(":")
+                    name, tag, digest = split_image(c.get("image", ""))
                     for img in images:
                         if img["name"] == name:
-                            c["image"] = f"{img.get('newName', name)}:{img.get('newTag', tag)}"
+                            new = img.get("newName", name)
+                            if img.get("digest"):
+                                c["image"] = f"{new}@{img['digest']}"
+                            else:
+                                tag = img.get("newTag", tag)
+                                c["image"] = new + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
             _set_images(value, images)
     elif isinstance(node, list):
         for v in node:
@@ -227,12 +248,17 @@ def render(directory: Path) -> list[dict[str, Any]]:
             if d["kind"] not in NAMESPACED_EXEMPT:
                 d["metadata"]["namespace"] = kust["namespace"]
     _set_images(docs, kust.get("images", []))
+    for comp in kust.get("components", []):  # Components (kuberay/overlays/pinned/release): images only
+        ckust = yaml.safe_load((directory / comp / "kustomization.yaml").read_text())
+        jsonschema.validate(ckust, KUSTOMIZATION_SCHEMA)
+        assert ckust["kind"] == "Component" and set(ckust) <= {"apiVersion", "kind", "images"}, ckust
+        _set_images(docs, ckust.get("images", []))
     return docs
 
 
 @lru_cache(maxsize=None)
 def rendered(variant: str) -> tuple[dict[str, Any], ...]:
-    return tuple(render(VARIANTS[variant]))
+    return tuple(render(OVERLAYS[variant]))
 
 
 def one(docs, kind: str) -> dict[str, Any]:
@@ -251,13 +277,13 @@ def pod_templates(rayservice: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_every_manifest_is_schema_valid(variant):
     docs = rendered(variant)
     kinds = sorted(d["kind"] for d in docs)
     expected = {"Namespace", "RayService", "NetworkPolicy", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
     assert expected <= set(kinds), kinds
-    assert ("PersistentVolumeClaim" in kinds) == (variant == "gpu")
+    assert ("PersistentVolumeClaim" in kinds) == (variant != "cpu")
     for doc in docs:
         validate(doc)
         if doc["kind"] != "Namespace":
@@ -268,9 +294,10 @@ def test_every_yaml_file_under_kuberay_is_used_and_valid():
     """No stray manifest: each YAML file is a kustomization, a resource or patch it names, or
     a generator input (serve-overrides.yaml); each resource file validates on its own."""
     used: set[Path] = set()
-    for directory in {KUBERAY, KUBERAY / "base", *VARIANTS.values()}:
+    for directory in {KUBERAY, KUBERAY / "base", *OVERLAYS.values()}:
         kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
         used.add(directory / "kustomization.yaml")
+        used.update((directory / c / "kustomization.yaml") for c in kust.get("components", []))
         used.update((directory / r).resolve() for r in kust.get("resources", []))
         used.update((directory / p["path"]).resolve() for p in kust.get("patches", []) if "path" in p)
     inputs = {gen.PROD_OVERRIDES, gen.CPU_OVERRIDES}
@@ -421,7 +448,7 @@ def test_cpu_overlay_has_no_gpu_and_no_pvc():
     assert images == {"llm-serve:0.1.0-cpu"}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_ray_containers_run_the_fast_path(variant):
     """Every Ray container has configs/fast-path.env and our HAProxy binary, as `make run`."""
     from deployments.admission.haproxy_wrapper import read_env_file
@@ -435,7 +462,7 @@ def test_ray_containers_run_the_fast_path(variant):
             assert {k: env.get(k) for k in want} == want, (variant, name)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_pods_run_non_root_without_privileges(variant):
     rs = one(rendered(variant), "RayService")
     for name, template in pod_templates(rs):
@@ -456,7 +483,7 @@ def test_pods_run_non_root_without_privileges(variant):
 SECRETISH = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|CREDENTIAL|ACCESS_KEY)", re.I)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_credentials_only_through_secret_references(variant):
     docs = rendered(variant)
     assert not [d for d in docs if d["kind"] in ("Secret", "ConfigMap")], "no inline Secrets/ConfigMaps"
@@ -476,7 +503,7 @@ def test_credentials_only_through_secret_references(variant):
     assert not re.search(r"(sk-[A-Za-z0-9]{8,}|hf_[A-Za-z0-9]{8,}|BEGIN [A-Z ]*PRIVATE KEY)", serve)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_ray_internal_ports_are_not_exposed(variant):
     docs = rendered(variant)
     rs = one(docs, "RayService")
@@ -557,11 +584,216 @@ def test_serve_config_autoscaling_knobs():
         assert a.max_replicas > 1 and a.target_ongoing_requests <= opts["max_ongoing_requests"]
 
 
+# ----------------------------------------------------------------------------- S10: containers
+
+
+def all_pod_templates() -> list[tuple[str, dict[str, Any]]]:
+    """Every pod template of every manifest: each overlay's RayService (head, worker groups) and
+    the batch RayJob (cluster/kuberay/rayjob-classify.yaml: its cluster and its submitter)."""
+    from scripts import gen_rayjob
+
+    out = [(f"{variant}/{name}", t) for variant in sorted(OVERLAYS)
+           for name, t in pod_templates(one(rendered(variant), "RayService"))]
+    job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]
+    cluster = job["rayClusterSpec"]
+    out += [("rayjob/head", cluster["headGroupSpec"]["template"])]
+    out += [(f"rayjob/{w['groupName']}", w["template"]) for w in cluster["workerGroupSpecs"]]
+    out += [("rayjob/submitter", job["submitterPodTemplate"])]
+    return out
+
+
+def test_rayjob_is_schema_valid():
+    from scripts import gen_rayjob
+
+    validate(yaml.safe_load(gen_rayjob.RAYJOB.read_text()))
+
+
+def test_every_container_has_a_read_only_root_filesystem():
+    """docs/security.md S10: every container and init container of every manifest, and the
+    autoscaler sidecar KubeRay adds (autoscalerOptions), run with readOnlyRootFilesystem."""
+    templates = all_pod_templates()
+    assert len(templates) >= 9  # gpu, cpu, pinned: head + a worker group each; the RayJob's three
+    for name, template in templates:
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, (name, c["name"])
+    from scripts import gen_rayjob
+
+    clusters = [one(rendered(v), "RayService")["spec"]["rayClusterConfig"] for v in sorted(OVERLAYS)]
+    clusters.append(yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]["rayClusterSpec"])
+    for cluster in clusters:
+        assert cluster["enableInTreeAutoscaling"] is True
+        auto = cluster["autoscalerOptions"]
+        assert auto["securityContext"]["readOnlyRootFilesystem"] is True
+        head_volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
+        for mount in auto["volumeMounts"]:
+            assert "emptyDir" in head_volumes[mount["name"]], mount
+        # KubeRay mounts the head's volume named `ray-logs` at /tmp/ray in the sidecar
+        head_mounts = {m["mountPath"]: m["name"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]
+                       for m in c["volumeMounts"]}
+        assert head_mounts["/tmp/ray"] == "ray-logs"
+
+
+def test_every_write_path_is_a_writable_volume():
+    """Each path in gen_kuberay.WRITABLE_PATHS is an emptyDir mounted read-write in every Ray
+    container (/dev/shm in memory), and the environment that points writers into them is set."""
+    ray_templates = [(n, t) for n, t in all_pod_templates() if not n.endswith("/submitter")]
+    for name, template in ray_templates:
+        assert gen.read_only_root_errors(template) == [], name
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        for c in template["spec"]["containers"]:
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            for path in gen.WRITABLE_PATHS:
+                assert path in mounts and not mounts[path].get("readOnly"), (name, c["name"], path)
+                assert "emptyDir" in volumes[mounts[path]["name"]], (name, path)
+            assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory", name
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert {k: env.get(k) for k in gen.WRITABLE_ENV} == gen.WRITABLE_ENV, (name, c["name"])
+    (submitter,) = [t for n, t in all_pod_templates() if n.endswith("/submitter")]
+    assert gen.read_only_root_errors(submitter, ray_containers=False) == []
+    assert [m["mountPath"] for m in submitter["spec"]["containers"][0]["volumeMounts"]] == ["/tmp"]
+
+
+def test_the_generator_refuses_a_writable_root_or_a_missing_write_volume():
+    rs = one(rendered("gpu"), "RayService")
+    cfg = gen.serve_config("gpu")
+    bad = copy.deepcopy(rs)
+    worker = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    del worker["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
+    worker["containers"][0]["volumeMounts"] = [m for m in worker["containers"][0]["volumeMounts"]
+                                               if m["mountPath"] != "/home/ray/.cache"]
+    with pytest.raises(gen.ConfigError, match="readOnlyRootFilesystem") as info:
+        gen.check_consistency(bad, cfg, "gpu")
+    assert "/home/ray/.cache is not a writable emptyDir mount" in str(info.value)
+    bad = copy.deepcopy(rs)
+    head = bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    next(v for v in head["volumes"] if v["name"] == "dshm")["emptyDir"] = {}
+    del bad["spec"]["rayClusterConfig"]["autoscalerOptions"]["securityContext"]["readOnlyRootFilesystem"]
+    with pytest.raises(gen.ConfigError, match="medium: Memory") as info:
+        gen.check_consistency(bad, cfg, "gpu")
+    assert "autoscalerOptions.securityContext" in str(info.value)
+
+
+WRITE_PATH_PROBE = r"""
+import json, os, tempfile
+out = {"tempfile.gettempdir()": tempfile.gettempdir()}
+import vllm.envs as e
+out.update({"VLLM_CACHE_ROOT": e.VLLM_CACHE_ROOT, "VLLM_CONFIG_ROOT": e.VLLM_CONFIG_ROOT,
+            "VLLM_RPC_BASE_PATH": e.VLLM_RPC_BASE_PATH, "VLLM_ASSETS_CACHE": e.VLLM_ASSETS_CACHE})
+from ray._common.utils import get_default_ray_temp_dir
+out["ray temp dir"] = get_default_ray_temp_dir()
+from ray.serve._private import constants as c
+for k in ("CONFIG_FILE_LOC", "SOCKET_PATH", "SERVER_STATE_BASE", "SERVER_STATE_FILE", "METRICS_SOCKET_PATH"):
+    out["RAY_SERVE_HAPROXY_" + k] = getattr(c, "RAY_SERVE_HAPROXY_" + k)
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+out["torch inductor cache"] = default_cache_dir()
+from triton import knobs
+out["triton cache"] = knobs.cache.dir
+import huggingface_hub.constants as h
+out.update({"HF_HOME": h.HF_HOME, "HF_HUB_CACHE": h.HF_HUB_CACHE, "HF_XET_CACHE": h.HF_XET_CACHE})
+from transformers.utils.hub import HF_MODULES_CACHE
+out["HF_MODULES_CACHE"] = HF_MODULES_CACHE
+out["CUDA_CACHE_PATH"] = os.environ["CUDA_CACHE_PATH"]
+print("PROBE" + json.dumps(out))
+"""
+
+
+def test_libraries_write_only_into_the_mounted_volumes():
+    """The write locations the installed Ray / Serve / vLLM / torch / Triton / huggingface compute
+    themselves, with a Ray container's HOME and environment, all lie under a writable mount."""
+    rs = one(rendered("gpu"), "RayService")
+    container = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("VLLM_", "XDG_", "TRITON_", "HF_", "TORCHINDUCTOR_", "RAY_SERVE_HAPROXY_",
+                                "CUDA_CACHE", "TMPDIR", "RAY_TMPDIR", "HUGGINGFACE_", "TRANSFORMERS_CACHE"))}
+    env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
+    env.update({"HOME": gen.RAY_HOME, "USER": "ray", "LOGNAME": "ray"})
+    r = subprocess.run([sys.executable, "-c", WRITE_PATH_PROBE], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("PROBE")), None)
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    found = json.loads(line[len("PROBE"):])
+    mounts = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
+    for what, path in found.items():
+        path = os.path.normpath(path)
+        assert any(path == m or path.startswith(m + "/") for m in mounts), f"{what} = {path}: not on a writable volume"
+    assert found["triton cache"].startswith(gen.RAY_HOME + "/.cache/")  # TRITON_HOME took effect
+
+
+# ----------------------------------------------------------------------------- S10: image digests
+
+
+def test_pinned_overlay_pins_every_image_by_digest():
+    """kuberay/overlays/pinned: the objects of kuberay/ (GPU production) with each image the
+    production repository by a sha256 digest, taken from the one release-written file."""
+    from scripts import pin_image
+
+    assert pin_image.release_errors() == []  # one entry, llm-serve, sha256:<64 hex>, a newName
+    (entry,) = pin_image.pinned()
+    pinned_docs, gpu_docs = rendered("pinned"), rendered("gpu")
+    images = [c["image"] for _, t in pod_templates(one(pinned_docs, "RayService"))
+              for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]]
+    assert images and all(re.fullmatch(r"[a-z0-9.\-/:]+@sha256:[0-9a-f]{64}", i) for i in images), images
+    assert set(images) == {f"{entry['newName']}@{entry['digest']}"}
+    gpu_images = {c["image"] for _, t in pod_templates(one(gpu_docs, "RayService")) for c in t["spec"]["containers"]}
+    assert {split_image(i)[0] for i in gpu_images} == {entry["newName"]} == {pin_image.production_repository()}
+
+    def without_images(docs):
+        docs = copy.deepcopy(list(docs))
+        _set_images(docs, [{"name": entry["newName"], "newName": "IMAGE", "digest": "x"}])
+        return sorted(docs, key=lambda d: (d["kind"], d["metadata"]["name"]))
+
+    assert without_images(pinned_docs) == without_images(gpu_docs)
+
+
+@pytest.mark.parametrize("digest,ok", [
+    ("sha256:" + "a1" * 32, True),
+    ("sha256:" + "0" * 64, True),              # the placeholder has the shape (the release gate refuses it)
+    ("sha256:" + "A1" * 32, False),            # uppercase
+    ("sha256:" + "a1" * 31, False),            # short
+    ("sha512:" + "a1" * 64, False),
+    ("0.1.0-gpu", False),                      # a tag
+    ("", False),
+])
+def test_digest_shape_is_enforced(tmp_path, digest, ok):
+    from scripts import pin_image
+
+    release = tmp_path / "kustomization.yaml"
+    release.write_text(yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
+                                       "images": [{"name": "llm-serve", "newName": "r.example/llm-serve",
+                                                   "digest": digest}]}))
+    assert (pin_image.release_errors(release) == []) is ok
+    tagged = yaml.safe_load(release.read_text())
+    tagged["images"][0]["newTag"] = "0.1.0-gpu"
+    release.write_text(yaml.safe_dump(tagged))
+    assert pin_image.release_errors(release)  # a tag beside the digest is refused too
+
+
+def test_pin_image_writes_the_digest_the_push_printed(tmp_path):
+    from scripts import pin_image
+
+    release = tmp_path / "kustomization.yaml"
+    release.write_text(pin_image.render("r.example/llm-serve", pin_image.PLACEHOLDER))
+    assert pin_image.main(["--check", "--file", str(release)]) == 1  # the placeholder is no release
+    digest = "sha256:" + "3f" * 32  # test data, not an image
+    push = tmp_path / "push.log"
+    push.write_text("The push refers to repository [r.example/llm-serve]\n5f70bf18a086: Pushed\n"
+                    f"0.1.0-gpu: digest: {digest} size: 4321\n")
+    assert pin_image.main(["--from-push", str(push), "--file", str(release)]) == 0
+    assert pin_image.pinned(release)[0]["digest"] == digest
+    assert pin_image.pinned(release)[0]["newName"] == pin_image.production_repository()
+    assert pin_image.main(["--check", "--file", str(release)]) == 0
+    assert pin_image.main(["--digest", "sha256:123", "--file", str(release)]) == 2
+    assert pin_image.pinned(release)[0]["digest"] == digest  # unchanged by the refused one
+    with pytest.raises(ValueError):
+        pin_image.digest_from_push("0.1.0-gpu: digest: sha256:abc size: 1")
+
+
 def test_renderer_agrees_with_kubectl_kustomize():
     kubectl = shutil.which("kubectl")
     if not kubectl:
         pytest.skip("kubectl not installed: the built-in renderer alone is used")
-    for variant, directory in VARIANTS.items():
+    for variant, directory in OVERLAYS.items():
         r = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0 and "unknown command" in r.stderr:
             pytest.skip("kubectl without kustomize")

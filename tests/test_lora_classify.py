@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import LORA_DIR
+from conftest import LORA_DIR, REPO as REPO_ROOT
 
 BASE = "tiny-qwen3"
 ADAPTER = "news-lora"
@@ -71,6 +71,40 @@ def test_load_bad_adapter_is_400(base_url, client, body, param):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
     assert greedy(client, BASE)[1]  # still serving
+
+
+def test_load_only_safetensors_from_inside_the_adapter_roots(base_url, client, tmp_path_factory):
+    """docs/security.md S3: the session app's `lora.adapter_roots` are models/ and pytest's
+    temporary folder. A symlink or `..` out of them, and pickled weights inside them, get 400s
+    naming `lora_path` that show the path as sent and nothing else of the server's."""
+    import os
+    import shutil
+
+    root = tmp_path_factory.mktemp("roots")
+    pickled = root / "pickled"
+    shutil.copytree(LORA_DIR, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    (root / "escape").symlink_to("/etc")
+    (root / "shipped").symlink_to(LORA_DIR)  # a link that stays inside a root (models/) is fine
+    up = os.path.relpath("/etc", root)
+    for lora_path, code in [(str(root / "escape"), "lora_path_not_allowed"),
+                            (f"{root}/{up}", "lora_path_not_allowed"),
+                            ("models/../../..", "lora_path_not_allowed"),
+                            (str(pickled), "lora_weights_not_safetensors")]:
+        r = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": "probe", "lora_path": lora_path},
+                       timeout=60)
+        assert r.status_code == 400, (lora_path, r.text)
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("lora_path", code), (lora_path, err)
+        assert repr(lora_path) in err["message"] and str(REPO_ROOT) not in err["message"], err
+    assert "probe" not in [m.id for m in client.models.list().data]
+    r = httpx.post(f"{base_url}/v1/load_lora_adapter", json={"lora_name": "linked", "lora_path": str(root / "shipped")},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    try:
+        assert greedy(client, "linked") == ("linked", greedy(client, ADAPTER)[1])
+    finally:
+        httpx.post(f"{base_url}/v1/unload_lora_adapter", json={"lora_name": "linked"}, timeout=60)
 
 
 def test_classify_single_and_batch(base_url):

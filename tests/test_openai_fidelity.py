@@ -68,6 +68,18 @@ def test_bookkeeping_fields_are_accepted(client):
     assert resp.choices[0].message.refusal is None
 
 
+def test_priority_is_honoured_within_bounds(client):
+    """vLLM's `priority` (lower first): served on chat and completions (the engine runs vLLM's
+    priority scheduler, `engine.scheduling_policy`); outside ±2^20 a 400 naming it (tenants'
+    bands must not be jumped, docs/security.md S17)."""
+    for p in (-3, 0, 7):
+        assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
+                                              extra_body={"priority": p}).choices
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"priority": -1}).choices
+    refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                                   extra_body={"priority": 2**21}), "priority")
+
+
 # ----------------------------------------------------------------------------- logprobs
 
 

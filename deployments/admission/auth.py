@@ -103,7 +103,10 @@ class TenantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(0, description="Higher is admitted first under overload (docs/security.md).")
+    priority: int = Field(0, ge=-1000, le=1000, description=(
+        "Higher goes first under overload: the tenant's weight in the capacity gate's fair queue is "
+        "priority + 1 (at least 1), and with `engine.scheduling_policy: priority` vLLM schedules its "
+        "requests before lower tenants' (docs/security.md S17)."))
     requests_per_minute: int | None = Field(None, ge=0, description="Requests per moving minute; 0: no limit; null: `rate_limit.per_minute`.")
     requests_per_hour: int | None = Field(None, ge=0, description="Requests per moving hour; 0: no limit; null: `rate_limit.per_hour`.")
     tokens_per_minute: int | None = Field(None, ge=0, description="Prompt + completion tokens per moving minute; 0: no limit; null: `rate_limit.tokens_per_minute`.")

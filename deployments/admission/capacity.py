@@ -6,6 +6,7 @@ errors. One `ModelCalls` per ingress replica."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -21,28 +22,73 @@ logger = logging.getLogger("ray.serve")
 ADMISSION_RETRY_S = 2.0
 
 
+# Who a request is for, set by the admission middleware (same task as the route): its fair
+# -queueing key (the tenant, or the client address without a key), weight (tenant priority + 1,
+# at least 1) and the tenant's priority.
+REQUEST_TENANT: contextvars.ContextVar[tuple[str, int, int]] = contextvars.ContextVar(
+    "llm_serve_tenant", default=("", 1, 0))
+
+# A request's own `priority` (vLLM's convention: lower first) lies within ±PRIORITY_RANGE; the
+# engine gets it offset by the tenant's priority, so tenants' bands never overlap (`engine_priority`).
+PRIORITY_RANGE = 2**20
+
+
+def engine_priority(request_priority: int) -> int:
+    """vLLM's priority for a request (lower is scheduled first): the tenant's priority (higher
+    first) orders the bands, the request's own orders within its band."""
+    return request_priority - REQUEST_TENANT.get()[2] * (2 * PRIORITY_RANGE + 1)
+
+
 class ModelCapacity:
     """Requests this ingress replica has in flight to the model deployment (arrival to end of
     response) against the most Serve admits from one caller: `max_ongoing_requests` × model
     replicas (`max_replicas` when autoscaling) + `max_queued_requests` (Serve's queue is per
-    caller). At that count Serve's router would refuse the next request too, so it is refused
+    caller). Past that count Serve's router would refuse the next request too, so it is refused
     here at once with the same 503 + Retry-After, before it costs a tokenizer call: under
     overload the 503s stay cheap and the engine keeps the CPU. Each ingress replica counts only
     its own requests, so this never refuses what Serve would admit, except in the moment
     between a replica finishing a request and its response reaching here.
 
+    **Fair queueing.** With a bounded queue the gate also *is* the queue: a request is sent to
+    the model only while fewer than `running_limit` (`max_ongoing_requests` × replicas) of this
+    replica's requests are there; the others wait here, tokenized, and the next one sent is the
+    one whose tenant holds the fewest places per weight (`REQUEST_TENANT`: weight = tenant
+    priority + 1), then the lowest request `priority` (vLLM's convention), then the oldest. When
+    the gate is full, a newcomer whose tenant would still hold fewer places per weight than the
+    tenant holding the most takes the newest waiting place of that tenant, which gets the 503:
+    under overload the flooding tenant absorbs the refusals and a light one is neither refused
+    nor queued behind it. Within one tenant it is first come, first served, as before.
+
     `assured` is the least Serve admits from one caller (`min_replicas` when autoscaling): up
     to that count a refusal by Serve's router is its counting race, not a full queue (see
     `ModelCalls.start`)."""
 
-    def __init__(self, limit: int | None, assured: int | None = None, max_queued: int | None = None):
+    ACTIVE_WINDOW_S = 10.0
+
+    def __init__(self, limit: int | None, assured: int | None = None, max_queued: int | None = None,
+                 running_limit: int | None = None, reserve: int = 0, fair: bool = True):
         self.limit, self.in_flight = limit, 0
         self.assured = limit if assured is None else assured
         self.max_queued = max_queued  # the model deployment's max_queued_requests (None: unbounded)
+        # places sent to the model at once (None: no queue here, every admitted request is sent)
+        self.running_limit = running_limit if limit is not None else None
+        self.running = 0
+        self.evicted_total = 0
+        self._held: dict[str, int] = {}         # tenant → places admitted and not released
+        self._weights: dict[str, int] = {}      # tenant → fair weight
+        self._unsent: dict[int, Slot] = {}      # admitted, not yet sent (tokenizing or waiting), by seq
+        self._ready: list[Slot] = []            # waiting for their turn
+        self._seq = 0
+        self.fair = fair  # False: first come, first served (and no reserve)
+        # at most running_limit - 1 reserved (a tenant alone still gets a slot)
+        self.reserve = min(reserve, (running_limit or 1) - 1) if self.running_limit is not None and fair else 0
+        self._running_by: dict[str, int] = {}   # tenant → places sent to the model (with reserve)
+        self._last_seen: dict[str, float] = {}  # tenant → when it last asked (with reserve)
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any]) -> "ModelCapacity":
-        """From the model deployment's Serve options (`serve_app.app_options(...)["model"]`)."""
+    def from_options(cls, opts: dict[str, Any], reserve: int = 0, fair: bool = True) -> "ModelCapacity":
+        """From the model deployment's Serve options (`serve_app.app_options(...)["model"]`),
+        `limits.fair_queue_reserve` and `limits.fair_queue`."""
         queued = opts.get("max_queued_requests", -1)
         max_queued = queued if isinstance(queued, int) and queued >= 0 else None
         auto = opts.get("autoscaling_config")
@@ -56,28 +102,151 @@ class ModelCapacity:
         if queued is None or queued < 0 or not isinstance(replicas, int):
             return cls(None, max_queued=max_queued)  # unbounded queue (or "auto" replicas): Serve alone decides
         ongoing = opts["max_ongoing_requests"]
-        return cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued)
+        return cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued, ongoing * replicas, reserve, fair)
 
-    def acquire(self, retry_after_s: float, weight: int = 1) -> "Slot":
+    def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0) -> "Slot":
         """A place for a request of `weight` engine sequences (its `n`): a request asking for n
         choices takes n places, as it takes n of the engine's sequences (never more than the
-        whole limit, so a request the limit can hold at all is admitted when the gate is empty)."""
+        whole limit, so a request the limit can hold at all is admitted when the gate is empty).
+        `priority`: the request's own (vLLM's convention, lower first; within its tenant)."""
         weight = max(1, min(weight, self.limit or weight))
+        tenant, fair, _ = REQUEST_TENANT.get()
         if self.limit is not None and self.in_flight + weight > self.limit:
-            raise errors.overloaded(retry_after_s, max_queue_size=self.max_queued)
+            victims = self._victims(tenant, fair, weight, priority)
+            if victims is None:
+                raise errors.overloaded(retry_after_s, max_queue_size=self.max_queued)
+            for v in victims:
+                v.evict(retry_after_s)
         self.in_flight += weight
-        return Slot(self, self.in_flight, weight)
+        self._seq += 1
+        slot = Slot(self, self.in_flight, weight, tenant, priority, self._seq)
+        if self.running_limit is not None:
+            self._held[tenant] = self._held.get(tenant, 0) + weight
+            self._weights[tenant] = max(1, fair)
+            self._unsent[slot.seq] = slot
+            if self.reserve:
+                self._last_seen[tenant] = time.monotonic()
+        return slot
+
+    def _load(self, tenant: str, extra: int = 0) -> float:
+        return (self._held.get(tenant, 0) + extra) / self._weights.get(tenant, 1)
+
+    def _key(self, slot: "Slot") -> tuple:
+        if not self.fair:
+            return (0, 0, slot.seq)
+        return (self._load(slot.tenant), slot.priority, slot.seq)
+
+    def _victims(self, tenant: str, fair: int, weight: int, priority: int) -> list["Slot"] | None:
+        """The waiting places a newcomer may take (worst first), or None: it is refused."""
+        if self.running_limit is None or not self.fair or not self._unsent:
+            return None
+        mine = ((self._held.get(tenant, 0) + weight) / max(1, fair), priority, float("inf"))
+        victims, room = [], self.limit - self.in_flight
+        for slot in sorted(self._unsent.values(), key=self._key, reverse=True):
+            if room >= weight:
+                break
+            if slot.tenant == tenant or not self._key(slot) > mine:
+                return None
+            victims.append(slot)
+            room += slot.weight
+        return victims if room >= weight else None
+
+    def refuses(self, tenant: str, fair: int) -> bool:
+        """Whether this tenant's next request is refused whatever it asks (one engine sequence,
+        its best priority): the admission middleware's 503 before the body is parsed, so a
+        flood of refused requests costs as little as possible."""
+        if self.limit is None or self.in_flight < self.limit:
+            return False
+        return self._victims(tenant, fair, 1, -PRIORITY_RANGE) is None
+
+    async def turn(self, slot: "Slot", retry_after_s: float) -> None:
+        """Wait until the request may be sent to the model (at once without a queue here)."""
+        if slot.evicted:
+            raise errors.overloaded(retry_after_s, max_queue_size=self.max_queued)
+        if self.running_limit is None or slot.sent:
+            return
+        slot.waiter = asyncio.get_running_loop().create_future()
+        self._ready.append(slot)
+        self._dispatch()
+        try:
+            await slot.waiter
+        except asyncio.CancelledError:
+            if slot in self._ready:
+                self._ready.remove(slot)
+            raise
+        finally:
+            slot.waiter = None
+
+    def _others_active(self, tenant: str, now: float) -> bool:
+        """Whether a tenant other than `tenant` asked within `ACTIVE_WINDOW_S` (old entries go)."""
+        found = False
+        for other, seen in list(self._last_seen.items()):
+            if now - seen > self.ACTIVE_WINDOW_S:
+                del self._last_seen[other]
+            elif other != tenant:
+                found = True
+        return found
+
+    def _may_send(self, slot: "Slot", now: float) -> bool:
+        return (not self.reserve
+                or self._running_by.get(slot.tenant, 0) + slot.weight <= self.running_limit - self.reserve
+                or not self._others_active(slot.tenant, now))
+
+    def _dispatch(self) -> None:
+        """Send the best waiting requests while the model has room."""
+        now = time.monotonic() if self.reserve else 0.0
+        while self._ready and (self.running < self.running_limit):
+            ready = self._ready if not self.reserve else [s for s in self._ready if self._may_send(s, now)]
+            if not ready:
+                break
+            best = min(ready, key=self._key)
+            self._ready.remove(best)
+            self._unsent.pop(best.seq, None)
+            best.sent = True
+            self.running += best.weight
+            if self.reserve:
+                self._running_by[best.tenant] = self._running_by.get(best.tenant, 0) + best.weight
+            if best.waiter is not None and not best.waiter.done():
+                best.waiter.set_result(None)
+
+    def _release(self, slot: "Slot") -> None:
+        self.in_flight -= slot.weight
+        if self.running_limit is None:
+            return
+        held = self._held.get(slot.tenant, 0) - slot.weight
+        if held > 0:
+            self._held[slot.tenant] = held
+        else:
+            self._held.pop(slot.tenant, None)
+            self._weights.pop(slot.tenant, None)
+        if slot.sent:
+            self.running -= slot.weight
+            if self.reserve:
+                left = self._running_by.get(slot.tenant, 0) - slot.weight
+                if left > 0:
+                    self._running_by[slot.tenant] = left
+                else:
+                    self._running_by.pop(slot.tenant, None)
+        else:
+            self._unsent.pop(slot.seq, None)
+            if slot in self._ready:
+                self._ready.remove(slot)
+        self._dispatch()
 
 
 class Slot:
     """One admitted request's place in the gate; `release()` is idempotent."""
 
-    __slots__ = ("owner", "position", "weight")
+    __slots__ = ("owner", "position", "weight", "tenant", "priority", "seq", "sent", "evicted", "waiter")
 
-    def __init__(self, owner: ModelCapacity, position: int, weight: int = 1):
+    def __init__(self, owner: ModelCapacity, position: int, weight: int = 1, tenant: str = "",
+                 priority: int = 0, seq: int = 0):
         self.owner: ModelCapacity | None = owner
         self.position = position  # the in-flight count this request made on arrival
         self.weight = weight
+        self.tenant, self.priority, self.seq = tenant, priority, seq
+        self.sent = self.evicted = False
+        self.waiter: asyncio.Future | None = None
 
     def assured(self) -> bool:
         """Whether Serve admits this request for sure: it arrived (or the count has dropped
@@ -86,10 +255,22 @@ class Slot:
         return owner is not None and owner.assured is not None \
             and min(self.position, owner.in_flight) <= owner.assured
 
+    def evict(self, retry_after_s: float) -> None:
+        """Give this waiting place to a lighter tenant's request: this one gets the 503."""
+        owner = self.owner
+        if owner is None:
+            return
+        self.evicted = True
+        owner.evicted_total += 1
+        waiter = self.waiter
+        self.release()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(errors.overloaded(retry_after_s, max_queue_size=owner.max_queued))
+
     def release(self) -> None:
         if self.owner is not None:
-            self.owner.in_flight -= self.weight
-            self.owner = None
+            owner, self.owner = self.owner, None
+            owner._release(self)
 
 
 @functools.cache
@@ -115,9 +296,9 @@ class ModelCalls:
         self.capacity = capacity
         self.retry_after_s = retry_after_s
 
-    def admit(self, weight: int = 1) -> Slot:
+    def admit(self, weight: int = 1, priority: int = 0) -> Slot:
         """A place in the gate for `weight` engine sequences, or the 503 at once."""
-        return self.capacity.acquire(self.retry_after_s, weight)
+        return self.capacity.acquire(self.retry_after_s, weight, priority)
 
     async def start(self, slot: Slot, send: Callable[[], Any],
                     first: Callable[[Any], Awaitable[Any]] = lambda response: response):
@@ -135,6 +316,7 @@ class ModelCalls:
         again (a refused call never reached a replica) for up to `ADMISSION_RETRY_S`, then the
         503 stands. Past that count (autoscaling: fewer replicas running than the most) Serve's
         refusal is the 503 at once."""
+        await self.capacity.turn(slot, self.retry_after_s)
         give_up, pause = time.monotonic() + ADMISSION_RETRY_S, 0.005
         while True:
             response = send()
@@ -172,4 +354,7 @@ class ModelCalls:
 
     def report(self) -> dict[str, Any]:
         """For /health: the gate's limit and this ingress replica's requests in flight."""
-        return {"admission_limit": self.capacity.limit, "admitted_in_flight": self.capacity.in_flight}
+        c = self.capacity
+        return {"admission_limit": c.limit, "admitted_in_flight": c.in_flight,
+                "sent_to_model": c.running if c.running_limit is not None else None,
+                "waiting_here": len(c._ready), "given_to_lighter_tenants": c.evicted_total}

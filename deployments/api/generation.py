@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.admission.capacity import ModelCalls, unavailable_types
+from deployments.admission.capacity import ModelCalls, engine_priority, unavailable_types
 from deployments.api import errors, sse, tools
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
@@ -155,7 +155,7 @@ class ServingGeneration:
             model_name, mux = await self.models.resolve(body.model)
             unary, streaming = self.models.handles(mux)
             max_tokens, encode = prepare()
-            slot = self.calls.admit(body.n)  # n choices: n engine sequences
+            slot = self.calls.admit(body.n, body.priority)  # n choices: n engine sequences
             async with asyncio.timeout(timeout):
                 enc = await encode()
                 echo = await self._echo_text(body)
@@ -165,7 +165,7 @@ class ServingGeneration:
                     parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
                                              body.include_reasoning, body.parallel_tool_calls)
                 greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux,
-                                         parse)
+                                         parse, engine_priority(body.priority))
                 trace.dispatched()
                 if not body.stream:
                     _, outs = await self.calls.start(slot, lambda: unary.generate.remote(greq))

@@ -208,6 +208,11 @@ class SamplingFields(_Strict):
     timeout: float | None = Field(
         None, gt=0, description="Per-request deadline in seconds (capped by limits.request_timeout_s)."
     )
+    priority: int = Field(
+        0, ge=-(2**20), le=2**20,
+        description="vLLM: the request's priority, lower first (default 0): orders this tenant's own "
+        "requests in the capacity gate's queue and, with `engine.scheduling_policy: priority`, in the "
+        "engine's; never ahead of another tenant's share (docs/security.md S17).")
 
     @field_validator("stop")
     @classmethod
@@ -368,6 +373,8 @@ class GenerationRequest:
     lora: str | None = None
     # chat requests on a model with output parsers: what they need (`api.tools.parse_spec`)
     parse: dict[str, Any] | None = None
+    # vLLM's scheduling priority (lower first; `admission.capacity.engine_priority`)
+    priority: int = 0
 
 
 @dataclass

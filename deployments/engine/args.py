@@ -26,6 +26,7 @@ def engine_kwargs(config: ServiceConfig, on_cpu: bool) -> dict[str, Any]:
         "seed": e.seed,
         "disable_log_stats": False,
         "structured_outputs_config": dict(e.structured_outputs),
+        "scheduling_policy": e.scheduling_policy,
     }
     for name in ("quantization", "enable_prefix_caching", "max_num_seqs"):
         if getattr(e, name) is not None:
