@@ -17,13 +17,13 @@ setup:
 run: setup
 	@echo "==> serving $(CONFIG) on Serve's fast path (HAProxy straight to the ingress," \
 	      "configs/fast-path.env); on Serve's Python proxy instead: make run-python-proxy"
-	$(FAST_PATH) && exec .venv/bin/serve run $(CONFIG)
+	$(FAST_PATH) && exec .venv/bin/python -m cluster.run $(CONFIG)
 
 run-fast: run
 
 # Serve's default Python proxy instead (for comparison; docs/performance.md).
 run-python-proxy: setup
-	FORWARDED_ALLOW_IPS= exec .venv/bin/serve run $(CONFIG)
+	FORWARDED_ALLOW_IPS= exec .venv/bin/python -m cluster.run $(CONFIG)
 
 test: setup
 	scripts/test.sh

@@ -4,10 +4,17 @@ Inputs are JSON lines, CSV or Parquet files on any fsspec filesystem (a local pa
 ``gs://``, … where its fsspec driver is installed). The driver scans each file once and cuts it
 into shards of ``shard_rows`` records (JSON lines and CSV: the byte offset where each shard
 starts; Parquet: row ranges). A worker parses one shard: every record becomes either a row to
-classify or a reject with a reason, so rows in = rows out + rejects. A finished shard is written
-as ``parts/<key>.<ext>`` and ``rejects/<key>.jsonl`` (each written to a temporary name, then
-renamed), then marked done by ``done/<key>.json``; a re-run skips the shards marked done.
-Blank lines of a JSON-lines file are not records.
+classify or a reject with a reason, so rows in = rows out + rejects. Blank lines of a JSON-lines
+file are not records.
+
+Output is written by the worker that classified the shard, as soon as the shard is done (not by
+the driver when results come back: Ray Data hands them back late, and a killed driver never gets
+them): ``parts/<key>.<ext>``, then ``rejects/<key>.jsonl``, then the ``done/<key>.json`` marker.
+Each file is written whole under a hidden temporary name in its own folder (``.<name>.<random>.tmp``)
+and renamed into place (on a local or mounted filesystem: fsync, then ``os.replace``, atomic), so
+a reader sees a file complete or not at all, and a marker only after its shard's files. A re-run
+skips the shards marked done; readers ignore temporary names, and the driver removes those an
+interrupted write left behind once a run is over (``remove_temp``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -276,34 +285,99 @@ def encode_output(fmt: str, rows: list[dict[str, Any]], labels: list[str]) -> by
     return buf.getvalue()
 
 
-def _put(fs, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+TMP_SUFFIX = ".tmp"
+
+
+def is_output_name(name: str) -> bool:
+    """A finished output file's name (not a hidden temporary one)."""
+    return not name.startswith(".") and not name.endswith(TMP_SUFFIX)
+
+
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def put(fs, path: str, data: bytes) -> None:
+    """Write `path` atomically: the whole content under a unique temporary name in the same
+    folder, then a rename (local and mounted filesystems: fsync, ``os.replace``, fsync of the
+    folder; others: fsspec's ``mv``, an object store's put being whole anyway)."""
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}"
+    if not _is_local(fs):
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+        return
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # the rename itself durable (before the next file: the marker comes last)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # a filesystem without directory fsync
+        pass
 
 
 def write_shard(fs, out: str, shard: Shard, rows: list[dict[str, Any]], rejects: list[dict[str, Any]],
                 labels: list[str], stats: dict[str, Any]) -> None:
-    """Write one finished shard; its ``done`` marker goes last."""
+    """Write one finished shard, each file atomically; its ``done`` marker goes last."""
     for sub in ("parts", "rejects", "done"):
         fs.makedirs(f"{out}/{sub}", exist_ok=True)
-    _put(fs, f"{out}/parts/{shard.key}.{EXT[shard.fmt]}", encode_output(shard.fmt, rows, labels))
-    _put(fs, f"{out}/rejects/{shard.key}.jsonl",
-         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
-    _put(fs, f"{out}/done/{shard.key}.json", json.dumps(stats).encode())
+    put(fs, f"{out}/parts/{shard.key}.{EXT[shard.fmt]}", encode_output(shard.fmt, rows, labels))
+    put(fs, f"{out}/rejects/{shard.key}.jsonl",
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+    put(fs, f"{out}/done/{shard.key}.json", json.dumps(stats).encode())
+
+
+def done_marker(fs, out: str, key: str) -> dict[str, Any] | None:
+    """The statistics in shard `key`'s done marker, or None while it is not done."""
+    try:
+        with fs.open(f"{out}/done/{key}.json", "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _files(fs, folder: str) -> list[str]:
+    """The finished files of an output folder, sorted (temporary names left out)."""
+    if not fs.exists(folder):
+        return []
+    return sorted(p for p in fs.ls(folder, detail=False) if is_output_name(p.rsplit("/", 1)[-1]))
 
 
 def done_shards(fs, out: str) -> dict[str, dict[str, Any]]:
     """The finished shards' statistics by key."""
-    if not fs.exists(f"{out}/done"):
-        return {}
     done = {}
-    for p in sorted(fs.ls(f"{out}/done", detail=False)):
+    for p in _files(fs, f"{out}/done"):
         if p.endswith(".json"):
             with fs.open(p, "rb") as f:
                 done[p.rsplit("/", 1)[-1][:-5]] = json.loads(f.read())
     return done
+
+
+def remove_temp(fs, out: str) -> int:
+    """Remove the temporary files interrupted writes left in the output folders (call it only
+    while no worker writes there); how many."""
+    n = 0
+    for sub in ("parts", "rejects", "done"):
+        if fs.exists(f"{out}/{sub}"):
+            for p in fs.ls(f"{out}/{sub}", detail=False):
+                if not is_output_name(p.rsplit("/", 1)[-1]):
+                    fs.rm(p)
+                    n += 1
+    return n
 
 
 def read_output(out: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -311,7 +385,7 @@ def read_output(out: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows get their ``scores`` back from the ``score_<label>`` columns."""
     fs, (root,) = filesystem(out)
     rows: list[dict[str, Any]] = []
-    for p in sorted(fs.ls(f"{root}/parts", detail=False)):
+    for p in _files(fs, f"{root}/parts"):
         with fs.open(p, "rb") as f:
             data = f.read()
         if p.endswith(".jsonl"):
@@ -328,8 +402,7 @@ def read_output(out: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
             scores = {k[6:]: conv(v) for k, v in r.items() if k.startswith("score_")}
             rows.append({"id": r["id"], "label": r["label"], "scores": scores})
     rejects: list[dict[str, Any]] = []
-    if fs.exists(f"{root}/rejects"):
-        for p in sorted(fs.ls(f"{root}/rejects", detail=False)):
-            with fs.open(p, "rb") as f:
-                rejects += [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    for p in _files(fs, f"{root}/rejects"):
+        with fs.open(p, "rb") as f:
+            rejects += [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
     return rows, rejects

@@ -14,6 +14,16 @@ rounding, and on the CPU engine, whose LoRA kernels dominate a step, several tim
 
 ``ShardClassifier`` is a Ray Data ``map_batches`` callable class (a batch holds shard
 descriptors, one per row) and also a plain Ray actor (``process``).
+
+Progress is durable per shard, on the worker: ``process`` writes the shard's rows, rejects and
+done marker (``batch_io.write_shard``, each file atomically, the marker last) before it returns,
+so what a worker has computed survives a driver that is interrupted or killed before the result
+reaches it. A shard already marked done is not classified again (a task Ray retries after an
+actor died, a second run): ``process`` returns the marker's statistics with ``skipped``. The
+output folder must therefore be the same for every worker: a shared filesystem mounted at the
+same path on every node (the RayJob's ReadWriteMany volume) or an object store; given the job
+(``job``), a worker checks at start that it sees the driver's ``_job.json`` there and fails
+with that explanation otherwise.
 """
 
 from __future__ import annotations
@@ -31,11 +41,13 @@ from scripts import batch_io
 class ShardClassifier:
     def __init__(self, config: dict[str, Any], model: str, labels: list[str], out: str,
                  text_field: str, id_field: str | None, batch_size: int = 256, num_cpus: float | None = 1,
-                 merge_adapter: bool = False):
+                 merge_adapter: bool = False, job: dict[str, Any] | None = None):
         from deployments.config import ServiceConfig, resolve_path
         from deployments.engine import cpu_engine_env, engine_kwargs
         from deployments.tokenizer import PromptTokenizer
 
+        if job is not None:
+            check_output_visible(out, job)
         cfg = ServiceConfig.model_validate(config)
         if model != cfg.model.model_id and model not in cfg.lora.adapters:
             raise ValueError(f"unknown model {model!r}: the base {cfg.model.model_id!r} or one of "
@@ -98,6 +110,9 @@ class ShardClassifier:
         shard = batch_io.Shard.from_json(shard_json)
         t0 = time.monotonic()
         fs, _ = batch_io.filesystem(self.out)
+        done = batch_io.done_marker(fs, self.out, shard.key)
+        if done is not None:  # written already (a retried task, another run): not redone
+            return {**done, "skipped": True}
         parsed = batch_io.parse_shard(fs, shard, self.text_field, self.id_field,
                                       self.config.classification.max_input_chars)
         results = self.classify([text for _, _, text in parsed.rows])
@@ -129,6 +144,25 @@ class ShardClassifier:
 
     def __del__(self):
         shutdown_engine(self)
+
+
+def check_output_visible(out: str, job: dict[str, Any]) -> None:
+    """Fail unless this process sees the driver's ``_job.json`` for `job` under `out`: workers
+    write the shards themselves, so the output must be shared by every node."""
+    import json
+    import socket
+
+    fs, _ = batch_io.filesystem(out)
+    try:
+        with fs.open(f"{out}/_job.json", "rb") as f:
+            seen = json.loads(f.read())
+    except FileNotFoundError:
+        seen = None
+    if seen != job:
+        raise RuntimeError(
+            f"the output folder {out} is not the driver's as seen from {socket.gethostname()} "
+            f"({'no _job.json' if seen is None else 'another job'} there): the workers write the shards, "
+            "so --out must be a filesystem shared by every node (mounted at the same path) or an object store")
 
 
 def _merged_config(cfg, adapter: str):

@@ -9,7 +9,18 @@ under ``--out``: ``parts/`` (rows ``id``, ``label`` and every label's probabilit
 input's format), ``rejects/`` (JSON lines: source, row, id, reason, detail, raw; nothing is
 dropped: rows in = rows out + rejects), ``done/`` (one marker per finished shard: a re-run after
 an interruption skips those shards) and ``_summary.json``. Exit status: 0 all rows labelled,
-2 done with rejects, 1 failed or incomplete, 130 interrupted.
+2 done with rejects, 1 failed or incomplete, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
+
+Progress is durable per shard, written by the workers: the worker that classifies a shard
+writes its part, its rejects and then its done marker (each file atomically: a temporary name in
+the same folder, then a rename) before it hands the shard's statistics back. The driver only
+counts and summarizes: Ray Data hands results back to it late (workers have written shards the
+driver has not heard of yet), so a driver that wrote the output would lose, when interrupted or
+killed, work already computed. This needs ``--out`` to be the same folder for every worker: a filesystem shared by
+all nodes at the same path (the RayJob's ReadWriteMany volume at ``/data``) or an object store
+(``s3://``, ``gs://``); a local path is right on one machine. A worker that does not see the
+driver's ``_job.json`` under ``--out`` fails at start with that explanation (no driver-side
+writing mode: it would make progress depend on the driver again).
 
 Each worker is a stateful actor holding one vLLM engine (one GPU on a GPU cluster, the CPU
 engine here) built from the service config, fed whole shards; the scoring is the service's own
@@ -24,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -90,13 +103,14 @@ def check_job(out_fs, out: str, job: dict[str, Any], overwrite: bool) -> None:
     if overwrite and out_fs.exists(out):
         out_fs.rm(out, recursive=True)
     out_fs.makedirs(out, exist_ok=True)
-    with out_fs.open(path, "wb") as f:
-        f.write(json.dumps(job, indent=1).encode())
+    batch_io.put(out_fs, path, json.dumps(job, indent=1).encode())
 
 
-def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[batch_io.Shard], on_done) -> str:
-    """Classify the pending shards on a pool of engine actors; `on_done(stats)` per shard.
-    Returns the pool kind used."""
+def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[batch_io.Shard], on_done,
+             job: dict[str, Any] | None = None) -> str:
+    """Classify the pending shards on a pool of engine actors; `on_done(stats)` per shard, as
+    its statistics come back (the workers have written the shard by then). Returns the pool
+    kind used."""
     import ray
 
     from scripts.batch_worker import ShardClassifier
@@ -107,7 +121,7 @@ def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[b
     size = min(size, len(pending))
     ctor = dict(config=cfg.model_dump(mode="json"), model=model, labels=labels, out=out,
                 text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
-                num_cpus=args.num_cpus, merge_adapter=args.merge_adapter)
+                num_cpus=args.num_cpus, merge_adapter=args.merge_adapter, job=job)
     kind = args.pool
     if kind == "auto":
         try:
@@ -121,7 +135,8 @@ def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[b
 
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = ctx.print_on_execution_start = False  # ours counts rows
-        ds = ray.data.from_items([{"shard": s.to_json()} for s in pending])
+        # One shard per block: a task Ray retries holds one shard (and skips it if written).
+        ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(ShardClassifier, fn_constructor_kwargs=ctor, batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=size),
                             num_cpus=args.num_cpus, num_gpus=num_gpus)
@@ -234,34 +249,50 @@ def main(argv: list[str] | None = None) -> int:
         import ray
         from tqdm import tqdm
 
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
+        signals: list[int] = []
+
+        def terminate(signum, _frame):  # SIGTERM (kill, a stopped RayJob) ends as Ctrl-C does
+            signals.append(signum)
+            raise KeyboardInterrupt
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        old_term: list[Any] = []
         bar = tqdm(total=sum(s.n_rows for s in pending), unit="rows", disable=args.no_progress,
                    desc="classify", file=sys.stderr)
 
         def on_done(stats: dict[str, Any]) -> None:
             nonlocal run_rows
+            bar.update(stats["rows_in"])
+            if stats.get("skipped"):  # written before this run reached it: not redone
+                return
             if first[0] is None:
                 first[0] = time.monotonic() - stats["seconds"]
-            done[stats["key"]] = stats
             run_rows += stats["rows_in"]
-            bar.update(stats["rows_in"])
 
         try:
-            kind = run_pool(args, cfg, model, labels, out, pending, on_done)
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(ignore_reinit_error=True, logging_level="WARNING", log_to_driver=False)
+            if main_thread:  # after ray.init: its core worker installs a SIGTERM handler of its own
+                old_term.append(signal.signal(signal.SIGTERM, terminate))
+            kind = run_pool(args, cfg, model, labels, out, pending, on_done, job)
         except KeyboardInterrupt:
             bar.close()
-            print(f"interrupted: {len(done)}/{len(shards)} shards done; re-run the same command to resume",
-                  file=sys.stderr)
-            return 130
+            ray.shutdown()  # this driver's workers stop: what they wrote is all there is
+            written = len(batch_io.done_shards(out_fs, out))  # written by the workers, not what came back
+            print(f"{'terminated' if signals else 'interrupted'}: {written}/{len(shards)} shards done and "
+                  "written; re-run the same command to resume", file=sys.stderr)
+            return 128 + (signals[0] if signals else signal.SIGINT)
+        finally:
+            if old_term:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term[0] is None else old_term[0])
         bar.close()
         print(f"pool: {kind}", file=sys.stderr)
+    batch_io.remove_temp(out_fs, out)  # no worker writes now: what interrupted writes left
     seconds = time.monotonic() - t0
     engine_seconds = time.monotonic() - first[0] if first[0] is not None else 0.0
     done = batch_io.done_shards(out_fs, out)
     summary = summarize(shards, done, run_rows, seconds, engine_seconds)
-    with out_fs.open(f"{out}/_summary.json", "wb") as f:
-        f.write(json.dumps(summary, indent=1, ensure_ascii=False).encode())
+    batch_io.put(out_fs, f"{out}/_summary.json", json.dumps(summary, indent=1, ensure_ascii=False).encode())
     print(format_summary(summary))
     if summary["shards_done"] != summary["shards"] or summary["rows_out"] + summary["rejects"] != summary["rows_in"]:
         print("INCOMPLETE: not every row is accounted for", file=sys.stderr)

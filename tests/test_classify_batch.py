@@ -1,6 +1,7 @@
 """The batch classifier (scripts/classify_batch.py): rows in = rows out + rejects on a malformed
-file, interruption and resume, the same labels as the service's /v1/classify code, the batch
-output evaluated as the HTTP path is; and its RayJob manifest (schema, drift)."""
+file, durable per-shard output written by the workers (atomic files, interruption, a resume that
+redoes nothing written), the same labels as the service's /v1/classify code, the batch output
+evaluated as the HTTP path is; and its RayJob manifest (schema, drift)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,68 @@ def test_csv_records_quoted_newlines_and_bad_rows(tmp_path):
     assert [(rid, text) for p in parsed for _, rid, text in p.rows] == [("1", "hello"), ("2", "two\nlines")]
     assert [r["reason"] for p in parsed for r in p.rejects] == ["malformed_csv", "empty_text", "bad_encoding",
                                                                 "malformed_csv"]
+
+
+def test_output_writes_are_atomic_and_leftovers_ignored(tmp_path):
+    """A shard's files land whole (temporary name, then rename), the marker last; what an
+    interrupted write leaves behind is invisible to readers and removed once a run is over."""
+    fs, (out,) = batch_io.filesystem(str(tmp_path / "out"))
+    shard = batch_io.Shard(key="0000-000000", path="in.jsonl", fmt="jsonl", start_row=1, n_rows=2)
+    rows = [{"id": 1, "label": "a", "scores": {"a": 0.75, "b": 0.25}}]
+    rejects = [{"source": "in.jsonl", "row": 2, "id": 2, "reason": "empty_text", "detail": "", "raw": ""}]
+    stats = {"key": shard.key, "rows_in": 2, "rows_out": 1, "rejects": 1}
+    batch_io.write_shard(fs, out, shard, rows, rejects, ["a", "b"], stats)
+    root = tmp_path / "out"
+    assert sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) == [
+        "done/0000-000000.json", "parts/0000-000000.jsonl", "rejects/0000-000000.jsonl"]
+    marker = (root / "done" / "0000-000000.json").stat().st_mtime_ns
+    assert all(marker >= (root / sub / "0000-000000.jsonl").stat().st_mtime_ns for sub in ("parts", "rejects"))
+    # an interrupted write: a half-written temporary file in each folder (and the old naming)
+    for sub, name in (("parts", ".0000-000001.jsonl.0123abcd.tmp"), ("rejects", ".0000-000001.jsonl.99.tmp"),
+                      ("done", ".0000-000001.json.77.tmp"), ("parts", "0000-000002.jsonl.tmp")):
+        (root / sub / name).write_bytes(b'{"id": 3, "lab')
+    assert batch_io.done_shards(fs, out) == {shard.key: stats}
+    assert batch_io.done_marker(fs, out, shard.key) == stats and batch_io.done_marker(fs, out, "0000-000001") is None
+    assert batch_io.read_output(str(root)) == (rows, rejects)
+    assert batch_io.remove_temp(fs, out) == 4
+    assert len([f for f in root.rglob("*") if f.is_file()]) == 3
+
+
+def test_worker_does_not_redo_a_written_shard(tmp_path):
+    """`process` writes the shard before it returns, and a shard already marked done (a task
+    Ray retries, a second run) is returned from its marker without classifying it again."""
+    from types import SimpleNamespace
+
+    from scripts.batch_worker import ShardClassifier, check_output_visible
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"sentence": f"text {i}"}) + "\n" for i in range(6)))
+    fs, files, fmt = batch_io.list_inputs(str(src))
+    shards = batch_io.plan_file(fs, files[0], fmt, 0, 3, "")
+    calls = []
+
+    def classify(texts):
+        calls.append(len(texts))
+        return [{"label": "a", "scores": {"a": 1.0, "b": 0.0}} for _ in texts]
+
+    out = str(tmp_path / "out")
+    worker = SimpleNamespace(out=out, text_field="sentence", id_field=None, labels=["a", "b"], classify=classify,
+                             config=SimpleNamespace(classification=SimpleNamespace(max_input_chars=2000)))
+    first = ShardClassifier.process(worker, shards[0].to_json())
+    assert calls == [3] and not first.get("skipped") and batch_io.done_marker(fs, out, shards[0].key) == first
+    again = ShardClassifier.process(worker, shards[0].to_json())
+    assert calls == [3] and again == {**first, "skipped": True}
+    ShardClassifier.process(worker, shards[1].to_json())
+    assert calls == [3, 3] and [x["id"] for x in batch_io.read_output(out)[0]] == list(range(1, 7))
+
+    # workers write the output themselves: one that does not see the driver's job there refuses
+    job = {"inputs": "x"}
+    with pytest.raises(RuntimeError, match="shared by every node"):
+        check_output_visible(out, job)
+    batch_io.put(fs, f"{out}/_job.json", json.dumps(job).encode())
+    check_output_visible(out, job)
+    with pytest.raises(RuntimeError, match="another job"):
+        check_output_visible(out, {"inputs": "y"})
 
 
 def test_merged_adapter_config(tmp_path, monkeypatch):
@@ -196,40 +259,85 @@ def test_wilson_interval_and_ece():
     assert ev.calibration([True, True, False, False], [0.9, 0.9, 0.9, 0.9])["ece"] == pytest.approx(0.4)
 
 
-def test_interrupted_run_resumes_without_duplicates(tmp_path):
-    src = tmp_path / "in.jsonl"
-    rows = _held_out(240)   # 60 shards: the interrupt lands mid-run even when markers come in bursts
-    src.write_text("".join(json.dumps({"sentence": r["sentence"]}, ensure_ascii=False) + "\n" for r in rows))
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), "--text-field", "sentence",
-            "--shard-rows", "4", "--batch-size", "2", "--no-progress"]
-    p = subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Every finished output file (parts, rejects, done markers): its mtime and content."""
+    return {str(f.relative_to(out)): (f.stat().st_mtime_ns, f.read_bytes())
+            for sub in ("parts", "rejects", "done") if (out / sub).is_dir()
+            for f in (out / sub).iterdir() if batch_io.is_output_name(f.name)}
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / "done").glob("*.json"))) if (out / "done").is_dir() else 0
+
+
+N_SHARDS = 100
+
+
+def _interrupted(src: Path, out: Path, common: list[str], sig: int, markers: int) -> tuple[int, str]:
+    """Run the job and send it `sig` once `markers` shards are written; (exit status, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), *common],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and p.poll() is None:
-            if (out / "done").is_dir() and len(list((out / "done").glob("*.json"))) >= 2:
-                break
-            time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        while time.monotonic() < deadline and p.poll() is None and _markers(out) < markers:
+            time.sleep(0.02)
+        assert p.poll() is None, "the run ended before it was interrupted"
+        p.send_signal(sig)
         _, err = p.communicate(timeout=120)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    first = {f.name: f.stat().st_mtime_ns for f in (out / "done").glob("*.json")}
-    # Ray Data may hand the finished shards back in one burst at the end: then the run was over
-    # before the interrupt (0) and the re-run must redo nothing; else it was interrupted (130).
-    assert p.returncode in (0, 130), err[-3000:]
-    assert 2 <= len(first) <= 60 and (p.returncode == 0) == (len(first) == 60), (p.returncode, len(first))
-    r = _cli(str(src), "--out", str(out), "--text-field", "sentence", "--shard-rows", "4", "--batch-size", "2",
-             "--no-progress")
+    return p.returncode, err
+
+
+def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(tmp_path):
+    """Workers write each shard (part, rejects, then its marker) as soon as it is classified, so
+    what an interrupted run computed is on disk whatever reached the driver; a resumed run
+    classifies only the rest (here: Ctrl-C, then SIGTERM, then to the end), and the whole
+    equals an uninterrupted run's output."""
+    src = tmp_path / "in.jsonl"
+    rows = _held_out(4 * N_SHARDS)
+    src.write_text("".join(json.dumps({"sentence": r["sentence"]}, ensure_ascii=False) + "\n" for r in rows))
+    common = ["--text-field", "sentence", "--shard-rows", "4", "--batch-size", "2", "--no-progress"]
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    r = _cli(str(src), "--out", str(ref), *common)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"{len(first)} shards already done" in r.stderr
-    assert ("pool: data" in r.stderr) == (len(first) < 60), r.stderr[-2000:]   # a pool only for what is left
-    assert {f: m for f, m in ((f.name, f.stat().st_mtime_ns) for f in (out / "done").glob("*.json"))
-            if f in first} == first  # finished shards were not redone
+
+    written: dict[str, tuple[int, bytes]] = {}
+    for sig, word in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
+        before = len(written) // 3
+        rc, err = _interrupted(src, out, common, sig, before + 3)
+        assert rc == 128 + sig, err[-3000:]
+        assert f"{before} shards already done, {N_SHARDS - before} to classify" in err, err[-2000:]
+        now = _snapshot(out)
+        assert {k: now[k] for k in written} == written  # nothing already written was rewritten
+        written = now
+        n = sum(k.startswith("done/") for k in written)
+        assert before + 3 <= n < N_SHARDS and len(written) == 3 * n, n  # each marked shard: part + rejects
+        # the driver reports what the workers wrote (its workers stopped first), not what came back
+        assert f"{word}: {n}/{N_SHARDS} shards done and written" in err, err[-2000:]
+
+    r = _cli(str(src), "--out", str(out), *common)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{n} shards already done, {N_SHARDS - n} to classify" in r.stderr, r.stderr[-2000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["rows_this_run"] == 4 * (N_SHARDS - n)  # only the rest was classified
+    after = _snapshot(out)
+    assert {k: after[k] for k in written} == written
+    # complete, nothing left over, the same files as the uninterrupted run, the same labels
+    assert not [f for f in out.rglob("*") if not batch_io.is_output_name(f.name)]
+    assert set(after) == set(_snapshot(ref))
+    assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in ref.iterdir())
     got, rejects = batch_io.read_output(str(out))
-    assert not rejects and sorted(x["id"] for x in got) == list(range(1, 241))
+    want, _ = batch_io.read_output(str(ref))
+    assert not rejects and [x["id"] for x in got] == [x["id"] for x in want] == list(range(1, 4 * N_SHARDS + 1))
+    assert [x["label"] for x in got] == [x["label"] for x in want]
+    for a, b in zip(got, want):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    ref_summary = json.loads((ref / "_summary.json").read_text())
+    for k in ("rows_in", "rows_out", "rejects", "shards", "shards_done", "labels"):
+        assert summary[k] == ref_summary[k], k
 
 
 # ---------------------------------------------------------------------------- the RayJob

@@ -191,21 +191,32 @@ def make_run(tmp_path_factory):
             time.sleep(2)
         yield url, tmp / "make_run.log"
     finally:
+        t0 = time.monotonic()
         try:
             os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C, as a user stops it
             proc.wait(timeout=180)               # Serve drains and stops Ray (slow on a loaded machine)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
+        waited = time.monotonic() - t0
         deadline = time.monotonic() + 60
         while (left := session_processes({proc.pid})) and time.monotonic() < deadline:
             time.sleep(2)
+        names = sorted({_name(pid) for pid in left})
         kill_sessions({proc.pid}, grace_s=20)   # whatever is left of it, by pid
         log.close()
+        print(f"\nmake run after Ctrl-C: exited in {waited:.0f} s; {len(left)} process(es) left 60 s later {names}")
         if left:   # seen in fresh-clone runs after the module's 3,000-connection flood: open finding
             import warnings
 
-            warnings.warn(f"{len(left)} process(es) of `make run` still running 4 min after Ctrl-C; "
-                          "killed by pid")
+            warnings.warn(f"{len(left)} process(es) of `make run` still running 60 s after it exited "
+                          f"({waited:.0f} s after Ctrl-C): {names}; killed by pid")
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[-60:]
+    except OSError:
+        return "?"
 
 
 def _post(url: str, source: str = "127.0.0.1", headers=None, **body) -> httpx.Response:

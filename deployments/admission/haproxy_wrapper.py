@@ -76,10 +76,6 @@ def rules(environ=os.environ) -> str:
         secret = proxy_secret(environ)
     except ValueError as exc:
         raise SystemExit(f"llm-serve-haproxy: {exc}") from None
-    if secret is None:
-        print(f"llm-serve-haproxy: {PROXY_SECRET_ENV} is not set: the ingress will not believe the "
-              "client addresses passed on (clients without an API key share one budget)",
-              file=sys.stderr, flush=True)
     out = ["    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
            "    # per-client limits; slow clients get a 408; open connections per client address capped",
            f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
@@ -185,6 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     if (argv if argv is not None else sys.argv[1:]) == ["--new-secret"]:  # for shell launchers
         print(new_proxy_secret())
         return
+    try:
+        secret = proxy_secret()
+    except ValueError as exc:
+        raise SystemExit(f"llm-serve-haproxy: {exc}") from None
+    if secret is None:
+        print(f"llm-serve-haproxy: {PROXY_SECRET_ENV} is not set: the ingress will not believe the "
+              "client addresses passed on (clients without an API key share one budget)",
+              file=sys.stderr, flush=True)
     args = rewrite_args(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
     os.execv(binary, [binary, *args])  # same pid: Ray's reloads (-sf) and stops still reach it
