@@ -144,6 +144,11 @@ class LimitsConfig(_Strict):
     max_messages: int = Field(1024, gt=0, description="Most chat messages in one request.")
     max_n: int = Field(4, ge=1, le=128, description="Largest `n` (choices per request) accepted; above it: 400.")
     max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body; above it: 413.")
+    request_body_timeout_s: float = Field(
+        10.0, gt=0, description="A request whose body has not fully arrived this many seconds after its "
+        "headers gets a 408 `request_timeout` and its connection closed, on both request paths (a stalled "
+        "client no longer holds an ingress slot). Headers themselves: on the fast path HAProxy's "
+        "`LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S`; Serve's Python proxy has no header timeout (docs/security.md S18).")
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
     fair_queue: bool = Field(
         True, description="Under overload, admit and send to the model by tenant (or key-less client "

@@ -109,6 +109,7 @@ class IngressRouter:
             max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
             public_paths=frozenset(self.auth.public_paths), client_address=self.client_address,
             capacity=self.calls.capacity, retry_after_s=self.limits.retry_after_s,
+            body_timeout_s=self.limits.request_body_timeout_s,
             default_max_tokens={"/v1/chat/completions": self.limits.default_max_tokens_chat,
                                 "/v1/completions": self.limits.default_max_tokens_completion,
                                 "/v1/classify": 1},

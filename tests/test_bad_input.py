@@ -103,3 +103,36 @@ def test_still_serving_after_bad_input(client):
     resp = client.chat.completions.create(model=MODEL, messages=OK_MSG, max_tokens=3)
     assert resp.choices[0].message.content is not None
     assert resp.usage.completion_tokens >= 1
+
+
+def test_a_stalled_body_gets_a_408_and_the_connection_closes(base_url):
+    """Headers and part of a body, then nothing (a slow or stalled client) on Serve's Python
+    proxy path, which has no timeout of its own: the ingress answers 408 `request_timeout` after
+    `limits.request_body_timeout_s` (10 s) and the connection is closed (the fast path's HAProxy
+    defences: tests/test_fast_path.py). Then a normal request is served."""
+    import json
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(base_url)
+    s = socket.create_connection((u.hostname, u.port), timeout=5)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"messages\": [")
+    t0 = time.monotonic()
+    s.settimeout(60)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    finally:
+        s.close()
+    waited = time.monotonic() - t0
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].split()[1] == b"408", data[:300]
+    assert 8 <= waited <= 40, waited
+    err = json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])["error"]
+    assert err["code"] == "request_timeout" and "10 s" in err["message"], err
+    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1})
+    assert r.status_code == 200, r.text

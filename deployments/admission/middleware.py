@@ -1,5 +1,5 @@
 """Admission in front of the OpenAI routes, as one pure ASGI middleware: request-body size
-(413), API-key auth (401), the admin role on admin paths (403) and the cluster-wide budgets of
+(413) and its arrival in time (408: a stalled client frees its slot), API-key auth (401), the admin role on admin paths (403) and the cluster-wide budgets of
 the client's tenant and of the whole service (429 with `Retry-After`, OpenAI's
 `x-ratelimit-*-requests` / `-tokens` headers and `X-RateLimit-*`). It runs before FastAPI
 parses the body, so a client over its budget or without a key is turned away before any work
@@ -16,6 +16,7 @@ The ingress replica puts its `Admission` (its `ApiKeyAuth`, `RateLimiter` and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from deployments.admission.auth import ApiKeyAuth, Identity
 from deployments.admission.capacity import REQUEST_TENANT
 from deployments.admission.client_address import ClientAddress
-from deployments.api.errors import APIError, overloaded, route_path
+from deployments.api.errors import APIError, body_timed_out, overloaded, route_path
 from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
 
 logger = logging.getLogger("ray.serve")
@@ -44,6 +45,8 @@ class Admission:
     # the ingress's capacity gate: a request it would refuse anyway gets its 503 here, unparsed
     capacity: Any = None  # ModelCapacity
     retry_after_s: float = 1.0
+    # a request body must arrive within this many seconds of the headers (None: no limit)
+    body_timeout_s: float | None = None
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
     # `max_tokens` when a request omits it, per path (the reservation of a token budget)
     default_max_tokens: dict[str, int] = field(default_factory=lambda: {
@@ -104,7 +107,10 @@ class AdmissionMiddleware:
             if budgeted and (adm.limiter.enabled or has_own_budgets(ident)):
                 reserve = 0
                 if getattr(adm.limiter, "counts_tokens", _no_tokens)(ident):
-                    receive = await _buffer_body(receive, adm.max_request_bytes)
+                    try:
+                        receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
+                    except TimeoutError:
+                        raise body_timed_out(adm.body_timeout_s) from None
                     if receive is None:
                         raise APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
                                        code="request_too_large")
@@ -126,13 +132,18 @@ class AdmissionMiddleware:
                 adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
             return await exc.response()(scope, receive if receive is not None else _no_body, send)
 
-        if "content-length" not in headers and not getattr(receive, "buffered", False):
-            receive = await _buffer_body(receive, adm.max_request_bytes)
-            if receive is None:
-                exc = APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
-                               code="request_too_large")
+        has_body = scope.get("method") in _BODY_METHODS
+        if not getattr(receive, "buffered", False) and (
+                "content-length" not in headers or (has_body and adm.body_timeout_s)):
+            try:
+                receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
+                exc = None if receive is not None else APIError(
+                    413, f"Request body is over the limit of {adm.max_request_bytes} bytes.", code="request_too_large")
+            except TimeoutError:
+                exc = body_timed_out(adm.body_timeout_s)
+            if exc is not None:
                 if adm.stats is not None:
-                    adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", 413, exc.code)
+                    adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
                 if lease:
                     adm.limiter.release(lease, 0)
                 return await exc.response()(scope, _no_body, send)
@@ -256,11 +267,20 @@ async def _peek_body(receive) -> bytes:
     return b"".join(m.get("body", b"") for m in receive.messages if m["type"] == "http.request")
 
 
-async def _buffer_body(receive, limit: int):
-    """Read the body up to `limit` bytes; None when over, else a `receive` that replays it."""
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def _buffer_body(receive, limit: int, timeout_s: float | None = None):
+    """Read the body up to `limit` bytes; None when over, else a `receive` that replays it.
+    TimeoutError when the whole body has not arrived within `timeout_s` (a stalled client)."""
     messages, seen = [], 0
+    deadline = None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
     while True:
-        message = await receive()
+        if deadline is None:
+            message = await receive()
+        else:
+            async with asyncio.timeout_at(deadline):
+                message = await receive()
         messages.append(message)
         if message["type"] != "http.request":
             break

@@ -117,6 +117,14 @@ def timed_out(timeout_s: float) -> APIError:
     )
 
 
+def body_timed_out(timeout_s: float) -> APIError:
+    """A request whose body did not arrive in time (a slow or stalled client): 408, closed."""
+    return APIError(
+        408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout",
+        headers={"Connection": "close"},
+    )
+
+
 def internal_error() -> APIError:
     return APIError(500, "Internal server error.", code="internal_error")
 
