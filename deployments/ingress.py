@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from deployments.adapters import AdapterRegistry
 from deployments.admission.auth import ApiKeyAuth
-from deployments.admission.capacity import ModelCalls, ModelCapacity
+from deployments.admission.capacity import ModelCalls, ModelCapacity, watch_model_replicas
 from deployments.admission.client_address import ClientAddress
 from deployments.admission.middleware import Admission, AdmissionMiddleware, is_admin
 from deployments.admission.rate_limit import RateLimiter
@@ -88,6 +88,9 @@ class IngressRouter:
                                      m.default_model, m.aliases)
         self.calls = ModelCalls(ModelCapacity.from_options(model_options, self.limits.fair_queue_reserve,
                                                            self.limits.fair_queue), self.limits.retry_after_s)
+        gate = self.calls.capacity
+        if gate.running_limit is not None and gate.replica_range[0] != gate.replica_range[1]:
+            self._replica_watch = asyncio.get_running_loop().create_task(watch_model_replicas(gate))
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats, m)
         self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,

@@ -240,3 +240,29 @@ def test_refuses_says_what_acquire_would_do_without_parsing_the_body():
     for s in heavy:
         s.release()
     assert not ModelCapacity(None).refuses("x", 1)
+
+
+def test_the_gate_sends_only_what_the_running_replicas_take():
+    """Autoscaling 1..3 replicas of 3 slots: with one replica running the gate sends 3 and the
+    rest wait here in fair order (not in Serve's first-come queue); scaling up sends more."""
+    async def main():
+        opts = {"max_ongoing_requests": 3, "max_queued_requests": 10,
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}
+        gate = ModelCapacity.from_options(opts)
+        assert gate.limit == 19 and gate.running_limit == 9
+        gate.set_running_replicas(1)
+        slots = [admit(gate, "heavy") for _ in range(6)]
+        order, tasks = await _sent_order(gate, slots)
+        await asyncio.sleep(0)
+        assert gate.running == 3 and len(order) == 3
+        gate.set_running_replicas(2)                   # a replica more: three more sent
+        await asyncio.sleep(0)
+        assert gate.running == 6 and len(order) == 6
+        gate.set_running_replicas(0)                   # never below min_replicas
+        assert gate.running_limit == 3
+        for s in slots:
+            s.release()
+        await asyncio.gather(*tasks)
+        assert gate.running == 0
+
+    asyncio.run(main())

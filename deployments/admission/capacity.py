@@ -79,6 +79,8 @@ class ModelCapacity:
         self._unsent: dict[int, Slot] = {}      # admitted, not yet sent (tokenizing or waiting), by seq
         self._ready: list[Slot] = []            # waiting for their turn
         self._seq = 0
+        self.per_replica: int | None = None   # max_ongoing_requests (from_options)
+        self.replica_range = (1, 1)           # (min, max) model replicas
         self.fair = fair  # False: first come, first served (and no reserve)
         # at most running_limit - 1 reserved (a tenant alone still gets a slot)
         self.reserve = min(reserve, (running_limit or 1) - 1) if self.running_limit is not None and fair else 0
@@ -102,7 +104,22 @@ class ModelCapacity:
         if queued is None or queued < 0 or not isinstance(replicas, int):
             return cls(None, max_queued=max_queued)  # unbounded queue (or "auto" replicas): Serve alone decides
         ongoing = opts["max_ongoing_requests"]
-        return cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued, ongoing * replicas, reserve, fair)
+        gate = cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued, ongoing * replicas, reserve, fair)
+        gate.per_replica = ongoing
+        gate.replica_range = (max(1, fewest), replicas)
+        return gate
+
+    def set_running_replicas(self, n: int) -> None:
+        """The model replicas running now (autoscaling): the gate sends at most
+        `max_ongoing_requests` × that many to the model, so the rest wait *here*, in fair order,
+        not in Serve's first-come queue."""
+        if self.running_limit is None or self.per_replica is None:
+            return
+        low, high = self.replica_range
+        self.running_limit = self.per_replica * min(max(n, low), high)
+        if self.reserve:
+            self.reserve = min(self.reserve, self.running_limit - 1)
+        self._dispatch()
 
     def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0) -> "Slot":
         """A place for a request of `weight` engine sequences (its `n`): a request asking for n
@@ -271,6 +288,23 @@ class Slot:
         if self.owner is not None:
             owner, self.owner = self.owner, None
             owner._release(self)
+
+
+async def watch_model_replicas(gate: ModelCapacity, deployment: str = "ModelReplica",
+                               interval_s: float = 5.0) -> None:
+    """Keep `gate` told how many model replicas are running (autoscaling), from Serve's status
+    every `interval_s` (one controller call, in a thread). Runs for the ingress replica's life."""
+    from deployments.api.health import deployment_states
+
+    while True:
+        try:
+            states = await asyncio.to_thread(deployment_states)
+            running = (states.get(deployment) or {}).get("running_replicas")
+            if isinstance(running, int):
+                gate.set_running_replicas(running)
+        except Exception as exc:  # the controller briefly away: keep the last figure
+            logger.debug("model replica count not refreshed: %s", exc)
+        await asyncio.sleep(interval_s)
 
 
 @functools.cache
