@@ -37,12 +37,18 @@ async def _sent_order(gate: ModelCapacity, slots) -> list:
     return order, tasks
 
 
+async def _waiting(gate: ModelCapacity, tenant: str, n: int):
+    """`n` requests of `tenant` admitted and waiting for their turn (the first ones sent)."""
+    slots = [admit(gate, tenant) for _ in range(n)]
+    order, tasks = await _sent_order(gate, slots)
+    await asyncio.sleep(0)
+    return slots, order, tasks
+
+
 def test_the_next_sent_is_the_tenant_holding_the_least():
     async def main():
         gate = ModelCapacity(13, running_limit=3, max_queued=10)
-        running = [admit(gate, "heavy") for _ in range(3)]
-        order, tasks = await _sent_order(gate, running)
-        await asyncio.sleep(0)
+        running, order, tasks = await _waiting(gate, "heavy", 3)
         assert order == running and gate.running == 3
         heavy = [admit(gate, "heavy") for _ in range(5)]
         light = admit(gate, "light")
@@ -64,9 +70,7 @@ def test_the_next_sent_is_the_tenant_holding_the_least():
 def test_a_full_gate_gives_the_flooding_tenants_newest_place_to_a_light_tenant():
     async def main():
         gate = ModelCapacity(13, running_limit=3, max_queued=10)
-        heavy = [admit(gate, "heavy") for _ in range(13)]
-        order, tasks = await _sent_order(gate, heavy)
-        await asyncio.sleep(0)
+        heavy, order, tasks = await _waiting(gate, "heavy", 13)
         assert gate.running == 3 and len(gate._ready) == 10
         with pytest.raises(APIError) as more:          # the heavy tenant itself: refused, as before
             admit(gate, "heavy")
