@@ -7,8 +7,11 @@ the GCS, the raylet) at once, and when the machine is busy `serve run` can finis
 own shutdown has stopped its workers: the Serve replicas, the engine and HAProxy (each in its own
 process group) were seen still running minutes later. So this launcher:
 
-* runs `serve run` as its child, in the terminal's process group (Ctrl-C reaches it directly);
-  SIGTERM (a service manager, `kill <pid>`) is passed on as SIGINT, Serve's graceful stop;
+* runs `serve run` as its child, in the terminal's process group (Ctrl-C reaches it directly),
+  with SIGINT's default restored (a shell starts background jobs with SIGINT ignored, and
+  Python then installs no KeyboardInterrupt handler); SIGTERM (a service manager,
+  `kill <pid>`) is passed on as SIGINT, Serve's graceful stop, and as SIGTERM if `serve run` is
+  still there `STOP_GRACE_S` later;
 * becomes a child subreaper (Linux): whatever `serve run` started and left behind becomes the
   launcher's orphan instead of init's; elsewhere it remembers the descendants it saw;
 * after `serve run` has exited, gives what is left `LEFTOVER_GRACE_S` to end by itself, then
@@ -27,6 +30,7 @@ from pathlib import Path
 
 LEFTOVER_GRACE_S = 15.0
 TERM_GRACE_S = 10.0
+STOP_GRACE_S = 60.0
 
 
 def become_subreaper() -> bool:
@@ -112,13 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 def run(command: list[str]) -> int:
     """`command` in the foreground, then its leftovers stopped (see the module)."""
     become_subreaper()
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stop_by: list[float] = []
 
     def on_term(signum, frame):
         try:
             child.send_signal(signal.SIGINT)
         except ProcessLookupError:
             pass
+        stop_by.append(time.monotonic() + STOP_GRACE_S)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, lambda signum, frame: None)   # the terminal signalled `serve run` too
@@ -129,6 +135,9 @@ def run(command: list[str]) -> int:
             break
         except subprocess.TimeoutExpired:
             seen.update(descendants())
+            if stop_by and time.monotonic() > stop_by[0]:
+                child.terminate()
+                stop_by[0] += STOP_GRACE_S
     stopped = stop_leftovers(seen)
     if stopped:
         print(f"make run: stopped {stopped} process(es) `serve run` left running (Ray's workers, the "

@@ -12,18 +12,22 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from cluster.processes import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _launch(tmp_path: Path, body: str) -> subprocess.Popen:
+def _launch(tmp_path: Path, body: str, sigint_ignored: bool = False) -> subprocess.Popen:
     script = tmp_path / "serve_run.py"
     script.write_text(textwrap.dedent(body))
     code = ("import sys, cluster.run as r; r.LEFTOVER_GRACE_S = 1.0; r.TERM_GRACE_S = 2.0; "
             f"sys.exit(r.run([sys.executable, {str(script)!r}, {str(tmp_path)!r}]))")
+    # a shell's background job starts with SIGINT ignored (`make run &`, nohup, CI runners)
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, start_new_session=True,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ignore)
 
 
 def test_leftovers_of_an_exited_serve_run_are_stopped(tmp_path):
@@ -44,21 +48,27 @@ def test_leftovers_of_an_exited_serve_run_are_stopped(tmp_path):
     assert "stopped 1 process" in err, err
 
 
-def test_sigterm_is_passed_on_as_sigint_and_nothing_is_left(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True])
+def test_sigterm_is_passed_on_as_sigint_and_nothing_is_left(tmp_path, sigint_ignored):
+    """Also when the launcher itself was started with SIGINT ignored (a background job): the
+    child gets SIGINT's default back, so Serve's graceful stop runs."""
     proc = _launch(tmp_path, """
         import signal, sys, time
         from pathlib import Path
         got = []
+        Path(sys.argv[1], "initial").write_text(repr(signal.getsignal(signal.SIGINT)))
         signal.signal(signal.SIGINT, lambda s, f: got.append(s))
         Path(sys.argv[1], "ready").write_text("1")
         while not got:
             time.sleep(0.05)
         Path(sys.argv[1], "got").write_text(str(got[0]))
-    """)
+    """, sigint_ignored)
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and (tmp_path / "got").read_text() == str(int(signal.SIGINT)), err
+    # Python installed its KeyboardInterrupt handler: SIGINT was not inherited as ignored
+    assert "default_int_handler" in (tmp_path / "initial").read_text()
     assert "stopped" not in err
