@@ -1,7 +1,8 @@
 """The ingress's capacity gate in front of the model deployment, and how a model call is sent
-through it: refused at once (503) past what Serve would admit, sent again when Serve's router
-refuses a request it surely admits (its counting race), Serve/Ray failures mapped to OpenAI
-errors. One `ModelCalls` per ingress replica."""
+through it: refused at once (503) past what Serve would admit, queued here in fair order by
+tenant while the model's running replicas are full (`ModelCapacity`), sent again when Serve's
+router refuses a request it surely admits (its counting race), Serve/Ray failures mapped to
+OpenAI errors. One `ModelCalls` per ingress replica."""
 
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ class ModelCapacity:
     between a replica finishing a request and its response reaching here.
 
     **Fair queueing.** With a bounded queue the gate also *is* the queue: a request is sent to
-    the model only while fewer than `running_limit` (`max_ongoing_requests` × replicas) of this
-    replica's requests are there; the others wait here, tokenized, and the next one sent is the
+    the model only while fewer than `running_limit` (`max_ongoing_requests` × the running
+    replicas, followed by `watch_model_replicas` under autoscaling) of this replica's requests
+    are there; the others wait here, tokenized, and the next one sent is the
     one whose tenant holds the fewest places per weight (`REQUEST_TENANT`: weight = tenant
     priority + 1), then the lowest request `priority` (vLLM's convention), then the oldest. When
     the gate is full, a newcomer whose tenant would still hold fewer places per weight than the
