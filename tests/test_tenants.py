@@ -50,6 +50,8 @@ def url(http_port, tmp_path_factory):
     args = app_args(
         rate_limit={"enabled": True, "per_minute": 10, "per_hour": 100},
         auth={"enabled": True, "file": str(keys), "env_var": None},
+        # two ingress replicas: budgets and their headers are cluster-wide (one limiter actor)
+        deployments={"ingress": {"num_replicas": 2}},
     )
     serve.run(build_app(args), name="tenants", route_prefix=PREFIX, blocking=False)
     base = f"http://127.0.0.1:{http_port}{PREFIX}"
@@ -143,7 +145,11 @@ def test_tenant_request_budget_429_with_retry_after(url):
 
 def test_token_budget_charges_usage_and_refuses_up_front(url):
     """tok: 200 tokens/min. Each answer's usage is charged; a request whose max_tokens does not
-    fit the rest is refused before any engine work."""
+    fit the rest is refused before any engine work. Two ingress replicas serve the app (Serve's
+    router spreads the requests over them): the headers count down across both."""
+    from ray import serve
+
+    assert serve.status().applications["tenants"].deployments["IngressRouter"].replica_states.get("RUNNING") == 2
     client = sdk(url, "tok")
     with pytest.raises(openai.RateLimitError) as ei:
         chat(client, max_tokens=201)
