@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.processes import terminate
+
 LEFTOVER_GRACE_S = 15.0
 TERM_GRACE_S = 10.0
 STOP_GRACE_S = 60.0
@@ -83,8 +85,8 @@ def reap() -> None:
 
 
 def stop_leftovers(seen: dict[int, float]) -> int:
-    """Wait for what `serve run` left to end by itself, then SIGTERM, then SIGKILL. Returns how
-    many processes had to be signalled."""
+    """Wait for what `serve run` left to end by itself, then `processes.terminate` it (SIGTERM,
+    then SIGKILL). Returns how many processes had to be signalled."""
     def left() -> dict[int, float]:
         reap()
         return alive({**seen, **descendants()})
@@ -92,19 +94,8 @@ def stop_leftovers(seen: dict[int, float]) -> int:
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     while (rest := left()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    if not rest:
-        return 0
-    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5.0)):
-        for pid in rest:
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.monotonic() + grace
-        while left() and time.monotonic() < deadline:
-            time.sleep(0.3)
-        if not left():
-            break
+    if rest:
+        terminate(lambda: left().keys(), TERM_GRACE_S, poll_s=0.3)
     return len(rest)
 
 
