@@ -68,8 +68,7 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
     for name, cls in DEPLOYMENTS.items():
         opts = deployment_options(cls.DEFAULT_OPTIONS, config, name)
         if name in ("ingress", "model"):
-            opts.setdefault("graceful_shutdown_timeout_s",
-                            config.limits.request_timeout_s + SHUTDOWN_MARGIN_S)
+            opts.setdefault("graceful_shutdown_timeout_s", config.limits.request_timeout_s + SHUTDOWN_MARGIN_S)
         out[name] = opts
     policy = config.autoscaling.policy_options()
     model_auto = out["model"].get("autoscaling_config")

@@ -30,8 +30,9 @@ import collections
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import yaml
@@ -82,11 +83,12 @@ def long_prompt(user: int, i: int) -> str:
     """~380 prompt tokens with the tiny model's tokenizer, distinct from the first token (no
     prefix-cache sharing between requests)."""
     head = f"用户{user}的第{i}条长新闻："
-    return head + "，".join(f"第{k}段关于经济与体育的长篇报道" for k in range(30))[:480 - len(head)]
+    return head + "，".join(f"第{k}段关于经济与体育的长篇报道" for k in range(30))[: 480 - len(head)]
 
 
-def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
-                      fast: bool = True, args: dict[str, Any] | None = None) -> dict[str, Any]:
+def demo_serve_config(
+    http_port: int, autoscaling: dict[str, Any] | None = None, fast: bool = True, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """configs/serve_config.yaml as deployed on the local GPU cluster; `args` deep-merges over
     its application args (e.g. `LLM_POLICY_ARGS`)."""
     from ray.serve.schema import ServeDeploySchema
@@ -97,14 +99,17 @@ def demo_serve_config(http_port: int, autoscaling: dict[str, Any] | None = None,
     cfg["http_options"] = {**cfg.get("http_options", {}), "host": "127.0.0.1", "port": http_port}
     app = next(a for a in cfg["applications"] if a["name"] == APP)
     auto = {**(FAST_AUTOSCALING if fast else {}), **(autoscaling or {})}
-    app["args"] = deep_merge(app["args"], {
-        "accelerator": "gpu",
-        "model": {"model_source": str(REPO / "models" / "tiny-qwen3")},
-        "deployments": {"model": {"autoscaling_config": auto}},
-        # Several CPU engines share this host's cores: let the OS place their threads instead
-        # of vLLM pinning each engine to the same core (its `auto` binding on a small machine).
-        "engine_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
-    })
+    app["args"] = deep_merge(
+        app["args"],
+        {
+            "accelerator": "gpu",
+            "model": {"model_source": str(REPO / "models" / "tiny-qwen3")},
+            "deployments": {"model": {"autoscaling_config": auto}},
+            # Several CPU engines share this host's cores: let the OS place their threads instead
+            # of vLLM pinning each engine to the same core (its `auto` binding on a small machine).
+            "engine_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
+        },
+    )
     app["args"] = deep_merge(app["args"], args or {})
     if "rate_limit" in ServiceConfig.model_fields:  # all the load comes from one client address
         app["args"]["rate_limit"] = {**app["args"].get("rate_limit", {}), "enabled": False}
@@ -144,9 +149,15 @@ class Watcher:
 
     def actors(self) -> list[dict[str, Any]]:
         """Ray actors of the model replicas (ALIVE / PENDING_CREATION / ..., node)."""
-        r = self.dash.get("/api/v0/actors", params={
-            "filter_keys": "class_name", "filter_predicates": "=",
-            "filter_values": f"ServeReplica:{APP}:{MODEL_DEPLOYMENT}", "limit": 100})
+        r = self.dash.get(
+            "/api/v0/actors",
+            params={
+                "filter_keys": "class_name",
+                "filter_predicates": "=",
+                "filter_values": f"ServeReplica:{APP}:{MODEL_DEPLOYMENT}",
+                "limit": 100,
+            },
+        )
         r.raise_for_status()
         return [a for a in r.json()["data"]["result"]["result"] if a["state"] != "DEAD"]
 
@@ -165,13 +176,14 @@ class Watcher:
         }
 
     def describe(self, snap: dict[str, Any]) -> str:
-        where = sorted(f"node {r['node_id'][:8]}/gpu {self.gpu_of_node.get(r['node_id'], '?')}"
-                       for r in snap["running"])
-        return (f"target={snap['target']} replicas={snap['states']} running on {where} "
-                f"actors={snap['actor_states']}")
+        where = sorted(
+            f"node {r['node_id'][:8]}/gpu {self.gpu_of_node.get(r['node_id'], '?')}" for r in snap["running"]
+        )
+        return f"target={snap['target']} replicas={snap['states']} running on {where} actors={snap['actor_states']}"
 
-    def wait_for(self, what: str, pred: Callable[[dict[str, Any]], bool], timeout_s: float,
-                 every_s: float = 1.0) -> dict[str, Any]:
+    def wait_for(
+        self, what: str, pred: Callable[[dict[str, Any]], bool], timeout_s: float, every_s: float = 1.0
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:
@@ -196,8 +208,7 @@ class Watcher:
         an httpx error, so `retry` tries again."""
         r = httpx.get(f"{self.base_url}/health", timeout=30)
         if "json" not in r.headers.get("content-type", ""):
-            raise httpx.HTTPStatusError(f"GET /health: {r.status_code} {r.text[:200]!r}",
-                                        request=r.request, response=r)
+            raise httpx.HTTPStatusError(f"GET /health: {r.status_code} {r.text[:200]!r}", request=r.request, response=r)
         return r.json()
 
     def learn_gpu_ids(self, snap: dict[str, Any]) -> None:
@@ -227,8 +238,9 @@ class Load:
     """`users` clients in a loop on /v1/chat/completions, in a background thread. `prompt(u, i)`:
     the i-th message of user u (default: a short news title)."""
 
-    def __init__(self, base_url: str, users: int, max_tokens: int = 128,
-                 prompt: Callable[[int, int], str] | None = None):
+    def __init__(
+        self, base_url: str, users: int, max_tokens: int = 128, prompt: Callable[[int, int], str] | None = None
+    ):
         self.url = f"{base_url}/v1/chat/completions"
         self.users = users
         self.max_tokens = max_tokens
@@ -237,7 +249,7 @@ class Load:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 
@@ -251,8 +263,13 @@ class Load:
     async def _user(self, client: httpx.AsyncClient, u: int) -> None:
         i = 0
         while not self._stop.is_set():
-            body = {"model": "tiny-qwen3", "max_tokens": self.max_tokens, "temperature": 0,
-                    "ignore_eos": True, "messages": [{"role": "user", "content": self.prompt(u, i)}]}
+            body = {
+                "model": "tiny-qwen3",
+                "max_tokens": self.max_tokens,
+                "temperature": 0,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": self.prompt(u, i)}],
+            }
             t = time.monotonic()
             try:
                 status = (await client.post(self.url, json=body)).status_code
@@ -281,12 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-s", type=float, default=60, help="seconds of load (default 60)")
     p.add_argument("--max-replicas", type=int, default=3, help="model max_replicas (default 3)")
     p.add_argument("--no-fast", dest="fast", action="store_false", help="keep the production delays")
-    p.add_argument("--policy", choices=("ongoing_requests", "llm"), default="ongoing_requests",
-                   help="model autoscaling policy; llm: the LLM-aware one, with a small KV cache "
-                        "and KV target for the tiny model (LLM_POLICY_ARGS)")
-    p.add_argument("--long", action="store_true",
-                   help=f"long requests (~380 prompt tokens, max_tokens {LONG_MAX_TOKENS}); "
-                        "with --users 1 the request count alone stays at one replica")
+    p.add_argument(
+        "--policy",
+        choices=("ongoing_requests", "llm"),
+        default="ongoing_requests",
+        help="model autoscaling policy; llm: the LLM-aware one, with a small KV cache "
+        "and KV target for the tiny model (LLM_POLICY_ARGS)",
+    )
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help=f"long requests (~380 prompt tokens, max_tokens {LONG_MAX_TOKENS}); "
+        "with --users 1 the request count alone stays at one replica",
+    )
     a = p.parse_args(argv)
 
     state = lc.load_state(a.state_dir or lc.DEFAULT_STATE_DIR)
@@ -295,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     port = a.port or free_port()
     base_url = f"http://127.0.0.1:{port}"
-    cfg = demo_serve_config(port, {"max_replicas": a.max_replicas}, fast=a.fast,
-                            args=LLM_POLICY_ARGS if a.policy == "llm" else None)
+    cfg = demo_serve_config(
+        port, {"max_replicas": a.max_replicas}, fast=a.fast, args=LLM_POLICY_ARGS if a.policy == "llm" else None
+    )
     w = Watcher(state["dashboard_url"], base_url)
     deploy(state["dashboard_url"], cfg)
     w.note(f"deployed to {state['dashboard_url']}; app at {base_url}")
@@ -322,10 +347,13 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(2)
     counts = load.statuses()
     lat = load.latencies()
-    w.note(f"load done: {sum(counts.values())} requests {dict(counts)}"
-           + (f", p50 {lat[len(lat) // 2]:.2f}s" if lat else ""))
-    w.wait_for("back to min_replicas", lambda s: s["target"] == 1 and len(s["running"]) == 1
-               and not s["pending_actors"], 900)
+    w.note(
+        f"load done: {sum(counts.values())} requests {dict(counts)}"
+        + (f", p50 {lat[len(lat) // 2]:.2f}s" if lat else "")
+    )
+    w.wait_for(
+        "back to min_replicas", lambda s: s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"], 900
+    )
     return 0
 
 

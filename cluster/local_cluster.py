@@ -77,8 +77,9 @@ def _node_env(extra: dict[str, str]) -> dict[str, str]:
 def _wait_log(proc: subprocess.Popen, log: Path, needle: str, timeout_s: float) -> None:
     def died() -> None:
         if proc.poll() is not None:
-            raise RuntimeError(f"`ray start` exited with {proc.returncode}; see {log}:\n"
-                               + log.read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                f"`ray start` exited with {proc.returncode}; see {log}:\n" + log.read_text(errors="replace")[-3000:]
+            )
 
     if wait_until(lambda: needle in log.read_text(errors="replace"), timeout_s, 0.5, died) is None:
         raise TimeoutError(f"node did not start within {timeout_s:.0f}s; see {log}")
@@ -93,20 +94,28 @@ def alive_nodes(gcs_address: str) -> list[dict[str, Any]]:
     for node_id, info in client.get_all_node_info(timeout=10).items():
         if info.state != 0:  # ALIVE == 0
             continue
-        nodes.append({
-            "node_id": node_id.hex(),
-            "head": bool(info.is_head_node),
-            "resources": dict(info.resources_total),
-        })
+        nodes.append(
+            {
+                "node_id": node_id.hex(),
+                "head": bool(info.is_head_node),
+                "resources": dict(info.resources_total),
+            }
+        )
     return nodes
 
 
 # ----------------------------------------------------------------------------- commands
 
 
-def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_worker: int = 1,
-          dashboard: bool = True, state_dir: Path = DEFAULT_STATE_DIR,
-          timeout_s: float = 120.0) -> dict[str, Any]:
+def start(
+    workers: int = 2,
+    head_cpus: int = 2,
+    worker_cpus: int = 2,
+    gpus_per_worker: int = 1,
+    dashboard: bool = True,
+    state_dir: Path = DEFAULT_STATE_DIR,
+    timeout_s: float = 120.0,
+) -> dict[str, Any]:
     """Start head + `workers` worker nodes; returns (and records) the cluster state."""
     state_dir = Path(state_dir)
     old = load_state(state_dir)
@@ -126,9 +135,14 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
         "nodes": [],
         "auth_mode": os.environ.get("RAY_AUTH_MODE", "token (Ray default)"),
     }
-    common = [f"--temp-dir={temp_dir}",
-              f"--object-store-memory={OBJECT_STORE_BYTES}", "--min-worker-port=0",
-              "--max-worker-port=0", "--disable-usage-stats", "--block"]
+    common = [
+        f"--temp-dir={temp_dir}",
+        f"--object-store-memory={OBJECT_STORE_BYTES}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        "--disable-usage-stats",
+        "--block",
+    ]
 
     def record(role: str, proc: subprocess.Popen, log: Path, **extra: Any) -> None:
         # start_new_session: the pid is also the node's session id, which `stop` uses
@@ -136,9 +150,17 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
         _state_file(state_dir).write_text(json.dumps(state, indent=2))
 
     try:
-        head = [ray_bin(), "start", "--head", f"--port={gcs_port}", f"--num-cpus={head_cpus}",
-                "--num-gpus=0", f"--ray-client-server-port={free_port()}",
-                f"--dashboard-agent-listen-port={free_port()}", *common]
+        head = [
+            ray_bin(),
+            "start",
+            "--head",
+            f"--port={gcs_port}",
+            f"--num-cpus={head_cpus}",
+            "--num-gpus=0",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *common,
+        ]
         if dashboard:
             dash_port = free_port()
             head += ["--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={dash_port}"]
@@ -152,16 +174,30 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
 
         for i in range(workers):
             gpu_ids = ",".join(str(i * gpus_per_worker + g) for g in range(gpus_per_worker))
-            cmd = [ray_bin(), "start", f"--address={gcs_address}", f"--num-cpus={worker_cpus}",
-                   f"--num-gpus={gpus_per_worker}", f"--dashboard-agent-listen-port={free_port()}",
-                   f"--labels=llm-serve/local-worker=w{i}", *common]
+            cmd = [
+                ray_bin(),
+                "start",
+                f"--address={gcs_address}",
+                f"--num-cpus={worker_cpus}",
+                f"--num-gpus={gpus_per_worker}",
+                f"--dashboard-agent-listen-port={free_port()}",
+                f"--labels=llm-serve/local-worker=w{i}",
+                *common,
+            ]
             log = state_dir / f"worker-{i}.log"
             # One at a time, and retried: on a small, busy machine a raylet can miss Ray's fixed
             # 30 s registration deadline ("The current node timed out during startup").
             for attempt in range(1, START_ATTEMPTS + 1):
                 proc = spawn(cmd, log, _node_env({"CUDA_VISIBLE_DEVICES": gpu_ids}))
-                record(f"worker-{i}", proc, log, num_cpus=worker_cpus, num_gpus=gpus_per_worker,
-                       gpu_ids=gpu_ids, attempt=attempt)
+                record(
+                    f"worker-{i}",
+                    proc,
+                    log,
+                    num_cpus=worker_cpus,
+                    num_gpus=gpus_per_worker,
+                    gpu_ids=gpu_ids,
+                    attempt=attempt,
+                )
                 try:
                     _wait_log(proc, log, "Ray runtime started", timeout_s)
                     break
@@ -189,8 +225,7 @@ def start(workers: int = 2, head_cpus: int = 2, worker_cpus: int = 2, gpus_per_w
     return state
 
 
-def stop(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 15.0,
-         state: dict[str, Any] | None = None) -> int:
+def stop(state_dir: Path = DEFAULT_STATE_DIR, grace_s: float = 15.0, state: dict[str, Any] | None = None) -> int:
     """Stop the recorded nodes: SIGTERM to every process of their sessions (the `ray start`
     pids recorded at start), then SIGKILL to whatever is left after `grace_s`. Nothing else on
     the machine is touched. Returns the number of processes that had to be killed."""
@@ -231,16 +266,23 @@ def env_lines(state: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--state-dir", type=Path,
-                        default=Path(os.environ.get("LLM_SERVE_CLUSTER_DIR", DEFAULT_STATE_DIR)),
-                        help="where pids, ports and logs are recorded (env LLM_SERVE_CLUSTER_DIR)")
+    common.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("LLM_SERVE_CLUSTER_DIR", DEFAULT_STATE_DIR)),
+        help="where pids, ports and logs are recorded (env LLM_SERVE_CLUSTER_DIR)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start", help="start head + workers", parents=[common])
     s.add_argument("--workers", type=int, default=2, help="worker nodes, one logical GPU each (default 2)")
     s.add_argument("--gpus-per-worker", type=int, default=1)
     s.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head (ingress, tokenizer)")
-    s.add_argument("--worker-cpus", type=int, default=2,
-                   help="logical CPUs per worker: 1 for the model replica, room for a CPU replica")
+    s.add_argument(
+        "--worker-cpus",
+        type=int,
+        default=2,
+        help="logical CPUs per worker: 1 for the model replica, room for a CPU replica",
+    )
     s.add_argument("--no-dashboard", action="store_true", help="skip the dashboard (then no `serve status` CLI)")
     sub.add_parser("stop", help="stop the recorded nodes", parents=[common])
     sub.add_parser("status", help="recorded nodes and what the GCS sees", parents=[common])
@@ -251,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         st = start(a.workers, a.head_cpus, a.worker_cpus, a.gpus_per_worker, not a.no_dashboard, a.state_dir)
         print(f"local Ray cluster up: head + {a.workers} worker(s) × {a.gpus_per_worker} logical GPU")
         for n in st["nodes"]:
-            print(f"  {n['role']:<9} pid={n['pid']:<7} cpus={n['num_cpus']} gpus={n['num_gpus']}"
-                  + (f" gpu_ids={n['gpu_ids']}" if n.get("gpu_ids") else ""))
+            print(
+                f"  {n['role']:<9} pid={n['pid']:<7} cpus={n['num_cpus']} gpus={n['num_gpus']}"
+                + (f" gpu_ids={n['gpu_ids']}" if n.get("gpu_ids") else "")
+            )
         print("use it with:")
         for line in env_lines(st):
             print("  " + line)

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import ClassVar
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -138,14 +139,22 @@ def die_with_parent() -> None:
         pass
 
 
-def spawn(argv: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPO,
-          orphan_dies: bool = False) -> subprocess.Popen:
+def spawn(
+    argv: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPO, orphan_dies: bool = False
+) -> subprocess.Popen:
     """`argv` in a new session (its pid is also its session and process group id), stdout and
     stderr appended to `log_path`, no stdin. `orphan_dies`: SIGTERM when this process dies."""
     with open(log_path, "ab") as out:
-        return subprocess.Popen(argv, env=env, cwd=str(cwd), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=die_with_parent if orphan_dies else None)
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=str(cwd),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent if orphan_dies else None,
+        )
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -158,8 +167,9 @@ def log_tail(path: Path, n: int = 40) -> str:
 # ----------------------------------------------------------------------------- waiting
 
 
-def wait_until(ready: Callable[[], bool], timeout_s: float, interval_s: float = 1.0,
-               died: Callable[[], None] | None = None) -> float | None:
+def wait_until(
+    ready: Callable[[], bool], timeout_s: float, interval_s: float = 1.0, died: Callable[[], None] | None = None
+) -> float | None:
     """Poll `ready()` every `interval_s` until it is true: the seconds waited; None after
     `timeout_s`. `died()` is called after each miss and raises when the process waited for is
     gone (no point waiting longer)."""
@@ -173,8 +183,7 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, interval_s: float = 
     return None
 
 
-def wait_http(url: str, timeout_s: float, died: Callable[[], None] | None = None,
-              interval_s: float = 1.0) -> float:
+def wait_http(url: str, timeout_s: float, died: Callable[[], None] | None = None, interval_s: float = 1.0) -> float:
     """GET `url` until it answers 200; the seconds waited. TimeoutError after `timeout_s`."""
     import urllib.error
     import urllib.request
@@ -208,10 +217,17 @@ class ManagedProcess:
     (and creation time), and, with `marker_env`, found at the end by that variable's value in
     its environment too (daemons that were reparented). `stop` ends all of them."""
 
-    registry: list["ManagedProcess"] = []
+    registry: ClassVar[list[ManagedProcess]] = []
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path = REPO,
-                 marker_env: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        cwd: Path = REPO,
+        marker_env: str | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.log_path = log_path
@@ -256,8 +272,9 @@ class ManagedProcess:
     def check_running(self) -> None:
         """RuntimeError (with the log's tail) when the process has exited."""
         if not self.alive():
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; log tail:\n"
-                               f"{self.log_tail()}")
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode} while starting; log tail:\n{self.log_tail()}"
+            )
 
     def wait_http(self, url: str, timeout_s: float) -> float:
         """`wait_http`, failing early if this process dies meanwhile."""

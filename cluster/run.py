@@ -87,6 +87,7 @@ def reap() -> None:
 def stop_leftovers(seen: dict[int, float]) -> int:
     """Wait for what `serve run` left to end by itself, then `processes.terminate` it (SIGTERM,
     then SIGKILL). Returns how many processes had to be signalled."""
+
     def left() -> dict[int, float]:
         reap()
         return alive({**seen, **descendants()})
@@ -118,7 +119,7 @@ def run(command: list[str]) -> int:
         stop_by.append(time.monotonic() + STOP_GRACE_S)
 
     signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, lambda signum, frame: None)   # the terminal signalled `serve run` too
+    signal.signal(signal.SIGINT, lambda signum, frame: None)  # the terminal signalled `serve run` too
     seen: dict[int, float] = {}
     while True:
         try:
@@ -131,8 +132,11 @@ def run(command: list[str]) -> int:
                 stop_by[0] += STOP_GRACE_S
     stopped = stop_leftovers(seen)
     if stopped:
-        print(f"make run: stopped {stopped} process(es) `serve run` left running (Ray's workers, the "
-              "engine, HAProxy)", file=sys.stderr, flush=True)
+        print(
+            f"make run: stopped {stopped} process(es) `serve run` left running (Ray's workers, the engine, HAProxy)",
+            file=sys.stderr,
+            flush=True,
+        )
     return rc
 
 

@@ -44,8 +44,15 @@ def healthy(url: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, argv: list[str], env: dict[str, str], health_url: str, log: Path,
-                 unhealthy_after_s: float, poll_s: float = 2.0):
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        health_url: str,
+        log: Path,
+        unhealthy_after_s: float,
+        poll_s: float = 2.0,
+    ):
         self.argv, self.env, self.health_url, self.log = argv, env, health_url, log
         self.unhealthy_after_s, self.poll_s = unhealthy_after_s, poll_s
         self.stop = threading.Event()
@@ -90,7 +97,7 @@ class Supervisor:
     def _end(self, proc) -> None:
         """The service's whole session, by pid: Ray's processes and HAProxy outlive `serve run`."""
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)   # as Ctrl-C: Serve shuts down cleanly
+            proc.send_signal(signal.SIGINT)  # as Ctrl-C: Serve shuts down cleanly
             try:
                 proc.wait(timeout=60)
             except Exception:
@@ -104,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config (default configs/one-box.yaml)")
     p.add_argument("--health-url", default="http://127.0.0.1:8000/health")
-    p.add_argument("--unhealthy-after", type=float, default=60.0,
-                   help="seconds of failing /health (after it first answered) before a restart")
+    p.add_argument(
+        "--unhealthy-after",
+        type=float,
+        default=60.0,
+        help="seconds of failing /health (after it first answered) before a restart",
+    )
     p.add_argument("--log", type=Path, default=REPO / "logs" / "serve.log")
     p.add_argument("--python-proxy", action="store_true", help="Serve's Python proxy instead of the fast path")
     a = p.parse_args(argv)
@@ -113,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--config: no such file: {a.config}")
     a.log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)   # its own local cluster, never someone else's
+    env.pop("RAY_ADDRESS", None)  # its own local cluster, never someone else's
     env.update({"FORWARDED_ALLOW_IPS": ""} if a.python_proxy else fast_path_env())
     serve = Path(sys.executable).parent / "serve"
     sup = Supervisor([str(serve), "run", str(a.config)], env, a.health_url, a.log, a.unhealthy_after)

@@ -64,8 +64,9 @@ def actor_options(name: str, namespace: str = DEFAULT_NAMESPACE, pin_to_head: bo
     return opts
 
 
-def get_or_create_actor(cls: type, name: str, namespace: str = DEFAULT_NAMESPACE, *args: Any,
-                        pin_to_head: bool = True, **kwargs: Any):
+def get_or_create_actor(
+    cls: type, name: str, namespace: str = DEFAULT_NAMESPACE, *args: Any, pin_to_head: bool = True, **kwargs: Any
+):
     """Handle to the named actor ``namespace/name`` of class ``cls``, created if absent.
 
     Idempotent and safe to call concurrently from many replicas/processes. Constructor

@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deployments.actors import DEFAULT_NAMESPACE, actor_failure_types, get_or_create_actor
 from deployments.api.errors import APIError
@@ -73,13 +74,19 @@ def adapter_in_roots(path: str, roots: Sequence[str], what: str) -> str:
         raise _bad_path(what, "is not a valid path.")
     real = os.path.realpath(path)
     if not any(_inside(real, root) for root in roots):
-        raise _bad_path(what, "is outside the folders this service loads adapters from "
-                        "(lora.adapter_roots).", "lora_path_not_allowed")
+        raise _bad_path(
+            what,
+            "is outside the folders this service loads adapters from (lora.adapter_roots).",
+            "lora_path_not_allowed",
+        )
     for name in (CONFIG_FILE, WEIGHTS_FILE, *PICKLED_WEIGHTS):
         f = os.path.join(real, name)
         if os.path.lexists(f) and not any(_inside(os.path.realpath(f), root) for root in roots):
-            raise _bad_path(what, f"has {name} pointing outside the folders this service loads "
-                            "adapters from (lora.adapter_roots).", "lora_path_not_allowed")
+            raise _bad_path(
+                what,
+                f"has {name} pointing outside the folders this service loads adapters from (lora.adapter_roots).",
+                "lora_path_not_allowed",
+            )
     return real
 
 
@@ -100,9 +107,13 @@ def validate_adapter_dir(path: str, max_rank: int, what: str | None = None) -> d
         raise _bad_path(what, f"has no {CONFIG_FILE}: not a peft adapter.")
     pickled = [f for f in PICKLED_WEIGHTS if (p / f).exists()]
     if pickled:
-        raise _bad_path(what, f"has pickled weights ({', '.join(pickled)}): only {WEIGHTS_FILE} adapters are "
-                        "loaded. Save it with safetensors (peft: save_pretrained(..., safe_serialization=True)) "
-                        "and remove the pickle.", "lora_weights_not_safetensors")
+        raise _bad_path(
+            what,
+            f"has pickled weights ({', '.join(pickled)}): only {WEIGHTS_FILE} adapters are "
+            "loaded. Save it with safetensors (peft: save_pretrained(..., safe_serialization=True)) "
+            "and remove the pickle.",
+            "lora_weights_not_safetensors",
+        )
     if not (p / WEIGHTS_FILE).is_file():
         raise _bad_path(what, f"has no {WEIGHTS_FILE} weights (only safetensors adapters are loaded).")
     try:
@@ -120,8 +131,12 @@ def validate_adapter_dir(path: str, max_rank: int, what: str | None = None) -> d
     except (TypeError, ValueError):
         rank = 0
     if rank <= 0 or rank > max_rank:
-        raise APIError(400, f"adapter rank {rank} is outside 1..{max_rank} (lora.max_lora_rank).",
-                       param="lora_path", code="invalid_lora_rank")
+        raise APIError(
+            400,
+            f"adapter rank {rank} is outside 1..{max_rank} (lora.max_lora_rank).",
+            param="lora_path",
+            code="invalid_lora_rank",
+        )
     return cfg
 
 
@@ -176,16 +191,21 @@ class AdapterRegistry:
         for attempt in (0, 1):
             if self._handle is None:
                 self._handle = await asyncio.to_thread(
-                    get_or_create_actor, AdapterRegistryActor, self.name, self.namespace)
+                    get_or_create_actor, AdapterRegistryActor, self.name, self.namespace
+                )
             try:
                 return await asyncio.wait_for(getattr(self._handle, method).remote(*args), self.timeout_s)
             except actor_failure_types():
                 self._handle = None
                 if attempt:
                     raise
-            except (asyncio.TimeoutError, TimeoutError):
-                raise APIError(503, "Adapter registry is briefly unavailable; retry.",
-                               code="registry_unavailable", headers={"Retry-After": "1"}) from None
+            except TimeoutError:
+                raise APIError(
+                    503,
+                    "Adapter registry is briefly unavailable; retry.",
+                    code="registry_unavailable",
+                    headers={"Retry-After": "1"},
+                ) from None
 
     async def register(self, name: str, path: str, replace: bool = True) -> AdapterRef | None:
         return await self._call("register", name, path, replace)

@@ -37,18 +37,19 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
 POLICY_FUNCTION = "deployments.autoscaling:LLMAutoscalingPolicy"
 
 # The custom metrics a model replica reports (Serve's `record_autoscaling_stats`).
-KV = "llm_kv_cache_usage"            # 0-1, gauge
-WAITING = "llm_engine_waiting"       # requests in the engine's scheduler queue, gauge
-RUNNING = "llm_engine_running"       # requests in the engine's batch, gauge
-TTFT_SUM = "llm_ttft_seconds_sum"    # the engine's TTFT histogram: cumulative sum ...
-TTFT_COUNT = "llm_ttft_count"        # ... and count (windowed mean from their deltas)
+KV = "llm_kv_cache_usage"  # 0-1, gauge
+WAITING = "llm_engine_waiting"  # requests in the engine's scheduler queue, gauge
+RUNNING = "llm_engine_running"  # requests in the engine's batch, gauge
+TTFT_SUM = "llm_ttft_seconds_sum"  # the engine's TTFT histogram: cumulative sum ...
+TTFT_COUNT = "llm_ttft_count"  # ... and count (windowed mean from their deltas)
 
 # Policy parameters (`policy_kwargs`) and their defaults; `autoscaling.*` in the service
 # config (deployments/config.py) documents each.
@@ -73,8 +74,11 @@ def engine_autoscaling_stats(snapshot: Iterable[Any] | None = None) -> dict[str,
 
         snapshot = get_metrics_snapshot()
     out = {KV: 0.0, WAITING: 0.0, RUNNING: 0.0, TTFT_SUM: 0.0, TTFT_COUNT: 0.0}
-    gauges = {"vllm:kv_cache_usage_perc": KV, "vllm:num_requests_waiting": WAITING,
-              "vllm:num_requests_running": RUNNING}
+    gauges = {
+        "vllm:kv_cache_usage_perc": KV,
+        "vllm:num_requests_waiting": WAITING,
+        "vllm:num_requests_running": RUNNING,
+    }
     for m in snapshot:
         if m.name in gauges:
             out[gauges[m.name]] += float(m.value)
@@ -97,8 +101,9 @@ def uses_llm_policy(autoscaling_config: Mapping[str, Any] | None) -> bool:
 # ----------------------------------------------------------------------------- decision
 
 
-def windowed_mean_ttft(sums: Iterable[list[tuple[float, float]]],
-                       counts: Iterable[list[tuple[float, float]]]) -> float | None:
+def windowed_mean_ttft(
+    sums: Iterable[list[tuple[float, float]]], counts: Iterable[list[tuple[float, float]]]
+) -> float | None:
     """Mean TTFT of the first tokens produced within the window: per replica, the growth of
     the cumulative sum over the growth of the count (each a list of (timestamp, value));
     None when no first token was produced."""
@@ -111,18 +116,28 @@ def windowed_mean_ttft(sums: Iterable[list[tuple[float, float]]],
     return dsum / dcount if dcount > 0 else None
 
 
-def decide(current: int, total_requests: float, target_ongoing: float,
-           kv: Mapping[Any, float] | None = None, waiting: Mapping[Any, float] | None = None,
-           running: Mapping[Any, float] | None = None, ttft_s: float | None = None,
-           **params: Any) -> tuple[int, dict[str, float | None]]:
+def decide(
+    current: int,
+    total_requests: float,
+    target_ongoing: float,
+    kv: Mapping[Any, float] | None = None,
+    waiting: Mapping[Any, float] | None = None,
+    running: Mapping[Any, float] | None = None,
+    ttft_s: float | None = None,
+    **params: Any,
+) -> tuple[int, dict[str, float | None]]:
     """Replicas wanted (before Serve's bounds and delays) and each signal's own answer.
 
     `current`: running replicas (> 0); `total_requests`: Serve's ongoing + queued requests,
     averaged over the look-back window; `kv`, `waiting`, `running`: per replica, averaged over
     the window; `ttft_s`: the window's mean engine TTFT (None: no first token in it)."""
     p = {**DEFAULTS, **params}
-    signals: dict[str, float | None] = {"requests": total_requests / target_ongoing,
-                                        "kv": None, "waiting": None, "ttft": None}
+    signals: dict[str, float | None] = {
+        "requests": total_requests / target_ongoing,
+        "kv": None,
+        "waiting": None,
+        "ttft": None,
+    }
     if kv:
         signals["kv"] = sum(kv.values()) / p["kv_cache_target"]
     if waiting:
@@ -132,8 +147,7 @@ def decide(current: int, total_requests: float, target_ongoing: float,
             total_running = sum((running or {}).get(r, 0.0) for r in waiting)
             per_replica = total_running / n
             # demand (running + waiting) over what a replica runs now; nothing runs: one more
-            signals["waiting"] = ((total_running + total_waiting) / per_replica if per_replica > 0
-                                  else current + 1)
+            signals["waiting"] = (total_running + total_waiting) / per_replica if per_replica > 0 else current + 1
     target_s = p["ttft_target_s"]
     if target_s and ttft_s is not None:
         if ttft_s > target_s:
@@ -174,19 +188,33 @@ class LLMAutoscalingPolicy:
         replicas = [r for r in (metrics.get(KV) or {})]
         ttft = windowed_mean_ttft(
             [_pairs(raw.get(TTFT_SUM, {}).get(r)) for r in replicas],
-            [_pairs(raw.get(TTFT_COUNT, {}).get(r)) for r in replicas])
+            [_pairs(raw.get(TTFT_COUNT, {}).get(r)) for r in replicas],
+        )
         desired, signals = decide(
-            current, ctx.total_num_requests, ctx.config.get_target_ongoing_requests(),
-            kv=metrics.get(KV), waiting=metrics.get(WAITING), running=metrics.get(RUNNING),
-            ttft_s=ttft, **self.params)
+            current,
+            ctx.total_num_requests,
+            ctx.config.get_target_ongoing_requests(),
+            kv=metrics.get(KV),
+            waiting=metrics.get(WAITING),
+            running=metrics.get(RUNNING),
+            ttft_s=ttft,
+            **self.params,
+        )
         lead = max((k for k, v in signals.items() if v is not None), key=lambda k: signals[k])
         if desired != state.get("llm_desired"):
-            logger.info("llm-autoscaling: %s wants %d replicas (running %d, target %d; lead %s; %s)",
-                        ctx.deployment_name, desired, current, ctx.target_num_replicas, lead,
-                        ", ".join(f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in signals.items())
-                        + (f", ttft_mean={ttft:.3f}s" if ttft is not None else ""))
-        state.update(llm_desired=desired, llm_lead=lead,
-                     llm_signals={k: v for k, v in signals.items() if v is not None})
+            logger.info(
+                "llm-autoscaling: %s wants %d replicas (running %d, target %d; lead %s; %s)",
+                ctx.deployment_name,
+                desired,
+                current,
+                ctx.target_num_replicas,
+                lead,
+                ", ".join(f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in signals.items())
+                + (f", ttft_mean={ttft:.3f}s" if ttft is not None else ""),
+            )
+        state.update(
+            llm_desired=desired, llm_lead=lead, llm_signals={k: v for k, v in signals.items() if v is not None}
+        )
         return desired, state
 
 

@@ -23,8 +23,9 @@ deployed pod has no ``../shared``; :func:`labels_for_model` prefers it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LABELS_FILE = REPO_ROOT.parent / "shared" / "data" / "tnews" / "labels.json"
@@ -159,7 +160,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def heldout_split(rows: Sequence[dict[str, Any]], n: int = HELDOUT_LAST_N) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def heldout_split(
+    rows: Sequence[dict[str, Any]], n: int = HELDOUT_LAST_N
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train rows, held-out rows) of the shared TNEWS file: see :data:`HELDOUT_RULE`."""
     rows = list(rows)
     if len(rows) <= n:
@@ -216,4 +219,3 @@ def label_scoring_tokens(label_ids: Sequence[Sequence[int]]) -> tuple[list[int],
             labels = trimmed
     shared = min(common_prefix_len(labels), min(map(len, labels)) - 1)
     return labels[0][:shared], [ids[shared:] for ids in labels]
-

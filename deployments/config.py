@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from deployments.admission.auth import AuthConfig
+from deployments.admission.rate_limit import RateLimitConfig
 from deployments.autoscaling import DEFAULTS as _AUTOSCALING_DEFAULTS
 from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
 from deployments.observability import ObservabilityConfig
-from deployments.admission.rate_limit import RateLimitConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,26 +43,28 @@ class ModelConfig(_Strict):
         description="Local path (relative paths resolve against the repo root) or model folder "
         "mounted in the pod. Nothing is downloaded from a hub at run time.",
     )
-    tokenizer_source: str | None = Field(
-        None, description="Tokenizer path; defaults to `model_source`."
-    )
+    tokenizer_source: str | None = Field(None, description="Tokenizer path; defaults to `model_source`.")
     owned_by: str = Field("organization", description="`owned_by` reported by /v1/models.")
     default_model: str | None = Field(
-        None, description="The model (the base `model_id`, an adapter name or an alias) that answers "
+        None,
+        description="The model (the base `model_id`, an adapter name or an alias) that answers "
         "requests which name none. null: the base model. The shipped config names the fine-tuned "
         "classification adapter, as the replaced service answered every request with it.",
     )
     tool_call_parser: str | None = Field(
-        None, description="vLLM tool-call parser that reads the model's own tool calls for `tool_choice: "
+        None,
+        description="vLLM tool-call parser that reads the model's own tool calls for `tool_choice: "
         "auto` (`hermes` for Qwen's `<tool_call>` format). null: `auto` is refused with a 400; `required`, "
         "a named function and `none` need no parser (forced calls are constrained to the function's schema).",
     )
     reasoning_parser: str | None = Field(
-        None, description="vLLM reasoning parser that moves the model's reasoning out of the answer into "
+        None,
+        description="vLLM reasoning parser that moves the model's reasoning out of the answer into "
         "`reasoning_content` (`qwen3` for `<think>…</think>`). null: the text is returned as generated.",
     )
     aliases: dict[str, str] = Field(
-        default_factory=dict, description="Other names clients may send as `model` → the base "
+        default_factory=dict,
+        description="Other names clients may send as `model` → the base "
         "`model_id` or an adapter name (e.g. the replaced service's `qwen-news-classifier`); "
         "listed by /v1/models.",
     )
@@ -97,13 +100,17 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool | None = Field(None, description="Prefix caching; null: vLLM's default.")
     max_num_seqs: int | None = Field(None, gt=0, description="Max sequences per engine step; null: vLLM's default.")
     scheduling_policy: Literal["fcfs", "priority"] = Field(
-        "priority", description="vLLM's scheduler: `priority` orders its waiting queue (and, when KV "
+        "priority",
+        description="vLLM's scheduler: `priority` orders its waiting queue (and, when KV "
         "memory runs short, which running request is preempted) by tenant priority, then each "
         "request's `priority`, then arrival; `fcfs`: arrival only (a request's `priority` then orders "
-        "only the capacity gate's queue).")
+        "only the capacity gate's queue).",
+    )
     seed: int | None = Field(0, description="Engine seed (per-request `seed` overrides sampling).")
     engine_niceness: int | None = Field(
-        0, ge=-20, le=19,
+        0,
+        ge=-20,
+        le=19,
         description="CPU niceness of vLLM's engine-core process. Ray starts its workers, and so the "
         "engine the model replica spawns, at niceness 15, level with the Serve processes around it; "
         "the engine core steps every token (it drives the GPU, or is the model on CPU), so it gets "
@@ -126,11 +133,14 @@ class LimitsConfig(_Strict):
     """Request limits, defaults from the user's single-GPU service."""
 
     max_tokens_cap: int = Field(
-        512, gt=0, description="Largest `max_tokens` served; above it, what `max_tokens_over_cap` says.")
+        512, gt=0, description="Largest `max_tokens` served; above it, what `max_tokens_over_cap` says."
+    )
     max_tokens_over_cap: Literal["refuse", "clamp"] = Field(
-        "refuse", description="A request's `max_tokens` above `max_tokens_cap`: `refuse` answers 400 "
+        "refuse",
+        description="A request's `max_tokens` above `max_tokens_cap`: `refuse` answers 400 "
         "`max_tokens_too_large`; `clamp` serves it with `max_tokens_cap` (for gateways configured with "
-        "a larger fixed value; the response's `usage` shows what was generated).")
+        "a larger fixed value; the response's `usage` shows what was generated).",
+    )
     default_max_tokens_chat: int = Field(100, gt=0, description="`max_tokens` when a chat request omits it.")
     default_max_tokens_completion: int = Field(
         16, gt=0, description="`max_tokens` when a completions request omits it (OpenAI's default)."
@@ -145,31 +155,40 @@ class LimitsConfig(_Strict):
     max_n: int = Field(4, ge=1, le=128, description="Largest `n` (choices per request) accepted; above it: 400.")
     max_request_bytes: int = Field(1_048_576, gt=0, description="Largest request body; above it: 413.")
     request_body_timeout_s: float = Field(
-        10.0, gt=0, description="A request whose body has not fully arrived this many seconds after its "
+        10.0,
+        gt=0,
+        description="A request whose body has not fully arrived this many seconds after its "
         "headers gets a 408 `request_timeout` and its connection closed, on both request paths (a stalled "
         "client no longer holds an ingress slot). Headers themselves: on the fast path HAProxy's "
-        "`LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S`; Serve's Python proxy has no header timeout (docs/security.md S18).")
+        "`LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S`; Serve's Python proxy has no header timeout (docs/security.md S18).",
+    )
     retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
     fair_queue: bool = Field(
-        True, description="Under overload, admit and send to the model by tenant (or key-less client "
+        True,
+        description="Under overload, admit and send to the model by tenant (or key-less client "
         "address) so that each one's share tracks its weight (tenant priority + 1): the next request "
         "sent is from the tenant holding the fewest places per weight, and a newcomer from a lighter "
         "tenant takes the newest waiting place of the one holding the most, which gets the 503. "
-        "false: first come, first served (docs/security.md S17).")
+        "false: first come, first served (docs/security.md S17).",
+    )
     fair_queue_reserve: int = Field(
-        0, ge=0, description="Model slots one tenant (or key-less client address) cannot fill while "
+        0,
+        ge=0,
+        description="Model slots one tenant (or key-less client address) cannot fill while "
         "another has sent requests within the last 10 s: the other's next request starts at once "
         "instead of waiting for one of the first tenant's to end (its TTFT stays near what it gets "
         "alone); the busy tenant loses up to that many slots meanwhile. Counted per ingress replica "
         "against `max_ongoing_requests` × replicas; 0: work-conserving fair queueing only "
-        "(docs/security.md S17). Applies with a bounded queue (`max_queued_requests` ≥ 0).")
+        "(docs/security.md S17). Applies with a bounded queue (`max_queued_requests` ≥ 0).",
+    )
 
 
 class StreamingConfig(_Strict):
     """How generated tokens travel from the model replica to the client."""
 
     coalesce_ms: float = Field(
-        50.0, ge=0,
+        50.0,
+        ge=0,
         description="The model replica sends the first token at once, then at most one chunk per "
         "`coalesce_ms` (all tokens generated meanwhile, in one SSE event): fewer hops and writes "
         "per token (50 ms, as Ray Serve LLM's stream batching: 20 updates a second; measured "
@@ -187,15 +206,16 @@ class LoraConfig(_Strict):
         "(relative paths resolve against the repo root).",
     )
     enabled: bool | None = Field(
-        None, description="Enable LoRA in the engine. null: when adapters are configured or "
-        "`allow_runtime_loading` is true.",
+        None,
+        description="Enable LoRA in the engine. null: when adapters are configured or `allow_runtime_loading` is true.",
     )
     allow_runtime_loading: bool = Field(
-        True, description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key "
-        "required when auth is on).",
+        True,
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key required when auth is on).",
     )
     adapter_roots: list[str] = Field(
-        default_factory=lambda: ["models"], min_length=1,
+        default_factory=lambda: ["models"],
+        min_length=1,
         description="Folders POST /v1/load_lora_adapter may load adapters from (relative paths resolve "
         "against the repo root): a `lora_path` is accepted only if, with symlinks and `..` resolved on "
         "the model replica's node, it lies inside one of them (its weights and config too); else 400 "
@@ -206,7 +226,9 @@ class LoraConfig(_Strict):
     max_loras: int = Field(4, gt=0, description="Adapters active in one engine batch.")
     max_cpu_loras: int | None = Field(None, gt=0, description="Adapters cached in host memory; null: vLLM default.")
     max_adapters_per_replica: int = Field(
-        8, gt=0, description="Adapters a model replica keeps loaded (Serve multiplexing LRU); "
+        8,
+        gt=0,
+        description="Adapters a model replica keeps loaded (Serve multiplexing LRU); "
         "requests route to replicas that already hold their adapter.",
     )
 
@@ -218,11 +240,13 @@ class ClassificationConfig(_Strict):
     """POST /v1/classify."""
 
     model: str | None = Field(
-        None, description="The model (base id or adapter name) that classifies when a request names "
+        None,
+        description="The model (base id or adapter name) that classifies when a request names "
         "none. null: the base model. The shipped config names the classification adapter.",
     )
     labels: list[str] | None = Field(
-        None, description="The label set. null: the model folder's labels.json, else the TNEWS labels "
+        None,
+        description="The label set. null: the model folder's labels.json, else the TNEWS labels "
         "in ../shared/data/tnews/labels.json.",
     )
     max_inputs: int = Field(32, gt=0, description="Most texts in one /v1/classify request.")
@@ -235,7 +259,8 @@ class CompatConfig(_Strict):
     `vllm_*` gauges) are always present beside ours; only what would change ours is switched."""
 
     legacy_health_status: bool = Field(
-        False, description="GET /health says `status: ok` when healthy (the replaced service's "
+        False,
+        description="GET /health says `status: ok` when healthy (the replaced service's "
         "word) instead of `healthy`; `unhealthy` and the HTTP status (200/503) are the same either way.",
     )
 
@@ -255,23 +280,29 @@ class AutoscalingPolicyConfig(_Strict):
         "`deployments.model.autoscaling_config` itself wins.",
     )
     kv_cache_target: float = Field(
-        _AUTOSCALING_DEFAULTS["kv_cache_target"], gt=0, le=1,
+        _AUTOSCALING_DEFAULTS["kv_cache_target"],
+        gt=0,
+        le=1,
         description="`llm` policy: the KV-cache usage (0-1) one replica should run at; replicas wanted = "
         "the replicas' KV-cache usage summed / this.",
     )
     engine_waiting_per_replica: float = Field(
-        _AUTOSCALING_DEFAULTS["engine_waiting_per_replica"], ge=0,
+        _AUTOSCALING_DEFAULTS["engine_waiting_per_replica"],
+        ge=0,
         description="`llm` policy: engine waiting requests (accepted, not batched: KV cache or batch full) "
         "per replica, averaged over the look-back window, above which the policy scales out to "
         "(running + waiting) / running per replica.",
     )
     ttft_target_s: float | None = Field(
-        _AUTOSCALING_DEFAULTS["ttft_target_s"], gt=0,
+        _AUTOSCALING_DEFAULTS["ttft_target_s"],
+        gt=0,
         description="`llm` policy: mean engine time to first token (s) over the look-back window above "
         "which one replica is added (the replaced service's target: 500 ms). null: TTFT is no signal.",
     )
     ttft_scale_in_ratio: float = Field(
-        _AUTOSCALING_DEFAULTS["ttft_scale_in_ratio"], ge=0, le=1,
+        _AUTOSCALING_DEFAULTS["ttft_scale_in_ratio"],
+        ge=0,
+        le=1,
         description="`llm` policy: while the mean TTFT is above this fraction of `ttft_target_s`, the "
         "policy does not scale in (latency close to the target is no time to give a GPU back).",
     )
@@ -281,8 +312,7 @@ class AutoscalingPolicyConfig(_Strict):
         None for Serve's default."""
         if self.policy != "llm":
             return None
-        return {"policy_function": _POLICY_FUNCTION,
-                "policy_kwargs": self.model_dump(exclude={"policy"})}
+        return {"policy_function": _POLICY_FUNCTION, "policy_kwargs": self.model_dump(exclude={"policy"})}
 
 
 class ServiceConfig(_Strict):
@@ -336,7 +366,7 @@ class ServiceConfig(_Strict):
         return {str(k): str(val) for k, val in v.items()}
 
     @model_validator(mode="after")
-    def _limits_fit_context(self) -> "ServiceConfig":
+    def _limits_fit_context(self) -> ServiceConfig:
         if self.limits.max_tokens_cap >= self.engine.max_model_len:
             raise ValueError(
                 f"limits.max_tokens_cap ({self.limits.max_tokens_cap}) must be below "
@@ -347,13 +377,19 @@ class ServiceConfig(_Strict):
             if alias in known:
                 raise ValueError(f"model.aliases: {alias!r} is already the name of a model or adapter")
             if target not in known:
-                raise ValueError(f"model.aliases: {alias!r} points at {target!r}, neither the model nor a "
-                                 f"configured adapter (lora.adapters): one of {known}")
-        for field, name in (("classification.model", self.classification.model),
-                            ("model.default_model", self.model.default_model)):
+                raise ValueError(
+                    f"model.aliases: {alias!r} points at {target!r}, neither the model nor a "
+                    f"configured adapter (lora.adapters): one of {known}"
+                )
+        for field, name in (
+            ("classification.model", self.classification.model),
+            ("model.default_model", self.model.default_model),
+        ):
             if name is not None and name not in known and name not in self.model.aliases:
-                raise ValueError(f"{field} {name!r} is neither the model, a configured adapter "
-                                 f"(lora.adapters) nor an alias: one of {known + list(self.model.aliases)}")
+                raise ValueError(
+                    f"{field} {name!r} is neither the model, a configured adapter "
+                    f"(lora.adapters) nor an alias: one of {known + list(self.model.aliases)}"
+                )
         return self
 
 
@@ -434,18 +470,25 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
     environ = os.environ if environ is None else environ
     ours = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
     for key in ours:
-        section = key[len(ENV_PREFIX):].split("__", 1)[0].lower()
+        section = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
         if section not in ServiceConfig.model_fields:
-            raise ValueError(f"environment variable {key}: {section!r} is not a config section or field "
-                             f"(one of {sorted(ServiceConfig.model_fields)})")
+            raise ValueError(
+                f"environment variable {key}: {section!r} is not a config section or field "
+                f"(one of {sorted(ServiceConfig.model_fields)})"
+            )
     legacy: dict[str, Any] = {}
     for name, (section, field) in LEGACY_ENV.items():
         if environ.get(name):
             legacy.setdefault(section, {})[field] = environ[name]
 
     class Settings(ServiceConfig, BaseSettings):
-        model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
-                                          protected_namespaces=(), case_sensitive=False)
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter="__",
+            extra="forbid",
+            protected_namespaces=(),
+            case_sensitive=False,
+        )
 
         @classmethod
         def settings_customise_sources(cls, settings_cls, init_settings, **_):
@@ -454,12 +497,16 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
     try:
         settings = Settings(**deep_merge(args or {}, legacy))
     except ValidationError as exc:
-        names = [f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in e['loc'])}" if e["loc"] else "the configuration"
-                 for e in exc.errors()]
+        names = [
+            f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in e['loc'])}" if e["loc"] else "the configuration"
+            for e in exc.errors()
+        ]
         legacy_used = [n for n, path in LEGACY_ENV.items() if environ.get(n)]
         hint = f" (set by the environment: {sorted(set(ours) | set(legacy_used))})" if ours or legacy_used else ""
-        raise ValueError(f"invalid configuration{hint}: {exc.error_count()} problem(s), e.g. "
-                         f"{names[0]}: {exc.errors()[0]['msg']}\n{exc}") from None
+        raise ValueError(
+            f"invalid configuration{hint}: {exc.error_count()} problem(s), e.g. "
+            f"{names[0]}: {exc.errors()[0]['msg']}\n{exc}"
+        ) from None
     return ServiceConfig.model_validate(settings.model_dump())
 
 

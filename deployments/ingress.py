@@ -60,11 +60,13 @@ class IngressRouter:
     # Old replicas drain on redeploy/downscale; graceful_shutdown_timeout_s is derived from
     # limits.request_timeout_s (serve_app.app_options) so every request reaches its deadline.
     DEFAULT_OPTIONS: dict[str, Any] = base_options(
-        "IngressRouter", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.25},
-        graceful_shutdown_wait_loop_s=2)
+        "IngressRouter",
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0.25},
+        graceful_shutdown_wait_loop_s=2,
+    )
 
-    async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig,
-                       model_options: dict[str, Any]):
+    async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig, model_options: dict[str, Any]):
         """`model_options`: the model deployment's Serve options as the builder computed them
         (`serve_app.app_options`): they size the capacity gate and /health's limits report."""
         self.config = ServiceConfig.model_validate(config)
@@ -84,23 +86,29 @@ class IngressRouter:
         for name, path in self.config.lora.adapters.items():
             await adapters.register(name, resolve_path(path), True)
         m = self.config.model
-        self.models = ModelDirectory(self.model_id, m.owned_by, int(time.time()), model, adapters,
-                                     m.default_model, m.aliases)
-        self.calls = ModelCalls(ModelCapacity.from_options(model_options, self.limits.fair_queue_reserve,
-                                                           self.limits.fair_queue), self.limits.retry_after_s)
+        self.models = ModelDirectory(
+            self.model_id, m.owned_by, int(time.time()), model, adapters, m.default_model, m.aliases
+        )
+        self.calls = ModelCalls(
+            ModelCapacity.from_options(model_options, self.limits.fair_queue_reserve, self.limits.fair_queue),
+            self.limits.retry_after_s,
+        )
         gate = self.calls.capacity
         if gate.running_limit is not None and gate.replica_range[0] != gate.replica_range[1]:
             self._replica_watch = asyncio.get_running_loop().create_task(watch_model_replicas(gate))
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats, m)
-        self.classifier = ServingClassify(tokenizer, self.models, self.calls, self.limits,
-                                          self.config.classification, labels, self.stats)
+        self.classifier = ServingClassify(
+            tokenizer, self.models, self.calls, self.limits, self.config.classification, labels, self.stats
+        )
         self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)
-        self.health_check = ServingHealth(model, self.config, model_options, self.calls, self.limiter,
-                                          self.auth.enabled)
+        self.health_check = ServingHealth(
+            model, self.config, model_options, self.calls, self.limiter, self.auth.enabled
+        )
         logger.log(*self.auth.startup_summary())
-        logger.info("ingress ready: rate limits %s, auth %s", self.limiter.describe(),
-                    "on" if self.auth.enabled else "off")
+        logger.info(
+            "ingress ready: rate limits %s, auth %s", self.limiter.describe(), "on" if self.auth.enabled else "off"
+        )
 
     def __serve_build_asgi_app__(self):
         """Serve calls this once the constructor has run, for the app it serves (a frozen copy
@@ -108,14 +116,21 @@ class IngressRouter:
         middleware and the exception handlers read them."""
         served = self.app
         served.state.admission = Admission(
-            auth=self.auth, limiter=self.limiter, trusted_proxies=self.config.rate_limit.trusted_proxies,
-            max_request_bytes=self.limits.max_request_bytes, stats=self.stats,
-            public_paths=frozenset(self.auth.public_paths), client_address=self.client_address,
-            capacity=self.calls.capacity, retry_after_s=self.limits.retry_after_s,
+            auth=self.auth,
+            limiter=self.limiter,
+            trusted_proxies=self.config.rate_limit.trusted_proxies,
+            max_request_bytes=self.limits.max_request_bytes,
+            stats=self.stats,
+            public_paths=frozenset(self.auth.public_paths),
+            client_address=self.client_address,
+            capacity=self.calls.capacity,
+            retry_after_s=self.limits.retry_after_s,
             body_timeout_s=self.limits.request_body_timeout_s,
-            default_max_tokens={"/v1/chat/completions": self.limits.default_max_tokens_chat,
-                                "/v1/completions": self.limits.default_max_tokens_completion,
-                                "/v1/classify": 1},
+            default_max_tokens={
+                "/v1/chat/completions": self.limits.default_max_tokens_chat,
+                "/v1/completions": self.limits.default_max_tokens_completion,
+                "/v1/classify": 1,
+            },
         )
         served.state.on_rejection = self.stats.record_rejection
         return served
@@ -169,8 +184,9 @@ class IngressRouter:
         self._require_runtime_loading()
         if body.lora_name == self.model_id:
             raise errors.bad_request("lora_name must differ from the base model's name.", "lora_name")
-        taken = errors.bad_request(f"The lora adapter '{body.lora_name}' has already been loaded.",
-                                   "lora_name", "adapter_exists")
+        taken = errors.bad_request(
+            f"The lora adapter '{body.lora_name}' has already been loaded.", "lora_name", "adapter_exists"
+        )
         if await self.models.adapters.get(body.lora_name) is not None:
             raise taken
         # Client input: never expand ~ or $VARS (the 400 message echoes the path as sent). The
@@ -187,16 +203,21 @@ class IngressRouter:
     async def unload_lora_adapter(self, body: UnloadLoraRequest) -> Response:
         self._require_runtime_loading()
         if not await self.models.adapters.unregister(body.lora_name):
-            raise APIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
-                           param="lora_name", code="adapter_not_found")
+            raise APIError(
+                404,
+                f"The lora adapter '{body.lora_name}' cannot be found.",
+                param="lora_name",
+                code="adapter_not_found",
+            )
         self.models.forget(body.lora_name)
         logger.info("LoRA adapter %s unregistered", body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     def _require_runtime_loading(self) -> None:
         if not self.config.lora.allow_runtime_loading or not self.config.lora.engine_enabled():
-            raise APIError(403, "Runtime LoRA loading is disabled (lora.allow_runtime_loading).",
-                           code="runtime_lora_disabled")
+            raise APIError(
+                403, "Runtime LoRA loading is disabled (lora.allow_runtime_loading).", code="runtime_lora_disabled"
+            )
 
     # ------------------------------------------------------------------ health and figures
 

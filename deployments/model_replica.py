@@ -11,20 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from deployments.adapters import AdapterRegistry, check_adapter
+from deployments.api.errors import APIError, engine_unavailable, model_not_found
+from deployments.api.protocol import GenerationChunk, GenerationRequest
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
 from deployments.config import ServiceConfig, base_options, current_app_name, resolve_path
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
-from deployments.engine.process import shutdown_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.engine.label_scoring import score_labels
-from deployments.api.errors import APIError, engine_unavailable, model_not_found
+from deployments.engine.process import shutdown_engine
 from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
 from deployments.observability.tracing import engine_span
-from deployments.api.protocol import GenerationChunk, GenerationRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,8 +36,14 @@ class ModelReplica:
     # The user's GPU semaphore (3) and waiting queue (10). graceful_shutdown_timeout_s is derived
     # from limits.request_timeout_s (serve_app.app_options).
     DEFAULT_OPTIONS: dict[str, Any] = base_options(
-        "ModelReplica", max_ongoing_requests=3, max_queued_requests=10, ray_actor_options={"num_cpus": 1},
-        health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_wait_loop_s=2)
+        "ModelReplica",
+        max_ongoing_requests=3,
+        max_queued_requests=10,
+        ray_actor_options={"num_cpus": 1},
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+        graceful_shutdown_wait_loop_s=2,
+    )
 
     async def __init__(self, config: dict[str, Any] | ServiceConfig, options: dict[str, Any]):
         """`options`: this deployment's Serve options as the builder computed them
@@ -71,8 +78,9 @@ class ModelReplica:
         capacity = options["max_ongoing_requests"]
         if not uses_llm_policy(options.get("autoscaling_config")):
             self.record_autoscaling_stats = None  # Serve then collects no custom metrics from us
-        self.stats = StatsRecorder.from_config(self.config.observability, role="model",
-                                               app_name=current_app_name(), capacity=capacity)
+        self.stats = StatsRecorder.from_config(
+            self.config.observability, role="model", app_name=current_app_name(), capacity=capacity
+        )
         if stat_loggers is not None:
             self.stats.engine_source = EngineMetrics(self.on_cpu).snapshot
         await self.stats.ready()
@@ -92,11 +100,15 @@ class ModelReplica:
             return await self._load_adapter(multiplexed_id)
 
         self._adapter = serve.multiplexed(max_num_models_per_replica=self.config.lora.max_adapters_per_replica)(
-            load_adapter)
+            load_adapter
+        )
         logger.info(
             "engine for %s ready in %.1f s (platform=%s, ray gpu ids=%s, CUDA_VISIBLE_DEVICES=%s)",
-            self.config.model.model_id, time.monotonic() - t0, current_platform.device_name,
-            self.gpu_ids, os.environ.get("CUDA_VISIBLE_DEVICES"),
+            self.config.model.model_id,
+            time.monotonic() - t0,
+            current_platform.device_name,
+            self.gpu_ids,
+            os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
 
     @staticmethod
@@ -122,10 +134,10 @@ class ModelReplica:
                 sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
             return SamplingParams(**sampling, output_kind=kind)
         except (ValueError, TypeError, *_vllm_client_errors()) as exc:
-            param = getattr(exc, "parameter", None) or \
-                ("structured_outputs" if "structured" in str(exc) or "constraint" in str(exc) else None)
-            raise APIError(400, f"Invalid sampling parameters: {exc}", param=param,
-                           code="invalid_value") from None
+            param = getattr(exc, "parameter", None) or (
+                "structured_outputs" if "structured" in str(exc) or "constraint" in str(exc) else None
+            )
+            raise APIError(400, f"Invalid sampling parameters: {exc}", param=param, code="invalid_value") from None
 
     # ------------------------------------------------------------------ adapters
 
@@ -147,8 +159,12 @@ class ModelReplica:
             await self.engine.add_lora(lora)
         except Exception as exc:
             detail = str(exc).replace(folder, "<adapter folder>").replace(ref.path, "<adapter folder>")
-            raise APIError(400, f"The engine could not load adapter {name!r}: {detail}",
-                           param="lora_path", code="invalid_lora_adapter") from None
+            raise APIError(
+                400,
+                f"The engine could not load adapter {name!r}: {detail}",
+                param="lora_path",
+                code="invalid_lora_adapter",
+            ) from None
         logger.info("loaded LoRA adapter %s (v%s) from %s", ref.name, ref.version, folder)
         return lora
 
@@ -166,8 +182,9 @@ class ModelReplica:
 
     # ------------------------------------------------------------------ classification
 
-    async def classify(self, prompts: list[list[int]], label_ids: list[list[int]],
-                       lora: str | None = None) -> list[list[float]]:
+    async def classify(
+        self, prompts: list[list[int]], label_ids: list[list[int]], lora: str | None = None
+    ) -> list[list[float]]:
         """Log-probability of each label's answer tokens after each prompt, up to a term common
         to all labels (label scoring, so the answer is always a valid label):
         `deployments.engine.label_scoring`, shared with the batch job."""
@@ -188,17 +205,25 @@ class ModelReplica:
         params = self._sampling_params(req.sampling, final_only)
         lora_request = await self._lora_request(req.lora)
         try:
-            with self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace, \
-                    engine_span(req.request_id, len(req.prompt_token_ids), self.vllm_traces) as span:
+            with (
+                self.stats.engine_request(req.request_id, len(req.prompt_token_ids)) as trace,
+                engine_span(req.request_id, len(req.prompt_token_ids), self.vllm_traces) as span,
+            ):
                 async for out in self.engine.generate(
-                    TokensPrompt(prompt_token_ids=req.prompt_token_ids), params, req.request_id,
-                    lora_request=lora_request, trace_headers=span.headers, priority=req.priority,
+                    TokensPrompt(prompt_token_ids=req.prompt_token_ids),
+                    params,
+                    req.request_id,
+                    lora_request=lora_request,
+                    trace_headers=span.headers,
+                    priority=req.priority,
                 ):
                     if final_only:
                         timing = out.metrics  # vLLM's RequestStateStats (None without log stats)
-                        trace.completed(sum(len(o.token_ids) for o in out.outputs),
-                                        timing.first_token_latency if timing else None,
-                                        timing.last_token_ts - timing.first_token_ts if timing else None)
+                        trace.completed(
+                            sum(len(o.token_ids) for o in out.outputs),
+                            timing.first_token_latency if timing else None,
+                            timing.last_token_ts - timing.first_token_ts if timing else None,
+                        )
                     else:
                         trace.output(sum(len(o.token_ids) for o in out.outputs))
                     yield out
@@ -209,8 +234,7 @@ class ModelReplica:
             # vLLM wraps what failed before the engine core saw the request (e.g. a value that
             # does not serialise); the engine itself is fine.
             if isinstance(exc.__cause__, (ValueError, TypeError, OverflowError)):
-                raise APIError(400, f"Invalid request for the engine: {exc.__cause__}",
-                               code="invalid_value") from None
+                raise APIError(400, f"Invalid request for the engine: {exc.__cause__}", code="invalid_value") from None
             raise
         except APIError:
             raise
@@ -230,8 +254,9 @@ class ModelReplica:
         prompt = self._prompt_logprobs(final, req)
         chunks = []
         for c in final.outputs:
-            chunk = GenerationChunk(c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index,
-                                    _token_logprobs(c, k), prompt)
+            chunk = GenerationChunk(
+                c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index, _token_logprobs(c, k), prompt
+            )
             if (parser := self._choice_parser(req)) is not None:
                 reasoning, content, calls = parser.final(c.text, c.token_ids)
                 chunk.text, chunk.tool_calls = content or "", calls or None
@@ -263,8 +288,9 @@ class ModelReplica:
                 prompt = self._prompt_logprobs(out, req)
             for c in out.outputs:
                 if c.index not in pending:
-                    pending[c.index] = _Pending(prompt, self._choice_parser(req),
-                                                req.parse is None or req.parse.get("include_reasoning", True))
+                    pending[c.index] = _Pending(
+                        prompt, self._choice_parser(req), req.parse is None or req.parse.get("include_reasoning", True)
+                    )
                 p = pending[c.index]
                 p.add(c, k)
                 finished |= c.finish_reason is not None
@@ -339,13 +365,22 @@ class ModelReplica:
         shutdown_engine(self)
 
 
-
-
 class _Pending:
     """One choice's output since its last chunk (streaming)."""
 
-    __slots__ = ("texts", "ntok", "finish", "stop", "logprobs", "prompt", "parser", "reasoning", "calls",
-                 "called", "show_reasoning")
+    __slots__ = (
+        "called",
+        "calls",
+        "finish",
+        "logprobs",
+        "ntok",
+        "parser",
+        "prompt",
+        "reasoning",
+        "show_reasoning",
+        "stop",
+        "texts",
+    )
 
     def __init__(self, prompt=None, parser=None, show_reasoning: bool = True):
         self.texts, self.ntok, self.finish, self.stop, self.logprobs = [], 0, None, None, None
@@ -375,8 +410,17 @@ class _Pending:
         return bool(self.ntok or self.finish or any(self.texts) or self.reasoning or self.calls)
 
     def flush(self, index: int) -> GenerationChunk:
-        chunk = GenerationChunk("".join(self.texts), self.ntok, self.finish, self.stop, index, self.logprobs,
-                                self.prompt, "".join(self.reasoning) or None, self.calls or None)
+        chunk = GenerationChunk(
+            "".join(self.texts),
+            self.ntok,
+            self.finish,
+            self.stop,
+            index,
+            self.logprobs,
+            self.prompt,
+            "".join(self.reasoning) or None,
+            self.calls or None,
+        )
         self.texts, self.ntok, self.logprobs, self.prompt, self.reasoning, self.calls = [], 0, None, None, [], []
         self.finish = self.stop = None
         return chunk
@@ -394,8 +438,11 @@ def _entry(step, tid: int, k: int):
     """One position: the token, its logprob and the `k` most likely tokens there."""
     chosen = step[tid]
     top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
-    return (chosen.decoded_token or "", max(chosen.logprob, -9999.0),
-            [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top])
+    return (
+        chosen.decoded_token or "",
+        max(chosen.logprob, -9999.0),
+        [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top],
+    )
 
 
 def _node_id() -> str | None:

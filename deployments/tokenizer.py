@@ -19,9 +19,9 @@ import logging
 import re
 from typing import Any
 
-from deployments.config import ServiceConfig, base_options
 from deployments.api.errors import APIError, bad_request
 from deployments.api.protocol import EncodedClassify, EncodedPrompt
+from deployments.config import ServiceConfig, base_options
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,8 +43,12 @@ class PromptTokenizer:
     # No access line per call: the ingress logs each request once, and this internal hop's line
     # cost ~10 % of its CPU.
     DEFAULT_OPTIONS: dict[str, Any] = base_options(
-        "PromptTokenizer", logging_config={"encoding": "JSON", "enable_access_log": False},
-        max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25}, health_check_period_s=10)
+        "PromptTokenizer",
+        logging_config={"encoding": "JSON", "enable_access_log": False},
+        max_ongoing_requests=256,
+        ray_actor_options={"num_cpus": 0.25},
+        health_check_period_s=10,
+    )
 
     def __init__(self, config: dict[str, Any] | ServiceConfig):
         from transformers import AutoTokenizer
@@ -63,15 +67,19 @@ class PromptTokenizer:
 
     # ------------------------------------------------------------------ API
 
-    async def encode_chat(self, messages: list[dict[str, Any]], max_tokens: int,
-                          add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
-                          tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+    async def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> EncodedPrompt:
         """`template_kwargs`: extra chat-template variables (vLLM's `chat_template_kwargs`,
         e.g. Qwen3's `enable_thinking`); `tools`: the request's function tools, which the
         template renders for the model (Qwen3's: into the system turn)."""
         size = sum(len(m.get("content") or "") for m in messages)
-        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt, template_kwargs,
-                               tools)
+        return await self._run(size, self._chat, messages, max_tokens, add_generation_prompt, template_kwargs, tools)
 
     async def encode_prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         return await self._run(len(prompt), self._prompt, prompt, max_tokens)
@@ -81,19 +89,33 @@ class PromptTokenizer:
 
     # /tokenize and /detokenize (vLLM's shapes; no context-length check, as vLLM's)
 
-    async def tokenize_prompt(self, prompt: str, add_special_tokens: bool = True,
-                              return_token_strs: bool = False) -> dict[str, Any]:
+    async def tokenize_prompt(
+        self, prompt: str, add_special_tokens: bool = True, return_token_strs: bool = False
+    ) -> dict[str, Any]:
         """`{"count", "max_model_len", "tokens", "token_strs"}` of a text prompt."""
         return await self._run(len(prompt), self._tokenize_prompt, prompt, add_special_tokens, return_token_strs)
 
-    async def tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            add_special_tokens: bool = False, return_token_strs: bool = False,
-                            template_kwargs: dict[str, Any] | None = None,
-                            tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    async def tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
+        return_token_strs: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """The same for a conversation, encoded exactly as `encode_chat` encodes it."""
         size = sum(len(m.get("content") or "") for m in messages)
-        return await self._run(size, self._tokenize_chat, messages, add_generation_prompt, add_special_tokens,
-                               return_token_strs, template_kwargs, tools)
+        return await self._run(
+            size,
+            self._tokenize_chat,
+            messages,
+            add_generation_prompt,
+            add_special_tokens,
+            return_token_strs,
+            template_kwargs,
+            tools,
+        )
 
     async def detokenize(self, tokens: list[int]) -> str:
         """Token ids → text (special tokens kept, as vLLM's /detokenize); a 400 for an id
@@ -105,15 +127,26 @@ class PromptTokenizer:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def _chat(self, messages: list[dict[str, Any]], max_tokens: int, add_generation_prompt: bool = True,
-              template_kwargs: dict[str, Any] | None = None,
-              tools: list[dict[str, Any]] | None = None) -> EncodedPrompt:
+    def _chat(
+        self,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> EncodedPrompt:
         """`messages`: as `ChatMessage.for_template` gives them (content flattened to text)."""
-        return self._check_fits(self._chat_ids(messages, add_generation_prompt, template_kwargs, tools),
-                                max_tokens, "messages")
+        return self._check_fits(
+            self._chat_ids(messages, add_generation_prompt, template_kwargs, tools), max_tokens, "messages"
+        )
 
-    def _chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                  template_kwargs: dict[str, Any] | None, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def _chat_ids(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """A client's conversation → prompt ids (chat completions and /tokenize): a 400 for
         reserved template variables or a conversation the template rejects."""
         reserved = set(template_kwargs or ()) & self._reserved_template_kwargs
@@ -130,7 +163,9 @@ class PromptTokenizer:
         """Tool definitions and an assistant's tool calls are rendered into the template's own
         text, which is encoded with special tokens parsed: control-token text in them (a literal
         `<|im_start|>` in a description) would become a control token. Refused instead."""
-        parts = [("tools", tools)] + [(f"messages[{i}].tool_calls", m.get("tool_calls")) for i, m in enumerate(messages)]
+        parts = [("tools", tools)] + [
+            (f"messages[{i}].tool_calls", m.get("tool_calls")) for i, m in enumerate(messages)
+        ]
         for param, value in parts:
             if value and (found := [t for t in self._control_texts if t in json.dumps(value, ensure_ascii=False)]):
                 raise bad_request(f"{param} contains the control-token text {found[0]!r}.", param)
@@ -148,10 +183,12 @@ class PromptTokenizer:
         special tokens parsed, so overriding them would smuggle control tokens into the prompt)."""
         params = inspect.signature(self.tokenizer.apply_chat_template).parameters.values()
         named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        return frozenset(named | {"messages", "conversation", "conversations"}
-                         | set(self.tokenizer.special_tokens_map) | {"bos_token", "eos_token", "unk_token",
-                                                                     "pad_token", "sep_token", "cls_token",
-                                                                     "mask_token"})
+        return frozenset(
+            named
+            | {"messages", "conversation", "conversations"}
+            | set(self.tokenizer.special_tokens_map)
+            | {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}
+        )
 
     def _prompt(self, prompt: str | list[int], max_tokens: int) -> EncodedPrompt:
         """Completions prompt: raw text is encoded as vLLM does (special-token text is parsed,
@@ -191,9 +228,15 @@ class PromptTokenizer:
             raise bad_request("prompt is not valid Unicode (lone surrogate)", "prompt")
         return self._tokens(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), return_token_strs)
 
-    def _tokenize_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool, add_special_tokens: bool,
-                       return_token_strs: bool, template_kwargs: dict[str, Any] | None,
-                       tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        add_special_tokens: bool,
+        return_token_strs: bool,
+        template_kwargs: dict[str, Any] | None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         ids = self._chat_ids(messages, add_generation_prompt, template_kwargs, tools)
         if add_special_tokens:  # vLLM encodes the rendered chat with add_special_tokens=True
             prefix, suffix = self._special_affixes
@@ -208,8 +251,12 @@ class PromptTokenizer:
         return self.tokenizer.decode(tokens)
 
     def _tokens(self, ids: list[int], return_token_strs: bool) -> dict[str, Any]:
-        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids,
-                "token_strs": self.tokenizer.convert_ids_to_tokens(ids) if return_token_strs else None}
+        return {
+            "count": len(ids),
+            "max_model_len": self.max_model_len,
+            "tokens": ids,
+            "token_strs": self.tokenizer.convert_ids_to_tokens(ids) if return_token_strs else None,
+        }
 
     @functools.cached_property
     def _special_affixes(self) -> tuple[list[int], list[int]]:
@@ -218,8 +265,8 @@ class PromptTokenizer:
         plain = self.tokenizer.encode("a", add_special_tokens=False)
         full = self.tokenizer.encode("a", add_special_tokens=True)
         for start in range(len(full) - len(plain) + 1):
-            if full[start:start + len(plain)] == plain:
-                return full[:start], full[start + len(plain):]
+            if full[start : start + len(plain)] == plain:
+                return full[:start], full[start + len(plain) :]
         return [], []
 
     def check_health(self) -> None:
@@ -234,12 +281,18 @@ class PromptTokenizer:
                 f"This model's maximum context length is {self.max_model_len} tokens. "
                 f"However, you requested {len(ids) + max_tokens} tokens ({len(ids)} in the "
                 f"prompt, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
-                param=param, code="context_length_exceeded")
+                param=param,
+                code="context_length_exceeded",
+            )
         return EncodedPrompt(ids)
 
-    def _encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                     template_kwargs: dict[str, Any] | None = None,
-                     tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def _encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         contents = [m.get("content") or "" for m in messages]
         # Only non-empty contents get a sentinel: a template renders an empty one differently
         # (Qwen3's: no newline between an assistant's empty content and its tool calls).

@@ -24,8 +24,9 @@ import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 EXT = {"jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
@@ -47,7 +48,7 @@ class Shard:
         return json.dumps(asdict(self))
 
     @staticmethod
-    def from_json(text: str) -> "Shard":
+    def from_json(text: str) -> Shard:
         return Shard(**json.loads(text))
 
 
@@ -96,7 +97,9 @@ def fingerprint(fs, files: list[str]) -> list[dict[str, Any]]:
     out = []
     for f in files:
         info = fs.info(f)
-        out.append({"path": f, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")})
+        out.append(
+            {"path": f, "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or "")}
+        )
     return out
 
 
@@ -148,7 +151,9 @@ def plan_file(fs, path: str, fmt: str, file_index: int, shard_rows: int, label: 
     shards: list[Shard] = []
 
     def add(start_row: int, n: int, offset: int = 0, header: list[str] | None = None) -> None:
-        shards.append(Shard(f"{file_index:04d}-{len(shards):06d}", path, fmt, start_row, n, offset, header or [], label))
+        shards.append(
+            Shard(f"{file_index:04d}-{len(shards):06d}", path, fmt, start_row, n, offset, header or [], label)
+        )
 
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -192,8 +197,16 @@ def parse_shard(fs, shard: Shard, text_field: str, id_field: str | None, max_cha
     out = Parsed()
 
     def reject(row: int, reason: str, detail: str, raw: Any = "", rid: Any = None) -> None:
-        out.rejects.append({"source": shard.path, "row": row, "id": rid, "reason": reason,
-                            "detail": detail, "raw": _raw(raw) if raw else ""})
+        out.rejects.append(
+            {
+                "source": shard.path,
+                "row": row,
+                "id": rid,
+                "reason": reason,
+                "detail": detail,
+                "raw": _raw(raw) if raw else "",
+            }
+        )
 
     def take(row: int, record: Any, raw: Any) -> None:
         if not isinstance(record, dict):
@@ -209,8 +222,9 @@ def parse_shard(fs, shard: Shard, text_field: str, id_field: str | None, max_cha
         if not text.strip():
             return reject(row, "empty_text", f"{text_field!r} is empty", raw, rid)
         if any("\ud800" <= ch <= "\udfff" for ch in text):
-            return reject(row, "bad_encoding", "text is not valid Unicode (undecodable bytes or a lone surrogate)",
-                          raw, rid)
+            return reject(
+                row, "bad_encoding", "text is not valid Unicode (undecodable bytes or a lone surrogate)", raw, rid
+            )
         if len(text) > max_chars:
             return reject(row, "too_long", f"{len(text)} characters, more than {max_chars}", raw, rid)
         out.rows.append((row, rid, text))
@@ -253,8 +267,12 @@ def parse_shard(fs, shard: Shard, text_field: str, id_field: str | None, max_cha
                     record = json.loads(text)
                 except json.JSONDecodeError as exc:
                     truncated = not line.endswith(b"\n") and i == shard.n_rows - 1
-                    reject(row, "truncated" if truncated else "malformed_json",
-                           ("last line cut short: " if truncated else "") + str(exc), line)
+                    reject(
+                        row,
+                        "truncated" if truncated else "malformed_json",
+                        ("last line cut short: " if truncated else "") + str(exc),
+                        line,
+                    )
                     continue
                 take(row, record, line)
     return out
@@ -330,14 +348,24 @@ def put(fs, path: str, data: bytes) -> None:
         pass
 
 
-def write_shard(fs, out: str, shard: Shard, rows: list[dict[str, Any]], rejects: list[dict[str, Any]],
-                labels: list[str], stats: dict[str, Any]) -> None:
+def write_shard(
+    fs,
+    out: str,
+    shard: Shard,
+    rows: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    labels: list[str],
+    stats: dict[str, Any],
+) -> None:
     """Write one finished shard, each file atomically; its ``done`` marker goes last."""
     for sub in ("parts", "rejects", "done"):
         fs.makedirs(f"{out}/{sub}", exist_ok=True)
     put(fs, f"{out}/parts/{shard.key}.{EXT[shard.fmt]}", encode_output(shard.fmt, rows, labels))
-    put(fs, f"{out}/rejects/{shard.key}.jsonl",
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode())
+    put(
+        fs,
+        f"{out}/rejects/{shard.key}.jsonl",
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode(),
+    )
     put(fs, f"{out}/done/{shard.key}.json", json.dumps(stats).encode())
 
 

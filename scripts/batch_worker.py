@@ -39,9 +39,19 @@ from scripts import batch_io
 
 
 class ShardClassifier:
-    def __init__(self, config: dict[str, Any], model: str, labels: list[str], out: str,
-                 text_field: str, id_field: str | None, batch_size: int = 256, num_cpus: float | None = 1,
-                 merge_adapter: bool = False, job: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        model: str,
+        labels: list[str],
+        out: str,
+        text_field: str,
+        id_field: str | None,
+        batch_size: int = 256,
+        num_cpus: float | None = 1,
+        merge_adapter: bool = False,
+        job: dict[str, Any] | None = None,
+    ):
         from deployments.config import ServiceConfig, resolve_path
         from deployments.engine import cpu_engine_env, engine_kwargs
         from deployments.tokenizer import PromptTokenizer
@@ -50,8 +60,9 @@ class ShardClassifier:
             check_output_visible(out, job)
         cfg = ServiceConfig.model_validate(config)
         if model != cfg.model.model_id and model not in cfg.lora.adapters:
-            raise ValueError(f"unknown model {model!r}: the base {cfg.model.model_id!r} or one of "
-                             f"{sorted(cfg.lora.adapters)}")
+            raise ValueError(
+                f"unknown model {model!r}: the base {cfg.model.model_id!r} or one of {sorted(cfg.lora.adapters)}"
+            )
         if merge_adapter and model != cfg.model.model_id:
             cfg = _merged_config(cfg, model)
             model = cfg.model.model_id
@@ -99,7 +110,7 @@ class ShardClassifier:
             prompts.append(enc.prompts[0])
             where.append(i)
         for start in range(0, len(prompts), self.batch_size):
-            chunk = prompts[start:start + self.batch_size]
+            chunk = prompts[start : start + self.batch_size]
             scores = self.loop.run_until_complete(score_labels(self.engine, chunk, label_ids, self.lora))
             for k, row in enumerate(softmax_rows(scores, self.labels)):
                 results[where[start + k]] = {"label": row["label"], "scores": row["scores"]}
@@ -113,21 +124,39 @@ class ShardClassifier:
         done = batch_io.done_marker(fs, self.out, shard.key)
         if done is not None:  # written already (a retried task, another run): not redone
             return {**done, "skipped": True}
-        parsed = batch_io.parse_shard(fs, shard, self.text_field, self.id_field,
-                                      self.config.classification.max_input_chars)
+        parsed = batch_io.parse_shard(
+            fs, shard, self.text_field, self.id_field, self.config.classification.max_input_chars
+        )
         results = self.classify([text for _, _, text in parsed.rows])
         rows, rejects = [], list(parsed.rejects)
         for (row, rid, text), res in zip(parsed.rows, results):
             if isinstance(res, str):
-                rejects.append({"source": shard.path, "row": row, "id": rid, "reason": "too_long"
-                                if "context_length" in res else "bad_encoding" if "Unicode" in res else "invalid_input",
-                                "detail": res, "raw": text[:batch_io.RAW_CHARS]})
+                rejects.append(
+                    {
+                        "source": shard.path,
+                        "row": row,
+                        "id": rid,
+                        "reason": "too_long"
+                        if "context_length" in res
+                        else "bad_encoding"
+                        if "Unicode" in res
+                        else "invalid_input",
+                        "detail": res,
+                        "raw": text[: batch_io.RAW_CHARS],
+                    }
+                )
             else:
                 rows.append({"id": rid, **res})
-        stats = {"key": shard.key, "rows_in": shard.n_rows, "rows_out": len(rows), "rejects": len(rejects),
-                 "labels": dict(Counter(r["label"] for r in rows)),
-                 "reasons": dict(Counter(r["reason"] for r in rejects)),
-                 "seconds": time.monotonic() - t0, "pid": os.getpid()}
+        stats = {
+            "key": shard.key,
+            "rows_in": shard.n_rows,
+            "rows_out": len(rows),
+            "rejects": len(rejects),
+            "labels": dict(Counter(r["label"] for r in rows)),
+            "reasons": dict(Counter(r["reason"] for r in rejects)),
+            "seconds": time.monotonic() - t0,
+            "pid": os.getpid(),
+        }
         if stats["rows_out"] + stats["rejects"] != stats["rows_in"]:  # never silently drop a row
             raise RuntimeError(f"shard {shard.key}: {shard.n_rows} rows in, {len(rows)} out + {len(rejects)} rejects")
         batch_io.write_shard(fs, self.out, shard, rows, rejects, self.labels, stats)
@@ -162,7 +191,8 @@ def check_output_visible(out: str, job: dict[str, Any]) -> None:
         raise RuntimeError(
             f"the output folder {out} is not the driver's as seen from {socket.gethostname()} "
             f"({'no _job.json' if seen is None else 'another job'} there): the workers write the shards, "
-            "so --out must be a filesystem shared by every node (mounted at the same path) or an object store")
+            "so --out must be a filesystem shared by every node (mounted at the same path) or an object store"
+        )
 
 
 def _merged_config(cfg, adapter: str):

@@ -39,13 +39,24 @@ def http_path(titles: list[str], request_size: int, concurrency: int) -> dict[st
     from serve_app import build_app
 
     doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    args = deep_merge(next(a for a in doc["applications"] if a["name"] == "llm")["args"], {
-        "rate_limit": {"enabled": False},
-        "deployments": {"model": {"autoscaling_config": None},
-                        "tokenizer": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
-                        "ingress": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}}}})
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}})
+    args = deep_merge(
+        next(a for a in doc["applications"] if a["name"] == "llm")["args"],
+        {
+            "rate_limit": {"enabled": False},
+            "deployments": {
+                "model": {"autoscaling_config": None},
+                "tokenizer": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
+                "ingress": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
+            },
+        },
+    )
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}},
+    )
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -61,7 +72,7 @@ def http_path(titles: list[str], request_size: int, concurrency: int) -> dict[st
                 pass
             time.sleep(1)
         http.post("/v1/classify", json={"input": titles[:request_size]}).raise_for_status()  # warm-up
-        chunks = [titles[i:i + request_size] for i in range(0, len(titles), request_size)]
+        chunks = [titles[i : i + request_size] for i in range(0, len(titles), request_size)]
         labels: list[str] = []
 
         def post(chunk: list[str]) -> list[str]:
@@ -79,8 +90,14 @@ def http_path(titles: list[str], request_size: int, concurrency: int) -> dict[st
             serve.shutdown()
         finally:
             ray.shutdown()
-    return {"rows": len(titles), "seconds": round(seconds, 2), "rows_per_s": round(len(titles) / seconds, 2),
-            "request_size": request_size, "concurrency": concurrency, "labels": labels}
+    return {
+        "rows": len(titles),
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(len(titles) / seconds, 2),
+        "request_size": request_size,
+        "concurrency": concurrency,
+        "labels": labels,
+    }
 
 
 def batch_path(titles: list[str], extra: list[str]) -> dict[str, Any]:
@@ -90,17 +107,35 @@ def batch_path(titles: list[str], extra: list[str]) -> dict[str, Any]:
         src = Path(d) / "titles.jsonl"
         src.write_text("".join(json.dumps({"sentence": t}, ensure_ascii=False) + "\n" for t in titles))
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "scripts.classify_batch", str(src), "--out", f"{d}/out",
-                            "--text-field", "sentence", "--no-progress", *extra], cwd=REPO, capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scripts.classify_batch",
+                str(src),
+                "--out",
+                f"{d}/out",
+                "--text-field",
+                "sentence",
+                "--no-progress",
+                *extra,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
         wall = time.monotonic() - t0
         if r.returncode != 0:
             raise SystemExit(f"batch job failed ({r.returncode}):\n{r.stderr[-3000:]}")
         summary = json.loads((Path(d) / "out" / "_summary.json").read_text())
         rows = sorted(read_output(f"{d}/out")[0], key=lambda x: x["id"])
-    return {"rows": summary["rows_out"], "rows_per_s": summary["rows_per_s_classifying"],
-            "rows_per_s_with_start": round(len(titles) / wall, 2), "wall_seconds": round(wall, 2),
-            "labels": [x["label"] for x in rows]}
+    return {
+        "rows": summary["rows_out"],
+        "rows_per_s": summary["rows_per_s_classifying"],
+        "rows_per_s_with_start": round(len(titles) / wall, 2),
+        "wall_seconds": round(wall, 2),
+        "labels": [x["label"] for x in rows],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,16 +143,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=400, help="titles (the first N of the shared TNEWS file)")
     ap.add_argument("--request-size", type=int, default=32, help="titles per /v1/classify request")
     ap.add_argument("--concurrency", type=int, default=3, help="HTTP requests in flight")
-    ap.add_argument("--batch-args", default="--shard-rows 100",
-                    help="extra arguments of the batch job (e.g. '--batch-size 256 --num-cpus 1')")
+    ap.add_argument(
+        "--batch-args",
+        default="--shard-rows 100",
+        help="extra arguments of the batch job (e.g. '--batch-size 256 --num-cpus 1')",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     titles = [r["sentence"] for r in clf.read_jsonl(clf.DEFAULT_DATA_FILE)[: args.n]]
     batch = batch_path(titles, args.batch_args.split())
     http = http_path(titles, args.request_size, args.concurrency)
     same = sum(a == b for a, b in zip(batch.pop("labels"), http.pop("labels")))
-    out = {"titles": len(titles), "http": http, "batch": batch,
-           "speedup": round(batch["rows_per_s"] / http["rows_per_s"], 2), "same_labels": f"{same}/{len(titles)}"}
+    out = {
+        "titles": len(titles),
+        "http": http,
+        "batch": batch,
+        "speedup": round(batch["rows_per_s"] / http["rows_per_s"], 2),
+        "same_labels": f"{same}/{len(titles)}",
+    }
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")

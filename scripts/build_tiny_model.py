@@ -83,48 +83,48 @@ CHAT_TEMPLATE = Path(__file__).with_name("qwen3_chat_template.jinja").read_text(
 # Model shape and training recipe (`--set key=value` overrides one, for experiments).
 RECIPE: dict[str, Any] = dict(
     seed=0,
-    threads=2,                 # most torch CPU threads; fewer while other processes keep the CPUs
-                               # busy (see ThreadGovernor). The result does not depend on it.
-    vocab_size=4100,           # the model's embedding rows = the tokenizer: 4091 byte-level BPE tokens,
-                               # 3 special and 6 added tokens (4096 before the 4 tool-call markers were
-                               # appended; the BPE part, hence every earlier id, is unchanged)
+    threads=2,  # most torch CPU threads; fewer while other processes keep the CPUs
+    # busy (see ThreadGovernor). The result does not depend on it.
+    vocab_size=4100,  # the model's embedding rows = the tokenizer: 4091 byte-level BPE tokens,
+    # 3 special and 6 added tokens (4096 before the 4 tool-call markers were
+    # appended; the BPE part, hence every earlier id, is unchanged)
     hidden_size=128,
     intermediate_size=384,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=32,               # vLLM's CPU attention supports 32/64/80/96/112/128/…
+    head_dim=32,  # vLLM's CPU attention supports 32/64/80/96/112/128/…
     initializer_range=0.02,
     # Initialisation that lets a model this small learn the classification quickly: uniform
     # attention at first (q_norm 0), value/output projections at 1/sqrt(hidden) instead of
     # 0.02, MLP blocks starting as identity (down_proj 0). All still train normally.
     q_norm_init=0.0,
-    vo_init=0.088,             # a std, or "default" (initializer_range)
-    mlp_out_init="zero",       # or "default"
+    vo_init=0.088,  # a std, or "default" (initializer_range)
+    mlp_out_init="zero",  # or "default"
     # stage 1, the base. Phase 1: the classification chat (title → label; keyword lists →
     # label as extra inputs); phase 2: language modelling on the news text (title, newline,
     # keywords), each with its own warm-up and cosine schedule.
-    cls_steps=1200,            # 800: 43.9 %, 1200: 44.3 % held-out (lora_steps 1000, no smoothing)
+    cls_steps=1200,  # 800: 43.9 %, 1200: 44.3 % held-out (lora_steps 1000, no smoothing)
     cls_lr=5e-3,
     cls_batch=32,
-    cls_label_smoothing=0.0,   # of the answer tokens' cross-entropy
+    cls_label_smoothing=0.0,  # of the answer tokens' cross-entropy
     keyword_inputs=True,
     lm_steps=300,
     lm_lr=5e-3,
     lm_batch=16,
     lm_len=64,
     # stage 2: the LoRA adapter (classification)
-    lora_steps=1000,           # 600: 42.6 % held-out (the previous recipe)
+    lora_steps=1000,  # 600: 42.6 % held-out (the previous recipe)
     lora_lr=5e-3,
     lora_batch=32,
     lora_label_smoothing=0.05,  # 0.0: 44.3 %, 0.05: 45.4 %, 0.1: 44.9 %, 0.15: 45.0 % held-out
-                                # (cls_label_smoothing 0.1 too: 44.1 %)
+    # (cls_label_smoothing 0.1 too: 44.1 %)
     lora_r=32,
     lora_alpha=64,
     lora_targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     lora_keyword_inputs=True,
-    eval_every=0,              # >0: print held-out accuracy every N steps (experiments)
-    eval_n=1000,               # held-out rows scored at the end of the build
+    eval_every=0,  # >0: print held-out accuracy every N steps (experiments)
+    eval_n=1000,  # held-out rows scored at the end of the build
 )
 
 
@@ -185,8 +185,12 @@ def build_tokenizer(texts: list[str], vocab_size: int, max_len: int):
         model_max_length=max_len,
     )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.add_tokens([AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
-                     for t in ADDED_TOKENS])
+    fast.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False)
+            for t in ADDED_TOKENS
+        ]
+    )
     fast.chat_template = CHAT_TEMPLATE
     assert len(fast) <= vocab_size, (len(fast), vocab_size)
     return fast
@@ -212,7 +216,7 @@ class LMBatcher:
         import torch.nn.functional as F
 
         starts = [self.rng.randrange(0, len(self.stream) - self.length - 1) for _ in range(self.batch)]
-        ids = torch.tensor([self.stream[s: s + self.length + 1] for s in starts])
+        ids = torch.tensor([self.stream[s : s + self.length + 1] for s in starts])
         hidden = model.get_decoder()(input_ids=ids[:, :-1]).last_hidden_state
         logits = model.get_output_embeddings()(hidden)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
@@ -260,19 +264,40 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
     stats: dict[str, Any] = {"params": sum(p.numel() for p in params)}
 
     examples = tl.build_examples(tokenizer, classification_pairs(rows, recipe["keyword_inputs"]))
-    cls = tl.ExampleBatcher(examples, recipe["cls_batch"], tl.pad_id(tokenizer), recipe["seed"] + 2,
-                            label_smoothing=recipe["cls_label_smoothing"])
+    cls = tl.ExampleBatcher(
+        examples,
+        recipe["cls_batch"],
+        tl.pad_id(tokenizer),
+        recipe["seed"] + 2,
+        label_smoothing=recipe["cls_label_smoothing"],
+    )
     cb = evaluator(model) if evaluator else None
-    s1 = tl.train_loop(model, params, recipe["cls_steps"], lambda step: cls.loss(model), lr=recipe["cls_lr"],
-                       weight_decay=0.01, progress=log.progress, desc="base/classification",
-                       callback=lambda step: (governor.step(step), cb and cb(step)))
+    s1 = tl.train_loop(
+        model,
+        params,
+        recipe["cls_steps"],
+        lambda step: cls.loss(model),
+        lr=recipe["cls_lr"],
+        weight_decay=0.01,
+        progress=log.progress,
+        desc="base/classification",
+        callback=lambda step: (governor.step(step), cb and cb(step)),
+    )
     stats["classification"] = {**s1, "examples": len(examples)}
     log(f"base, classification: {s1['steps']} steps in {s1['seconds']} s, loss {s1['final_loss']}")
 
     lm = LMBatcher(tokenizer, rows, recipe["lm_batch"], recipe["lm_len"], recipe["seed"] + 1)
-    s2 = tl.train_loop(model, params, recipe["lm_steps"], lambda step: lm.loss(model), lr=recipe["lm_lr"],
-                       weight_decay=0.01, progress=log.progress, desc="base/news LM",
-                       callback=lambda step: (governor.step(step), cb and cb(step)))
+    s2 = tl.train_loop(
+        model,
+        params,
+        recipe["lm_steps"],
+        lambda step: lm.loss(model),
+        lr=recipe["lm_lr"],
+        weight_decay=0.01,
+        progress=log.progress,
+        desc="base/news LM",
+        callback=lambda step: (governor.step(step), cb and cb(step)),
+    )
     stats["news_lm"] = {**s2, "tokens": len(lm.stream)}
     log(f"base, news LM: {s2['steps']} steps in {s2['seconds']} s, loss {s2['final_loss']}")
     return model, stats
@@ -281,22 +306,28 @@ def build_base(tokenizer, rows, recipe, log, governor, evaluator=None):
 def build_adapter(base_dir: Path, tokenizer, rows, recipe, log, governor, evaluator=None):
     """Stage 2: the LoRA classification adapter on the saved base."""
     import torch
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from scripts import train_lora as tl
 
-    from peft import get_peft_model
-
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    cfg = tl.TrainConfig(max_steps=recipe["lora_steps"], batch_size=recipe["lora_batch"], lr=recipe["lora_lr"],
-                         label_smoothing=recipe["lora_label_smoothing"], seed=recipe["seed"] + 4,
-                         progress=log.progress, desc="lora")
+    cfg = tl.TrainConfig(
+        max_steps=recipe["lora_steps"],
+        batch_size=recipe["lora_batch"],
+        lr=recipe["lora_lr"],
+        label_smoothing=recipe["lora_label_smoothing"],
+        seed=recipe["seed"] + 4,
+        progress=log.progress,
+        desc="lora",
+    )
     torch.manual_seed(cfg.seed)
     model = get_peft_model(base, tl.lora_config(recipe["lora_r"], recipe["lora_alpha"], 0.0, recipe["lora_targets"]))
     examples = tl.build_examples(tokenizer, classification_pairs(rows, recipe["lora_keyword_inputs"]))
     cb = evaluator(model) if evaluator else None
-    stats = tl.train_examples(model, examples, cfg, tl.pad_id(tokenizer),
-                              callback=lambda step: (governor.step(step), cb and cb(step)))
+    stats = tl.train_examples(
+        model, examples, cfg, tl.pad_id(tokenizer), callback=lambda step: (governor.step(step), cb and cb(step))
+    )
     stats["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, stats
 
@@ -344,8 +375,8 @@ class ThreadGovernor:
         self.last = now
         if total <= 0:
             return
-        busy_cpus = (total - idle) / total * self.cpus          # CPUs busy, all processes
-        others = busy_cpus - own / (total / self.cpus)            # … minus this process
+        busy_cpus = (total - idle) / total * self.cpus  # CPUs busy, all processes
+        others = busy_cpus - own / (total / self.cpus)  # … minus this process
         want = min(self.max, self.cpus) if others < 0.3 else 1
         if want != self.threads:
             self.threads = want
@@ -369,8 +400,13 @@ def file_sha256(path: Path) -> str:
 def fingerprint(data: Path, labels: Path, recipe: dict[str, Any]) -> str:
     """Changes when the data, the labels, the recipe or the code that trains change."""
     h = hashlib.sha256()
-    for p in (data, labels, Path(__file__), REPO / "scripts" / "train_lora.py",
-              REPO / "deployments" / "classification.py"):
+    for p in (
+        data,
+        labels,
+        Path(__file__),
+        REPO / "scripts" / "train_lora.py",
+        REPO / "deployments" / "classification.py",
+    ):
         h.update(p.read_bytes())
     h.update(json.dumps([recipe, SPECIAL_TOKENS, ADDED_TOKENS, CHAT_TEMPLATE], sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -389,11 +425,10 @@ def replace_dir(src: Path, dest: Path) -> None:
 
 
 def build(data: Path, labels_file: Path, out: Path, recipe: dict[str, Any], log: Log, fp: str) -> dict[str, Any]:
-    import torch
-
-    from scripts import train_lora as tl
 
     from transformers.utils import logging as hf_logging
+
+    from scripts import train_lora as tl
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -413,6 +448,7 @@ def build(data: Path, labels_file: Path, out: Path, recipe: dict[str, Any], log:
                 acc = tl.accuracy(model, tokenizer, held_pairs[:500], labels)
                 model.train()
                 log(f"  step {step + 1}: held-out accuracy (500) {acc:.3f}")
+
         return cb
 
     out.mkdir(parents=True, exist_ok=True)
@@ -421,8 +457,9 @@ def build(data: Path, labels_file: Path, out: Path, recipe: dict[str, Any], log:
         base_dir, lora_dir = tmp / "tiny-qwen3", tmp / "tiny-qwen3-lora"
         tokenizer = build_tokenizer(tokenizer_corpus(train_rows, labels), recipe["vocab_size"], 2048)
         log(f"tokenizer: {len(tokenizer)} tokens")
-        model, base_stats = build_base(tokenizer, train_rows, recipe, log, governor,
-                                       evaluator if recipe["eval_every"] else None)
+        model, base_stats = build_base(
+            tokenizer, train_rows, recipe, log, governor, evaluator if recipe["eval_every"] else None
+        )
         from transformers import GenerationConfig
 
         model.save_pretrained(base_dir, safe_serialization=True)
@@ -433,23 +470,44 @@ def build(data: Path, labels_file: Path, out: Path, recipe: dict[str, Any], log:
         ).save_pretrained(base_dir)
         clf.write_labels(labels, base_dir / clf.LABELS_FILENAME)
         base_acc = tl.accuracy(model, tokenizer, held_pairs, labels)
-        log(f"base: {base_stats['params']:,} parameters; held-out accuracy (transformers, label scoring, "
-            f"{len(held_pairs)} rows): {base_acc:.4f}")
+        log(
+            f"base: {base_stats['params']:,} parameters; held-out accuracy (transformers, label scoring, "
+            f"{len(held_pairs)} rows): {base_acc:.4f}"
+        )
         del model
 
-        adapter, lora_stats = build_adapter(base_dir, tokenizer, train_rows, recipe, log, governor,
-                                            evaluator if recipe["eval_every"] else None)
+        adapter, lora_stats = build_adapter(
+            base_dir, tokenizer, train_rows, recipe, log, governor, evaluator if recipe["eval_every"] else None
+        )
         lora_acc = tl.accuracy(adapter, tokenizer, held_pairs, labels)
-        log(f"adapter: {lora_stats['steps']} steps in {lora_stats['seconds']} s, loss {lora_stats['final_loss']}; "
-            f"held-out accuracy {lora_acc:.4f}")
-        accuracy = {"method": "transformers, log-probability of each label as the answer, argmax",
-                    "rows": len(held_pairs), "base": round(base_acc, 4), "base+adapter": round(lora_acc, 4)}
-        tl.save_adapter(adapter, lora_dir, labels, {
-            "base": "models/tiny-qwen3", "data": f"{data.name} minus held-out ({clf.HELDOUT_RULE})",
-            "lora": {"r": recipe["lora_r"], "alpha": recipe["lora_alpha"], "dropout": 0.0,
-                     "targets": recipe["lora_targets"]},
-            "train": lora_stats, "prompt": clf.SYSTEM_PROMPT, "heldout_accuracy": accuracy,
-        })
+        log(
+            f"adapter: {lora_stats['steps']} steps in {lora_stats['seconds']} s, loss {lora_stats['final_loss']}; "
+            f"held-out accuracy {lora_acc:.4f}"
+        )
+        accuracy = {
+            "method": "transformers, log-probability of each label as the answer, argmax",
+            "rows": len(held_pairs),
+            "base": round(base_acc, 4),
+            "base+adapter": round(lora_acc, 4),
+        }
+        tl.save_adapter(
+            adapter,
+            lora_dir,
+            labels,
+            {
+                "base": "models/tiny-qwen3",
+                "data": f"{data.name} minus held-out ({clf.HELDOUT_RULE})",
+                "lora": {
+                    "r": recipe["lora_r"],
+                    "alpha": recipe["lora_alpha"],
+                    "dropout": 0.0,
+                    "targets": recipe["lora_targets"],
+                },
+                "train": lora_stats,
+                "prompt": clf.SYSTEM_PROMPT,
+                "heldout_accuracy": accuracy,
+            },
+        )
         heldout = {
             "data": "../shared/data/tnews/test.json",
             "data_sha256": file_sha256(data),
@@ -493,8 +551,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", type=Path, default=DEFAULT_LABELS, help="TNEWS labels.json")
     ap.add_argument("--out", type=Path, default=REPO / "models", help="output folder")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe value (experiments), e.g. --set cls_steps=300")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value (experiments), e.g. --set cls_steps=300",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
@@ -513,8 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     log(f"building the embedded model in {args.out} (a few CPU minutes)")
     accuracy = build(args.data, args.labels, args.out, recipe, log, fp)
     stamp.write_text(fp)
-    log(f"built {base} and {lora} ({fp}); held-out accuracy base {accuracy['base']:.3f}, "
-        f"base+adapter {accuracy['base+adapter']:.3f}")
+    log(
+        f"built {base} and {lora} ({fp}); held-out accuracy base {accuracy['base']:.3f}, "
+        f"base+adapter {accuracy['base+adapter']:.3f}"
+    )
     return 0
 
 

@@ -98,16 +98,26 @@ def check_job(out_fs, out: str, job: dict[str, Any], overwrite: bool) -> None:
         if old == job:
             return
         if not overwrite:
-            raise SystemExit(f"{out} holds another job's output (inputs or parameters differ); "
-                             "pass --overwrite to replace it, or another --out")
+            raise SystemExit(
+                f"{out} holds another job's output (inputs or parameters differ); "
+                "pass --overwrite to replace it, or another --out"
+            )
     if overwrite and out_fs.exists(out):
         out_fs.rm(out, recursive=True)
     out_fs.makedirs(out, exist_ok=True)
     batch_io.put(out_fs, path, json.dumps(job, indent=1).encode())
 
 
-def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[batch_io.Shard], on_done,
-             job: dict[str, Any] | None = None) -> str:
+def run_pool(
+    args,
+    cfg,
+    model: str,
+    labels: list[str],
+    out: str,
+    pending: list[batch_io.Shard],
+    on_done,
+    job: dict[str, Any] | None = None,
+) -> str:
     """Classify the pending shards on a pool of engine actors; `on_done(stats)` per shard, as
     its statistics come back (the workers have written the shard by then). Returns the pool
     kind used."""
@@ -119,13 +129,22 @@ def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[b
     num_gpus = (1 if gpus else 0) if args.num_gpus is None else args.num_gpus
     size = args.concurrency or max(1, int(gpus) if num_gpus else 1)
     size = min(size, len(pending))
-    ctor = dict(config=cfg.model_dump(mode="json"), model=model, labels=labels, out=out,
-                text_field=args.text_field, id_field=args.id_field, batch_size=args.batch_size,
-                num_cpus=args.num_cpus, merge_adapter=args.merge_adapter, job=job)
+    ctor = dict(
+        config=cfg.model_dump(mode="json"),
+        model=model,
+        labels=labels,
+        out=out,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        batch_size=args.batch_size,
+        num_cpus=args.num_cpus,
+        merge_adapter=args.merge_adapter,
+        job=job,
+    )
     kind = args.pool
     if kind == "auto":
         try:
-            import ray.data  # noqa: F401  (needs pandas and pyarrow)
+            import ray.data
 
             kind = "data"
         except ImportError:
@@ -137,9 +156,14 @@ def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[b
         ctx.enable_progress_bars = ctx.print_on_execution_start = False  # ours counts rows
         # One shard per block: a task Ray retries holds one shard (and skips it if written).
         ds = ray.data.from_items([{"shard": s.to_json()} for s in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(ShardClassifier, fn_constructor_kwargs=ctor, batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=size),
-                            num_cpus=args.num_cpus, num_gpus=num_gpus)
+        ds = ds.map_batches(
+            ShardClassifier,
+            fn_constructor_kwargs=ctor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=size),
+            num_cpus=args.num_cpus,
+            num_gpus=num_gpus,
+        )
         for row in ds.iter_rows():
             on_done(json.loads(row["stats"]))
         return kind
@@ -158,8 +182,9 @@ def run_pool(args, cfg, model: str, labels: list[str], out: str, pending: list[b
     return kind
 
 
-def summarize(shards: list[batch_io.Shard], done: dict[str, dict[str, Any]], run_rows: int,
-              seconds: float, engine_seconds: float) -> dict[str, Any]:
+def summarize(
+    shards: list[batch_io.Shard], done: dict[str, dict[str, Any]], run_rows: int, seconds: float, engine_seconds: float
+) -> dict[str, Any]:
     keys = [s.key for s in shards]
     finished = [done[k] for k in keys if k in done]
     labels: Counter = Counter()
@@ -168,20 +193,27 @@ def summarize(shards: list[batch_io.Shard], done: dict[str, dict[str, Any]], run
         labels.update(d["labels"])
         reasons.update(d["reasons"])
     return {
-        "rows_in": sum(s.n_rows for s in shards), "shards": len(shards), "shards_done": len(finished),
-        "rows_out": sum(d["rows_out"] for d in finished), "rejects": sum(d["rejects"] for d in finished),
-        "rows_this_run": run_rows, "seconds": round(seconds, 2),
+        "rows_in": sum(s.n_rows for s in shards),
+        "shards": len(shards),
+        "shards_done": len(finished),
+        "rows_out": sum(d["rows_out"] for d in finished),
+        "rejects": sum(d["rejects"] for d in finished),
+        "rows_this_run": run_rows,
+        "seconds": round(seconds, 2),
         "rows_per_s": round(run_rows / seconds, 2) if seconds else None,
         "rows_per_s_classifying": round(run_rows / engine_seconds, 2) if engine_seconds else None,
-        "labels": dict(labels.most_common()), "reject_reasons": dict(reasons.most_common()),
+        "labels": dict(labels.most_common()),
+        "reject_reasons": dict(reasons.most_common()),
     }
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"rows in {s['rows_in']}  =  out {s['rows_out']}  +  rejects {s['rejects']}"
-             f"   ({s['shards_done']}/{s['shards']} shards done)",
-             f"this run: {s['rows_this_run']} rows in {s['seconds']} s = {s['rows_per_s']} rows/s "
-             f"({s['rows_per_s_classifying']} rows/s once the engines were up)"]
+    lines = [
+        f"rows in {s['rows_in']}  =  out {s['rows_out']}  +  rejects {s['rejects']}"
+        f"   ({s['shards_done']}/{s['shards']} shards done)",
+        f"this run: {s['rows_this_run']} rows in {s['seconds']} s = {s['rows_per_s']} rows/s "
+        f"({s['rows_per_s_classifying']} rows/s once the engines were up)",
+    ]
     total = max(1, s["rows_out"])
     lines += [f"  {k:<24}{v:>8}  {100 * v / total:5.1f} %" for k, v in s["labels"].items()]
     if s["reject_reasons"]:
@@ -190,29 +222,49 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("input", help="JSON lines, CSV or Parquet: a file, folder or glob (any fsspec filesystem)")
     ap.add_argument("--out", required=True, help="output folder (parts/, rejects/, done/, _summary.json)")
-    ap.add_argument("--format", choices=sorted(set(batch_io.FORMATS.values())), default=None,
-                    help="input format (default: from the file names)")
+    ap.add_argument(
+        "--format",
+        choices=sorted(set(batch_io.FORMATS.values())),
+        default=None,
+        help="input format (default: from the file names)",
+    )
     ap.add_argument("--text-field", default="text", help="the field (column) holding the text")
     ap.add_argument("--id-field", default=None, help="the field holding each row's id (default: its row number)")
-    ap.add_argument("--model", default=None, help="base model or adapter (default: classification.model, as the service)")
+    ap.add_argument(
+        "--model", default=None, help="base model or adapter (default: classification.model, as the service)"
+    )
     ap.add_argument("--labels", default=None, help="a subset of the label set: comma list or labels file")
-    ap.add_argument("--config", type=Path, default=None,
-                    help=f"Serve config holding the service config (default: ${BATCH_ARGS_ENV}, else {DEFAULT_CONFIG.name})")
+    ap.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"Serve config holding the service config (default: ${BATCH_ARGS_ENV}, else {DEFAULT_CONFIG.name})",
+    )
     ap.add_argument("--app", default="llm", help="the application in --config")
     ap.add_argument("--shard-rows", type=int, default=500, help="records per shard (the unit of resume)")
     ap.add_argument("--batch-size", type=int, default=256, help="texts submitted to an engine at once")
     ap.add_argument("--concurrency", type=int, default=None, help="engine actors (default: one per GPU, else 1)")
     ap.add_argument("--num-cpus", type=float, default=1, help="CPUs per engine actor")
-    ap.add_argument("--num-gpus", type=float, default=None, help="GPUs per engine actor (default: 1 when the cluster has GPUs)")
-    ap.add_argument("--merge-adapter", action="store_true",
-                    help="merge the adapter into the base once per engine and run without LoRA (the same "
-                    "model up to float rounding; several times faster on the CPU engine)")
-    ap.add_argument("--pool", choices=["auto", "data", "actors"], default="auto",
-                    help="Ray Data map_batches, or a plain ActorPool (auto: Ray Data when installed)")
+    ap.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs per engine actor (default: 1 when the cluster has GPUs)"
+    )
+    ap.add_argument(
+        "--merge-adapter",
+        action="store_true",
+        help="merge the adapter into the base once per engine and run without LoRA (the same "
+        "model up to float rounding; several times faster on the CPU engine)",
+    )
+    ap.add_argument(
+        "--pool",
+        choices=["auto", "data", "actors"],
+        default="auto",
+        help="Ray Data map_batches, or a plain ActorPool (auto: Ray Data when installed)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace another job's output in --out")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -230,17 +282,27 @@ def main(argv: list[str] | None = None) -> int:
     labels = resolve_labels(cfg, args.labels)
     fs, files, fmt = batch_io.list_inputs(args.input, args.format)
     out_fs, (out,) = batch_io.filesystem(args.out)
-    job = {"inputs": batch_io.fingerprint(fs, files), "format": fmt, "text_field": args.text_field,
-           "id_field": args.id_field, "model": model, "labels": labels, "shard_rows": args.shard_rows,
-           "merge_adapter": args.merge_adapter,
-           "config": cfg.model_dump(mode="json", include={"model", "lora", "classification"})}
+    job = {
+        "inputs": batch_io.fingerprint(fs, files),
+        "format": fmt,
+        "text_field": args.text_field,
+        "id_field": args.id_field,
+        "model": model,
+        "labels": labels,
+        "shard_rows": args.shard_rows,
+        "merge_adapter": args.merge_adapter,
+        "config": cfg.model_dump(mode="json", include={"model", "lora", "classification"}),
+    }
     check_job(out_fs, out, job, args.overwrite)
     shards = plan(args, fs, files, fmt)
     done = batch_io.done_shards(out_fs, out)
     pending = [s for s in shards if s.key not in done]
     total = sum(s.n_rows for s in shards)
-    print(f"{len(files)} file(s), {total} rows in {len(shards)} shards; {len(shards) - len(pending)} shards "
-          f"already done, {len(pending)} to classify with {model} ({len(labels)} labels)", file=sys.stderr)
+    print(
+        f"{len(files)} file(s), {total} rows in {len(shards)} shards; {len(shards) - len(pending)} shards "
+        f"already done, {len(pending)} to classify with {model} ({len(labels)} labels)",
+        file=sys.stderr,
+    )
 
     t0 = time.monotonic()
     first = [None]
@@ -257,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
 
         main_thread = threading.current_thread() is threading.main_thread()
         old_term: list[Any] = []
-        bar = tqdm(total=sum(s.n_rows for s in pending), unit="rows", disable=args.no_progress,
-                   desc="classify", file=sys.stderr)
+        bar = tqdm(
+            total=sum(s.n_rows for s in pending),
+            unit="rows",
+            disable=args.no_progress,
+            desc="classify",
+            file=sys.stderr,
+        )
 
         def on_done(stats: dict[str, Any]) -> None:
             nonlocal run_rows
@@ -279,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
             bar.close()
             ray.shutdown()  # this driver's workers stop: what they wrote is all there is
             written = len(batch_io.done_shards(out_fs, out))  # written by the workers, not what came back
-            print(f"{'terminated' if signals else 'interrupted'}: {written}/{len(shards)} shards done and "
-                  "written; re-run the same command to resume", file=sys.stderr)
+            print(
+                f"{'terminated' if signals else 'interrupted'}: {written}/{len(shards)} shards done and "
+                "written; re-run the same command to resume",
+                file=sys.stderr,
+            )
             return 128 + (signals[0] if signals else signal.SIGINT)
         finally:
             if old_term:

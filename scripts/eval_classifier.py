@@ -30,9 +30,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deployments import classification as clf
 
@@ -66,13 +67,27 @@ def calibration(correct: Sequence[bool], confidence: Sequence[float], bins: int 
         b[2] += c
     n = sum(b[0] for b in table)
     ece = sum(abs(b[1] - b[2]) for b in table) / n if n else float("nan")
-    return {"ece": ece, "bins": [{"lo": i / bins, "hi": (i + 1) / bins, "n": b[0],
-                                  "accuracy": b[1] / b[0] if b[0] else None,
-                                  "confidence": b[2] / b[0] if b[0] else None} for i, b in enumerate(table)]}
+    return {
+        "ece": ece,
+        "bins": [
+            {
+                "lo": i / bins,
+                "hi": (i + 1) / bins,
+                "n": b[0],
+                "accuracy": b[1] / b[0] if b[0] else None,
+                "confidence": b[2] / b[0] if b[0] else None,
+            }
+            for i, b in enumerate(table)
+        ],
+    }
 
 
-def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str],
-                    confidence: Sequence[float | None] | None = None) -> dict[str, Any]:
+def compute_metrics(
+    y_true: Sequence[str],
+    y_pred: Sequence[str | None],
+    labels: Sequence[str],
+    confidence: Sequence[float | None] | None = None,
+) -> dict[str, Any]:
     """Classification metrics. ``confidence``: each prediction's probability (the top label
     probability), for the calibration; examples without one are left out of it. ``y_pred`` entries that are None or not in ``labels`` are
     invalid: counted wrong and shown in an extra ``(invalid)`` confusion-matrix column.
@@ -108,8 +123,13 @@ def compute_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels:
         precision = tp / predicted if predicted else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": support,
-                            "predicted": predicted}
+        per_class[label] = {
+            "precision": precision,
+            "recall": recall,
+            "f1": f1,
+            "support": support,
+            "predicted": predicted,
+        }
         if support or predicted:
             f1s.append(f1)
     cal = None
@@ -146,8 +166,11 @@ def format_text(metrics: dict[str, Any]) -> str:
     labels = metrics["labels"]
     short = [_short(c) for c in metrics["confusion_columns"]]
     width = max(5, max(len(s) for s in short) + 1)
-    lines += ["", "confusion matrix (rows: gold, columns: predicted)",
-              " " * 22 + "".join(f"{s:>{width}}" for s in short)]
+    lines += [
+        "",
+        "confusion matrix (rows: gold, columns: predicted)",
+        " " * 22 + "".join(f"{s:>{width}}" for s in short),
+    ]
     for label, row in zip(labels, metrics["confusion_matrix"]):
         lines.append(f"{label:<22}" + "".join(f"{v:>{width}d}" for v in row))
     return "\n".join(lines)
@@ -189,7 +212,10 @@ def html_report(metrics: dict[str, Any], meta: dict[str, Any], errors: list[dict
     )
     rows_cal = "".join(
         f"<tr><td>{b['lo']:.2f}&ndash;{b['hi']:.2f}</td><td>{b['n']}</td><td>{b['accuracy']:.3f}</td>"
-        f"<td>{b['confidence']:.3f}</td></tr>" for b in (metrics.get("calibration") or []) if b["n"])
+        f"<td>{b['confidence']:.3f}</td></tr>"
+        for b in (metrics.get("calibration") or [])
+        if b["n"]
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Classifier evaluation</title>
 <style>
@@ -203,17 +229,17 @@ th {{ background: #f5f5f5; text-align: left }}
 .bar {{ height: 10px; background: #1f77b4 }}
 </style></head><body>
 <h1>Classifier evaluation</h1>
-<p><span class=big>accuracy <b>{metrics['accuracy']:.2%}</b>
-<small>(95 % CI {metrics['accuracy_ci95'][0]:.1%}&ndash;{metrics['accuracy_ci95'][1]:.1%})</small></span>
-<span class=big>ECE <b>{'n/a' if metrics.get('ece') is None else format(metrics['ece'], '.3f')}</b></span>
-<span class=big>macro-F1 <b>{metrics['macro_f1']:.3f}</b></span>
-<span class=big>invalid labels <b>{metrics['invalid']}</b></span>
-<span class=big>examples <b>{metrics['n']}</b></span></p>
+<p><span class=big>accuracy <b>{metrics["accuracy"]:.2%}</b>
+<small>(95 % CI {metrics["accuracy_ci95"][0]:.1%}&ndash;{metrics["accuracy_ci95"][1]:.1%})</small></span>
+<span class=big>ECE <b>{"n/a" if metrics.get("ece") is None else format(metrics["ece"], ".3f")}</b></span>
+<span class=big>macro-F1 <b>{metrics["macro_f1"]:.3f}</b></span>
+<span class=big>invalid labels <b>{metrics["invalid"]}</b></span>
+<span class=big>examples <b>{metrics["n"]}</b></span></p>
 <h2>Run</h2><table>{rows_meta}</table>
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th><th>predicted</th><th></th></tr>{rows_pc}</table>
 <h2>Confusion matrix</h2><p>Rows: gold label; columns: predicted label.</p>
-<table class=cm><thead><tr><th></th>{''.join(f'<th>{e(c)}</th>' for c in cols)}</tr></thead>{rows_cm}</table>
+<table class=cm><thead><tr><th></th>{"".join(f"<th>{e(c)}</th>" for c in cols)}</tr></thead>{rows_cm}</table>
 <h2>Calibration</h2><p>Top-label probability in {ECE_BINS} bins: accuracy vs mean probability.</p>
 <table><tr><th>probability</th><th>n</th><th>accuracy</th><th>mean probability</th></tr>{rows_cal}</table>
 <h2>Some errors</h2>
@@ -270,8 +296,11 @@ class Client:
                 delay = _retry_after(r) or 1.0
                 if r.status_code == 429 and not self.warned:
                     self.warned = True
-                    print("note: rate-limited (429); waiting it out. Start the server with "
-                          "RATE_LIMIT_PER_MINUTE=0 RATE_LIMIT_PER_HOUR=0 to evaluate faster.", file=sys.stderr)
+                    print(
+                        "note: rate-limited (429); waiting it out. Start the server with "
+                        "RATE_LIMIT_PER_MINUTE=0 RATE_LIMIT_PER_HOUR=0 to evaluate faster.",
+                        file=sys.stderr,
+                    )
                 time.sleep(delay)
                 waited += delay
                 continue
@@ -287,8 +316,15 @@ def _retry_after(r) -> float | None:
         return None
 
 
-def classify_batches(client: Client, texts: list[str], model: str | None, labels: list[str] | None,
-                     batch_size: int, concurrency: int, progress: bool) -> tuple[list[str | None], list[dict | None]]:
+def classify_batches(
+    client: Client,
+    texts: list[str],
+    model: str | None,
+    labels: list[str] | None,
+    batch_size: int,
+    concurrency: int,
+    progress: bool,
+) -> tuple[list[str | None], list[dict | None]]:
     batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
     preds: list[str | None] = [None] * len(texts)
     scores: list[dict | None] = [None] * len(texts)
@@ -309,14 +345,20 @@ def classify_batches(client: Client, texts: list[str], model: str | None, labels
     return preds, scores
 
 
-def chat_batches(client: Client, texts: list[str], model: str | None, labels: list[str],
-                 concurrency: int, progress: bool, max_tokens: int) -> tuple[list[str | None], list[str]]:
+def chat_batches(
+    client: Client,
+    texts: list[str],
+    model: str | None,
+    labels: list[str],
+    concurrency: int,
+    progress: bool,
+    max_tokens: int,
+) -> tuple[list[str | None], list[str]]:
     preds: list[str | None] = [None] * len(texts)
     raw: list[str] = [""] * len(texts)
 
     def run(i: int) -> None:
-        body: dict[str, Any] = {"messages": clf.build_messages(texts[i]), "temperature": 0,
-                                "max_tokens": max_tokens}
+        body: dict[str, Any] = {"messages": clf.build_messages(texts[i]), "temperature": 0, "max_tokens": max_tokens}
         if model:
             body["model"] = model
         answer = client.post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
@@ -362,8 +404,9 @@ def _first_line(data: Path | None, limit: int | None) -> int:
     return len(clf.read_jsonl(clf.DEFAULT_DATA_FILE)) - clf.HELDOUT_LAST_N + 1
 
 
-def batch_predictions(out: str, rows: list[dict[str, Any]], id_field: str | None,
-                      first_line: int = 1) -> tuple[list[str | None], list[dict | None]]:
+def batch_predictions(
+    out: str, rows: list[dict[str, Any]], id_field: str | None, first_line: int = 1
+) -> tuple[list[str | None], list[dict | None]]:
     """The batch job's label and scores for each row (None for a row it rejected or lacks)."""
     from scripts.batch_io import read_output
 
@@ -377,18 +420,32 @@ def batch_predictions(out: str, rows: list[dict[str, Any]], id_field: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--url", default=os.environ.get("LLM_SERVE_URL", "http://127.0.0.1:8000"),
-                    help="base URL of the service")
-    ap.add_argument("--data", type=Path, default=None,
-                    help="labelled JSON-lines file (default: the held-out TNEWS slice)")
-    ap.add_argument("--labels", default=None,
-                    help="labels file (sent with each request); default: the service's label set, "
-                    "checked against the shared TNEWS labels")
-    ap.add_argument("--model", default=None, help="model or adapter name (default: the service's classification.model, else its base model)")
-    ap.add_argument("--mode", choices=["classify", "chat"], default="classify",
-                    help="classify: POST /v1/classify; chat: /v1/chat/completions, temperature 0")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--url", default=os.environ.get("LLM_SERVE_URL", "http://127.0.0.1:8000"), help="base URL of the service"
+    )
+    ap.add_argument(
+        "--data", type=Path, default=None, help="labelled JSON-lines file (default: the held-out TNEWS slice)"
+    )
+    ap.add_argument(
+        "--labels",
+        default=None,
+        help="labels file (sent with each request); default: the service's label set, "
+        "checked against the shared TNEWS labels",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model or adapter name (default: the service's classification.model, else its base model)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=["classify", "chat"],
+        default="classify",
+        help="classify: POST /v1/classify; chat: /v1/chat/completions, temperature 0",
+    )
     ap.add_argument("--batch-size", type=int, default=32, help="texts per /v1/classify request")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     ap.add_argument("--max-tokens", type=int, default=32, help="chat mode: tokens for the answer")
@@ -399,9 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=REPO / "reports" / "eval_classifier.html", help="HTML report")
     ap.add_argument("--json", type=Path, default=None, help="metrics JSON (default: next to the report)")
     ap.add_argument("--png", action="store_true", help="also a PNG confusion matrix (needs matplotlib)")
-    ap.add_argument("--batch-output", default=None,
-                    help="evaluate this batch job's output folder (scripts/classify_batch.py) instead of calling "
-                    "the service: its rows are matched to --data by --id-field, else by line number")
+    ap.add_argument(
+        "--batch-output",
+        default=None,
+        help="evaluate this batch job's output folder (scripts/classify_batch.py) instead of calling "
+        "the service: its rows are matched to --data by --id-field, else by line number",
+    )
     ap.add_argument("--id-field", default=None, help="with --batch-output: the id field of --data's rows")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -417,32 +477,43 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     scores: list[dict | None] | None = None
     if args.batch_output:
-        preds, scores = batch_predictions(args.batch_output, rows, args.id_field,
-                                          first_line=_first_line(args.data, args.limit))
+        preds, scores = batch_predictions(
+            args.batch_output, rows, args.id_field, first_line=_first_line(args.data, args.limit)
+        )
         args.mode, args.url = "batch", args.batch_output
     elif args.mode == "classify":
         client = Client(args.url, args.api_key, args.timeout, args.max_wait)
-        preds, scores = classify_batches(client, texts, args.model, labels_sent, args.batch_size, args.concurrency,
-                                         not args.no_progress)
+        preds, scores = classify_batches(
+            client, texts, args.model, labels_sent, args.batch_size, args.concurrency, not args.no_progress
+        )
     else:
         client = Client(args.url, args.api_key, args.timeout, args.max_wait)
-        preds, _ = chat_batches(client, texts, args.model, labels, args.concurrency, not args.no_progress,
-                                args.max_tokens)
+        preds, _ = chat_batches(
+            client, texts, args.model, labels, args.concurrency, not args.no_progress, args.max_tokens
+        )
     seconds = time.monotonic() - t0
     metrics = compute_metrics(gold, preds, labels, confidences(preds, scores))
-    meta = {"url": args.url, "mode": args.mode, "model": args.model or "(service default)", "data": source,
-            "labels": len(labels), "seconds": round(seconds, 1),
-            "texts_per_second": round(len(texts) / seconds, 2) if seconds else None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta = {
+        "url": args.url,
+        "mode": args.mode,
+        "model": args.model or "(service default)",
+        "data": source,
+        "labels": len(labels),
+        "seconds": round(seconds, 1),
+        "texts_per_second": round(len(texts) / seconds, 2) if seconds else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     print(format_text(metrics))
     print(f"\n{len(texts)} texts in {seconds:.1f} s")
-    errors = [{"index": i, "text": t, "gold": g, "pred": p} for i, (t, g, p) in enumerate(zip(texts, gold, preds))
-              if g != p]
+    errors = [
+        {"index": i, "text": t, "gold": g, "pred": p} for i, (t, g, p) in enumerate(zip(texts, gold, preds)) if g != p
+    ]
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(html_report(metrics, meta, errors), encoding="utf-8")
     json_path = args.json or args.report.with_suffix(".json")
-    json_path.write_text(json.dumps({"meta": meta, "metrics": _finite(metrics)}, ensure_ascii=False, indent=1),
-                         encoding="utf-8")
+    json_path.write_text(
+        json.dumps({"meta": meta, "metrics": _finite(metrics)}, ensure_ascii=False, indent=1), encoding="utf-8"
+    )
     print(f"report: {args.report}  metrics: {json_path}")
     if args.png:
         png = args.report.with_suffix(".png")

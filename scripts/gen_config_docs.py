@@ -79,12 +79,17 @@ def sections(schema: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, ...
             full = f"{path}.{name}" if path else name
             target = resolve(prop, defs)
             if "properties" in target:
-                nested.append((target, full, target.get("description") or prop.get("description", ""),
-                               defaults[name]))
+                nested.append((target, full, target.get("description") or prop.get("description", ""), defaults[name]))
                 continue
             default = prop["default"] if "default" in prop else defaults[name]
-            rows.append((f"`{full}`", type_name(prop, defs), f"`{json.dumps(default, ensure_ascii=False)}`",
-                         cell(prop.get("description", ""))))
+            rows.append(
+                (
+                    f"`{full}`",
+                    type_name(prop, defs),
+                    f"`{json.dumps(default, ensure_ascii=False)}`",
+                    cell(prop.get("description", "")),
+                )
+            )
         out.append((path, intro, rows))
         for args in nested:
             visit(*args)
@@ -96,8 +101,11 @@ def sections(schema: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, ...
 def render() -> str:
     schema = ServiceConfig.model_json_schema()
     parts = [INTRO, "Sections:\n"]
-    parts += [f"- [`{name}`](#{name}): {cell(prop.get('description', ''))}" for name, prop in
-              schema["properties"].items() if "properties" in resolve(prop, schema.get("$defs", {}))]
+    parts += [
+        f"- [`{name}`](#{name}): {cell(prop.get('description', ''))}"
+        for name, prop in schema["properties"].items()
+        if "properties" in resolve(prop, schema.get("$defs", {}))
+    ]
     for path, intro, rows in sections(schema):
         parts.append(f"\n## {f'`{path}`' if path else 'Top level'}\n\n{cell(intro)}\n")
         parts.append("| Field | Type | Default | Description |\n|---|---|---|---|")
@@ -119,10 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if current == text:
         print(f"{rel} is up to date")
         return 0
-    diff = difflib.unified_diff(current.splitlines(), text.splitlines(), f"{rel} (committed)",
-                                f"{rel} (generated)", lineterm="")
-    print(f"{rel} differs from what deployments/config.py generates; run `{COMMAND}`.\n" + "\n".join(list(diff)[:60]),
-          file=sys.stderr)
+    diff = difflib.unified_diff(
+        current.splitlines(), text.splitlines(), f"{rel} (committed)", f"{rel} (generated)", lineterm=""
+    )
+    print(
+        f"{rel} differs from what deployments/config.py generates; run `{COMMAND}`.\n" + "\n".join(list(diff)[:60]),
+        file=sys.stderr,
+    )
     return 1
 
 

@@ -77,27 +77,32 @@ IMAGE_HAPROXY = "/home/ray/anaconda3/bin/llm-serve-haproxy"
 RAY_HOME = "/home/ray"  # HOME of the image's user `ray` (uid 1000)
 WRITABLE_PATHS: dict[str, str] = {
     "/tmp": "tempfile.gettempdir(): vLLM's ZMQ IPC sockets (VLLM_RPC_BASE_PATH); Serve's HAProxy "
-            "(RAY_SERVE_HAPROXY_*: /tmp/haproxy-serve/haproxy.cfg, admin.sock, metrics.sock, server-state, "
-            "and llm-serve-haproxy's haproxy.cfg.client-addr beside them); torch inductor's default cache "
-            "(/tmp/torchinductor_ray); tiktoken's cache; multiprocessing",
+    "(RAY_SERVE_HAPROXY_*: /tmp/haproxy-serve/haproxy.cfg, admin.sock, metrics.sock, server-state, "
+    "and llm-serve-haproxy's haproxy.cfg.client-addr beside them); torch inductor's default cache "
+    "(/tmp/torchinductor_ray); tiktoken's cache; multiprocessing",
     "/tmp/ray": "Ray's temp dir (RAY_TMPDIR unset): session dirs, logs (KubeRay shares this `ray-logs` "
-                "volume with the autoscaler sidecar), sockets, runtime envs, plasma fallback, spilled objects",
+    "volume with the autoscaler sidecar), sockets, runtime envs, plasma fallback, spilled objects",
     "/dev/shm": "Ray's object store (plasma) and vLLM/torch shared memory (medium: Memory)",
     f"{RAY_HOME}/.cache": "XDG cache: vLLM's VLLM_CACHE_ROOT (torch.compile cache, modelinfos, startup plans, "
-                          "DeepGEMM), FlashInfer's JIT cache, HF_HOME (transformers' dynamic modules), numba, "
-                          "matplotlib, torch extensions; Triton (TRITON_HOME) and CUDA's JIT cache "
-                          "(CUDA_CACHE_PATH) are pointed here",
+    "DeepGEMM), FlashInfer's JIT cache, HF_HOME (transformers' dynamic modules), numba, "
+    "matplotlib, torch extensions; Triton (TRITON_HOME) and CUDA's JIT cache "
+    "(CUDA_CACHE_PATH) are pointed here",
     f"{RAY_HOME}/.config": "XDG config: vLLM's VLLM_CONFIG_ROOT (usage_stats.json, do_not_track), matplotlib",
 }
 # The emptyDir volume behind each writable path (`ray-logs` is the name KubeRay itself uses, so
 # its autoscaler sidecar mounts the same volume).
-WRITABLE_VOLUMES: dict[str, str] = {"/tmp": "tmp", "/tmp/ray": "ray-logs", "/dev/shm": "dshm",
-                                    f"{RAY_HOME}/.cache": "home-cache", f"{RAY_HOME}/.config": "home-config"}
+WRITABLE_VOLUMES: dict[str, str] = {
+    "/tmp": "tmp",
+    "/tmp/ray": "ray-logs",
+    "/dev/shm": "dshm",
+    f"{RAY_HOME}/.cache": "home-cache",
+    f"{RAY_HOME}/.config": "home-config",
+}
 WRITABLE_ENV: dict[str, str] = {
-    "PYTHONDONTWRITEBYTECODE": "1",                               # no __pycache__ beside the app's sources
-    "HF_HOME": f"{RAY_HOME}/.cache/huggingface",                  # the default, stated
-    "TRITON_HOME": f"{RAY_HOME}/.cache",                          # Triton's ~/.triton (cache, dumps)
-    "CUDA_CACHE_PATH": f"{RAY_HOME}/.cache/nv/ComputeCache",      # CUDA's JIT cache, default ~/.nv
+    "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ beside the app's sources
+    "HF_HOME": f"{RAY_HOME}/.cache/huggingface",  # the default, stated
+    "TRITON_HOME": f"{RAY_HOME}/.cache",  # Triton's ~/.triton (cache, dumps)
+    "CUDA_CACHE_PATH": f"{RAY_HOME}/.cache/nv/ComputeCache",  # CUDA's JIT cache, default ~/.nv
 }
 # The autoscaler sidecar (`ray kuberay-autoscaler`) writes its monitor logs to /tmp/ray (KubeRay
 # mounts `ray-logs` there) and may use tempfile: /tmp.
@@ -190,7 +195,7 @@ def render_rayservice(text: str, cfg: dict[str, Any]) -> str:
         raise ConfigError(f"{RAYSERVICE.relative_to(REPO)}: generated-block markers missing") from None
     body = "".join("    " + l if l.strip() else "\n" for l in dump_serve_config(cfg).splitlines(keepends=True))
     block = [lines[b], "  serveConfigV2: |\n", body]
-    return "".join(lines[: b] + block + lines[e:])
+    return "".join(lines[:b] + block + lines[e:])
 
 
 # The HAProxy-to-ingress secret comes from a Secret the operator creates once (docs/kuberay.md):
@@ -209,8 +214,10 @@ def fast_path_entries() -> list[dict]:
     """The Ray containers' `env` entries for Serve's fast path, as `make run` sets them (the
     secret by reference, never a value in the manifest)."""
     env = fast_path_env(binary=IMAGE_HAPROXY, secret="-" * 32)
-    return [{"name": k, "valueFrom": PROXY_SECRET_REF} if k == PROXY_SECRET_ENV else {"name": k, "value": v}
-            for k, v in env.items()]
+    return [
+        {"name": k, "valueFrom": PROXY_SECRET_REF} if k == PROXY_SECRET_ENV else {"name": k, "value": v}
+        for k, v in env.items()
+    ]
 
 
 def render_env_blocks(text: str) -> str:
@@ -219,13 +226,14 @@ def render_env_blocks(text: str) -> str:
 
     def block(m: re.Match) -> str:
         indent = m.group(1)
-        body = "".join(f"{indent}- {{name: {e['name']}, "
-                       + (f"value: {json.dumps(e['value'])}}}\n" if "value" in e else
-                          f"valueFrom: {flow(e['valueFrom'])}}}\n") for e in entries)
+        body = "".join(
+            f"{indent}- {{name: {e['name']}, "
+            + (f"value: {json.dumps(e['value'])}}}\n" if "value" in e else f"valueFrom: {flow(e['valueFrom'])}}}\n")
+            for e in entries
+        )
         return f"{indent}{ENV_BEGIN}\n{body}{indent}{ENV_END}\n"
 
-    out, n = re.subn(rf"^([ ]*){re.escape(ENV_BEGIN)}\n.*?^[ ]*{re.escape(ENV_END)}\n", block, text,
-                     flags=re.M | re.S)
+    out, n = re.subn(rf"^([ ]*){re.escape(ENV_BEGIN)}\n.*?^[ ]*{re.escape(ENV_END)}\n", block, text, flags=re.M | re.S)
     if n == 0:
         raise ConfigError(f"{RAYSERVICE.relative_to(REPO)}: no `{ENV_BEGIN}` markers in the containers' env")
     return out
@@ -236,7 +244,9 @@ def writable_volumes(shm_size: str) -> tuple[list[dict[str, Any]], list[dict[str
     (KubeRay's own default is the container's memory)."""
     volumes, mounts = [], []
     for path, name in WRITABLE_VOLUMES.items():
-        volumes.append({"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size} if path == "/dev/shm" else {}})
+        volumes.append(
+            {"name": name, "emptyDir": {"medium": "Memory", "sizeLimit": shm_size} if path == "/dev/shm" else {}}
+        )
         mounts.append({"name": name, "mountPath": path})
     return volumes, mounts
 
@@ -248,14 +258,28 @@ def writable_env() -> list[dict[str, str]]:
 def cpu_patch(cfg: dict[str, Any]) -> str:
     """JSON patch (RFC 6902) turning the GPU RayService into a CPU-only one."""
     head_volumes, head_mounts = writable_volumes("3Gi")
-    security = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-                "readOnlyRootFilesystem": True}
-    pod_security = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
-                    "seccompProfile": {"type": "RuntimeDefault"}}
+    security = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+    }
+    pod_security = {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 100,
+        "fsGroup": 100,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     worker_volumes, worker_mounts = writable_volumes("4Gi")
-    env = [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-           {"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
-           *writable_env(), *fast_path_entries()]
+    env = [
+        {"name": "RAY_USAGE_STATS_ENABLED", "value": "0"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+        *writable_env(),
+        *fast_path_entries(),
+    ]
     worker = {
         "groupName": "cpu",
         "replicas": 1,
@@ -263,24 +287,31 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
         "maxReplicas": 2,
         "rayStartParams": {"num-cpus": "2", "num-gpus": "0", "metrics-export-port": "8080"},
         "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "llm-serve",
-                                    "app.kubernetes.io/component": "ray-cpu-worker"}},
+            "metadata": {
+                "labels": {"app.kubernetes.io/name": "llm-serve", "app.kubernetes.io/component": "ray-cpu-worker"}
+            },
             "spec": {
                 "automountServiceAccountToken": False,
                 "securityContext": pod_security,
-                "containers": [{
-                    "name": "ray-worker",
-                    "image": "llm-serve:0.1.0",
-                    "imagePullPolicy": "IfNotPresent",
-                    "ports": [{"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"},
-                              {"name": "metrics", "containerPort": 8080, "protocol": "TCP"}],
-                    "env": env,
-                    "envFrom": [{"secretRef": {"name": "llm-serve-env", "optional": True}}],
-                    "resources": {"requests": {"cpu": "2", "memory": "4Gi"},
-                                  "limits": {"cpu": "2", "memory": "4Gi"}},
-                    "securityContext": security,
-                    "volumeMounts": worker_mounts,
-                }],
+                "containers": [
+                    {
+                        "name": "ray-worker",
+                        "image": "llm-serve:0.1.0",
+                        "imagePullPolicy": "IfNotPresent",
+                        "ports": [
+                            {"name": "serve", "containerPort": SERVE_PORT, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": 8080, "protocol": "TCP"},
+                        ],
+                        "env": env,
+                        "envFrom": [{"secretRef": {"name": "llm-serve-env", "optional": True}}],
+                        "resources": {
+                            "requests": {"cpu": "2", "memory": "4Gi"},
+                            "limits": {"cpu": "2", "memory": "4Gi"},
+                        },
+                        "securityContext": security,
+                        "volumeMounts": worker_mounts,
+                    }
+                ],
                 "volumes": worker_volumes,
             },
         },
@@ -288,8 +319,11 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
     head = "/spec/rayClusterConfig/headGroupSpec/template/spec"
     ops = [
         {"op": "replace", "path": "/spec/serveConfigV2", "value": dump_serve_config(cfg)},
-        {"op": "replace", "path": f"{head}/containers/0/resources",
-         "value": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}}},
+        {
+            "op": "replace",
+            "path": f"{head}/containers/0/resources",
+            "value": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "3Gi"}},
+        },
         {"op": "replace", "path": "/spec/rayClusterConfig/headGroupSpec/rayStartParams/num-cpus", "value": "2"},
         {"op": "replace", "path": f"{head}/containers/0/volumeMounts", "value": head_mounts},
         {"op": "replace", "path": f"{head}/volumes", "value": head_volumes},
@@ -297,7 +331,8 @@ def cpu_patch(cfg: dict[str, Any]) -> str:
     ]
     header = HEADER.format(sources="configs/serve_config.yaml + kuberay/overlays/cpu/serve-overrides.yaml") + (
         "# JSON patch (RFC 6902) of the RayService for a cluster without GPUs: the CPU Serve config,\n"
-        "# a small head, one CPU worker group (1-2 pods) and no model PVC (the image has the tiny model).\n")
+        "# a small head, one CPU worker group (1-2 pods) and no model PVC (the image has the tiny model).\n"
+    )
     return header + yaml.dump(ops, Dumper=_BlockDumper, sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -312,7 +347,8 @@ def prometheus_rule() -> str:
     header = HEADER.format(sources="monitoring/alerts.yaml + monitoring/engine_alerts.yaml") + (
         "# The service's alert rules (HighQueueLength, HighTTFT, ...; the engine's: KV cache,\n"
         "# preemptions, GPU memory, restarts, p95 latency) for the prometheus-operator.\n"
-        "# Add the label your Prometheus' ruleSelector expects (e.g. release: kube-prometheus-stack).\n")
+        "# Add the label your Prometheus' ruleSelector expects (e.g. release: kube-prometheus-stack).\n"
+    )
     return header + yaml.safe_dump(rule, sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -396,15 +432,18 @@ def check_consistency(rayservice: dict[str, Any], cfg: dict[str, Any], variant: 
             errors.append("no GPU worker group")
         gpu_slots = sum(w["maxReplicas"] * int(w["rayStartParams"]["num-gpus"]) for w in gpu_groups)
         if auto.get("max_replicas", 1) > gpu_slots:
-            errors.append(f"model max_replicas {auto.get('max_replicas')} > GPUs the worker groups can "
-                          f"provide ({gpu_slots})")
+            errors.append(
+                f"model max_replicas {auto.get('max_replicas')} > GPUs the worker groups can provide ({gpu_slots})"
+            )
         lora = getattr(args, "lora", None)
         adapters = dict(getattr(lora, "adapters", None) or {})
         for w in gpu_groups:
             roots = list(getattr(lora, "adapter_roots", None) or []) if args.lora.allow_runtime_loading else []
-            for what, path in [("model_source", args.model.model_source),
-                               *((f"LoRA adapter {n}", p) for n, p in adapters.items()),
-                               *(("lora.adapter_roots entry", r) for r in roots)]:
+            for what, path in [
+                ("model_source", args.model.model_source),
+                *((f"LoRA adapter {n}", p) for n, p in adapters.items()),
+                *(("lora.adapter_roots entry", r) for r in roots),
+            ]:
                 if not path.startswith("/") or not _mounted(w["template"], path):
                     errors.append(f"{what} {path} is not on a volume of worker group {w['groupName']}")
         tok = args.model.tokenizer_source or args.model.model_source
@@ -428,13 +467,20 @@ def outputs() -> dict[Path, str]:
     patch_text = cpu_patch(cpu_cfg)
     cpu_service = apply_json_patch(rayservice, yaml.safe_load(patch_text))
     check_consistency(cpu_service, cpu_cfg, "cpu")
-    onebox = HEADER.format(sources="configs/serve_config.yaml + cluster/onebox/serve-overrides.yaml") + (
-        "# One-box production (docs/one-box.md): `.venv/bin/python -m cluster.supervise` serves it.\n"
-        ) + dump_serve_config(serve_config("onebox"))
+    onebox = (
+        HEADER.format(sources="configs/serve_config.yaml + cluster/onebox/serve-overrides.yaml")
+        + ("# One-box production (docs/one-box.md): `.venv/bin/python -m cluster.supervise` serves it.\n")
+        + dump_serve_config(serve_config("onebox"))
+    )
     from scripts import gen_rayjob  # the batch RayJob, from the same sources (it imports this module)
 
-    return {RAYSERVICE: rayservice_text, CPU_PATCH: patch_text, PROMETHEUS_RULE: prometheus_rule(),
-            ONEBOX_CONFIG: onebox, gen_rayjob.RAYJOB: gen_rayjob.render()}
+    return {
+        RAYSERVICE: rayservice_text,
+        CPU_PATCH: patch_text,
+        PROMETHEUS_RULE: prometheus_rule(),
+        ONEBOX_CONFIG: onebox,
+        gen_rayjob.RAYJOB: gen_rayjob.render(),
+    }
 
 
 def stale() -> dict[Path, str]:
@@ -444,8 +490,11 @@ def stale() -> dict[Path, str]:
         have = path.read_text() if path.exists() else ""
         if have != want:
             rel = str(path.relative_to(REPO))
-            out[path] = "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True),
-                                                     f"{rel} (committed)", f"{rel} (generated)"))
+            out[path] = "".join(
+                difflib.unified_diff(
+                    have.splitlines(True), want.splitlines(True), f"{rel} (committed)", f"{rel} (generated)"
+                )
+            )
     return out
 
 

@@ -51,22 +51,27 @@ def submitter_template(cluster: dict[str, Any]) -> dict[str, Any]:
     head = cluster["headGroupSpec"]["template"]
     ray_container = head["spec"]["containers"][0]
     return {
-        "metadata": {"labels": {"app.kubernetes.io/name": "llm-serve",
-                                "app.kubernetes.io/component": "batch-classify-submitter"}},
+        "metadata": {
+            "labels": {"app.kubernetes.io/name": "llm-serve", "app.kubernetes.io/component": "batch-classify-submitter"}
+        },
         "spec": {
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
             "securityContext": copy.deepcopy(head["spec"]["securityContext"]),
-            "containers": [{
-                "name": "ray-job-submitter",
-                "image": ray_container["image"],
-                "imagePullPolicy": ray_container.get("imagePullPolicy", "IfNotPresent"),
-                "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
-                "resources": {"requests": {"cpu": "500m", "memory": "200Mi"},
-                              "limits": {"cpu": "1", "memory": "1Gi"}},
-                "securityContext": copy.deepcopy(ray_container["securityContext"]),
-                "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-            }],
+            "containers": [
+                {
+                    "name": "ray-job-submitter",
+                    "image": ray_container["image"],
+                    "imagePullPolicy": ray_container.get("imagePullPolicy", "IfNotPresent"),
+                    "env": [{"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}],
+                    "resources": {
+                        "requests": {"cpu": "500m", "memory": "200Mi"},
+                        "limits": {"cpu": "1", "memory": "1Gi"},
+                    },
+                    "securityContext": copy.deepcopy(ray_container["securityContext"]),
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                }
+            ],
             "volumes": [{"name": "tmp", "emptyDir": {}}],
         },
     }
@@ -87,15 +92,30 @@ def rayjob() -> dict[str, Any]:
         _add_data_volume(group["template"])
     _add_data_volume(cluster["headGroupSpec"]["template"])
     args = gen.app_args(cfg)
-    entry = ["python", "-m", "scripts.classify_batch", *JOB_ARGS, "--concurrency", str(engines), "--num-gpus", "1",
-             "--no-progress"]
+    entry = [
+        "python",
+        "-m",
+        "scripts.classify_batch",
+        *JOB_ARGS,
+        "--concurrency",
+        str(engines),
+        "--num-gpus",
+        "1",
+        "--no-progress",
+    ]
     runtime_env = {"env_vars": {"LLM_SERVE_BATCH_ARGS": json.dumps(args, sort_keys=True, separators=(",", ":"))}}
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": "llm-serve-classify", "namespace": "llm-serve",
-                     "labels": {"app.kubernetes.io/name": "llm-serve", "app.kubernetes.io/part-of": "llm-serve",
-                                "app.kubernetes.io/component": "batch-classify"}},
+        "metadata": {
+            "name": "llm-serve-classify",
+            "namespace": "llm-serve",
+            "labels": {
+                "app.kubernetes.io/name": "llm-serve",
+                "app.kubernetes.io/part-of": "llm-serve",
+                "app.kubernetes.io/component": "batch-classify",
+            },
+        },
         "spec": {
             "entrypoint": shlex.join(entry),
             "runtimeEnvYAML": yaml.safe_dump(runtime_env, sort_keys=True, width=10_000),
@@ -115,7 +135,8 @@ def render() -> str:
         "# Batch classification of an archive (scripts/classify_batch.py) on the RayService's cluster shape:\n"
         f"# one vLLM engine per GPU. Needs a ReadWriteMany PVC {DATA_CLAIM!r} holding the input at /data/input;\n"
         "# the output lands in /data/output. Input, fields and paths: edit JOB_ARGS in scripts/gen_rayjob.py.\n"
-        "#   kubectl apply -n llm-serve -f cluster/kuberay/rayjob-classify.yaml\n")
+        "#   kubectl apply -n llm-serve -f cluster/kuberay/rayjob-classify.yaml\n"
+    )
     return header + yaml.dump(rayjob(), Dumper=gen._BlockDumper, sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -124,8 +145,9 @@ def stale() -> str:
     have = RAYJOB.read_text() if RAYJOB.exists() else ""
     want = render()
     rel = str(RAYJOB.relative_to(REPO))
-    return "".join(difflib.unified_diff(have.splitlines(True), want.splitlines(True), f"{rel} (committed)",
-                                        f"{rel} (generated)"))
+    return "".join(
+        difflib.unified_diff(have.splitlines(True), want.splitlines(True), f"{rel} (committed)", f"{rel} (generated)")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

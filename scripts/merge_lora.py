@@ -28,8 +28,9 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str = "auto") -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype
+    ]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
     model = PeftModel.from_pretrained(model, adapter)
     merged = model.merge_and_unload()
@@ -64,13 +65,18 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str = "auto") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--base", type=Path, required=True, help="base model folder")
     ap.add_argument("--adapter", type=Path, required=True, help="peft LoRA adapter folder")
     ap.add_argument("--out", type=Path, required=True, help="merged model folder (replaced)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weights dtype (auto: the base's)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: the base's)",
+    )
     args = ap.parse_args(argv)
     for p in (args.base, args.adapter):
         if not p.is_dir():

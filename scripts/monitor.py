@@ -96,34 +96,46 @@ def rows(cur: Snapshot, prev: Snapshot | None) -> list[tuple[str, list[tuple[str
     tps = r["tokens_per_s"]
     rej = s.get("rejections") or {}
     return [
-        ("Requests", [
-            ("waiting", _num(m.get("num_waiting_requests", s.get("current_queue_size")))),
-            ("running", _num(m.get("num_running_requests", s.get("running_requests")))),
-            ("total", _num(m.get("total_requests", s.get("total_requests")))),
-            ("ok", _num(s.get("successful_requests"))),
-            ("failed", _num(s.get("failed_requests"))),
-            ("req/s", _num(r["requests_per_s"], "{:.2f}")),
-        ]),
-        ("Capacity", [
-            ("model replicas", _num(s.get("model_replicas", m.get("num_model_replicas")))),
-            ("free slots", _num(s.get("available_slots"))),
-            ("peak queue", _num(s.get("peak_queue_size"))),
-            ("queue full", _num(s.get("queue_full_count"))),
-        ]),
-        ("TTFT", [
-            ("p50", _secs(slo.get("ttft_p50"))),
-            ("p95", _secs(slo.get("ttft_p95"))),
-            ("p99", _secs(slo.get("ttft_p99"))),
-            ("mean", _secs(slo.get("ttft_mean"))),
-            ("samples", _num(slo.get("sample_size"))),
-        ]),
-        ("Tokens/s", [
-            ("now", _num(tps, "{:.1f}") if tps is not None else _num(slo.get("total_throughput"), "{:.1f}")),
-            ("window", _num(slo.get("total_throughput"), "{:.1f}")),
-            ("decode p50/req", _num(slo.get("decoding_throughput_p50"), "{:.1f}")),
-            ("decode p95/req", _num(slo.get("decoding_throughput_p95"), "{:.1f}")),
-            ("generated", _num(m.get("total_tokens_generated"))),
-        ]),
+        (
+            "Requests",
+            [
+                ("waiting", _num(m.get("num_waiting_requests", s.get("current_queue_size")))),
+                ("running", _num(m.get("num_running_requests", s.get("running_requests")))),
+                ("total", _num(m.get("total_requests", s.get("total_requests")))),
+                ("ok", _num(s.get("successful_requests"))),
+                ("failed", _num(s.get("failed_requests"))),
+                ("req/s", _num(r["requests_per_s"], "{:.2f}")),
+            ],
+        ),
+        (
+            "Capacity",
+            [
+                ("model replicas", _num(s.get("model_replicas", m.get("num_model_replicas")))),
+                ("free slots", _num(s.get("available_slots"))),
+                ("peak queue", _num(s.get("peak_queue_size"))),
+                ("queue full", _num(s.get("queue_full_count"))),
+            ],
+        ),
+        (
+            "TTFT",
+            [
+                ("p50", _secs(slo.get("ttft_p50"))),
+                ("p95", _secs(slo.get("ttft_p95"))),
+                ("p99", _secs(slo.get("ttft_p99"))),
+                ("mean", _secs(slo.get("ttft_mean"))),
+                ("samples", _num(slo.get("sample_size"))),
+            ],
+        ),
+        (
+            "Tokens/s",
+            [
+                ("now", _num(tps, "{:.1f}") if tps is not None else _num(slo.get("total_throughput"), "{:.1f}")),
+                ("window", _num(slo.get("total_throughput"), "{:.1f}")),
+                ("decode p50/req", _num(slo.get("decoding_throughput_p50"), "{:.1f}")),
+                ("decode p95/req", _num(slo.get("decoding_throughput_p95"), "{:.1f}")),
+                ("generated", _num(m.get("total_tokens_generated"))),
+            ],
+        ),
         ("Rejections", [(reason, _num(rej.get(reason))) for reason in REASONS]),
     ]
 
@@ -163,13 +175,20 @@ def render_rich(cur: Snapshot, prev: Snapshot | None = None, interval: float | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default=os.environ.get("LLM_SERVE_URL", "http://127.0.0.1:8000"),
-                    help="base URL of the service (default: $LLM_SERVE_URL or http://127.0.0.1:8000)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--url",
+        default=os.environ.get("LLM_SERVE_URL", "http://127.0.0.1:8000"),
+        help="base URL of the service (default: $LLM_SERVE_URL or http://127.0.0.1:8000)",
+    )
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
-    ap.add_argument("--api-key", default=os.environ.get("LLM_SERVE_API_KEY"),
-                    help="bearer key when the service requires one (default: $LLM_SERVE_API_KEY)")
+    ap.add_argument(
+        "--api-key",
+        default=os.environ.get("LLM_SERVE_API_KEY"),
+        help="bearer key when the service requires one (default: $LLM_SERVE_API_KEY)",
+    )
     ap.add_argument("--once", action="store_true", help="print one snapshot and exit (1 if unreachable)")
     ap.add_argument("--json", action="store_true", help="with --once: print the raw /metrics and /stats JSON")
     ap.add_argument("--plain", action="store_true", help="plain text even when rich is available")
@@ -189,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.once:
             snap = fetch(client, args.url, args.api_key)
             if args.json:
-                print(json.dumps({"url": snap.url, "metrics": snap.metrics, "stats": snap.stats,
-                                  "error": snap.error}, indent=2))
+                print(
+                    json.dumps(
+                        {"url": snap.url, "metrics": snap.metrics, "stats": snap.stats, "error": snap.error}, indent=2
+                    )
+                )
             elif use_rich:
                 from rich.console import Console
 

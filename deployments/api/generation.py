@@ -8,7 +8,8 @@ import asyncio
 import time
 import uuid
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -33,8 +34,14 @@ from deployments.config import LimitsConfig, ModelConfig
 
 # Fields passed to vLLM's SamplingParams when the client set them.
 _PASSTHROUGH = (
-    "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "stop_token_ids",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "stop_token_ids",
 )
 
 
@@ -57,7 +64,8 @@ def check_max_tokens(requested: int | None, default: int, limits: LimitsConfig) 
         return cap
     if value > cap:
         raise errors.bad_request(
-            f"max_tokens is {value}, above this service's cap of {cap}.", "max_tokens", "max_tokens_too_large")
+            f"max_tokens is {value}, above this service's cap of {cap}.", "max_tokens", "max_tokens_too_large"
+        )
     return value
 
 
@@ -75,7 +83,8 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
     }
     if body.min_tokens > max_tokens:
         raise errors.bad_request(
-            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens")
+            f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).", "min_tokens"
+        )
     if body.stop:
         s["stop"] = body.stop
     for name in _PASSTHROUGH:
@@ -100,8 +109,10 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
         raise errors.bad_request(str(exc), "response_format") from None
     if isinstance(body, ChatCompletionRequest) and tools.forced(body.tool_choice):
         if structured is not None:
-            raise errors.bad_request("tool_choice forces a tool call; it cannot be combined with response_format "
-                                     "or structured_outputs.", "tool_choice")
+            raise errors.bad_request(
+                "tool_choice forces a tool call; it cannot be combined with response_format or structured_outputs.",
+                "tool_choice",
+            )
         structured = {"json": tools.forced_schema(body.tools, body.tool_choice, body.parallel_tool_calls)}
     if structured is not None:
         s["structured_outputs"] = structured  # compact JSON: engine.structured_outputs
@@ -111,8 +122,9 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
 class ServingGeneration:
     """POST /v1/chat/completions and /v1/completions."""
 
-    def __init__(self, tokenizer, models: ModelDirectory, calls: ModelCalls, limits: LimitsConfig, stats,
-                 model: ModelConfig):
+    def __init__(
+        self, tokenizer, models: ModelDirectory, calls: ModelCalls, limits: LimitsConfig, stats, model: ModelConfig
+    ):
         self.tokenizer, self.models, self.calls = tokenizer, models, calls
         self.limits, self.stats = limits, stats
         self.auto_tools = model.tool_call_parser is not None
@@ -121,17 +133,21 @@ class ServingGeneration:
 
     async def chat(self, body: ChatCompletionRequest):
         def prepare():
-            max_tokens = check_max_tokens(body.max_completion_tokens or body.max_tokens,
-                                          self.limits.default_max_tokens_chat, self.limits)
+            max_tokens = check_max_tokens(
+                body.max_completion_tokens or body.max_tokens, self.limits.default_max_tokens_chat, self.limits
+            )
             if len(body.messages) > self.limits.max_messages:
                 raise errors.bad_request(
-                    f"messages: at most {self.limits.max_messages} messages per request "
-                    f"(got {len(body.messages)})", "messages", "too_many_messages")
+                    f"messages: at most {self.limits.max_messages} messages per request (got {len(body.messages)})",
+                    "messages",
+                    "too_many_messages",
+                )
             tools.check(body.tools, body.tool_choice, body.parallel_tool_calls, self.auto_tools)
             messages = [m.for_template() for m in body.messages]
             template_tools = tools.for_template(body.tools) if body.tools else None
             return max_tokens, lambda: self.tokenizer.encode_chat.remote(
-                messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs, template_tools)
+                messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs, template_tools
+            )
 
         return await self._serve(body, True, prepare)
 
@@ -162,20 +178,35 @@ class ServingGeneration:
                 trace.tokenized(len(enc.token_ids))
                 parse = None
                 if chat and (self.reasoning or tools.parsed(body.tools, body.tool_choice)):
-                    parse = tools.parse_spec(body.tools, body.tool_choice, body.chat_template_kwargs,
-                                             body.include_reasoning, body.parallel_tool_calls)
-                greq = GenerationRequest(rid, enc.token_ids, sampling_params(body, max_tokens, self.limits), mux,
-                                         parse, engine_priority(body.priority))
+                    parse = tools.parse_spec(
+                        body.tools,
+                        body.tool_choice,
+                        body.chat_template_kwargs,
+                        body.include_reasoning,
+                        body.parallel_tool_calls,
+                    )
+                greq = GenerationRequest(
+                    rid,
+                    enc.token_ids,
+                    sampling_params(body, max_tokens, self.limits),
+                    mux,
+                    parse,
+                    engine_priority(body.priority),
+                )
                 trace.dispatched()
                 if not body.stream:
                     _, outs = await self.calls.start(slot, lambda: unary.generate.remote(greq))
                     slot.release()
                     completion_tokens = sum(o.num_tokens for o in outs)
                     trace.finished(200, completion_tokens=completion_tokens)
-                    return JSONResponse(self._response(body, rid, model_name, created, outs, echo,
-                                                       len(enc.token_ids), completion_tokens))
-                stream, first = await self.calls.start(slot, lambda: streaming.generate_stream.remote(greq),
-                                                       lambda stream: stream.__anext__())
+                    return JSONResponse(
+                        self._response(
+                            body, rid, model_name, created, outs, echo, len(enc.token_ids), completion_tokens
+                        )
+                    )
+                stream, first = await self.calls.start(
+                    slot, lambda: streaming.generate_stream.remote(greq), lambda stream: stream.__anext__()
+                )
         except TimeoutError:
             if slot is not None:
                 slot.release()
@@ -186,10 +217,21 @@ class ServingGeneration:
                 slot.release()
             trace.failed(exc)
             raise
-        ctx = sse.StreamContext(chat, rid, model_name, created, len(enc.token_ids), body.include_usage(),
-                                body.continuous_usage(), deadline, timeout, body.n,
-                                body.num_logprobs() is not None, echo,
-                                body.tool_choice if chat and tools.forced(body.tool_choice) else None)
+        ctx = sse.StreamContext(
+            chat,
+            rid,
+            model_name,
+            created,
+            len(enc.token_ids),
+            body.include_usage(),
+            body.continuous_usage(),
+            deadline,
+            timeout,
+            body.n,
+            body.num_logprobs() is not None,
+            echo,
+            body.tool_choice if chat and tools.forced(body.tool_choice) else None,
+        )
         events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
         return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
@@ -203,8 +245,16 @@ class ServingGeneration:
         return await self.tokenizer.detokenize.remote(body.prompt)
 
     @staticmethod
-    def _response(body: SamplingFields, rid: str, model: str, created: int, outs, echo: str,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def _response(
+        body: SamplingFields,
+        rid: str,
+        model: str,
+        created: int,
+        outs,
+        echo: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+    ) -> dict[str, Any]:
         """The non-streaming OpenAI response, one choice per engine sequence."""
         if isinstance(body, ChatCompletionRequest):
             choices = []

@@ -25,8 +25,15 @@ from deployments.config import ServiceConfig
 class ServingHealth:
     """One per ingress replica: the model handle and what the limits report reads."""
 
-    def __init__(self, model, config: ServiceConfig, model_options: dict[str, Any], calls: ModelCalls,
-                 limiter: RateLimiter, auth_enabled: bool):
+    def __init__(
+        self,
+        model,
+        config: ServiceConfig,
+        model_options: dict[str, Any],
+        calls: ModelCalls,
+        limiter: RateLimiter,
+        auth_enabled: bool,
+    ):
         self.model, self.config, self.model_options = model, config, model_options
         self.calls, self.limiter, self.auth_enabled = calls, limiter, auth_enabled
         self.ok_word = "ok" if config.compat.legacy_health_status else "healthy"
@@ -50,8 +57,11 @@ class ServingHealth:
         report["accelerator_memory_gb"] = replica.get("accelerator_memory_gb")
         report["gpu"] = replica.get("gpu")  # the replaced service's field: null on CPU
         if not detailed:
-            report = {"status": report["status"], "gpu": _public_gpu(report["gpu"]),
-                      "limits": {k: report["limits"][k] for k in self.PUBLIC_LIMITS}}
+            report = {
+                "status": report["status"],
+                "gpu": _public_gpu(report["gpu"]),
+                "limits": {k: report["limits"][k] for k in self.PUBLIC_LIMITS},
+            }
         return JSONResponse(report, status_code=200 if ok else 503)
 
     def limits_report(self) -> dict[str, Any]:

@@ -12,8 +12,16 @@ from deployments.api.responses import model_card
 
 
 class ModelDirectory:
-    def __init__(self, model_id: str, owned_by: str, created: int, model_handle, adapters: AdapterRegistry,
-                 default_model: str | None = None, aliases: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_id: str,
+        owned_by: str,
+        created: int,
+        model_handle,
+        adapters: AdapterRegistry,
+        default_model: str | None = None,
+        aliases: dict[str, str] | None = None,
+    ):
         self.model_id, self.owned_by, self.created = model_id, owned_by, created
         self.default_model = default_model
         self.aliases = dict(aliases or {})
@@ -45,8 +53,7 @@ class ModelDirectory:
 
     def forget(self, adapter_name: str) -> None:
         """Drop the handles of an unloaded adapter (every version)."""
-        self._handles = {k: v for k, v in self._handles.items()
-                         if k is None or not k.startswith(adapter_name + "@")}
+        self._handles = {k: v for k, v in self._handles.items() if k is None or not k.startswith(adapter_name + "@")}
 
     def card(self, name: str, root: str | None = None) -> dict[str, Any]:
         if name == self.model_id:

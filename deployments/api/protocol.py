@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -33,8 +33,7 @@ _INT32_MAX = 2**31 - 1
 
 class _Strict(BaseModel):
     # Unknown fields are a 400 naming them; NaN/Infinity are rejected.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=(),
-                              populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, protected_namespaces=(), populate_by_name=True)
 
 
 class StreamOptions(_Strict):
@@ -58,7 +57,7 @@ class ResponseFormat(_Strict):
 class StructuredOutputs(_Strict):
     """vLLM's `structured_outputs` extension: exactly one constraint."""
 
-    json_: Union[str, dict[str, Any], None] = Field(None, alias="json", description="A JSON Schema.")
+    json_: str | dict[str, Any] | None = Field(None, alias="json", description="A JSON Schema.")
     regex: str | None = Field(None, description="A regular expression.")
     choice: list[str] | None = Field(None, min_length=1, description="One of these strings.")
     grammar: str | None = Field(None, description="An EBNF (xgrammar/GBNF) grammar.")
@@ -71,8 +70,7 @@ class StructuredOutputs(_Strict):
     def _one_constraint(self):
         kinds = [k for k in ("json_", "regex", "choice", "grammar", "json_object") if getattr(self, k) is not None]
         if len(kinds) != 1:
-            raise ValueError("give exactly one of json, regex, choice, grammar, json_object "
-                             f"(got {len(kinds)})")
+            raise ValueError(f"give exactly one of json, regex, choice, grammar, json_object (got {len(kinds)})")
         return self
 
     def engine_fields(self) -> dict[str, Any]:
@@ -106,7 +104,7 @@ class NamedToolChoice(_Strict):
     function: NamedFunction = Field(description="The function to call.")
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 class FunctionCallIn(_Strict):
@@ -124,7 +122,7 @@ class ToolCallIn(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(description="Author role.")
-    content: Union[str, list[TextContentPart], None] = Field(None, description="Text or text parts.")
+    content: str | list[TextContentPart] | None = Field(None, description="Text or text parts.")
     name: str | None = Field(None, description="Optional author name.")
     tool_calls: list[ToolCallIn] | None = Field(None, description="An assistant message's tool calls.")
     tool_call_id: str | None = Field(None, description="The call a tool message answers.")
@@ -145,9 +143,14 @@ class ChatMessage(_Strict):
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:
-            out["tool_calls"] = [{"id": tc.id, "type": "function",
-                                  "function": {"name": tc.function.name, "arguments": _json_or_text(tc.function.arguments)}}
-                                 for tc in self.tool_calls]
+            out["tool_calls"] = [
+                {
+                    "id": tc.id,
+                    "type": "function",
+                    "function": {"name": tc.function.name, "arguments": _json_or_text(tc.function.arguments)},
+                }
+                for tc in self.tool_calls
+            ]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if (reasoning := self.reasoning_content or self.reasoning) is not None:
@@ -163,8 +166,16 @@ def _json_or_text(arguments: str) -> Any:
 
 
 # Bookkeeping fields of OpenAI's requests that change no output: accepted, ignored.
-NO_OPS = ("user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-          "prompt_cache_retention")
+NO_OPS = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
+
 
 class SamplingFields(_Strict):
     """Fields shared by chat and completions requests."""
@@ -178,12 +189,13 @@ class SamplingFields(_Strict):
     n: int = Field(1, ge=1, le=128, description="Number of choices (at most limits.max_n).")
     stream: bool = Field(False, description="Server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Streaming options.")
-    stop: Union[str, list[str], None] = Field(None, description="Stop strings (at most 8).")
+    stop: str | list[str] | None = Field(None, description="Stop strings (at most 8).")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="Per-request sampling seed.")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Presence penalty.")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="Frequency penalty.")
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
-        None, max_length=1024, description="Token id (as a string) → bias added to its logit.")
+        None, max_length=1024, description="Token id (as a string) → bias added to its logit."
+    )
     # bookkeeping (NO_OPS)
     user: str | None = Field(None, description="End-user id (not used).")
     metadata: dict[str, str] | None = Field(None, description="Stored-completion metadata (not used).")
@@ -199,20 +211,25 @@ class SamplingFields(_Strict):
     ignore_eos: bool = Field(False, description="vLLM: keep generating past EOS (benchmarks).")
     min_tokens: int = Field(0, ge=0, le=_INT32_MAX, description="vLLM: generate at least this many tokens.")
     stop_token_ids: list[Annotated[int, Field(ge=0, le=_INT32_MAX)]] | None = Field(
-        None, description="vLLM: stop on these token ids.")
+        None, description="vLLM: stop on these token ids."
+    )
     include_stop_str_in_output: bool = Field(False, description="vLLM: keep the stop string.")
     skip_special_tokens: bool = Field(True, description="vLLM: drop special tokens from the text.")
     spaces_between_special_tokens: bool = Field(True, description="vLLM: detokenizer option.")
     structured_outputs: StructuredOutputs | None = Field(
-        None, description="vLLM: constrained decoding (json, regex, choice, grammar, json_object).")
+        None, description="vLLM: constrained decoding (json, regex, choice, grammar, json_object)."
+    )
     timeout: float | None = Field(
         None, gt=0, description="Per-request deadline in seconds (capped by limits.request_timeout_s)."
     )
     priority: int = Field(
-        0, ge=-(2**20), le=2**20,
+        0,
+        ge=-(2**20),
+        le=2**20,
         description="vLLM: the request's priority, lower first (default 0): orders this tenant's own "
         "requests in the capacity gate's queue and, with `engine.scheduling_policy: priority`, in the "
-        "engine's; never ahead of another tenant's share (docs/security.md S17).")
+        "engine's; never ahead of another tenant's share (docs/security.md S17).",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -245,8 +262,9 @@ class SamplingFields(_Strict):
         if isinstance(data, dict):
             for name in cls.UNSUPPORTED:
                 if data.get(name) is not None:
-                    raise PydanticCustomError("unsupported_parameter",
-                                              "{param} is not supported by this service.", {"param": name})
+                    raise PydanticCustomError(
+                        "unsupported_parameter", "{param} is not supported by this service.", {"param": name}
+                    )
             data = {k: v for k, v in data.items() if k not in cls.UNSUPPORTED}
         return data
 
@@ -260,8 +278,17 @@ class SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(SamplingFields):
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("audio", "function_call", "functions", "prediction", "web_search_options",
-                                              "verbosity", "moderation", "prompt_cache_options", "reasoning_effort")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "audio",
+        "function_call",
+        "functions",
+        "prediction",
+        "web_search_options",
+        "verbosity",
+        "moderation",
+        "prompt_cache_options",
+        "reasoning_effort",
+    )
 
     messages: list[ChatMessage] = Field(description="The conversation, oldest first.", min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (newer OpenAI name).")
@@ -271,10 +298,12 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[Literal["text"]] | None = Field(None, description="Only text output.")
     add_generation_prompt: bool = Field(True, description="vLLM: end the prompt with the assistant header.")
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="vLLM: extra variables for the chat template (e.g. enable_thinking).")
+        None, description="vLLM: extra variables for the chat template (e.g. enable_thinking)."
+    )
     tools: list[Tool] | None = Field(None, description="Functions the model may call.")
     tool_choice: ToolChoice | None = Field(
-        None, description="none, auto (default with tools), required, or a named function.")
+        None, description="none, auto (default with tools), required, or a named function."
+    )
     parallel_tool_calls: bool | None = Field(None, description="Allow more than one call (default true).")
     include_reasoning: bool = Field(True, description="vLLM: return the reasoning (when the model has a parser).")
 
@@ -304,7 +333,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix",)
 
-    prompt: Union[str, list[int], list[str]] = Field(
+    prompt: str | list[int] | list[str] = Field(
         description="Prompt text, a token-id list, or a one-element list of text."
     )
     echo: bool = Field(False, description="Prepend the prompt to the completion text.")
@@ -337,7 +366,7 @@ class ClassifyRequest(_Strict):
     """POST /v1/classify, in the style of OpenAI's embeddings endpoint."""
 
     model: str | None = Field(None, description="Base model or adapter name; default: the base model.")
-    input: Union[str, list[str]] = Field(description="One text or a list of texts to classify.")
+    input: str | list[str] = Field(description="One text or a list of texts to classify.")
     labels: list[str] | None = Field(
         None, min_length=2, description="A subset of the configured label set; default: all of it."
     )
@@ -349,8 +378,9 @@ class ClassifyRequest(_Strict):
 class LoadLoraRequest(_Strict):
     """POST /v1/load_lora_adapter (vLLM's shape)."""
 
-    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
-                           description="Name clients will pass as `model`.")
+    lora_name: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$", description="Name clients will pass as `model`."
+    )
     lora_path: str = Field(min_length=1, description="Adapter folder on the model replicas' nodes.")
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deployments.api.protocol import GenerationChunk
 
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -26,9 +27,10 @@ def chat_logprobs(entries) -> dict[str, Any] | None:
     def one(token: str, lp: float) -> dict[str, Any]:
         return {"token": token, "logprob": lp, "bytes": list(token.encode("utf-8", "surrogatepass"))}
 
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]}
-                        for t, lp, alts in entries],
-            "refusal": None}
+    return {
+        "content": [{**one(t, lp), "top_logprobs": [one(a, alp) for a, alp in alts]} for t, lp, alts in entries],
+        "refusal": None,
+    }
 
 
 def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
@@ -41,21 +43,24 @@ def completion_logprobs(entries, text_offset: int = 0) -> dict[str, Any] | None:
     for t, _, _ in entries:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [None if lp is None else {t: lp, **{a: alp for a, alp in alts}}
-                             for t, lp, alts in entries],
-            "text_offset": offsets}
+    return {
+        "tokens": [t for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [None if lp is None else {t: lp, **{a: alp for a, alp in alts}} for t, lp, alts in entries],
+        "text_offset": offsets,
+    }
 
 
-def echoed_logprobs(chunk: "GenerationChunk"):
+def echoed_logprobs(chunk: GenerationChunk):
     """A completions choice's logprobs entries, the echoed prompt's first."""
     if chunk.logprobs is None or chunk.prompt_logprobs is None:
         return chunk.logprobs
     return chunk.prompt_logprobs + chunk.logprobs
 
 
-def chat_message(content: str | None, tool_calls: list[dict[str, Any]] | None = None,
-                 reasoning: str | None = None) -> dict[str, Any]:
+def chat_message(
+    content: str | None, tool_calls: list[dict[str, Any]] | None = None, reasoning: str | None = None
+) -> dict[str, Any]:
     """An assistant message: `tool_calls` only when there are some; the reasoning (when the
     model has a reasoning parser) as `reasoning_content` and vLLM 0.32's `reasoning`."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
@@ -74,20 +79,42 @@ def text_choice(index: int, text: str, finish: str | None, logprobs=None) -> dic
     return {"index": index, "text": text, "logprobs": completion_logprobs(logprobs), "finish_reason": finish}
 
 
-def chat_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+def chat_completion(
+    rid: str, model: str, created: int, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def text_completion(rid: str, model: str, created: int, choices: list[dict[str, Any]],
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+def text_completion(
+    rid: str, model: str, created: int, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None,
-               use: dict[str, int] | None = None, index: int = 0, logprobs=None) -> dict[str, Any]:
+def chat_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    use: dict[str, int] | None = None,
+    index: int = 0,
+    logprobs=None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": rid,
         "object": "chat.completion.chunk",
@@ -100,16 +127,30 @@ def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish
     return out
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None = None,
-                     use: dict[str, int] | None = None, index: int = 0, logprobs=None,
-                     text_offset: int = 0) -> dict[str, Any]:
+def completion_chunk(
+    rid: str,
+    model: str,
+    created: int,
+    text: str,
+    finish: str | None = None,
+    use: dict[str, int] | None = None,
+    index: int = 0,
+    logprobs=None,
+    text_offset: int = 0,
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": completion_logprobs(logprobs, text_offset),
-                     "finish_reason": finish}],
+        "choices": [
+            {
+                "index": index,
+                "text": text,
+                "logprobs": completion_logprobs(logprobs, text_offset),
+                "finish_reason": finish,
+            }
+        ],
     }
     if use is not None:
         out["usage"] = use
@@ -120,8 +161,9 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict[str, int
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 
 
-def model_card(model_id: str, owned_by: str, root: str | None = None, parent: str | None = None,
-               created: int | None = None) -> dict[str, Any]:
+def model_card(
+    model_id: str, owned_by: str, root: str | None = None, parent: str | None = None, created: int | None = None
+) -> dict[str, Any]:
     return {
         "id": model_id,
         "object": "model",

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from deployments.api import errors, tools
 from deployments.api.errors import APIError
@@ -53,16 +54,21 @@ class ChunkRenderer:
         self.echoed = [False] * ctx.n
         self.forced = [tools.ForcedCallStream(ctx.forced) for _ in range(ctx.n)] if ctx.forced is not None else None
         self.called = [False] * ctx.n
-        template = (chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"}) if ctx.chat
-                    else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0"))
+        template = (
+            chat_chunk(ctx.request_id, ctx.model, ctx.created, {"content": "\0"})
+            if ctx.chat
+            else completion_chunk(ctx.request_id, ctx.model, ctx.created, "\0")
+        )
         self.head, self.tail = sse(template).split(b'"\\u0000"')
 
     def role(self) -> bytes:
         c = self.ctx
         if not c.chat:
             return b""
-        return b"".join(sse(chat_chunk(c.request_id, c.model, c.created, {"role": "assistant", "content": ""},
-                                       index=i)) for i in range(c.n))
+        return b"".join(
+            sse(chat_chunk(c.request_id, c.model, c.created, {"role": "assistant", "content": ""}, index=i))
+            for i in range(c.n)
+        )
 
     def chunk(self, chunk: GenerationChunk) -> bytes | None:
         self.completion_tokens += chunk.num_tokens
@@ -70,24 +76,31 @@ class ChunkRenderer:
         if not (chunk.text or chunk.finish_reason or chunk.logprobs or chunk.reasoning or chunk.tool_calls):
             return None  # an incomplete UTF-8 sequence: its text comes with the next chunk
         c = self.ctx
-        if self.fast and chunk.finish_reason is None and not c.continuous_usage \
-                and chunk.reasoning is None and not chunk.tool_calls:
+        if (
+            self.fast
+            and chunk.finish_reason is None
+            and not c.continuous_usage
+            and chunk.reasoning is None
+            and not chunk.tool_calls
+        ):
             return self.head + json.dumps(chunk.text, ensure_ascii=False).encode() + self.tail
         use = self.usage() if c.continuous_usage else None
         if c.chat:
             delta, finish = self.delta(chunk)
             if not delta and finish is None and not chunk.logprobs:
                 return None
-            return sse(chat_chunk(c.request_id, c.model, c.created, delta, finish, use, chunk.index,
-                                  chunk.logprobs))
+            return sse(chat_chunk(c.request_id, c.model, c.created, delta, finish, use, chunk.index, chunk.logprobs))
         text, logprobs = chunk.text, chunk.logprobs
         if c.echo and not self.echoed[chunk.index]:
             self.echoed[chunk.index] = True
             text, logprobs = c.echo + text, echoed_logprobs(chunk)
         offset = self.offsets[chunk.index]
         self.offsets[chunk.index] += len(text)
-        return sse(completion_chunk(c.request_id, c.model, c.created, text, chunk.finish_reason, use,
-                                    chunk.index, logprobs, offset))
+        return sse(
+            completion_chunk(
+                c.request_id, c.model, c.created, text, chunk.finish_reason, use, chunk.index, logprobs, offset
+            )
+        )
 
     def delta(self, chunk: GenerationChunk) -> tuple[dict[str, Any], str | None]:
         """A chat chunk's delta (content, reasoning, tool calls) and finish reason."""
@@ -121,8 +134,9 @@ class ChunkRenderer:
         return sse(exc.body()) + SSE_DONE
 
 
-async def stream_events(ctx: StreamContext, first: GenerationChunk | None, stream, trace,
-                        release, unavailable: tuple[type, ...]) -> AsyncIterator[bytes]:
+async def stream_events(
+    ctx: StreamContext, first: GenerationChunk | None, stream, trace, release, unavailable: tuple[type, ...]
+) -> AsyncIterator[bytes]:
     """The response body of a streamed completion. `first` is the chunk already received (the
     call's admission), `stream` the rest; `release()` frees the request's admission slot when
     the stream ends, however it ends (the client leaving cancels the model call, which aborts

@@ -36,20 +36,29 @@ class TokenizeRequest(_Strict):
 
     # chat-only fields vLLM accepts that are not implemented here: a 400 naming them when set
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "continue_final_message", "chat_template", "media_io_kwargs", "mm_processor_kwargs")
+        "continue_final_message",
+        "chat_template",
+        "media_io_kwargs",
+        "mm_processor_kwargs",
+    )
     CHAT_ONLY: ClassVar[tuple[str, ...]] = ("add_generation_prompt", "chat_template_kwargs", "tools") + UNSUPPORTED
 
     model: str | None = Field(None, description="Served model name, alias or adapter; default: the default model.")
     prompt: str | None = Field(None, description="Text to tokenize (give this or `messages`).")
     messages: list[ChatMessage] | None = Field(
-        None, min_length=1, description="A conversation, rendered by the chat template as chat completions do.")
+        None, min_length=1, description="A conversation, rendered by the chat template as chat completions do."
+    )
     add_special_tokens: bool | None = Field(
-        None, description="Add the tokenizer's special tokens (e.g. BOS) around the tokens; default: true "
-                          "for `prompt`, false for `messages` (the chat template adds its own).")
+        None,
+        description="Add the tokenizer's special tokens (e.g. BOS) around the tokens; default: true "
+        "for `prompt`, false for `messages` (the chat template adds its own).",
+    )
     add_generation_prompt: bool | None = Field(
-        None, description="Chat only: end with the assistant header (default true, as chat completions).")
+        None, description="Chat only: end with the assistant header (default true, as chat completions)."
+    )
     chat_template_kwargs: dict[str, Any] | None = Field(
-        None, description="Chat only: extra chat-template variables (e.g. enable_thinking).")
+        None, description="Chat only: extra chat-template variables (e.g. enable_thinking)."
+    )
     return_token_strs: bool | None = Field(False, description="Also return each token's string.")
     continue_final_message: bool | None = Field(None, description="Not supported here (a 400 when true).")
     chat_template: str | None = Field(None, description="Not supported here: the model's own template is used.")
@@ -87,20 +96,27 @@ class ServingTokenize:
                 if name in body.model_fields_set and getattr(body, name) is not None:
                     raise errors.bad_request(f"{name} applies to chat requests (messages) only.", name)
             call = self.tokenizer.tokenize_prompt.remote(
-                body.prompt, _default(body.add_special_tokens, True), bool(body.return_token_strs))
+                body.prompt, _default(body.add_special_tokens, True), bool(body.return_token_strs)
+            )
         else:
             if body.prompt is not None:
                 raise errors.bad_request("Give either prompt or messages, not both.", "prompt")
             if len(body.messages) > self.limits.max_messages:
                 raise errors.bad_request(
-                    f"messages: at most {self.limits.max_messages} messages per request "
-                    f"(got {len(body.messages)})", "messages", "too_many_messages")
+                    f"messages: at most {self.limits.max_messages} messages per request (got {len(body.messages)})",
+                    "messages",
+                    "too_many_messages",
+                )
             # the same messages and tools as ServingGeneration.chat, so the count is the same
             messages = [m.for_template() for m in body.messages]
             call = self.tokenizer.tokenize_chat.remote(
-                messages, _default(body.add_generation_prompt, True), _default(body.add_special_tokens, False),
-                bool(body.return_token_strs), body.chat_template_kwargs,
-                tools.for_template(body.tools) if body.tools else None)
+                messages,
+                _default(body.add_generation_prompt, True),
+                _default(body.add_special_tokens, False),
+                bool(body.return_token_strs),
+                body.chat_template_kwargs,
+                tools.for_template(body.tools) if body.tools else None,
+            )
         return JSONResponse(await self._call(call))
 
     async def detokenize(self, body: DetokenizeRequest) -> JSONResponse:

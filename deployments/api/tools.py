@@ -47,12 +47,13 @@ def check(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | 
     if len(set(names)) != len(names):
         raise errors.bad_request("tool function names must be distinct.", "tools")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-        raise errors.bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools.",
-                                 "tool_choice")
+        raise errors.bad_request(f"tool_choice names {choice.function.name!r}, which is not in tools.", "tool_choice")
     if choice in (None, "auto") and not auto_parser:
         raise errors.bad_request(
             "tool_choice 'auto' needs a tool-call parser for this model (model.tool_call_parser); "
-            "'required', a named function and 'none' work without one.", "tool_choice")
+            "'required', a named function and 'none' work without one.",
+            "tool_choice",
+        )
 
 
 def forced(choice: ToolChoice | None) -> bool:
@@ -75,9 +76,15 @@ def forced_schema(tools: list[Tool], choice: ToolChoice, parallel: bool | None) 
     one call at most when `parallel_tool_calls` is false."""
     if isinstance(choice, NamedToolChoice):
         return _parameters(next(t for t in tools if t.function.name == choice.function.name))
-    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                               "parameters": _parameters(t)},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": _parameters(t)},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if parallel is False:
         schema["maxItems"] = 1
@@ -90,9 +97,15 @@ def forced_calls(content: str, choice: ToolChoice) -> list[dict[str, Any]]:
     if isinstance(choice, NamedToolChoice):
         return [{"id": call_id(), "type": "function", "function": {"name": choice.function.name, "arguments": content}}]
     items = complete_items(content)
-    return [{"id": call_id(), "type": "function",
-             "function": {"name": item["name"], "arguments": json.dumps(item["parameters"], ensure_ascii=False)}}
-            for item in items if isinstance(item, dict) and "name" in item]
+    return [
+        {
+            "id": call_id(),
+            "type": "function",
+            "function": {"name": item["name"], "arguments": json.dumps(item["parameters"], ensure_ascii=False)},
+        }
+        for item in items
+        if isinstance(item, dict) and "name" in item
+    ]
 
 
 def complete_items(content: str) -> list[Any]:
@@ -110,7 +123,7 @@ def complete_items(content: str) -> list[Any]:
         items.append(item)
         while i < len(content) and content[i] in ", \n\t\r":
             i += 1
-        if content[i:i + 1] == "]":
+        if content[i : i + 1] == "]":
             break
     return items
 
@@ -128,8 +141,14 @@ class ForcedCallStream:
             out = []
             if not self.started:
                 self.started = True
-                out.append({"index": 0, "id": call_id(), "type": "function",
-                            "function": {"name": self.choice.function.name, "arguments": ""}})
+                out.append(
+                    {
+                        "index": 0,
+                        "id": call_id(),
+                        "type": "function",
+                        "function": {"name": self.choice.function.name, "arguments": ""},
+                    }
+                )
             if text:
                 out.append({"index": 0, "function": {"arguments": text}})
             return out
@@ -147,10 +166,18 @@ def finish_reason(choice: ToolChoice | None, called: bool, engine_reason: str | 
     return engine_reason
 
 
-def parse_spec(tools: list[Tool] | None, choice: ToolChoice | None, template_kwargs: dict[str, Any] | None,
-               include_reasoning: bool = True, parallel: bool | None = None) -> dict[str, Any]:
+def parse_spec(
+    tools: list[Tool] | None,
+    choice: ToolChoice | None,
+    template_kwargs: dict[str, Any] | None,
+    include_reasoning: bool = True,
+    parallel: bool | None = None,
+) -> dict[str, Any]:
     """What the model replica's parsers need (forced calls are this module's: `none` there)."""
-    return {"tools": for_template(tools) if tools else None,
-            "tool_choice": "none" if (forced(choice) or not tools) else (choice or "auto"),
-            "chat_template_kwargs": template_kwargs, "include_reasoning": include_reasoning,
-            "parallel_tool_calls": parallel}
+    return {
+        "tools": for_template(tools) if tools else None,
+        "tool_choice": "none" if (forced(choice) or not tools) else (choice or "auto"),
+        "chat_template_kwargs": template_kwargs,
+        "include_reasoning": include_reasoning,
+        "parallel_tool_calls": parallel,
+    }

@@ -100,6 +100,8 @@ class GpuUsage:
         except Exception:
             self._handles = []
             return None
-        return {"gpu_memory_used_bytes": float(sum(m.used for m in mem)),
-                "gpu_memory_total_bytes": float(sum(m.total for m in mem)),
-                "gpu_utilization": sum(util) / len(util) / 100.0}
+        return {
+            "gpu_memory_used_bytes": float(sum(m.used for m in mem)),
+            "gpu_memory_total_bytes": float(sum(m.total for m in mem)),
+            "gpu_utilization": sum(util) / len(util) / 100.0,
+        }

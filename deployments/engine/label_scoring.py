@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from deployments.classification import label_scoring_tokens
 
@@ -32,8 +33,13 @@ def scoring_plan(label_ids: tuple[tuple[int, ...], ...]):
     return common, labels, nodes
 
 
-async def score_labels(engine: Any, prompts: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-                       lora_request: Any = None, tag: str | None = None) -> list[list[float]]:
+async def score_labels(
+    engine: Any,
+    prompts: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[int]],
+    lora_request: Any = None,
+    tag: str | None = None,
+) -> list[list[float]]:
     """Each prompt's score of each label (log-probability of the label's answer tokens, up to
     a term common to all labels). ``engine``: a vLLM ``AsyncLLM``; all the steps are submitted
     at once, so the engine batches them."""
@@ -45,8 +51,9 @@ async def score_labels(engine: Any, prompts: Sequence[Sequence[int]], label_ids:
 
     async def step(i: int, n: int) -> dict[int, float]:
         prefix, kids = nodes[n]
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(kids),
-                                output_kind=RequestOutputKind.FINAL_ONLY)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprob_token_ids=list(kids), output_kind=RequestOutputKind.FINAL_ONLY
+        )
         final = None
         prompt = TokensPrompt(prompt_token_ids=list(prompts[i]) + list(common) + list(prefix))
         async for out in engine.generate(prompt, params, f"cls-{tag}-{i}-{n}", lora_request=lora_request):
@@ -58,6 +65,6 @@ async def score_labels(engine: Any, prompts: Sequence[Sequence[int]], label_ids:
     index = {prefix: n for n, (prefix, _) in enumerate(nodes)}
     scores = []
     for i in range(len(prompts)):
-        row = tables[i * len(nodes):(i + 1) * len(nodes)]
+        row = tables[i * len(nodes) : (i + 1) * len(nodes)]
         scores.append([sum(row[index[tuple(ids[:k])]][ids[k]] for k in range(len(ids))) for ids in labels])
     return scores

@@ -21,8 +21,10 @@ def check_parser_names(tool_parser: str | None, reasoning_parser: str | None) ->
     from vllm.reasoning import ReasoningParserManager
     from vllm.tool_parsers import ToolParserManager
 
-    for field, name, manager in (("model.tool_call_parser", tool_parser, ToolParserManager),
-                                 ("model.reasoning_parser", reasoning_parser, ReasoningParserManager)):
+    for field, name, manager in (
+        ("model.tool_call_parser", tool_parser, ToolParserManager),
+        ("model.reasoning_parser", reasoning_parser, ReasoningParserManager),
+    ):
         if name is not None and name not in (known := manager.list_registered()):
             raise ValueError(f"{field} {name!r} is not one of vLLM's parsers: {sorted(known)}")
 
@@ -36,11 +38,15 @@ class OutputParsers:
         check_parser_names(tool_parser, reasoning_parser)
         self.tokenizer = tokenizer
         self.auto_tools = tool_parser is not None
-        self.cls = ParserManager.get_parser(tool_parser_name=tool_parser, reasoning_parser_name=reasoning_parser,
-                                            enable_auto_tools=self.auto_tools, model_name=model_name,
-                                            tokenizer=tokenizer)
+        self.cls = ParserManager.get_parser(
+            tool_parser_name=tool_parser,
+            reasoning_parser_name=reasoning_parser,
+            enable_auto_tools=self.auto_tools,
+            model_name=model_name,
+            tokenizer=tokenizer,
+        )
 
-    def for_choice(self, spec: dict[str, Any], prompt_token_ids: list[int]) -> "ChoiceParser | None":
+    def for_choice(self, spec: dict[str, Any], prompt_token_ids: list[int]) -> ChoiceParser | None:
         """A parser for one choice of a chat request (`spec`: the request's `tools`,
         `tool_choice` and `chat_template_kwargs`, from `api.tools.parse_spec`); None when this
         model has no parser."""
@@ -60,8 +66,9 @@ def _delta_tool_call(tc) -> dict[str, Any]:
     if tc.type is not None:
         out["type"] = tc.type
     if tc.function is not None:
-        out["function"] = {k: v for k, v in (("name", tc.function.name), ("arguments", tc.function.arguments))
-                           if v is not None}
+        out["function"] = {
+            k: v for k, v in (("name", tc.function.name), ("arguments", tc.function.arguments)) if v is not None
+        }
     return out
 
 
@@ -74,21 +81,27 @@ class ChoiceParser:
 
         self.parsers = parsers
         self.prompt_token_ids = prompt_token_ids
-        self.request = ChatCompletionRequest.model_validate({
-            "model": "parser", "messages": [{"role": "user", "content": ""}],
-            "tools": spec.get("tools"), "tool_choice": spec.get("tool_choice") or "none",
-            "chat_template_kwargs": spec.get("chat_template_kwargs"),
-            "parallel_tool_calls": spec.get("parallel_tool_calls"),
-        })
+        self.request = ChatCompletionRequest.model_validate(
+            {
+                "model": "parser",
+                "messages": [{"role": "user", "content": ""}],
+                "tools": spec.get("tools"),
+                "tool_choice": spec.get("tool_choice") or "none",
+                "chat_template_kwargs": spec.get("chat_template_kwargs"),
+                "parallel_tool_calls": spec.get("parallel_tool_calls"),
+            }
+        )
         # parallel_tool_calls: false keeps the first call only, as vLLM's server does
         self.single_call = spec.get("parallel_tool_calls") is False
-        self.parser = parsers.cls(parsers.tokenizer, self.request.tools,
-                                  chat_template_kwargs=spec.get("chat_template_kwargs"))
+        self.parser = parsers.cls(
+            parsers.tokenizer, self.request.tools, chat_template_kwargs=spec.get("chat_template_kwargs")
+        )
 
     def final(self, text: str, token_ids) -> tuple[str | None, str | None, list[dict[str, Any]]]:
         """(reasoning, content, tool calls) of a whole output."""
-        reasoning, content, calls = self.parser.parse(text, self.request, enable_auto_tools=self.parsers.auto_tools,
-                                                      model_output_token_ids=list(token_ids))
+        reasoning, content, calls = self.parser.parse(
+            text, self.request, enable_auto_tools=self.parsers.auto_tools, model_output_token_ids=list(token_ids)
+        )
         calls = [_tool_call(tc) for tc in calls or []]
         return reasoning, content, calls[:1] if self.single_call else calls
 

@@ -8,7 +8,8 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from deployments.observability import exposition
 from deployments.observability.config import REJECTION_REASONS
@@ -20,7 +21,7 @@ class _Source:
     """One recorder as the actor knows it: its latest cumulative counters and gauges, when it
     was last heard from, and the highest event sequence number applied."""
 
-    __slots__ = ("role", "last_seen", "counters", "gauges", "seq", "first_seen", "engine")
+    __slots__ = ("counters", "engine", "first_seen", "gauges", "last_seen", "role", "seq")
 
     def __init__(self, role: str, now: float):
         self.role = role
@@ -36,9 +37,16 @@ class ServiceStatsActor:
     """Aggregates every replica's observations. Plain class: create it with
     :func:`get_or_create_actor` (named, detached, ``num_cpus=0``); methods run one at a time."""
 
-    def __init__(self, window_s: float = 300.0, max_samples: int = 10_000, gauge_ttl_s: float = 10.0,
-                 join_ttl_s: float = 10.0, retire_after_s: float = 3600.0, ray_metrics: bool = True,
-                 clock=time.monotonic):
+    def __init__(
+        self,
+        window_s: float = 300.0,
+        max_samples: int = 10_000,
+        gauge_ttl_s: float = 10.0,
+        join_ttl_s: float = 10.0,
+        retire_after_s: float = 3600.0,
+        ray_metrics: bool = True,
+        clock=time.monotonic,
+    ):
         self._clock = clock
         self._lock = threading.RLock()
         self.window_s = window_s
@@ -113,7 +121,7 @@ class ServiceStatsActor:
     def _sweep(self, now: float) -> None:
         for pending, is_req in ((self._pending_req, True), (self._pending_eng, False)):
             while pending:
-                rid, (t, rec) = next(iter(pending.items()))
+                _rid, (t, rec) = next(iter(pending.items()))
                 if now - t <= self.join_ttl_s and len(pending) <= 100_000:
                     break
                 pending.popitem(last=False)
@@ -191,10 +199,14 @@ class ServiceStatsActor:
         capacity = sum(int(s.gauges.get("capacity", 0)) for s in models)
         waiting = max(0, dispatched - max(running, capacity))
         return {
-            "waiting": waiting, "running": running, "dispatched": max(0, dispatched),
+            "waiting": waiting,
+            "running": running,
+            "dispatched": max(0, dispatched),
             "inflight": sum(max(0, int(s.gauges.get("inflight", 0))) for s in ingress),
-            "capacity": capacity, "model_replicas": len(models),
-            "available_slots": max(0, capacity - running), "ingress_replicas": len(ingress),
+            "capacity": capacity,
+            "model_replicas": len(models),
+            "available_slots": max(0, capacity - running),
+            "ingress_replicas": len(ingress),
         }
 
     def _update_peak(self, src: _Source, now: float) -> None:
@@ -292,15 +304,17 @@ class ServiceStatsActor:
                     "sample_size": len(samples),
                     "window_s": self.window_s,
                 },
-                "engine": {"replicas": {e["replica"]: exposition.engine_summary(e)
-                                        for e in self._engines(self._clock())}},
+                "engine": {
+                    "replicas": {e["replica"]: exposition.engine_summary(e) for e in self._engines(self._clock())}
+                },
             }
 
     def families(self) -> list[Any]:
         """The Prometheus metric families (prometheus_client objects)."""
         with self._lock:
-            return (exposition.metric_families(*self._current(), self._hists, self.metrics_json())
-                    + exposition.engine_families(self._engines(self._clock())))
+            return exposition.metric_families(
+                *self._current(), self._hists, self.metrics_json()
+            ) + exposition.engine_families(self._engines(self._clock()))
 
     def prometheus_text(self) -> str:
         """Prometheus text exposition (format 0.0.4) of every family."""
@@ -309,15 +323,22 @@ class ServiceStatsActor:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             now = self._clock()
-            return {"stats": self.stats(), "metrics": self.metrics_json(), "sources": self.sources(),
-                    "pending_joins": {"requests": len(self._pending_req), "engine": len(self._pending_eng)},
-                    "ts": time.time(), "age_s": {sid: round(now - s.last_seen, 3) for sid, s in self._sources.items()}}
+            return {
+                "stats": self.stats(),
+                "metrics": self.metrics_json(),
+                "sources": self.sources(),
+                "pending_joins": {"requests": len(self._pending_req), "engine": len(self._pending_eng)},
+                "ts": time.time(),
+                "age_s": {sid: round(now - s.last_seen, 3) for sid, s in self._sources.items()},
+            }
 
     def sources(self) -> dict[str, Any]:
         with self._lock:
             now = self._clock()
-            return {sid: {"role": s.role, "live": now - s.last_seen <= self.gauge_ttl_s, "seq": s.seq,
-                          "gauges": s.gauges} for sid, s in self._sources.items()}
+            return {
+                sid: {"role": s.role, "live": now - s.last_seen <= self.gauge_ttl_s, "seq": s.seq, "gauges": s.gauges}
+                for sid, s in self._sources.items()
+            }
 
     def reset(self) -> None:
         """Forget everything (tests)."""

@@ -4,10 +4,18 @@ of every family in families.py. prometheus_client is imported only when renderin
 from __future__ import annotations
 
 import bisect
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from deployments.observability.families import (BUCKETS, COUNTERS, ENGINE_FAMILIES, GAUGES, HISTOGRAMS, LEGACY_GAUGES,
-                                                REPLICA_GAUGES)
+from deployments.observability.families import (
+    BUCKETS,
+    COUNTERS,
+    ENGINE_FAMILIES,
+    GAUGES,
+    HISTOGRAMS,
+    LEGACY_GAUGES,
+    REPLICA_GAUGES,
+)
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -16,7 +24,7 @@ class HistogramCounts:
     """Bucket counts and sum of one histogram family (rendered by HistogramMetricFamily).
     Not prometheus_client's Histogram: no n-at-once observe (a k-token chunk), `_created` series."""
 
-    __slots__ = ("bounds", "counts", "sum", "count")
+    __slots__ = ("bounds", "count", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]):
         self.bounds = bounds
@@ -45,8 +53,12 @@ def new_histograms() -> dict[str, HistogramCounts]:
     return {k: HistogramCounts(BUCKETS[k]) for k in HISTOGRAMS}
 
 
-def metric_families(totals: Mapping[tuple[str, tuple], float], gauges: Mapping[str, int],
-                    hists: Mapping[str, HistogramCounts], metrics: Mapping[str, Any] | None = None) -> list[Any]:
+def metric_families(
+    totals: Mapping[tuple[str, tuple], float],
+    gauges: Mapping[str, int],
+    hists: Mapping[str, HistogramCounts],
+    metrics: Mapping[str, Any] | None = None,
+) -> list[Any]:
     """The families as prometheus_client objects, from the cluster-wide counter totals
     (`(counter, labels) -> value`), gauges and histograms; with `metrics` (the /metrics JSON)
     the replaced service's `LEGACY_GAUGES` too."""
@@ -118,7 +130,7 @@ def engine_summary(e: Mapping[str, Any]) -> dict[str, Any]:
     gauges and counters summed over their label sets (KV-cache usage: the highest engine's),
     histograms as `{"count", "sum", "mean"}`; the prefix-cache hit rate; the GPU figures."""
     out: dict[str, Any] = {}
-    for name, labels, value in e.get("metrics", ()):
+    for name, _labels, value in e.get("metrics", ()):
         if name not in ENGINE_FAMILIES:
             continue
         kind, _doc, key = ENGINE_FAMILIES[name]

@@ -4,7 +4,7 @@ node's metrics port as `ray_<name>` (the port KubeRay's Prometheus scrapes)."""
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 from deployments.observability.families import BUCKETS, COUNTERS, GAUGES, HISTOGRAMS
 
@@ -24,12 +24,17 @@ class RayMirror:
             if not ray.is_initialized():
                 return
             # Ray appends `_total` to counters itself: register without the suffix.
-            self.counters = {k: (Counter(n, description=f"{n} (mirror of /metrics/prometheus)", tag_keys=tags), tags)
-                             for k, (n, _doc, tags, _always) in COUNTERS.items()}
-            self.gauge_objs = {k: Gauge(n, description=f"{n} (mirror of /metrics/prometheus)")
-                               for k, (n, _doc) in GAUGES.items()}
-            self.hists = {k: Histogram(name, description=doc, boundaries=list(BUCKETS[k]))
-                          for k, (name, doc) in HISTOGRAMS.items()}
+            self.counters = {
+                k: (Counter(n, description=f"{n} (mirror of /metrics/prometheus)", tag_keys=tags), tags)
+                for k, (n, _doc, tags, _always) in COUNTERS.items()
+            }
+            self.gauge_objs = {
+                k: Gauge(n, description=f"{n} (mirror of /metrics/prometheus)") for k, (n, _doc) in GAUGES.items()
+            }
+            self.hists = {
+                k: Histogram(name, description=doc, boundaries=list(BUCKETS[k]))
+                for k, (name, doc) in HISTOGRAMS.items()
+            }
             self.ok = True
         except Exception as exc:  # metrics are optional; never fail the actor over them
             logger.warning("Ray metrics mirror disabled: %s", exc)

@@ -13,7 +13,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from deployments.actors import DEFAULT_NAMESPACE, actor_failure_types, get_or_create_actor
 from deployments.observability.aggregator import ServiceStatsActor
@@ -33,11 +34,23 @@ class StatsRecorder:
     letting the recorder get-or-create the named actor.
     """
 
-    def __init__(self, role: str, *, app_name: str = "llm", actor_name: str | None = None,
-                 namespace: str = DEFAULT_NAMESPACE, source_id: str | None = None,
-                 flush_interval_s: float = 1.0, capacity: int = 0, enabled: bool = True,
-                 actor_settings: Mapping[str, Any] | None = None, ray_metrics: bool = True,
-                 sink: Any = None, push_timeout_s: float = 10.0, pin_to_head: bool = True):
+    def __init__(
+        self,
+        role: str,
+        *,
+        app_name: str = "llm",
+        actor_name: str | None = None,
+        namespace: str = DEFAULT_NAMESPACE,
+        source_id: str | None = None,
+        flush_interval_s: float = 1.0,
+        capacity: int = 0,
+        enabled: bool = True,
+        actor_settings: Mapping[str, Any] | None = None,
+        ray_metrics: bool = True,
+        sink: Any = None,
+        push_timeout_s: float = 10.0,
+        pin_to_head: bool = True,
+    ):
         if role not in ("ingress", "model"):
             raise ValueError(f"role must be 'ingress' or 'model', got {role!r}")
         self.role = role
@@ -74,12 +87,27 @@ class StatsRecorder:
         self.engine_source: Callable[[], dict[str, Any]] | None = None
 
     @classmethod
-    def from_config(cls, cfg: ObservabilityConfig | Mapping[str, Any] | None, role: str,
-                    app_name: str = "llm", capacity: int = 0, **kwargs: Any) -> "StatsRecorder":
+    def from_config(
+        cls,
+        cfg: ObservabilityConfig | Mapping[str, Any] | None,
+        role: str,
+        app_name: str = "llm",
+        capacity: int = 0,
+        **kwargs: Any,
+    ) -> StatsRecorder:
         cfg = ObservabilityConfig.model_validate(cfg or {})
-        return cls(role, app_name=app_name, actor_name=cfg.actor_name, namespace=cfg.namespace,
-                   flush_interval_s=cfg.flush_interval_s, capacity=capacity, enabled=cfg.enabled,
-                   actor_settings=cfg.actor_settings(), ray_metrics=cfg.ray_metrics, **kwargs)
+        return cls(
+            role,
+            app_name=app_name,
+            actor_name=cfg.actor_name,
+            namespace=cfg.namespace,
+            flush_interval_s=cfg.flush_interval_s,
+            capacity=capacity,
+            enabled=cfg.enabled,
+            actor_settings=cfg.actor_settings(),
+            ray_metrics=cfg.ray_metrics,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ ingress API
 
@@ -97,8 +125,14 @@ class StatsRecorder:
             self._add(("requests_started", (endpoint,)), 1)
         return trace
 
-    def record_rejection(self, endpoint: str, status: int, code: str | int | None = None,
-                         request_id: str | None = None, reason: str | None = None) -> None:
+    def record_rejection(
+        self,
+        endpoint: str,
+        status: int,
+        code: str | int | None = None,
+        request_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
         """A request refused before a trace existed (body validation, 404 model, …)."""
         self.request_started(endpoint, request_id).finished(status, code, reason=reason)
 
@@ -161,8 +195,9 @@ class StatsRecorder:
             self._events.popleft()
             self._dropped_events += 1
 
-    def _request_finished(self, t: RequestTrace, status: int, code, reason, end_m: float,
-                          completion_tokens: int | None) -> None:
+    def _request_finished(
+        self, t: RequestTrace, status: int, code, reason, end_m: float, completion_tokens: int | None
+    ) -> None:
         reason = reason or rejection_reason(status, code)
         with self._lock:
             self._inflight -= 1
@@ -171,23 +206,44 @@ class StatsRecorder:
             self._add(("requests", (t.endpoint, str(status))), 1)
             if reason:
                 self._add(("rejections", (reason,)), 1)
-            self._event("req", {
-                "rid": t.request_id, "endpoint": t.endpoint, "stream": t.stream, "status": status,
-                "reason": reason, "arrival": t._wall0, "end": t._wall(end_m),
-                "tokenize_s": t.tokenize_s, "prompt_tokens": t.prompt_tokens,
-                "dispatched": t._wall(t._dispatch_m), "first": t._wall(t._first_m), "last": t._wall(t._last_m),
-                "tokens": completion_tokens if completion_tokens is not None else t.tokens, "itl": t._itl,
-            })
+            self._event(
+                "req",
+                {
+                    "rid": t.request_id,
+                    "endpoint": t.endpoint,
+                    "stream": t.stream,
+                    "status": status,
+                    "reason": reason,
+                    "arrival": t._wall0,
+                    "end": t._wall(end_m),
+                    "tokenize_s": t.tokenize_s,
+                    "prompt_tokens": t.prompt_tokens,
+                    "dispatched": t._wall(t._dispatch_m),
+                    "first": t._wall(t._first_m),
+                    "last": t._wall(t._last_m),
+                    "tokens": completion_tokens if completion_tokens is not None else t.tokens,
+                    "itl": t._itl,
+                },
+            )
 
     def _engine_finished(self, t: EngineTrace, outcome: str, end_m: float) -> None:
         with self._lock:
             self._running -= 1
             self._add(("engine_requests", (outcome,)), 1)
-            self._event("eng", {
-                "rid": t.request_id, "start": t._wall0, "end": t._wall(end_m),
-                "first": t._wall(t._first_m), "last": t._wall(t._last_m),
-                "tokens": t.tokens, "prompt_tokens": t.prompt_tokens, "itl": t._itl, "outcome": outcome,
-            })
+            self._event(
+                "eng",
+                {
+                    "rid": t.request_id,
+                    "start": t._wall0,
+                    "end": t._wall(end_m),
+                    "first": t._wall(t._first_m),
+                    "last": t._wall(t._last_m),
+                    "tokens": t.tokens,
+                    "prompt_tokens": t.prompt_tokens,
+                    "itl": t._itl,
+                    "outcome": outcome,
+                },
+            )
 
     # ------------------------------------------------------------------ flushing
 
@@ -203,10 +259,14 @@ class StatsRecorder:
     def _payload(self) -> tuple[dict[str, Any], int]:
         engine = self._engine_snapshot()
         with self._lock:
-            gauges = {"inflight": self._inflight, "dispatched": self._dispatched,
-                      "dispatched_peak": self._dispatched_peak, "running": self._running,
-                      "capacity": self._capacity if self.role == "model" else 0,
-                      "healthy": self._healthy}
+            gauges = {
+                "inflight": self._inflight,
+                "dispatched": self._dispatched,
+                "dispatched_peak": self._dispatched_peak,
+                "running": self._running,
+                "capacity": self._capacity if self.role == "model" else 0,
+                "healthy": self._healthy,
+            }
             self._dispatched_peak = self._dispatched
             payload = {
                 "ts": time.time(),
@@ -233,13 +293,19 @@ class StatsRecorder:
     async def _resolve(self, timeout_s: float | None = None) -> None:
         if self._sink is None and self._handle is None:
             self._handle = await asyncio.to_thread(
-                get_or_create_actor, ServiceStatsActor, self.actor_name, self.namespace,
-                pin_to_head=self.pin_to_head, **self.actor_settings)
+                get_or_create_actor,
+                ServiceStatsActor,
+                self.actor_name,
+                self.namespace,
+                pin_to_head=self.pin_to_head,
+                **self.actor_settings,
+            )
             self._configured = False
         if not self._configured:
             # The first call also waits for a new actor's process to start.
-            await _maybe_await(self._sink_call("configure", self.actor_settings),
-                               timeout_s or max(self.push_timeout_s, 30.0))
+            await _maybe_await(
+                self._sink_call("configure", self.actor_settings), timeout_s or max(self.push_timeout_s, 30.0)
+            )
             self._configured = True
 
     async def ready(self, timeout_s: float = 60.0) -> None:
@@ -257,9 +323,10 @@ class StatsRecorder:
             payload, seq = self._payload()
             try:
                 await self._resolve()
-                acked = await _maybe_await(self._sink_call("push", self.source_id, self.role, payload),
-                                           self.push_timeout_s)
-            except (asyncio.TimeoutError, TimeoutError) as exc:
+                acked = await _maybe_await(
+                    self._sink_call("push", self.source_id, self.role, payload), self.push_timeout_s
+                )
+            except TimeoutError as exc:
                 self._warn(exc)
                 return False
             except Exception as exc:  # actor died/unreachable: re-resolve next time, keep the buffer
@@ -274,8 +341,7 @@ class StatsRecorder:
         now = time.monotonic()
         if now - self._last_warning > 60:
             self._last_warning = now
-            logger.warning("stats push from %s failed (%s: %s); will retry", self.source_id,
-                           type(exc).__name__, exc)
+            logger.warning("stats push from %s failed (%s: %s); will retry", self.source_id, type(exc).__name__, exc)
 
     async def _run(self) -> None:
         while not self._closed:
@@ -344,8 +410,10 @@ class StatsRecorder:
 
 async def _maybe_await(value: Any, timeout: float) -> Any:
     if hasattr(value, "__await__"):
+
         async def _aw():
             return await value
+
         return await asyncio.wait_for(_aw(), timeout)
     return value
 

@@ -4,7 +4,7 @@ one percentile and one mean for the whole code base."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def mean(values: Iterable[float]) -> float | None:

@@ -17,9 +17,9 @@ _MAX_ITL_PAIRS = 4096
 class _Trace:
     """What both traces share: the start on both clocks and the times of the tokens."""
 
-    __slots__ = ("_rec", "request_id", "_wall0", "_m0", "_first_m", "_last_m", "tokens", "_itl", "done")
+    __slots__ = ("_first_m", "_itl", "_last_m", "_m0", "_rec", "_wall0", "done", "request_id", "tokens")
 
-    def __init__(self, rec: "StatsRecorder", request_id: str | None):
+    def __init__(self, rec: StatsRecorder, request_id: str | None):
         self._rec = rec
         self.request_id = request_id
         self._wall0 = time.time()
@@ -54,9 +54,9 @@ class _Trace:
 class RequestTrace(_Trace):
     """One request as the ingress sees it. Created by `StatsRecorder.request_started`."""
 
-    __slots__ = ("endpoint", "stream", "_tok_m", "tokenize_s", "prompt_tokens", "_dispatch_m")
+    __slots__ = ("_dispatch_m", "_tok_m", "endpoint", "prompt_tokens", "stream", "tokenize_s")
 
-    def __init__(self, rec: "StatsRecorder", endpoint: str, request_id: str | None, stream: bool):
+    def __init__(self, rec: StatsRecorder, endpoint: str, request_id: str | None, stream: bool):
         super().__init__(rec, request_id)
         self.endpoint = endpoint
         self.stream = stream
@@ -90,8 +90,13 @@ class RequestTrace(_Trace):
         if self._first_m is None:
             self._first_m = self._last_m = time.perf_counter()
 
-    def finished(self, status: int = 200, code: str | int | None = None,
-                 completion_tokens: int | None = None, reason: str | None = None) -> None:
+    def finished(
+        self,
+        status: int = 200,
+        code: str | int | None = None,
+        completion_tokens: int | None = None,
+        reason: str | None = None,
+    ) -> None:
         """The request ended with HTTP `status` (for a stream that failed mid-way: the status
         of the error it carried). Idempotent: only the first call counts."""
         if self.done:
@@ -113,7 +118,7 @@ class RequestTrace(_Trace):
         else:
             self.finished(500, "internal_error")
 
-    def __enter__(self) -> "RequestTrace":
+    def __enter__(self) -> RequestTrace:
         return self
 
     def __exit__(self, et, exc, tb) -> None:
@@ -128,7 +133,7 @@ class EngineTrace(_Trace):
 
     __slots__ = ("prompt_tokens",)
 
-    def __init__(self, rec: "StatsRecorder", request_id: str | None, prompt_tokens: int):
+    def __init__(self, rec: StatsRecorder, request_id: str | None, prompt_tokens: int):
         super().__init__(rec, request_id)
         self.prompt_tokens = int(prompt_tokens or 0)
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 TRACER_NAME = "llm_serve"
 
@@ -44,7 +45,7 @@ def tracing_enabled() -> bool:
 class EngineSpan:
     """One engine request's span; `headers` carry it to vLLM (`trace_headers`)."""
 
-    __slots__ = ("span", "headers")
+    __slots__ = ("headers", "span")
 
     def __init__(self, span: Any, headers: dict[str, str] | None):
         self.span, self.headers = span, headers

@@ -9,7 +9,8 @@ import json
 import random
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from scripts.bench.stats import RequestResult
 
@@ -18,7 +19,7 @@ from scripts.bench.stats import RequestResult
 class LoadSpec:
     """What every request of a run looks like (identical for every target)."""
 
-    endpoint: str = "chat"           # chat | completions
+    endpoint: str = "chat"  # chat | completions
     model: str = "tiny-qwen3"
     output_len: int = 64
     ignore_eos: bool = True
@@ -49,8 +50,9 @@ class LoadSpec:
         return json.dumps(body, ensure_ascii=False).encode()
 
 
-def handle_sse_line(r: RequestResult, line: bytes, chat: bool, t_send: float, state: dict[str, Any],
-                    now: float) -> bool:
+def handle_sse_line(
+    r: RequestResult, line: bytes, chat: bool, t_send: float, state: dict[str, Any], now: float
+) -> bool:
     """Feed one SSE line into `r`. Returns True on `data: [DONE]`."""
     if not line.startswith(b"data:"):
         return False
@@ -98,9 +100,12 @@ async def send_request(session, base_url: str, spec: LoadSpec, prompt: str, t0: 
     t_send = time.perf_counter()
     r.start = t_send - t0
     try:
-        async with session.post(base_url + spec.path, data=body,
-                                headers={"Content-Type": "application/json", "Authorization": f"Bearer {spec.api_key}"},
-                                timeout=aiohttp.ClientTimeout(total=spec.timeout_s)) as resp:
+        async with session.post(
+            base_url + spec.path,
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {spec.api_key}"},
+            timeout=aiohttp.ClientTimeout(total=spec.timeout_s),
+        ) as resp:
             r.status = resp.status
             if resp.status != 200:
                 text = await resp.text(errors="replace")
@@ -137,7 +142,7 @@ async def send_request(session, base_url: str, spec: LoadSpec, prompt: str, t0: 
                     r.usage_missing = True
                     r.output_tokens = 0
                 r.outcome = "ok" if obj.get("choices") else "stream_error"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         r.outcome = "timeout"
         r.e2e = time.perf_counter() - t_send
         r.error = f"client timeout after {spec.timeout_s:g}s"
@@ -153,8 +158,9 @@ async def send_request(session, base_url: str, spec: LoadSpec, prompt: str, t0: 
 def _session(limit: int = 0):
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300),
-                                 timeout=aiohttp.ClientTimeout(total=None))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300), timeout=aiohttp.ClientTimeout(total=None)
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -168,9 +174,16 @@ def _progress(total: int, desc: str, enabled: bool):
         return None
 
 
-async def closed_loop(base_url: str, spec: LoadSpec, prompts: Sequence[str], concurrency: int,
-                      max_duration_s: float, warmup: int = 0, progress: bool = True,
-                      desc: str = "") -> tuple[list[RequestResult], float]:
+async def closed_loop(
+    base_url: str,
+    spec: LoadSpec,
+    prompts: Sequence[str],
+    concurrency: int,
+    max_duration_s: float,
+    warmup: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[list[RequestResult], float]:
     """`concurrency` workers, each sending its next request when the previous one finished,
     until `len(prompts)` requests were sent or `max_duration_s` passed."""
     async with _session() as session:
@@ -215,16 +228,28 @@ def poisson_arrivals(rate: float, n: int, seed: int) -> list[float]:
     return out
 
 
-async def open_loop(base_url: str, spec: LoadSpec, prompts: Sequence[str], rate: float,
-                    max_duration_s: float, seed: int = 0, warmup: int = 0, progress: bool = True,
-                    desc: str = "") -> tuple[list[RequestResult], float]:
+async def open_loop(
+    base_url: str,
+    spec: LoadSpec,
+    prompts: Sequence[str],
+    rate: float,
+    max_duration_s: float,
+    seed: int = 0,
+    warmup: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[list[RequestResult], float]:
     """Poisson arrivals at `rate` req/s, whatever the answers, until `len(prompts)` requests
     were sent or `max_duration_s` of arrivals passed; then waits for the ones in flight."""
     arrivals = poisson_arrivals(rate, len(prompts), seed)
     async with _session() as session:
         if warmup:
-            await asyncio.gather(*(send_request(session, base_url, spec, prompts[i % len(prompts)], time.perf_counter())
-                                   for i in range(warmup)))
+            await asyncio.gather(
+                *(
+                    send_request(session, base_url, spec, prompts[i % len(prompts)], time.perf_counter())
+                    for i in range(warmup)
+                )
+            )
         bar = _progress(len(prompts), desc, progress)
         results: list[RequestResult] = []
 
@@ -274,4 +299,3 @@ def run_async(coro):
         return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
-

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY = REPO / "scripts" / "benchmark.py"   # the command line (also runs the Serve child)
+ENTRY = REPO / "scripts" / "benchmark.py"  # the command line (also runs the Serve child)
 DEFAULT_DATASET = REPO.parent / "shared" / "data" / "tnews" / "test.json"
 DEFAULT_MODEL = "models/tiny-qwen3"
 DEFAULT_SERVE_CONFIG = REPO / "configs" / "serve_config.yaml"
@@ -22,18 +23,54 @@ CHILD_READY = "BENCH_SERVE_CHILD_READY"
 # threshold): kind "ratio_min" = ours/vLLM >= threshold, "ratio_max" = ours/vLLM <= threshold,
 # "delta_max_ms" = ours - vLLM <= threshold (milliseconds).
 TARGETS: list[dict[str, Any]] = [
-    {"name": "c=3 streaming: output tokens/s >= 0.95x vLLM", "stream": True, "concurrency": 3,
-     "metric": "output_throughput", "kind": "ratio_min", "threshold": 0.95},
-    {"name": "c=3 streaming: TTFT p50 within +8 ms of vLLM", "stream": True, "concurrency": 3,
-     "metric": "ttft_ms.p50", "kind": "delta_max_ms", "threshold": 8.0},
-    {"name": "c=32 streaming: output tokens/s >= 0.90x vLLM", "stream": True, "concurrency": 32,
-     "metric": "output_throughput", "kind": "ratio_min", "threshold": 0.90},
-    {"name": "c=32 streaming: TTFT p50 within +25 ms of vLLM", "stream": True, "concurrency": 32,
-     "metric": "ttft_ms.p50", "kind": "delta_max_ms", "threshold": 25.0},
-    {"name": "non-streaming: requests/s >= 0.95x vLLM (every concurrency measured)", "stream": False,
-     "concurrency": None, "metric": "request_throughput", "kind": "ratio_min", "threshold": 0.95},
-    {"name": "front-end CPU per request <= 2x vLLM's API server", "stream": None, "concurrency": None,
-     "metric": "front_end_cpu_ms", "kind": "ratio_max", "threshold": 2.0},
+    {
+        "name": "c=3 streaming: output tokens/s >= 0.95x vLLM",
+        "stream": True,
+        "concurrency": 3,
+        "metric": "output_throughput",
+        "kind": "ratio_min",
+        "threshold": 0.95,
+    },
+    {
+        "name": "c=3 streaming: TTFT p50 within +8 ms of vLLM",
+        "stream": True,
+        "concurrency": 3,
+        "metric": "ttft_ms.p50",
+        "kind": "delta_max_ms",
+        "threshold": 8.0,
+    },
+    {
+        "name": "c=32 streaming: output tokens/s >= 0.90x vLLM",
+        "stream": True,
+        "concurrency": 32,
+        "metric": "output_throughput",
+        "kind": "ratio_min",
+        "threshold": 0.90,
+    },
+    {
+        "name": "c=32 streaming: TTFT p50 within +25 ms of vLLM",
+        "stream": True,
+        "concurrency": 32,
+        "metric": "ttft_ms.p50",
+        "kind": "delta_max_ms",
+        "threshold": 25.0,
+    },
+    {
+        "name": "non-streaming: requests/s >= 0.95x vLLM (every concurrency measured)",
+        "stream": False,
+        "concurrency": None,
+        "metric": "request_throughput",
+        "kind": "ratio_min",
+        "threshold": 0.95,
+    },
+    {
+        "name": "front-end CPU per request <= 2x vLLM's API server",
+        "stream": None,
+        "concurrency": None,
+        "metric": "front_end_cpu_ms",
+        "kind": "ratio_max",
+        "threshold": 2.0,
+    },
 ]
 
 

@@ -61,8 +61,9 @@ def snapshot(session_id: int | None) -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
-                    requests: int) -> dict[str, Any]:
+def cpu_per_request(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], requests: int
+) -> dict[str, Any]:
     """Milliseconds of CPU per completed request, by role, between two snapshots; `front_end`
     is what serving costs besides the engine and the cluster's background (controller, GCS)."""
     by_role: dict[str, float] = {}
@@ -71,8 +72,10 @@ def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple
         by_role[role] = by_role.get(role, 0.0) + max(0.0, cpu - base)
     n = max(requests, 1)
     per = {role: 1000 * s / n for role, s in sorted(by_role.items())}
-    return {"ms_per_request": per,
-            "front_end_ms": sum(v for r, v in per.items() if r not in ENGINE_ROLES | SYSTEM_ROLES),
-            "engine_ms": sum(v for r, v in per.items() if r in ENGINE_ROLES),
-            "system_ms": sum(v for r, v in per.items() if r in SYSTEM_ROLES),
-            "requests": requests}
+    return {
+        "ms_per_request": per,
+        "front_end_ms": sum(v for r, v in per.items() if r not in ENGINE_ROLES | SYSTEM_ROLES),
+        "engine_ms": sum(v for r, v in per.items() if r in ENGINE_ROLES),
+        "system_ms": sum(v for r, v in per.items() if r in SYSTEM_ROLES),
+        "requests": requests,
+    }

@@ -33,15 +33,23 @@ def cpu_busy(before) -> float | None:
     import psutil
 
     after = psutil.cpu_times()
-    busy = lambda t: t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)  # noqa: E731
-    total = lambda t: busy(t) + t.idle + getattr(t, "iowait", 0)  # noqa: E731
+
+    def busy(t: Any) -> float:
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+    def total(t: Any) -> float:
+        return busy(t) + t.idle + getattr(t, "iowait", 0)
+
     dt = total(after) - total(before)
     return 100.0 * (busy(after) - busy(before)) / dt if dt > 0 else None
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
     try:
         info["cpu_affinity"] = sorted(os.sched_getaffinity(0))
     except AttributeError:
@@ -60,8 +68,12 @@ def machine_info() -> dict[str, Any]:
     except Exception:
         pass
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0:
             info["gpus"] = [x.strip() for x in out.stdout.splitlines() if x.strip()]
     except (OSError, subprocess.SubprocessError):

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def classification_prompt(sentence: str, labels: Sequence[str]) -> str:
-    return ("请将下面的新闻标题分类到以下类别之一：" + "，".join(labels)
-            + f"。\n新闻标题：{sentence}\n类别：")
+    return "请将下面的新闻标题分类到以下类别之一：" + "，".join(labels) + f"。\n新闻标题：{sentence}\n类别："
 
 
 def load_tnews(path: Path, n: int, seed: int) -> list[str]:
@@ -18,7 +17,9 @@ def load_tnews(path: Path, n: int, seed: int) -> list[str]:
     lines = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
     labels_path = Path(path).with_name("labels.json")
     if labels_path.exists():
-        labels = [json.loads(x)["label_desc"] for x in labels_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        labels = [
+            json.loads(x)["label_desc"] for x in labels_path.read_text(encoding="utf-8").splitlines() if x.strip()
+        ]
     else:
         labels = sorted({x["label_desc"] for x in lines})
     rng = random.Random(seed)
@@ -39,7 +40,9 @@ def synthetic_prompts(tokenizer_json: Path | None, input_len: int, n: int, seed:
     if tok is None:  # no tokenizer: ~1 token per common English word
         words = ["alpha", "beta", "gamma", "delta", "omega", "news", "sports", "market", "city", "game"]
         return [" ".join(rng.choice(words) for _ in range(input_len)) for _ in range(n)]
-    special = {t for t in tok.get_vocab(with_added_tokens=True).values()} - set(tok.get_vocab(with_added_tokens=False).values())
+    special = {t for t in tok.get_vocab(with_added_tokens=True).values()} - set(
+        tok.get_vocab(with_added_tokens=False).values()
+    )
     vocab = [i for i in range(tok.get_vocab_size(with_added_tokens=False)) if i not in special]
     prompts = []
     for _ in range(n):
@@ -56,4 +59,3 @@ def synthetic_prompts(tokenizer_json: Path | None, input_len: int, n: int, seed:
             text = tok.decode(ids2)
         prompts.append(text)
     return prompts
-

@@ -33,17 +33,53 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def compare_text(rows: list[dict[str, Any]]) -> str:
-    headers = ["point", "mo", "req/s vLLM", "ours", "ratio", "tok/s vLLM", "ours", "ratio",
-               "TTFT p50 vLLM", "ours", "delta ms", "TPOT p50 vLLM", "ours", "E2E p50 vLLM", "ours", "errors v/o"]
+    headers = [
+        "point",
+        "mo",
+        "req/s vLLM",
+        "ours",
+        "ratio",
+        "tok/s vLLM",
+        "ours",
+        "ratio",
+        "TTFT p50 vLLM",
+        "ours",
+        "delta ms",
+        "TPOT p50 vLLM",
+        "ours",
+        "E2E p50 vLLM",
+        "ours",
+        "errors v/o",
+    ]
     body = []
     for r in rows:
-        rq, tk, tt, tp, e2 = (r["request_throughput"], r["output_throughput"], r["ttft_ms.p50"],
-                              r["tpot_ms.p50"], r["e2e_ms.p50"])
-        body.append([r["point"], str(r["max_ongoing"]), fmt(rq["vllm"], 2), fmt(rq["ours"], 2), fmt(rq["ratio"], 3),
-                     fmt(tk["vllm"], 0), fmt(tk["ours"], 0), fmt(tk["ratio"], 3),
-                     fmt(tt["vllm"], 1), fmt(tt["ours"], 1), fmt(tt["delta"], 1),
-                     fmt(tp["vllm"], 2), fmt(tp["ours"], 2), fmt(e2["vllm"], 1), fmt(e2["ours"], 1),
-                     f"{r['errors']['vllm']}/{r['errors']['ours']}"])
+        rq, tk, tt, tp, e2 = (
+            r["request_throughput"],
+            r["output_throughput"],
+            r["ttft_ms.p50"],
+            r["tpot_ms.p50"],
+            r["e2e_ms.p50"],
+        )
+        body.append(
+            [
+                r["point"],
+                str(r["max_ongoing"]),
+                fmt(rq["vllm"], 2),
+                fmt(rq["ours"], 2),
+                fmt(rq["ratio"], 3),
+                fmt(tk["vllm"], 0),
+                fmt(tk["ours"], 0),
+                fmt(tk["ratio"], 3),
+                fmt(tt["vllm"], 1),
+                fmt(tt["ours"], 1),
+                fmt(tt["delta"], 1),
+                fmt(tp["vllm"], 2),
+                fmt(tp["ours"], 2),
+                fmt(e2["vllm"], 1),
+                fmt(e2["ours"], 1),
+                f"{r['errors']['vllm']}/{r['errors']['ours']}",
+            ]
+        )
     return table(headers, body)
 
 
@@ -63,17 +99,47 @@ CPU_HEADERS = ["target", "point", "front end ms/req", "engine", "background", "b
 
 
 def points_text(agg: dict[tuple[str, str], dict[str, Any]]) -> str:
-    headers = ["target", "point", "ok/sent", "req/s", "tok/s", "goodput/s", "TTFT p50", "p90", "p99",
-               "TPOT p50", "ITL p50", "p99", "E2E p50", "p99", "tok/event", "non-200"]
+    headers = [
+        "target",
+        "point",
+        "ok/sent",
+        "req/s",
+        "tok/s",
+        "goodput/s",
+        "TTFT p50",
+        "p90",
+        "p99",
+        "TPOT p50",
+        "ITL p50",
+        "p99",
+        "E2E p50",
+        "p99",
+        "tok/event",
+        "non-200",
+    ]
     body = []
     for (target, key), s in agg.items():
         bad = {k: v for k, v in s["status_counts"].items() if v and k != "200"}
-        body.append([target, key, f"{s['num_ok']}/{s['num_requests']}", fmt(s["request_throughput"], 2),
-                     fmt(s["output_throughput"], 0), fmt(s["goodput_rps"], 2),
-                     fmt(s["ttft_ms"]["p50"]), fmt(s["ttft_ms"]["p90"]), fmt(s["ttft_ms"]["p99"]),
-                     fmt(s["tpot_ms"]["p50"], 2), fmt(s["itl_ms"]["p50"], 2), fmt(s["itl_ms"]["p99"], 2),
-                     fmt(s["e2e_ms"]["p50"]), fmt(s["e2e_ms"]["p99"]), fmt(s.get("tokens_per_event"), 2),
-                     json.dumps(bad) if bad else ""])
+        body.append(
+            [
+                target,
+                key,
+                f"{s['num_ok']}/{s['num_requests']}",
+                fmt(s["request_throughput"], 2),
+                fmt(s["output_throughput"], 0),
+                fmt(s["goodput_rps"], 2),
+                fmt(s["ttft_ms"]["p50"]),
+                fmt(s["ttft_ms"]["p90"]),
+                fmt(s["ttft_ms"]["p99"]),
+                fmt(s["tpot_ms"]["p50"], 2),
+                fmt(s["itl_ms"]["p50"], 2),
+                fmt(s["itl_ms"]["p99"], 2),
+                fmt(s["e2e_ms"]["p50"]),
+                fmt(s["e2e_ms"]["p99"]),
+                fmt(s.get("tokens_per_event"), 2),
+                json.dumps(bad) if bad else "",
+            ]
+        )
     return table(headers, body)
 
 
@@ -87,7 +153,7 @@ def _svg(fig) -> str:
 
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.find("<svg"):]
+    return text[text.find("<svg") :]
 
 
 def make_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -102,8 +168,11 @@ def make_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     plots = []
     pts = report.get("points", [])
     targets = sorted({p["target"] for p in pts})
-    style = {"vllm": dict(color="#d62728", marker="o"), "ours": dict(color="#1f77b4", marker="s"),
-             "url": dict(color="#2ca02c", marker="^")}
+    style = {
+        "vllm": dict(color="#d62728", marker="o"),
+        "ours": dict(color="#1f77b4", marker="s"),
+        "url": dict(color="#2ca02c", marker="^"),
+    }
     label = {"vllm": "vLLM's server", "ours": "ours (Ray Serve)", "url": "target"}
     for mode, xlabel in (("closed", "concurrency (closed loop)"), ("open", "offered rate, req/s (open loop)")):
         for stream in (True, False):
@@ -127,8 +196,13 @@ def make_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
                     st = style.get(t, {})
                     if extra:
                         ax.plot(xs, [p["stats"][metric]["p50"] for p in tp], label=label.get(t, t), **st)
-                        ax.plot(xs, [p["stats"][metric][extra] for p in tp], linestyle="--", alpha=0.6,
-                                color=st.get("color"))
+                        ax.plot(
+                            xs,
+                            [p["stats"][metric][extra] for p in tp],
+                            linestyle="--",
+                            alpha=0.6,
+                            color=st.get("color"),
+                        )
                     else:
                         ax.plot(xs, [p["stats"][metric] for p in tp], label=label.get(t, t), **st)
                 if mode == "closed":
@@ -152,8 +226,12 @@ def make_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
                 rr = sorted((r for r in sel if r["stream"] == stream), key=lambda r: r["concurrency"])
                 if rr:
                     metric = "output_throughput" if stream else "request_throughput"
-                    ax.plot([r["concurrency"] for r in rr], [r[metric]["ratio"] for r in rr],
-                            label=f"{'streaming tok/s' if stream else 'non-streaming req/s'}", **st)
+                    ax.plot(
+                        [r["concurrency"] for r in rr],
+                        [r[metric]["ratio"] for r in rr],
+                        label=f"{'streaming tok/s' if stream else 'non-streaming req/s'}",
+                        **st,
+                    )
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_ylim(0, max(1.15, ax.get_ylim()[1]))
             ax.set_xscale("log", base=2)
@@ -181,9 +259,14 @@ def _escape(value: Any) -> Markup:
 def _environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=True,
-                             finalize=_escape, trim_blocks=True, lstrip_blocks=True,
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,
+        finalize=_escape,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters["fmt"] = fmt
     return env
 
@@ -191,15 +274,36 @@ def _environment():
 def _compare_rows(rows_c: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in rows_c:
-        rq, tk, tt, tp, e2 = (r["request_throughput"], r["output_throughput"], r["ttft_ms.p50"],
-                              r["tpot_ms.p50"], r["e2e_ms.p50"])
-        rows.append([r["point"], r["max_ongoing"], fmt(rq["vllm"], 2), fmt(rq["ours"], 2), fmt(rq["ratio"], 3),
-                     fmt(tk["vllm"], 0), fmt(tk["ours"], 0), fmt(tk["ratio"], 3),
-                     fmt(tt["vllm"]), fmt(tt["ours"]), fmt(tt["delta"]),
-                     fmt(r["ttft_ms.p99"]["vllm"]), fmt(r["ttft_ms.p99"]["ours"]),
-                     fmt(tp["vllm"], 2), fmt(tp["ours"], 2), fmt(e2["vllm"]), fmt(e2["ours"]),
-                     f"{fmt(r['tokens_per_event']['vllm'], 2)} / {fmt(r['tokens_per_event']['ours'], 2)}",
-                     f"{r['errors']['vllm']} / {r['errors']['ours']}"])
+        rq, tk, tt, tp, e2 = (
+            r["request_throughput"],
+            r["output_throughput"],
+            r["ttft_ms.p50"],
+            r["tpot_ms.p50"],
+            r["e2e_ms.p50"],
+        )
+        rows.append(
+            [
+                r["point"],
+                r["max_ongoing"],
+                fmt(rq["vllm"], 2),
+                fmt(rq["ours"], 2),
+                fmt(rq["ratio"], 3),
+                fmt(tk["vllm"], 0),
+                fmt(tk["ours"], 0),
+                fmt(tk["ratio"], 3),
+                fmt(tt["vllm"]),
+                fmt(tt["ours"]),
+                fmt(tt["delta"]),
+                fmt(r["ttft_ms.p99"]["vllm"]),
+                fmt(r["ttft_ms.p99"]["ours"]),
+                fmt(tp["vllm"], 2),
+                fmt(tp["ours"], 2),
+                fmt(e2["vllm"]),
+                fmt(e2["ours"]),
+                f"{fmt(r['tokens_per_event']['vllm'], 2)} / {fmt(r['tokens_per_event']['ours'], 2)}",
+                f"{r['errors']['vllm']} / {r['errors']['ours']}",
+            ]
+        )
     return rows
 
 
@@ -208,16 +312,27 @@ def _point_rows(pts: list[dict[str, Any]]) -> list[list[Any]]:
     for p in pts:
         s = p["stats"]
         bad = {k: v for k, v in s["status_counts"].items() if v and k != "200"}
-        rows.append([p["target"], p["point"], p.get("max_ongoing", ""), s.get("repeats", 1),
-                     f"{s['num_ok']}/{s['num_requests']}", fmt(s["duration_s"], 1),
-                     fmt(s["request_throughput"], 2), fmt(s["output_throughput"], 0), fmt(s["goodput_rps"], 2),
-                     *(fmt(s["ttft_ms"][q]) for q in ("mean", "p50", "p90", "p99")),
-                     *(fmt(s["tpot_ms"][q], 2) for q in ("mean", "p50", "p90", "p99")),
-                     *(fmt(s["itl_ms"][q], 2) for q in ("mean", "p50", "p90", "p99")),
-                     *(fmt(s["e2e_ms"][q]) for q in ("mean", "p50", "p90", "p99")),
-                     fmt(s.get("mean_prompt_tokens")), fmt(s.get("mean_output_tokens")),
-                     json.dumps(bad) if bad else "",
-                     fmt((s.get("machine") or {}).get("cpu_busy_pct"), 0)])
+        rows.append(
+            [
+                p["target"],
+                p["point"],
+                p.get("max_ongoing", ""),
+                s.get("repeats", 1),
+                f"{s['num_ok']}/{s['num_requests']}",
+                fmt(s["duration_s"], 1),
+                fmt(s["request_throughput"], 2),
+                fmt(s["output_throughput"], 0),
+                fmt(s["goodput_rps"], 2),
+                *(fmt(s["ttft_ms"][q]) for q in ("mean", "p50", "p90", "p99")),
+                *(fmt(s["tpot_ms"][q], 2) for q in ("mean", "p50", "p90", "p99")),
+                *(fmt(s["itl_ms"][q], 2) for q in ("mean", "p50", "p90", "p99")),
+                *(fmt(s["e2e_ms"][q]) for q in ("mean", "p50", "p90", "p99")),
+                fmt(s.get("mean_prompt_tokens")),
+                fmt(s.get("mean_output_tokens")),
+                json.dumps(bad) if bad else "",
+                fmt((s.get("machine") or {}).get("cpu_busy_pct"), 0),
+            ]
+        )
     return rows
 
 
@@ -227,28 +342,44 @@ def _overload_rows(ov: dict[str, Any]) -> list[list[Any]]:
         s = ov.get(name)
         if not s:
             continue
-        rows.append([name, s["num_requests"], json.dumps({k: v for k, v in s["status_counts"].items() if v}),
-                     fmt(s["request_throughput"], 2), fmt(s["goodput_rps"], 2),
-                     fmt(s["latency_503_ms"]["p50"]), fmt(s["latency_503_ms"]["p99"]),
-                     fmt(s["ttft_ms"]["p50"]), fmt(s["ttft_ms"]["p99"]), fmt(s["e2e_ms"]["p99"])])
+        rows.append(
+            [
+                name,
+                s["num_requests"],
+                json.dumps({k: v for k, v in s["status_counts"].items() if v}),
+                fmt(s["request_throughput"], 2),
+                fmt(s["goodput_rps"], 2),
+                fmt(s["latency_503_ms"]["p50"]),
+                fmt(s["latency_503_ms"]["p99"]),
+                fmt(s["ttft_ms"]["p50"]),
+                fmt(s["ttft_ms"]["p99"]),
+                fmt(s["e2e_ms"]["p99"]),
+            ]
+        )
     return rows
 
 
 def render_html(report: dict[str, Any]) -> str:
     pts = report.get("points") or []
     ov = report.get("overload")
-    return _environment().get_template("report.html.j2").render(
-        meta=report.get("meta", {}),
-        checks=report.get("targets_check") or [],
-        compare_rows=_compare_rows(report.get("compare") or []),
-        cpu_headers=CPU_HEADERS, cpu_rows=report.get("cpu") or [],
-        plots=make_plots(report),
-        point_rows=_point_rows(pts),
-        slo=pts[0]["stats"].get("slo", {}) if pts else {},
-        ov=ov,
-        overload_rows=_overload_rows(ov) if ov else [],
-        run_json=json.dumps({k: v for k, v in report.items() if k in ("meta", "options", "servers")},
-                            indent=2, default=str),
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            meta=report.get("meta", {}),
+            checks=report.get("targets_check") or [],
+            compare_rows=_compare_rows(report.get("compare") or []),
+            cpu_headers=CPU_HEADERS,
+            cpu_rows=report.get("cpu") or [],
+            plots=make_plots(report),
+            point_rows=_point_rows(pts),
+            slo=pts[0]["stats"].get("slo", {}) if pts else {},
+            ov=ov,
+            overload_rows=_overload_rows(ov) if ov else [],
+            run_json=json.dumps(
+                {k: v for k, v in report.items() if k in ("meta", "options", "servers")}, indent=2, default=str
+            ),
+        )
     )
 
 
@@ -262,10 +393,20 @@ def finish_report(report: dict[str, Any], points: list[Point], slo: SLO, opts, i
         grouped.setdefault((r["target"], r["point"]), []).append(r)
     agg = {k: aggregate(v, slo) for k, v in grouped.items()}
     by_key = {p.key: p for p in points}
-    report["points"] = [{"target": t, "point": k, "mode": by_key[k].mode, "stream": by_key[k].stream,
-                         "concurrency": by_key[k].concurrency, "rate": by_key[k].rate,
-                         "max_ongoing": by_key[k].max_ongoing, "stats": s}
-                        for (t, k), s in agg.items() if k in by_key]
+    report["points"] = [
+        {
+            "target": t,
+            "point": k,
+            "mode": by_key[k].mode,
+            "stream": by_key[k].stream,
+            "concurrency": by_key[k].concurrency,
+            "rate": by_key[k].rate,
+            "max_ongoing": by_key[k].max_ongoing,
+            "stats": s,
+        }
+        for (t, k), s in agg.items()
+        if k in by_key
+    ]
     report["compare"] = compare_rows(points, agg)
     report["cpu"] = cpu_rows(agg)
     report["targets_check"] = check_targets(report["compare"])
@@ -290,8 +431,10 @@ def finish_report(report: dict[str, Any], points: list[Point], slo: SLO, opts, i
         print(f"  [{'pass' if c['pass'] else 'FAIL'}] {c['target']} @ {c['point']}: {fmt(c['value'], 3)}")
     ov = report.get("overload")
     if ov:
-        print(f"\nOverload at {ov['offered_rps']:.2f} req/s ({ov['factor']:g} x capacity "
-              f"{ov['capacity']['request_throughput']:.2f} req/s): {ov['overload']['status_counts']}")
+        print(
+            f"\nOverload at {ov['offered_rps']:.2f} req/s ({ov['factor']:g} x capacity "
+            f"{ov['capacity']['request_throughput']:.2f} req/s): {ov['overload']['status_counts']}"
+        )
         for c in ov["checks"]:
             print(f"  [{'pass' if c['pass'] else 'FAIL'}] {c['check']}: {fmt(c['value'], 3)}")
     print(f"\nreport: {html_path}\n        {json_path}")

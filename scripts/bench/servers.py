@@ -14,8 +14,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cluster.processes import ManagedProcess, free_port
 from deployments.admission.haproxy_wrapper import read_env_file as _read_env_file
@@ -30,9 +31,16 @@ def load_serve_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
 
-def service_args(serve_yaml: dict[str, Any], model_path: str, served_name: str | None, max_ongoing: int,
-                 max_queued: int, gpu_mem_util: float | None, override: dict[str, Any] | None,
-                 fixed_replicas: bool = True) -> dict[str, Any]:
+def service_args(
+    serve_yaml: dict[str, Any],
+    model_path: str,
+    served_name: str | None,
+    max_ongoing: int,
+    max_queued: int,
+    gpu_mem_util: float | None,
+    override: dict[str, Any] | None,
+    fixed_replicas: bool = True,
+) -> dict[str, Any]:
     """Our app's ServiceConfig for one benchmark configuration: the config file's args with the
     model, the replica's capacity and the benchmark's overrides merged in.
 
@@ -49,11 +57,11 @@ def service_args(serve_yaml: dict[str, Any], model_path: str, served_name: str |
     dep["max_ongoing_requests"] = max_ongoing
     dep["max_queued_requests"] = max_queued
     if fixed_replicas:
-        for name, opts in args["deployments"].items():
+        for opts in args["deployments"].values():
             auto = opts.get("autoscaling_config")
             if auto:
                 opts["num_replicas"] = int(auto.get("initial_replicas") or auto.get("min_replicas") or 1)
-                opts["autoscaling_config"] = None   # deep-merged: None switches the class default off
+                opts["autoscaling_config"] = None  # deep-merged: None switches the class default off
         dep["num_replicas"] = 1
         if "autoscaling_config" in dep:
             dep["autoscaling_config"] = None
@@ -167,15 +175,17 @@ class Servers:
     def _base_env(self, name: str) -> dict[str, str]:
         self._n += 1
         env = dict(os.environ)
-        env.update({
-            RUN_MARKER_ENV: f"{self.run_id}-{name}-{self._n}",   # finds this server's processes at the end
-            "RAY_AUTH_MODE": "disabled",        # throwaway local cluster on loopback
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.pop("RAY_ADDRESS", None)            # never attach to someone else's cluster
+        env.update(
+            {
+                RUN_MARKER_ENV: f"{self.run_id}-{name}-{self._n}",  # finds this server's processes at the end
+                "RAY_AUTH_MODE": "disabled",  # throwaway local cluster on loopback
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "VLLM_NO_USAGE_STATS": "1",
+                "DO_NOT_TRACK": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
         return env
 
     def _start(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> ManagedProcess:
@@ -183,9 +193,16 @@ class Servers:
 
     def args_for(self, max_ongoing: int, max_queued: int) -> dict[str, Any]:
         name = getattr(self.opts, "served_model_name_resolved", None) or self.opts.served_model_name
-        return service_args(self.serve_yaml, self.opts.model, name, max_ongoing,
-                            max_queued, self.opts.gpu_memory_utilization, self.opts.serve_override,
-                            fixed_replicas=not self.opts.keep_autoscaling)
+        return service_args(
+            self.serve_yaml,
+            self.opts.model,
+            name,
+            max_ongoing,
+            max_queued,
+            self.opts.gpu_memory_utilization,
+            self.opts.serve_override,
+            fixed_replicas=not self.opts.keep_autoscaling,
+        )
 
     def cpu(self) -> bool:
         if self.on_cpu is None:
@@ -200,20 +217,36 @@ class Servers:
         args = self.args_for(self.opts.max_ongoing[0], -1)
         kwargs, engine_env = engine_kwargs_for(args, self.cpu())
         port = free_port()
-        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
-                "--port", str(port), *vllm_cli_args(kwargs),
-                *server_flags(ServiceConfig.model_validate(args)), *shlex.split(self.opts.vllm_args or "")]
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *vllm_cli_args(kwargs),
+            *server_flags(ServiceConfig.model_validate(args)),
+            *shlex.split(self.opts.vllm_args or ""),
+        ]
         env = self._base_env("vllm")
         env.update(engine_env)
         env.update(self.opts.vllm_env)
         log = self.out_dir / "vllm_server.log"
-        print(f"[bench] starting vLLM's server on 127.0.0.1:{port}: {shlex.join(argv[1:])}", file=sys.stderr, flush=True)
+        print(
+            f"[bench] starting vLLM's server on 127.0.0.1:{port}: {shlex.join(argv[1:])}", file=sys.stderr, flush=True
+        )
         self.vllm = self._start("vllm-server", argv, env, log)
         self.vllm_url = f"http://127.0.0.1:{port}"
         waited = self.vllm.wait_http(self.vllm_url + "/health", self.opts.startup_timeout)
         print(f"[bench] vLLM's server ready in {waited:.0f}s (pid {self.vllm.pid})", file=sys.stderr, flush=True)
-        self.info["vllm"] = {"argv": argv[1:], "env": {k: env[k] for k in sorted({*engine_env, *self.opts.vllm_env})},
-                             "engine_kwargs": kwargs, "startup_s": waited, "log": log.name}
+        self.info["vllm"] = {
+            "argv": argv[1:],
+            "env": {k: env[k] for k in sorted({*engine_env, *self.opts.vllm_env})},
+            "engine_kwargs": kwargs,
+            "startup_s": waited,
+            "log": log.name,
+        }
         return self.vllm_url
 
     def stop_vllm(self) -> None:
@@ -233,7 +266,7 @@ class Servers:
         self.stop_ours()
         args = self.args_for(max_ongoing, max_queued)
         port = free_port()
-        ray_tmp = tempfile.mkdtemp(prefix="rb_", dir="/tmp")   # short: Ray's socket paths
+        ray_tmp = tempfile.mkdtemp(prefix="rb_", dir="/tmp")  # short: Ray's socket paths
         self._ray_tmp.append(ray_tmp)
         http = dict(self.serve_yaml.get("http_options") or {})
         http.update({"host": "127.0.0.1", "port": port})
@@ -242,8 +275,16 @@ class Servers:
         # Our service's rate limiter is off for benchmarks (honoured when implemented).
         env.update({"RATE_LIMIT_PER_MINUTE": "0", "RATE_LIMIT_PER_HOUR": "0"})
         env.update(self.opts.ours_env)
-        runtime_env_vars = {k: env[k] for k in ("RAY_AUTH_MODE", "VLLM_NO_USAGE_STATS", "RATE_LIMIT_PER_MINUTE",
-                                                 "RATE_LIMIT_PER_HOUR", RUN_MARKER_ENV)}
+        runtime_env_vars = {
+            k: env[k]
+            for k in (
+                "RAY_AUTH_MODE",
+                "VLLM_NO_USAGE_STATS",
+                "RATE_LIMIT_PER_MINUTE",
+                "RATE_LIMIT_PER_HOUR",
+                RUN_MARKER_ENV,
+            )
+        }
         runtime_env_vars.update(self.opts.ours_env)
         spec = {
             "args": args,
@@ -259,17 +300,28 @@ class Servers:
         spec_path.write_text(json.dumps(spec, indent=2))
         log = self.out_dir / f"ours_mo{max_ongoing}_mq{max_queued}.log"
         argv = [sys.executable, str(ENTRY), "--_serve-child", str(spec_path)]
-        print(f"[bench] starting our Serve app on 127.0.0.1:{port} (max_ongoing_requests={max_ongoing}, "
-              f"max_queued_requests={max_queued}, Ray temp dir {ray_tmp})", file=sys.stderr, flush=True)
+        print(
+            f"[bench] starting our Serve app on 127.0.0.1:{port} (max_ongoing_requests={max_ongoing}, "
+            f"max_queued_requests={max_queued}, Ray temp dir {ray_tmp})",
+            file=sys.stderr,
+            flush=True,
+        )
         self.ours = self._start("serve-app", argv, env, log)
         self.ours_url = f"http://127.0.0.1:{port}"
         self.ours_key = key
         waited = self.ours.wait_http(self.ours_url + "/health", self.opts.startup_timeout)
         print(f"[bench] our Serve app ready in {waited:.0f}s (pid {self.ours.pid})", file=sys.stderr, flush=True)
-        self.info["ours"].append({"max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
-                                  "service_config": args, "http_options": http, "startup_s": waited,
-                                  "env": {k: env[k] for k in ("RATE_LIMIT_PER_MINUTE", "RATE_LIMIT_PER_HOUR")},
-                                  "log": log.name})
+        self.info["ours"].append(
+            {
+                "max_ongoing_requests": max_ongoing,
+                "max_queued_requests": max_queued,
+                "service_config": args,
+                "http_options": http,
+                "startup_s": waited,
+                "env": {k: env[k] for k in ("RATE_LIMIT_PER_MINUTE", "RATE_LIMIT_PER_HOUR")},
+                "log": log.name,
+            }
+        )
         return self.ours_url
 
     def stop_ours(self) -> None:
@@ -279,7 +331,8 @@ class Servers:
             if self.info["ours"] and self._ray_tmp:
                 logs = Path(self._ray_tmp[-1]).glob("session_*/logs/**/*")
                 self.info["ours"][-1]["cpu_thread_binding"] = thread_binding(
-                    p for p in logs if p.suffix in (".out", ".err", ".log") and p.is_file())
+                    p for p in logs if p.suffix in (".out", ".err", ".log") and p.is_file()
+                )
             self.ours = None
             self.ours_key = None
 
@@ -302,8 +355,14 @@ def serve_child(spec_path: str) -> int:
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=spec["num_cpus"], include_dashboard=False, log_to_driver=False,
-             _temp_dir=spec["ray_temp_dir"], runtime_env={"env_vars": spec["runtime_env_vars"]})
+    ray.init(
+        address="local",
+        num_cpus=spec["num_cpus"],
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=spec["ray_temp_dir"],
+        runtime_env={"env_vars": spec["runtime_env_vars"]},
+    )
     # After ray.init, which installs its own (fatal) SIGTERM handler: shut down cleanly instead.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())

@@ -7,7 +7,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from deployments.observability.stats import percentile as _percentile
 from scripts.bench.common import TARGETS, fmt
@@ -40,15 +41,15 @@ def summarize(values: Iterable[float], scale: float = 1.0) -> dict[str, Any]:
 class RequestResult:
     """One request as the client saw it. Times are seconds (perf_counter based)."""
 
-    start: float = 0.0                 # send time, relative to the run's start
-    status: int | None = None          # HTTP status; None when no response came
-    outcome: str = "pending"           # ok | http_error | timeout | conn_error | stream_error
-    ttft: float | None = None          # first non-empty content (streaming only)
-    e2e: float | None = None           # send → last byte
+    start: float = 0.0  # send time, relative to the run's start
+    status: int | None = None  # HTTP status; None when no response came
+    outcome: str = "pending"  # ok | http_error | timeout | conn_error | stream_error
+    ttft: float | None = None  # first non-empty content (streaming only)
+    e2e: float | None = None  # send → last byte
     itl: list[float] = dataclasses.field(default_factory=list)  # gaps between content events
-    output_tokens: int | None = None   # usage.completion_tokens
-    prompt_tokens: int | None = None   # usage.prompt_tokens
-    n_events: int = 0                  # content-bearing SSE events
+    output_tokens: int | None = None  # usage.completion_tokens
+    prompt_tokens: int | None = None  # usage.prompt_tokens
+    n_events: int = 0  # content-bearing SSE events
     usage_missing: bool = False
     retry_after: str | None = None
     error: str | None = None
@@ -155,10 +156,12 @@ def get_metric(stats: dict[str, Any] | None, path: str) -> float | None:
 
 def one_line(s: dict[str, Any]) -> str:
     bad = {k: v for k, v in s["status_counts"].items() if v and k != "200"}
-    return (f"{s['num_ok']}/{s['num_requests']} ok, {s['request_throughput']:.2f} req/s, "
-            f"{s['output_throughput']:.0f} tok/s, TTFT p50 {fmt(s['ttft_ms']['p50'])} ms, "
-            f"TPOT p50 {fmt(s['tpot_ms']['p50'], 2)} ms, E2E p50 {fmt(s['e2e_ms']['p50'])} ms"
-            + (f", other: {bad}" if bad else ""))
+    return (
+        f"{s['num_ok']}/{s['num_requests']} ok, {s['request_throughput']:.2f} req/s, "
+        f"{s['output_throughput']:.0f} tok/s, TTFT p50 {fmt(s['ttft_ms']['p50'])} ms, "
+        f"TPOT p50 {fmt(s['tpot_ms']['p50'], 2)} ms, E2E p50 {fmt(s['e2e_ms']['p50'])} ms"
+        + (f", other: {bad}" if bad else "")
+    )
 
 
 # ---------------------------------------------------------------------------- repeats, comparison
@@ -186,9 +189,12 @@ def pool_cpu(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Server CPU per request over repeats, weighted by each run's requests."""
     n = sum(r["requests"] for r in runs) or 1
     roles = sorted({role for r in runs for role in r["ms_per_request"]})
-    out: dict[str, Any] = {"ms_per_request": {role: sum(r["ms_per_request"].get(role, 0.0) * r["requests"]
-                                                        for r in runs) / n for role in roles},
-                           "requests": n}
+    out: dict[str, Any] = {
+        "ms_per_request": {
+            role: sum(r["ms_per_request"].get(role, 0.0) * r["requests"] for r in runs) / n for role in roles
+        },
+        "requests": n,
+    }
     for k in ("front_end_ms", "engine_ms", "system_ms"):
         out[k] = sum(r[k] * r["requests"] for r in runs) / n
     return out
@@ -221,16 +227,25 @@ def compare_rows(points: list, agg: dict[tuple[str, str], dict[str, Any]]) -> li
         v, o = agg.get(("vllm", p.key)), agg.get(("ours", p.key))
         if v is None or o is None:
             continue
-        row: dict[str, Any] = {"point": p.key, "mode": p.mode, "stream": p.stream, "concurrency": p.concurrency,
-                               "rate": p.rate, "max_ongoing": p.max_ongoing}
+        row: dict[str, Any] = {
+            "point": p.key,
+            "mode": p.mode,
+            "stream": p.stream,
+            "concurrency": p.concurrency,
+            "rate": p.rate,
+            "max_ongoing": p.max_ongoing,
+        }
         for metric in ("request_throughput", "output_throughput", "goodput_rps"):
             a, b = get_metric(v, metric), get_metric(o, metric)
             row[metric] = {"vllm": a, "ours": b, "ratio": (b / a) if a and b is not None else None}
         for metric in ("ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "itl_ms.p50", "e2e_ms.p50", "e2e_ms.p99"):
             a, b = get_metric(v, metric), get_metric(o, metric)
-            row[metric] = {"vllm": a, "ours": b,
-                           "ratio": (b / a) if a and b is not None else None,
-                           "delta": (b - a) if a is not None and b is not None else None}
+            row[metric] = {
+                "vllm": a,
+                "ours": b,
+                "ratio": (b / a) if a and b is not None else None,
+                "delta": (b - a) if a is not None and b is not None else None,
+            }
         row["errors"] = {"vllm": v["num_requests"] - v["num_ok"], "ours": o["num_requests"] - o["num_ok"]}
         a, b = get_metric(v, "server_cpu.front_end_ms"), get_metric(o, "server_cpu.front_end_ms")
         row["front_end_cpu_ms"] = {"vllm": a, "ours": b, "ratio": (b / a) if a and b is not None else None}
@@ -242,8 +257,13 @@ def compare_rows(points: list, agg: dict[tuple[str, str], dict[str, Any]]) -> li
 def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for t in TARGETS:
-        sel = [r for r in rows if r["mode"] == "closed" and t["stream"] in (None, r["stream"])
-               and (t["concurrency"] is None or r["concurrency"] == t["concurrency"])]
+        sel = [
+            r
+            for r in rows
+            if r["mode"] == "closed"
+            and t["stream"] in (None, r["stream"])
+            and (t["concurrency"] is None or r["concurrency"] == t["concurrency"])
+        ]
         if not sel:
             continue
         for r in sel:
@@ -252,12 +272,21 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 value, ok = m["ratio"], (m["ratio"] is not None and m["ratio"] >= t["threshold"])
             elif t["kind"] == "ratio_max":
                 if m["ratio"] is None:
-                    continue   # not measured at this point
+                    continue  # not measured at this point
                 value, ok = m["ratio"], m["ratio"] <= t["threshold"]
             else:
                 value, ok = m["delta"], (m["delta"] is not None and m["delta"] <= t["threshold"])
-            checks.append({"target": t["name"], "point": r["point"], "max_ongoing": r["max_ongoing"],
-                           "value": value, "threshold": t["threshold"], "kind": t["kind"], "pass": ok})
+            checks.append(
+                {
+                    "target": t["name"],
+                    "point": r["point"],
+                    "max_ongoing": r["max_ongoing"],
+                    "value": value,
+                    "threshold": t["threshold"],
+                    "kind": t["kind"],
+                    "pass": ok,
+                }
+            )
     return checks
 
 
@@ -269,30 +298,46 @@ def window_stats(results: Sequence[RequestResult], window_s: float, slo: SLO) ->
     window [0, window_s] per second (the drain after the last arrival is left out)."""
     done = [r for r in results if r.e2e is not None and r.start + r.e2e <= window_s]
     ok = [r for r in done if r.outcome == "ok"]
-    return {"window_s": window_s, "ok_rps": len(ok) / window_s,
-            "goodput_rps": sum(1 for r in ok if slo.met(r)) / window_s,
-            "output_throughput": sum(r.output_tokens or 0 for r in ok) / window_s}
+    return {
+        "window_s": window_s,
+        "ok_rps": len(ok) / window_s,
+        "goodput_rps": sum(1 for r in ok if slo.met(r)) / window_s,
+        "output_throughput": sum(r.output_tokens or 0 for r in ok) / window_s,
+    }
 
 
-def overload_checks(cap_rps: float, over: dict[str, Any], burst_stats: dict[str, Any] | None,
-                    expected_admitted: int | None) -> list[dict[str, Any]]:
+def overload_checks(
+    cap_rps: float, over: dict[str, Any], burst_stats: dict[str, Any] | None, expected_admitted: int | None
+) -> list[dict[str, Any]]:
     sc = over["status_counts"]
     win = over.get("window") or {"ok_rps": over["request_throughput"], "goodput_rps": over["goodput_rps"]}
     other = sum(v for k, v in sc.items() if k not in ("200", "503"))
     checks = [
         {"check": "only 200 and 503 (no 429/5xx/stream errors)", "value": other, "pass": other == 0},
         {"check": "no client timeouts", "value": sc["timeout"], "pass": sc["timeout"] == 0},
-        {"check": "503 latency p99 <= 20 ms", "value": over["latency_503_ms"]["p99"],
-         "pass": over["latency_503_ms"]["p99"] is None or over["latency_503_ms"]["p99"] <= 20.0},
-        {"check": "200s/s during the arrival window >= 95% of capacity (ratio)",
-         "value": win["ok_rps"] / cap_rps if cap_rps else None,
-         "pass": bool(cap_rps) and win["ok_rps"] / cap_rps >= 0.95},
-        {"check": "goodput (200s within the TTFT/TPOT SLO)/s during the window >= 95% of capacity (ratio)",
-         "value": win["goodput_rps"] / cap_rps if cap_rps else None,
-         "pass": bool(cap_rps) and win["goodput_rps"] / cap_rps >= 0.95},
+        {
+            "check": "503 latency p99 <= 20 ms",
+            "value": over["latency_503_ms"]["p99"],
+            "pass": over["latency_503_ms"]["p99"] is None or over["latency_503_ms"]["p99"] <= 20.0,
+        },
+        {
+            "check": "200s/s during the arrival window >= 95% of capacity (ratio)",
+            "value": win["ok_rps"] / cap_rps if cap_rps else None,
+            "pass": bool(cap_rps) and win["ok_rps"] / cap_rps >= 0.95,
+        },
+        {
+            "check": "goodput (200s within the TTFT/TPOT SLO)/s during the window >= 95% of capacity (ratio)",
+            "value": win["goodput_rps"] / cap_rps if cap_rps else None,
+            "pass": bool(cap_rps) and win["goodput_rps"] / cap_rps >= 0.95,
+        },
     ]
     if burst_stats is not None and expected_admitted is not None:
         admitted = burst_stats["status_counts"]["200"]
-        checks.append({"check": f"burst: admitted == max_ongoing + max_queued ({expected_admitted})",
-                       "value": admitted, "pass": admitted == expected_admitted})
+        checks.append(
+            {
+                "check": f"burst: admitted == max_ongoing + max_queued ({expected_admitted})",
+                "value": admitted,
+                "pass": admitted == expected_admitted,
+            }
+        )
     return checks
