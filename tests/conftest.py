@@ -181,3 +181,44 @@ def vllm_server(tmp_path_factory) -> Any:
         yield VllmServer(url, argv, {k: env[k] for k in engine_env})
     finally:
         proc.stop(grace_s=30)
+
+
+# ----------------------------------------------------------------------------- layers
+
+# Every test is in exactly one layer (`pytest -m unit`, `-m app`, `-m e2e`):
+# - unit: no Ray cluster (pure logic, the ASGI app in-process, fake engines, files, manifests);
+# - app: the session's Ray cluster and Serve app (one real vLLM engine), or vLLM's own server;
+# - e2e: deploys its own app, starts its own cluster or processes (make run, HAProxy, Prometheus,
+#   the batch job, multi-node clusters) or kills parts of the service.
+# The layer follows from what a test uses: the fixtures below, or its module in E2E_MODULES.
+APP_FIXTURES = {"ray_cluster", "http_port", "base_url", "client", "vllm_server"}
+E2E_MODULES = {
+    "test_admission",
+    "test_autoscaling",
+    "test_classify_batch",
+    "test_fairness",
+    "test_fast_path",
+    "test_faults",
+    "test_fuzz",
+    "test_onebox",
+    "test_redeploy",
+    "test_run_launcher",
+    "test_soak",
+    "test_tenants",
+}
+LAYERS = ("unit", "app", "e2e")
+
+
+def layer_of(item: pytest.Item) -> str:
+    module = item.module.__name__ if getattr(item, "module", None) is not None else ""
+    if module.rsplit(".", 1)[-1] in E2E_MODULES:
+        return "e2e"
+    if APP_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return "app"
+    return "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(layer) for layer in LAYERS):
+            item.add_marker(getattr(pytest.mark, layer_of(item)))
