@@ -20,7 +20,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import ServiceConfig, deployment_options, load_config
+from deployments.config import DeploymentName, ServiceConfig, deployment_options, load_config
 from deployments.engine.output_parsing import check_parser_names
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
@@ -32,7 +32,11 @@ logger = logging.getLogger("ray.serve")
 # drain loop). Ours is derived from the request deadline in `app_options`.
 SHUTDOWN_MARGIN_S = 10.0
 
-DEPLOYMENTS = {"ingress": IngressRouter, "tokenizer": PromptTokenizer, "model": ModelReplica}
+DEPLOYMENTS: dict[DeploymentName, type[IngressRouter] | type[PromptTokenizer] | type[ModelReplica]] = {
+    "ingress": IngressRouter,
+    "tokenizer": PromptTokenizer,
+    "model": ModelReplica,
+}
 
 
 def resolve_accelerator(config: ServiceConfig) -> str:
@@ -64,7 +68,7 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
     - with `autoscaling.policy: llm`, the model deployment's `autoscaling_config.policy` is the
       LLM-aware policy (deployments/autoscaling.py), unless that config names a policy itself.
     """
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, cls in DEPLOYMENTS.items():
         opts = deployment_options(cls.DEFAULT_OPTIONS, config, name)
         if name in ("ingress", "model"):

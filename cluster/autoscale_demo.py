@@ -329,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     w.learn_gpu_ids(snap)
     for ids, cvd in w.sample_gpu_ids(1).items():
         w.note(f"replica reports ray.get_gpu_ids()=['{ids}'] CUDA_VISIBLE_DEVICES={cvd}")
-    load_kw = {"max_tokens": LONG_MAX_TOKENS, "prompt": long_prompt} if a.long else {}
-    with Load(base_url, a.users, **load_kw) as load:
+    load = Load(base_url, a.users, LONG_MAX_TOKENS, long_prompt) if a.long else Load(base_url, a.users)
+    with load:
         w.note(f"load: {a.users} concurrent clients for {a.load_s:.0f}s, and until 2 replicas run")
         t0 = time.monotonic()
         last = None

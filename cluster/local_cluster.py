@@ -87,7 +87,7 @@ def _wait_log(proc: subprocess.Popen, log: Path, needle: str, timeout_s: float) 
 
 def alive_nodes(gcs_address: str) -> list[dict[str, Any]]:
     """Alive nodes from the GCS (no driver needed): id, resources, labels, head flag."""
-    from ray._raylet import GcsClient
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # in _raylet.so, missing from its .pyi
 
     client = GcsClient(address=gcs_address)
     nodes = []
@@ -122,8 +122,8 @@ def start(
     if old and any(pid_alive(n["pid"]) for n in old["nodes"]):
         raise RuntimeError(f"a local cluster from {state_dir} is still running; stop it first")
     state_dir.mkdir(parents=True, exist_ok=True)
-    for f in state_dir.glob("*.log"):
-        f.unlink()
+    for old_log in state_dir.glob("*.log"):
+        old_log.unlink()
     # A short temp dir: Ray puts Unix sockets under it (path length limit ~107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="llmserve-ray-", dir="/tmp")
     gcs_port = free_port()
@@ -310,15 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped (forced kills: {killed})")
         return 0
     if a.cmd == "status":
-        st = status(a.state_dir)
-        print(json.dumps(st, indent=2) if st else f"no local cluster recorded in {a.state_dir}")
-        return 0 if st else 1
+        seen = status(a.state_dir)
+        print(json.dumps(seen, indent=2) if seen else f"no local cluster recorded in {a.state_dir}")
+        return 0 if seen else 1
     if a.cmd == "env":
-        st = load_state(a.state_dir)
-        if not st:
+        recorded = load_state(a.state_dir)
+        if not recorded:
             print(f"no local cluster recorded in {a.state_dir}", file=sys.stderr)
             return 1
-        print("\n".join(env_lines(st)))
+        print("\n".join(env_lines(recorded)))
         return 0
     return 2
 

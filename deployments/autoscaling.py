@@ -200,7 +200,8 @@ class LLMAutoscalingPolicy:
             ttft_s=ttft,
             **self.params,
         )
-        lead = max((k for k, v in signals.items() if v is not None), key=lambda k: signals[k])
+        present = {k: v for k, v in signals.items() if v is not None}
+        lead = max(present, key=present.__getitem__)
         if desired != state.get("llm_desired"):
             logger.info(
                 "llm-autoscaling: %s wants %d replicas (running %d, target %d; lead %s; %s)",

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from deployments.admission.auth import AuthConfig
@@ -25,6 +25,9 @@ from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
 from deployments.observability import ObservabilityConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The application's three Serve deployments (`ServiceConfig.deployments`' keys).
+DeploymentName = Literal["ingress", "tokenizer", "model"]
 
 
 class _Strict(BaseModel):
@@ -211,7 +214,9 @@ class LoraConfig(_Strict):
     )
     allow_runtime_loading: bool = Field(
         True,
-        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (API key required when auth is on).",
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter. Admin routes: off "
+        "(403 `admin_routes_disabled`) until an admin key is configured (`auth.admin_env_var`, or "
+        "`role: admin` in `auth.file`), then for admin keys only — with auth on or off.",
     )
     adapter_roots: list[str] = Field(
         default_factory=lambda: ["models"],
@@ -219,8 +224,20 @@ class LoraConfig(_Strict):
         description="Folders POST /v1/load_lora_adapter may load adapters from (relative paths resolve "
         "against the repo root): a `lora_path` is accepted only if, with symlinks and `..` resolved on "
         "the model replica's node, it lies inside one of them (its weights and config too); else 400 "
-        "`lora_path_not_allowed`. The adapters of `adapters` are the operator's own and exempt. Every "
-        "adapter must ship `adapter_model.safetensors` and no pickled weights (`adapter_model.bin`/`.pt`).",
+        "`lora_path_not_allowed`; every file of the folder must resolve inside too. The adapters of "
+        "`adapters` are the operator's own and exempt. Every adapter must ship "
+        "`adapter_model.safetensors`, and its folder hold only allowed files (`*.safetensors`, "
+        "`*.json`, `*.txt`, `*.md`, `*.jinja`, `tokenizer.model`): 400 `lora_weights_not_safetensors` "
+        "for pickled weights (`.bin`, `.pt`, …), `lora_file_not_allowed` for anything else.",
+    )
+    registry_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="How long an ingress replica answers adapter names (and the default model, when "
+        "it is an adapter) from its copy of the cluster-wide adapter registry before asking it "
+        "again: no registry call per request. A name the copy lacks, and a change made through "
+        "the same replica, are re-checked at once; other replicas' unloads and replacements are "
+        "seen within this. 0: ask the registry on every request.",
     )
     max_lora_rank: int = Field(64, gt=0, description="Largest adapter rank the engine accepts (the user's r=64).")
     max_loras: int = Field(4, gt=0, description="Adapters active in one engine batch.")
@@ -262,6 +279,29 @@ class CompatConfig(_Strict):
         False,
         description="GET /health says `status: ok` when healthy (the replaced service's "
         "word) instead of `healthy`; `unhealthy` and the HTTP status (200/503) are the same either way.",
+    )
+
+
+class HealthConfig(_Strict):
+    """GET /health, /health/live and /health/ready (docs/reliability.md). Liveness answers
+    from the ingress process alone; readiness and /health share one cached check: the model
+    deployment (a running replica whose engine answers), the tokenizer deployment, and every
+    adapter the config names (`lora.adapters`, `model.default_model`, `classification.model`,
+    alias targets) registered in the adapter registry."""
+
+    cache_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long one check's result answers /health and /health/ready: under load "
+        "(probes, dashboards, clients polling) the model replica and the Serve controller are "
+        "asked at most once per this many seconds per ingress replica. 0: every call checks.",
+    )
+    check_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Deadline of each part of the check (the model replica's engine, Serve's "
+        "status, the adapter registry). An engine that does not answer in time counts as busy "
+        "(ready); a status or registry that does not answer, as not ready.",
     )
 
 
@@ -339,6 +379,9 @@ class ServiceConfig(_Strict):
     compat: CompatConfig = Field(
         default_factory=CompatConfig, description="Compatibility with the replaced Flask service's clients."
     )
+    health: HealthConfig = Field(
+        default_factory=HealthConfig, description="/health, liveness and readiness: what is checked, how often."
+    )
     autoscaling: AutoscalingPolicyConfig = Field(
         default_factory=AutoscalingPolicyConfig,
         description="The model deployment's autoscaling policy: Serve's request count (default) or "
@@ -353,7 +396,7 @@ class ServiceConfig(_Strict):
     engine_env: dict[str, str] = Field(
         default_factory=dict, description="Extra environment variables for the model replica (engine)."
     )
-    deployments: dict[Literal["ingress", "tokenizer", "model"], dict[str, Any]] = Field(
+    deployments: dict[DeploymentName, dict[str, Any]] = Field(
         default_factory=dict,
         description="Serve deployment options per deployment (`num_replicas`, `autoscaling_config`, "
         "`max_ongoing_requests`, `max_queued_requests`, `ray_actor_options`, …), deep-merged over "
@@ -423,7 +466,7 @@ def base_options(name: str, **options: Any) -> dict[str, Any]:
     return {"name": name, "logging_config": {"encoding": "JSON"}, "num_replicas": 1, **options}
 
 
-def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: str) -> dict[str, Any]:
+def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: DeploymentName) -> dict[str, Any]:
     """A deployment class's DEFAULT_OPTIONS with `config.deployments[key]` deep-merged over them.
 
     An `autoscaling_config` replaces the default fixed `num_replicas` (Serve rejects both).
@@ -468,6 +511,7 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
     the deployments get the result. A variable naming no field, or a value its field refuses, is
     an error at start naming the variable."""
     environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = environ  # as the settings class below reads it
     ours = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
     for key in ours:
         section = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
@@ -491,8 +535,15 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
         )
 
         @classmethod
-        def settings_customise_sources(cls, settings_cls, init_settings, **_):
-            return (_EnvironSource(settings_cls, environ), init_settings)  # the environment wins
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (_EnvironSource(settings_cls, env), init_settings)  # the environment wins
 
     try:
         settings = Settings(**deep_merge(args or {}, legacy))

@@ -29,7 +29,7 @@ from deployments.api import errors
 from deployments.api.classify import ServingClassify
 from deployments.api.errors import APIError
 from deployments.api.generation import ServingGeneration
-from deployments.api.health import ServingHealth
+from deployments.api.health import PROBE_PATHS, ServingHealth
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
     ChatCompletionRequest,
@@ -65,8 +65,13 @@ class IngressRouter:
         ray_actor_options={"num_cpus": 0.25},
         graceful_shutdown_wait_loop_s=2,
     )
+    # The app Serve serves (a frozen copy of `app`): a property of the class `serve.ingress(app)`
+    # derives from this one. Declared only, so it does not hide that property.
+    app: FastAPI
 
-    async def __init__(self, tokenizer, model, config: dict[str, Any] | ServiceConfig, model_options: dict[str, Any]):
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
+        self, tokenizer, model, config: dict[str, Any] | ServiceConfig, model_options: dict[str, Any]
+    ):
         """`model_options`: the model deployment's Serve options as the builder computed them
         (`serve_app.app_options`): they size the capacity gate and /health's limits report."""
         self.config = ServiceConfig.model_validate(config)
@@ -76,13 +81,19 @@ class IngressRouter:
         self.model_options = model_options
 
         app_name = current_app_name()
-        self.stats = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
+        self.recorder = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
         self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name)
         self.auth = ApiKeyAuth.from_config(self.config.auth)
         self.client_address = await ClientAddress.for_ingress_replica()
-        await self.limiter.ready()
-        await self.stats.ready()
-        adapters = AdapterRegistry(app_name)
+        # Neither is a reason not to serve: a limiter that cannot be reached fails open or
+        # closed per request (rate_limit.fail_open) and is retried on use; stats are pushed
+        # again when the aggregator answers.
+        for what, part in (("rate limiter", self.limiter), ("stats aggregator", self.recorder)):
+            try:
+                await part.ready()
+            except Exception as exc:
+                logger.warning("%s not reachable at start (%s: %s); serving without it", what, type(exc).__name__, exc)
+        adapters = AdapterRegistry(app_name, cache_s=self.config.lora.registry_cache_s)
         for name, path in self.config.lora.adapters.items():
             await adapters.register(name, resolve_path(path), True)
         m = self.config.model
@@ -97,13 +108,13 @@ class IngressRouter:
         if gate.running_limit is not None and gate.replica_range[0] != gate.replica_range[1]:
             self._replica_watch = asyncio.get_running_loop().create_task(watch_model_replicas(gate))
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
-        self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.stats, m)
+        self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.recorder, m)
         self.classifier = ServingClassify(
-            tokenizer, self.models, self.calls, self.limits, self.config.classification, labels, self.stats
+            tokenizer, self.models, self.calls, self.limits, self.config.classification, labels, self.recorder
         )
         self.tokenization = ServingTokenize(tokenizer, self.models, self.limits)
         self.health_check = ServingHealth(
-            model, self.config, model_options, self.calls, self.limiter, self.auth.enabled
+            model, self.config, model_options, self.calls, self.limiter, self.auth.enabled, adapters
         )
         logger.log(*self.auth.startup_summary())
         logger.info(
@@ -120,8 +131,8 @@ class IngressRouter:
             limiter=self.limiter,
             trusted_proxies=self.config.rate_limit.trusted_proxies,
             max_request_bytes=self.limits.max_request_bytes,
-            stats=self.stats,
-            public_paths=frozenset(self.auth.public_paths),
+            stats=self.recorder,
+            public_paths=frozenset(self.auth.public_paths) | PROBE_PATHS,
             client_address=self.client_address,
             capacity=self.calls.capacity,
             retry_after_s=self.limits.retry_after_s,
@@ -132,7 +143,7 @@ class IngressRouter:
                 "/v1/classify": 1,
             },
         )
-        served.state.on_rejection = self.stats.record_rejection
+        served.state.on_rejection = self.recorder.record_rejection
         return served
 
     # ------------------------------------------------------------------ OpenAI API
@@ -170,13 +181,14 @@ class IngressRouter:
         _, mux = await self.models.resolve(model_id)
         if mux is None:
             return JSONResponse(self.models.card(self.model_id))
-        ref = await self.models.adapters.get(model_id)
+        ref = await self.models.adapters.lookup(model_id)
         return JSONResponse(self.models.card(model_id, ref.path if ref else None))
 
     # ------------------------------------------------------------------ LoRA adapters
 
-    # Admin routes (auth.admin_paths): the admission middleware answers 401 without a key and
-    # 403 for a client key before the body is read.
+    # Admin routes (auth.admin_paths), with auth on or off: the admission middleware answers 403
+    # `admin_routes_disabled` while no admin key is configured, else 401 without a key and 403
+    # for a client key, before the body is read.
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, body: LoadLoraRequest) -> Response:
@@ -225,26 +237,43 @@ class IngressRouter:
     async def health(self, request: Request) -> JSONResponse:
         """Healthy only when the model deployment has a running replica whose engine answers.
         Public: the status and the replaced service's fields; the details with an admin key
-        (or with auth off)."""
+        (with auth on or off, as the admin routes)."""
         return await self.health_check.health(detailed=is_admin(request.scope, self.auth))
+
+    @app.get("/health/live")
+    async def health_live(self) -> JSONResponse:
+        """Liveness: this ingress replica's process and event loop answer (calls nothing)."""
+        return self.health_check.live()
+
+    @app.get("/health/ready")
+    async def health_ready(self, request: Request) -> JSONResponse:
+        """Readiness: 200 when the model, the tokenizer, the default model and every configured
+        adapter can serve; 503 otherwise (what is missing: with an admin key, or auth off).
+        Cached for `health.cache_s`, as /health."""
+        return await self.health_check.ready(detailed=is_admin(request.scope, self.auth))
 
     @app.get("/stats")
     async def stats(self) -> JSONResponse:
         """The old service's /stats fields, cluster-wide (all ingress and model replicas)."""
-        return JSONResponse(await self._stats_call(self.stats.stats))
+        return JSONResponse(await self._stats_call(self.recorder.stats))
 
     @app.get("/metrics")
     async def metrics(self) -> JSONResponse:
         """The old service's /metrics JSON (waiting/running, tokens, TTFT and throughput SLOs)."""
-        return JSONResponse(await self._stats_call(self.stats.metrics_json))
+        return JSONResponse(await self._stats_call(self.recorder.metrics_json))
 
     @app.get("/metrics/prometheus")
     async def metrics_prometheus(self) -> Response:
-        return Response(await self._stats_call(self.stats.prometheus_text), media_type=PROMETHEUS_CONTENT_TYPE)
+        return Response(await self._stats_call(self.recorder.prometheus_text), media_type=PROMETHEUS_CONTENT_TYPE)
 
     async def _stats_call(self, method):
         try:
             return await asyncio.wait_for(method(), timeout=10)
         except Exception as exc:
             logger.warning("stats actor unavailable: %s", exc)
-            raise errors.engine_unavailable("Statistics are briefly unavailable; retry.") from None
+            raise APIError(
+                503,
+                "Statistics are briefly unavailable; retry.",
+                code="stats_unavailable",
+                headers={"Retry-After": "1"},
+            ) from None

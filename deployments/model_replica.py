@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.adapters import AdapterRegistry, check_adapter
+from deployments.adapters import AdapterRegistry, LoraIds, check_adapter
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.api.protocol import GenerationChunk, GenerationRequest
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
@@ -45,7 +45,9 @@ class ModelReplica:
         graceful_shutdown_wait_loop_s=2,
     )
 
-    async def __init__(self, config: dict[str, Any] | ServiceConfig, options: dict[str, Any]):
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
+        self, config: dict[str, Any] | ServiceConfig, options: dict[str, Any]
+    ):
         """`options`: this deployment's Serve options as the builder computed them
         (`serve_app.app_options`): its capacity and CPU share size the engine."""
         self.config = ServiceConfig.model_validate(config)
@@ -77,15 +79,20 @@ class ModelReplica:
         self.engine_priority = prioritise_engine(os.getpid(), self.config.engine.engine_niceness)
         capacity = options["max_ongoing_requests"]
         if not uses_llm_policy(options.get("autoscaling_config")):
-            self.record_autoscaling_stats = None  # Serve then collects no custom metrics from us
+            # Serve then collects no custom metrics from us
+            self.record_autoscaling_stats = None  # type: ignore[method-assign, assignment]
         self.stats = StatsRecorder.from_config(
             self.config.observability, role="model", app_name=current_app_name(), capacity=capacity
         )
         if stat_loggers is not None:
             self.stats.engine_source = EngineMetrics(self.on_cpu).snapshot
-        await self.stats.ready()
+        try:
+            await self.stats.ready()
+        except Exception as exc:  # stats never keep the engine from serving: pushes retry
+            logger.warning("stats aggregator not reachable at start (%s: %s)", type(exc).__name__, exc)
         self.stats.start()  # heartbeat: this replica's capacity counts while it lives
         self.adapters = AdapterRegistry(current_app_name())
+        self.lora_ids = LoraIds()  # the engine's LoRA ids: never one id for two adapters
         m = self.config.model
         self.parsers = None
         if m.tool_call_parser or m.reasoning_parser:  # vLLM's own output parsers (engine/output_parsing)
@@ -133,7 +140,7 @@ class ModelReplica:
             if sampling.get("logit_bias") is not None:
                 sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
             return SamplingParams(**sampling, output_kind=kind)
-        except (ValueError, TypeError, *_vllm_client_errors()) as exc:
+        except (ValueError, TypeError) + _vllm_client_errors() as exc:
             param = getattr(exc, "parameter", None) or (
                 "structured_outputs" if "structured" in str(exc) or "constraint" in str(exc) else None
             )
@@ -148,13 +155,23 @@ class ModelReplica:
 
         name, _, version = multiplexed_id.rpartition("@")
         ref = await self.adapters.get(name)
-        if ref is None or str(ref.version) != version:
+        if ref is None:
             raise model_not_found(name)
+        if str(ref.version) != version:  # replaced since the ingress looked it up (its copy is older)
+            raise APIError(
+                503,
+                f"The adapter {name!r} was just replaced; retry.",
+                code="adapter_changed",
+                headers={"Retry-After": "1"},
+            )
         # Checked again on this node at load time (a runtime adapter: inside lora.adapter_roots,
         # resolved; every adapter: safetensors only); messages name the adapter, not its path.
         configured = ref.path in {resolve_path(p) for p in self.config.lora.adapters.values()}
         folder, _ = check_adapter(ref.path, self.config.lora, f"LoRA adapter {name!r}", configured=configured)
-        lora = LoRARequest(lora_name=ref.name, lora_int_id=ref.version, lora_path=folder)
+        # Not the registry's version: an id of this engine's own (LoraIds), so an id the engine
+        # already holds never stands for other weights, whatever happened to the registry.
+        lora_id = self.lora_ids.id_for(ref.name, folder, ref.version)
+        lora = LoRARequest(lora_name=ref.name, lora_int_id=lora_id, lora_path=folder)
         try:
             await self.engine.add_lora(lora)
         except Exception as exc:
@@ -165,7 +182,7 @@ class ModelReplica:
                 param="lora_path",
                 code="invalid_lora_adapter",
             ) from None
-        logger.info("loaded LoRA adapter %s (v%s) from %s", ref.name, ref.version, folder)
+        logger.info("loaded LoRA adapter %s (v%s, engine id %d) from %s", ref.name, ref.version, lora_id, folder)
         return lora
 
     async def validate_adapter(self, path: str, shown: str | None = None) -> dict[str, Any]:
@@ -238,7 +255,7 @@ class ModelReplica:
             raise
         except APIError:
             raise
-        except (ValueError, *_vllm_client_errors()) as exc:  # vLLM's request validation
+        except (ValueError,) + _vllm_client_errors() as exc:  # vLLM's request validation
             raise APIError(400, str(exc), param=getattr(exc, "parameter", None), code="invalid_value") from None
 
     async def generate(self, req: GenerationRequest) -> list[GenerationChunk]:
@@ -260,7 +277,7 @@ class ModelReplica:
             if (parser := self._choice_parser(req)) is not None:
                 reasoning, content, calls = parser.final(c.text, c.token_ids)
                 chunk.text, chunk.tool_calls = content or "", calls or None
-                chunk.reasoning = reasoning if req.parse.get("include_reasoning", True) else None
+                chunk.reasoning = reasoning if req.parse is None or req.parse.get("include_reasoning", True) else None
                 if calls and c.finish_reason == "stop":
                     chunk.finish_reason = "tool_calls"
             chunks.append(chunk)
@@ -310,7 +327,7 @@ class ModelReplica:
         k = req.sampling.get("prompt_logprobs")
         if k is None or out.prompt_logprobs is None:
             return None
-        entries = []
+        entries: list[tuple[str, float | None, list[tuple[str, float]]]] = []
         for tid, step in zip(req.prompt_token_ids, out.prompt_logprobs):
             if step is None:
                 entries.append((self.engine.tokenizer.decode([tid]), None, []))
@@ -383,10 +400,16 @@ class _Pending:
     )
 
     def __init__(self, prompt=None, parser=None, show_reasoning: bool = True):
-        self.texts, self.ntok, self.finish, self.stop, self.logprobs = [], 0, None, None, None
+        self.texts: list[str] = []
+        self.ntok = 0
+        self.finish: str | None = None
+        self.stop: Any = None
+        self.logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
         self.prompt = prompt  # the prompt's logprobs, sent with the first chunk
         self.parser, self.show_reasoning = parser, show_reasoning  # chat output parsing (reasoning, tools)
-        self.reasoning, self.calls, self.called = [], [], False
+        self.reasoning: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self.called = False
 
     def add(self, c, k: int | None) -> None:
         self.ntok += len(c.token_ids)
@@ -454,7 +477,7 @@ def _node_id() -> str | None:
         return None
 
 
-def _vllm_client_errors() -> tuple[type, ...]:
+def _vllm_client_errors() -> tuple[type[BaseException], ...]:
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError:  # older vLLM: VLLMValidationError is a ValueError

@@ -83,9 +83,10 @@ def list_inputs(path: str, fmt: str | None = None) -> tuple[Any, list[str], str]
     if not files:
         raise FileNotFoundError(f"no input files at {path}")
     kinds = {fmt or _fmt_of(f) for f in files}
-    if None in kinds or len(kinds) != 1:
+    kind = kinds.pop() if len(kinds) == 1 else None
+    if kind is None:
         raise ValueError(f"cannot tell one input format from the file names {files[:3]}; pass --format")
-    return fs, files, kinds.pop()
+    return fs, files, kind
 
 
 def _fmt_of(path: str) -> str | None:
@@ -124,7 +125,7 @@ def jsonl_records(f, offset: int = 0) -> Iterator[tuple[int, bytes]]:
 def csv_records(f, offset: int = 0) -> Iterator[tuple[int, list[str] | Exception, str]]:
     """(byte offset, fields or the parse error, raw text) of each CSV record from `offset`;
     undecodable bytes survive as surrogate escapes (rejected later as bad encoding)."""
-    state = {"pos": offset, "raw": []}
+    state: dict[str, Any] = {"pos": offset, "raw": []}
 
     def feed():
         for pos, line in _lines(f, offset):
@@ -254,10 +255,10 @@ def parse_shard(fs, shard: Shard, text_field: str, id_field: str | None, max_cha
                 else:
                     take(row, dict(zip(shard.header, fields)), raw)
         else:
-            records = jsonl_records(f, shard.offset)
+            lines = jsonl_records(f, shard.offset)
             for i in range(shard.n_rows):
                 row = shard.start_row + i
-                _, line = next(records)
+                _, line = next(lines)
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError as exc:
@@ -297,10 +298,10 @@ def encode_output(fmt: str, rows: list[dict[str, Any]], labels: list[str]) -> by
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
+    out = io.BytesIO()
     table = pa.Table.from_pylist(flat) if flat else pa.table({c: pa.array([], pa.string()) for c in columns})
-    pq.write_table(table, buf)
-    return buf.getvalue()
+    pq.write_table(table, out)
+    return out.getvalue()
 
 
 TMP_SUFFIX = ".tmp"

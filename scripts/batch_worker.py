@@ -99,7 +99,8 @@ class ShardClassifier:
         from deployments.engine.label_scoring import score_labels
 
         results: list[dict[str, Any] | str] = [""] * len(texts)
-        prompts, where, label_ids = [], [], None
+        prompts, where = [], []
+        label_ids: list[list[int]] = []  # the labels' token ids (the same for every text)
         for i, text in enumerate(texts):
             try:
                 enc = self.tokenizer._classify([text], self.labels)
@@ -147,7 +148,7 @@ class ShardClassifier:
                 )
             else:
                 rows.append({"id": rid, **res})
-        stats = {
+        stats: dict[str, Any] = {
             "key": shard.key,
             "rows_in": shard.n_rows,
             "rows_out": len(rows),

@@ -59,7 +59,7 @@ def type_name(node: dict[str, Any], defs: dict[str, Any]) -> str:
         value = type_name(values, defs) if isinstance(values, dict) and values else "any"
         return f"dict[str, {value}]" + (f" (keys: {', '.join(keys)})" if keys else "")
     bounds = ", ".join(f"{op} {node[key]}" for key, op in _BOUNDS if key in node)
-    return _TYPES.get(kind, kind or "any") + (f" ({bounds})" if bounds else "")
+    return (_TYPES.get(kind, kind) if kind else "any") + (f" ({bounds})" if bounds else "")
 
 
 def cell(text: str) -> str:
@@ -74,7 +74,8 @@ def sections(schema: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, ...
     out: list[tuple[str, str, list[tuple[str, ...]]]] = []
 
     def visit(node: dict[str, Any], path: str, intro: str, defaults: dict[str, Any]) -> None:
-        rows, nested = [], []
+        rows: list[tuple[str, ...]] = []
+        nested = []
         for name, prop in node.get("properties", {}).items():
             full = f"{path}.{name}" if path else name
             target = resolve(prop, defs)

@@ -237,7 +237,7 @@ async def soak(
     async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout_s, connect=30.0), limits=limits) as client:
         # warm-up, not counted: one request of each kind at a time (first-call costs: engine
         # paths, LoRA/label tries, connection set-up), then the fixed-rate load
-        warm = collections.Counter()
+        warm: collections.Counter[str] = collections.Counter()
         for j in range(warmup_requests):
             kind = list(mix)[j % len(mix)]
             path, body = make_request(kind, prompts[j % len(prompts)], model, max_tokens)
@@ -307,13 +307,14 @@ async def soak(
 
     end = rss_sample(labels) if (processes is not None and base is not None) else None
     by_outcome = collections.Counter(r[1] for r in results)
-    by_kind = collections.defaultdict(collections.Counter)
+    by_kind: collections.defaultdict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for kind, outcome, _, _ in results:
         by_kind[kind][outcome] += 1
     lat = sorted(r[2] for r in results)
 
     def pct(q: float) -> float | None:
-        return round(percentile(lat, q), 3) if lat else None
+        p = percentile(lat, q)  # None: no requests
+        return round(p, 3) if p is not None else None
 
     report: dict[str, Any] = {
         "url": url,
@@ -333,7 +334,7 @@ async def soak(
         "rss_samples": samples,
         "rss_baseline_at_s": base_t,
     }
-    if end is not None:
+    if end is not None and base is not None:  # `end` is only sampled with a baseline
         report["rss"] = rss_report(labels, base, end)
         # the trend: growth over the second half of the measured span (a leak keeps growing,
         # warm-up growth levels off)

@@ -245,7 +245,7 @@ def train_loop(
     grad_clip: float = 1.0,
     progress: bool = True,
     desc: str = "train",
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """AdamW with linear warm-up and cosine decay; ``loss_at(step)`` returns the step's loss.
     ``callback(step)`` runs after each optimiser step (evaluation hooks)."""
@@ -325,7 +325,7 @@ def train_examples(
     cfg: TrainConfig,
     pad_id: int,
     params: list | None = None,
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[int], object] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` (plain or peft: only trainable parameters are optimised) on ``examples``
     with answer-only loss. Returns stats."""
@@ -450,7 +450,7 @@ def train_lora(
     dropout: float,
     targets: Sequence[str],
     cfg: TrainConfig,
-    callback: Callable[[int], None] | None = None,
+    callback: Callable[[int], object] | None = None,
 ):
     """Wrap ``base_model`` (a transformers causal LM) in a fresh LoRA adapter and train it on
     ``pairs`` (text, label). Returns (peft model, stats)."""

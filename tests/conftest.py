@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "tiny-qwen3"
 LORA_DIR = REPO / "models" / "tiny-qwen3-lora"
 VLLM_STARTUP_TIMEOUT_S = 240
+# The admin key of the apps `app_args` builds (auth.admin_env_var, in the ingress's environment):
+# the admin routes and /health's details need one, with auth off too.
+ADMIN_KEY = "sk-test-admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 # Tests talk to loopback only; no token auth needed for the throwaway local cluster.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -49,7 +53,10 @@ def app_args(**overrides: Any) -> dict[str, Any]:
         "deployments": {
             "model": {"autoscaling_config": None},
             "tokenizer": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
-            "ingress": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
+            "ingress": {
+                "autoscaling_config": None,
+                "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {"LLM_SERVE_ADMIN_KEYS": ADMIN_KEY}}},
+            },
         },
     }
     return deep_merge(deep_merge(shipped, tests), overrides)
@@ -193,8 +200,10 @@ def vllm_server(tmp_path_factory) -> Any:
 # The layer follows from what a test uses: the fixtures below, or its module in E2E_MODULES.
 APP_FIXTURES = {"ray_cluster", "http_port", "base_url", "client", "vllm_server"}
 E2E_MODULES = {
+    "test_adapter_state",
     "test_admission",
     "test_autoscaling",
+    "test_chaos",
     "test_classify_batch",
     "test_fairness",
     "test_fast_path",

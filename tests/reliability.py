@@ -172,6 +172,41 @@ def new_client(n: int = 32, timeout_s: float = 180.0) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
 
 
+# --------------------------------------------------------------------------- waiting
+
+
+def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition",
+               ignore: tuple[type[BaseException], ...] = ()) -> Any:
+    """Poll `predicate()` every `interval_s` until it returns something truthy (returned) or
+    `timeout_s` passes: then an AssertionError naming `what` and the last value seen (or the
+    last exception of a type in `ignore`, which count as "not yet")."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+        except ignore as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {last!r})")
+        time.sleep(interval_s)
+
+
+async def wait_until_async(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition") -> Any:
+    """`wait_until` for a coroutine: `predicate` is a coroutine function."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        last = await predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {last!r})")
+        await asyncio.sleep(interval_s)
+
+
 # --------------------------------------------------------------------------- service state
 
 
@@ -186,8 +221,10 @@ def running_requests(url: str) -> dict[str, Any]:
 def engine_unfinished(url: str) -> int | None:
     """vLLM's own count of unfinished requests on the (single) model replica, via /health
     (this needs a free model slot; None when the replica did not answer)."""
+    from conftest import ADMIN  # /health's details need an admin key
+
     try:
-        h = httpx.get(f"{url}/health", timeout=15).json()
+        h = httpx.get(f"{url}/health", headers=ADMIN, timeout=15).json()
     except (httpx.HTTPError, ValueError):
         return None
     return (h.get("replica") or {}).get("num_unfinished_requests")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import httpx
-import pytest
+
+from conftest import ADMIN
+from invariants import assert_text_of_tokens, no_special_tokens_bias, special_tokens
 
 MODEL = "tiny-qwen3"
 MESSAGES = [
@@ -27,13 +29,17 @@ def test_models_lists_the_model(client):
 
 def test_chat_completion(client, hf_tokenizer):
     resp = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
     assert resp.object == "chat.completion"
     assert resp.model == MODEL
     assert resp.id.startswith("chatcmpl-")
     choice = resp.choices[0]
     assert choice.message.role == "assistant"
-    assert isinstance(choice.message.content, str) and choice.message.content
+    # the content is the 12 generated tokens' text (special tokens skipped), whatever they are
+    assert isinstance(choice.message.content, str)
+    tokens = [t.token for t in choice.logprobs.content]
+    assert len(tokens) == 12
+    assert_text_of_tokens(choice.message.content, tokens, special_tokens(hf_tokenizer))
     assert choice.finish_reason == "length"
     assert resp.usage.prompt_tokens == chat_prompt_tokens(hf_tokenizer, MESSAGES)
     assert resp.usage.completion_tokens == 12
@@ -85,23 +91,24 @@ def test_sse_wire_format(base_url):
     assert events[-1] == "data: [DONE]"
 
 
-def test_vllm_sampling_extensions_pass_through(client):
+def test_vllm_sampling_extensions_pass_through(client, hf_tokenizer):
     """top_k, min_p, repetition_penalty, seed, stop, min_tokens: accepted and honoured."""
     kwargs = dict(model=MODEL, prompt="体育新闻", max_tokens=16, temperature=1.0, seed=1234,
                   extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 4})
     a = client.completions.create(**kwargs).choices[0].text
     b = client.completions.create(**kwargs).choices[0].text
     assert a == b  # same seed, same output
-    r = client.completions.create(model=MODEL, prompt="体育新闻", max_tokens=30, temperature=0,
-                                  extra_body={"ignore_eos": True, "min_tokens": 5})
+    # special tokens kept out (logit_bias): 30 generated tokens are 30 tokens of text
+    greedy = dict(model=MODEL, prompt="体育新闻", max_tokens=30, temperature=0,
+                  logit_bias=no_special_tokens_bias(hf_tokenizer))
+    r = client.completions.create(**greedy, extra_body={"ignore_eos": True, "min_tokens": 5})
     assert r.usage.completion_tokens == 30
     # stop: cut the greedy text at one of its own characters
     full = r.choices[0].text
-    stop_char = next((ch for ch in full[3:] if ch.strip()), None)
-    if stop_char is None:
-        pytest.skip("greedy text has no printable character to stop on")
-    cut = client.completions.create(model=MODEL, prompt="体育新闻", max_tokens=30, temperature=0,
-                                    stop=[stop_char], extra_body={"ignore_eos": True})
+    chars = [ch for ch in full if ch.strip() and ch != "\ufffd"] or [ch for ch in full if ch != "\ufffd"]
+    assert chars, f"30 greedy tokens without special tokens gave no text: {full!r}"
+    stop_char = next((ch for ch in full[3:] if ch in chars), chars[0])
+    cut = client.completions.create(**greedy, stop=[stop_char], extra_body={"ignore_eos": True})
     assert cut.choices[0].finish_reason == "stop"
     assert stop_char not in cut.choices[0].text
     assert full.startswith(cut.choices[0].text)
@@ -123,7 +130,7 @@ def test_special_token_text_in_user_content_is_plain_text(client, hf_tokenizer):
 
 
 def test_health_reports_engine_and_limits(base_url):
-    r = httpx.get(f"{base_url}/health", timeout=30)
+    r = httpx.get(f"{base_url}/health", headers=ADMIN, timeout=30)  # the details: an admin key
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "healthy"
@@ -141,7 +148,7 @@ def test_engine_core_runs_at_the_configured_niceness(base_url):
 
     import psutil
 
-    health = httpx.get(f"{base_url}/health", timeout=30).json()["replica"]
+    health = httpx.get(f"{base_url}/health", headers=ADMIN, timeout=30).json()["replica"]
     prio = health["engine_priority"]
     assert prio["requested"] == 0 and prio["engine_pids"], prio
     replica = psutil.Process(health["pid"])

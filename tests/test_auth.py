@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from fastapi import Request
 
 from deployments.admission.auth import ApiKeyAuth, AuthConfig, parse_keys
 from deployments.api.errors import APIError
@@ -156,20 +157,133 @@ def test_admin_guard_403_and_message():
     with pytest.raises(APIError) as ei:
         plain.require_admin(ident, "/v1/load_lora_adapter")
     err = ei.value
-    assert err.status == 403 and err.code == "admin_key_required"
+    # the upgrade case: no admin key at all -> the admin routes are off, and the message says how
+    # to turn them on
+    assert err.status == 403 and err.code == "admin_routes_disabled"
     body = err.body()["error"]
     assert body["type"] == "permission_error"
-    # the upgrade case: no admin key at all -> the message says how to get one
     assert "none is configured" in body["message"] and "role: admin" in body["message"]
+    assert "LLM_SERVE_ADMIN_KEYS" in body["message"] and "sk-plain" not in body["message"]
     level, line = plain.startup_summary()
     assert level >= 30 and "no admin key" in line and "sk-plain" not in line
     # plain_keys_role: admin restores the pre-tenant behaviour
     legacy = ApiKeyAuth.from_config(AuthConfig(enabled=True, plain_keys_role="admin", env_var="K"),
                                     env={"K": "sk-plain"})
     legacy.require_admin(legacy.identify("Bearer sk-plain"), "/v1/load_lora_adapter")
-    # auth off: everyone may
-    ApiKeyAuth(False).require_admin(None, "/v1/load_lora_adapter")
+    # an admin key beside the client keys: a client key gets admin_key_required
+    mixed = ApiKeyAuth(True, ["sk-plain"], admin_keys=["sk-admin"])
+    with pytest.raises(APIError) as ei:
+        mixed.require_admin(mixed.identify("Bearer sk-plain"), "/v1/load_lora_adapter")
+    assert (ei.value.status, ei.value.code) == (403, "admin_key_required")
+    mixed.require_admin(mixed.identify("Bearer sk-admin"), "/v1/load_lora_adapter")
     assert isinstance(_Entry(hashlib.sha256(b"x").digest(), None, "client", None), _Entry)
+
+
+def test_auth_off_admin_routes_are_off_until_an_admin_key_is_configured():
+    """Issue 24 (safe defaults): with auth off the admin routes are no longer open to everyone.
+    Without an admin key they are off (403 `admin_routes_disabled`, saying how to turn them on);
+    with one (`LLM_SERVE_ADMIN_KEYS`) they need it: 401 without a key or with a wrong one."""
+    shipped = ApiKeyAuth.from_config(AuthConfig(), env={})  # the shipped config: auth off, no keys
+    assert not shipped.enabled and not shipped.admin_routes_enabled
+    for header in (None, "Bearer anything", "Bearer sk-plain"):
+        with pytest.raises(APIError) as ei:
+            shipped.admin_identity(header, "/v1/unload_lora_adapter")
+        err = ei.value
+        assert (err.status, err.code) == (403, "admin_routes_disabled")
+        assert "LLM_SERVE_ADMIN_KEYS" in err.message and "auth is off" in err.message
+    with pytest.raises(APIError) as ei:
+        shipped.require_admin(None, "/v1/load_lora_adapter")  # an anonymous caller is no admin
+    assert ei.value.code == "admin_routes_disabled"
+    assert shipped.identify_quietly("Bearer anything") is None
+    _, line = shipped.startup_summary()
+    assert "admin routes" in line and "off" in line and "LLM_SERVE_ADMIN_KEYS" in line
+
+    admin = ApiKeyAuth.from_config(AuthConfig(), env={"LLM_SERVE_ADMIN_KEYS": "sk-admin-1, sk-admin-2"})
+    assert not admin.enabled and admin.admin_routes_enabled and admin.num_admin_keys == 2
+    assert admin.check(None) is None and admin.identify(None) is None  # the client routes stay open
+    for header, code in ((None, "missing_api_key"), ("Bearer wrong", "invalid_api_key")):
+        with pytest.raises(APIError) as ei:
+            admin.admin_identity(header, "/v1/unload_lora_adapter")
+        assert (ei.value.status, ei.value.code) == (401, code)
+    ident = admin.admin_identity("Bearer sk-admin-2", "/v1/unload_lora_adapter")
+    assert ident.is_admin and "sk-admin-2" not in repr(ident)
+    # /health's details follow the same rule: an admin key is known on the public path too
+    assert admin.identify_quietly("Bearer sk-admin-1").is_admin
+    assert admin.identify_quietly("Bearer wrong") is None and admin.identify_quietly(None) is None
+    # a structured keys file with `role: admin` turns them on as well (auth off)
+    assert ApiKeyAuth.from_config(AuthConfig(admin_env_var=None), env={"LLM_SERVE_ADMIN_KEYS": "x"}).num_admin_keys == 0
+
+
+def test_auth_off_admin_key_from_a_rotated_keys_file(tmp_path):
+    """A keys file that gains an admin key turns the admin routes on without a restart."""
+    f = tmp_path / "keys"
+    f.write_text("# no keys yet\n")
+    auth = ApiKeyAuth.from_config(AuthConfig(file=str(f), reload_interval_s=0), env={})
+    with pytest.raises(APIError) as ei:
+        auth.admin_identity("Bearer sk-ops", "/v1/load_lora_adapter")
+    assert ei.value.code == "admin_routes_disabled"
+    f.write_text("keys:\n  - {key: sk-ops, tenant: ops, role: admin}\n  - {key: sk-client, tenant: a}\n")
+    st = f.stat()
+    os.utime(f, (st.st_atime, st.st_mtime + 5))
+    assert auth.admin_identity("Bearer sk-ops", "/v1/load_lora_adapter").tenant == "ops"
+    with pytest.raises(APIError) as ei:
+        auth.admin_identity("Bearer sk-client", "/v1/load_lora_adapter")
+    assert (ei.value.status, ei.value.code) == (403, "admin_key_required")
+
+
+def _health_route(auth: ApiKeyAuth):
+    from deployments.admission.middleware import is_admin
+
+    def health(request: Request):  # what the ingress's /health decides: the details or not
+        return {"details": is_admin(request.scope, auth)}
+
+    return health
+
+
+def test_the_middleware_refuses_admin_routes_with_the_shipped_config(monkeypatch):
+    """In process, the ingress's admission middleware with configs/serve_config.yaml's `auth`
+    (off, no keys): an anonymous unload is a 403 OpenAI error before the route runs; the client
+    routes and /health stay open, /health without its details."""
+    from pathlib import Path
+
+    import yaml
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.admission.middleware import Admission, AdmissionMiddleware
+    from deployments.admission.rate_limit import RateLimiter
+    from deployments.config import ServiceConfig
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "serve_config.yaml").read_text())
+    cfg = ServiceConfig.model_validate(next(a for a in doc["applications"] if a["name"] == "llm")["args"])
+    ran = []
+    for env in ({}, {"LLM_SERVE_ADMIN_KEYS": "sk-admin"}):
+        for var in ("LLM_SERVE_API_KEYS", "LLM_SERVE_ADMIN_KEYS"):
+            monkeypatch.delenv(var, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        auth = ApiKeyAuth.from_config(cfg.auth)
+        app = FastAPI()
+        app.add_middleware(AdmissionMiddleware)
+        app.post("/v1/unload_lora_adapter")(lambda: ran.append(1) or {"ok": True})
+        app.post("/v1/completions")(lambda: {"ok": True})
+        app.get("/health")(_health_route(auth))
+        app.state.admission = Admission(auth=auth, limiter=RateLimiter([]), trusted_proxies=[],
+                                        max_request_bytes=1 << 20, public_paths=frozenset(auth.public_paths))
+        with TestClient(app) as http:
+            r = http.post("/v1/unload_lora_adapter", json={"lora_name": "news-lora"})
+            err = r.json()["error"]
+            if not env:
+                assert r.status_code == 403 and err["code"] == "admin_routes_disabled", r.text
+                assert err["type"] == "permission_error" and "LLM_SERVE_ADMIN_KEYS" in err["message"]
+            else:
+                assert r.status_code == 401 and err["code"] == "missing_api_key", r.text
+                ok = http.post("/v1/unload_lora_adapter", json={"lora_name": "x"},
+                               headers={"Authorization": "Bearer sk-admin"})
+                assert ok.status_code == 200 and ran == [1]
+            assert http.post("/v1/completions", json={}).status_code == 200  # client routes: open
+            assert http.get("/health").json() == {"details": False}
+            assert http.get("/health", headers={"Authorization": "Bearer sk-admin"}).json() == {"details": bool(env)}
 
 
 def test_keys_file_errors_name_the_problem_not_the_key(tmp_path):

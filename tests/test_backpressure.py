@@ -8,6 +8,8 @@ import time
 
 import httpx
 
+from conftest import ADMIN
+
 MODEL = "tiny-qwen3"
 BURST = 30
 CAPACITY = 3 + 10  # max_ongoing_requests + max_queued_requests of the model replica
@@ -61,7 +63,7 @@ def _wait_idle(base_url: str, timeout_s: float = 30.0) -> None:
     is a leaked slot: the gate would then refuse requests Serve could take."""
     deadline, seen = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        h = httpx.get(f"{base_url}/health", timeout=15).json()
+        h = httpx.get(f"{base_url}/health", headers=ADMIN, timeout=15).json()
         seen = (h["limits"]["admitted_in_flight"], (h.get("replica") or {}).get("num_unfinished_requests"))
         if seen == (0, 0):
             return

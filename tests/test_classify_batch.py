@@ -227,9 +227,13 @@ def test_same_labels_as_the_service_scoring(mixed_job):
     finally:
         worker.engine.shutdown()
     for g, s, w in zip(good, served, direct):
-        assert batch[g["id"]]["label"] == s["label"] == w["label"]
+        got = batch[g["id"]]
         for k in labels:
-            assert abs(batch[g["id"]]["scores"][k] - s["scores"][k]) < 1e-4
+            assert abs(got["scores"][k] - s["scores"][k]) < 1e-4
+        # the same label, or a tie within that rounding (another batch, another summation order)
+        for other in (got, w):
+            assert other["label"] == s["label"] or abs(s["scores"][other["label"]] - s["scores"][s["label"]]) < 2e-4, (
+                other, s)
 
     # The evaluation of the batch output gives the figures of the service's path.
     from scripts import eval_classifier as ev

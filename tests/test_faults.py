@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from conftest import app_args, wait_healthy
+from conftest import ADMIN, app_args, wait_healthy
 from deployments.engine import engine_core_pids
 from reliability import (
     chat_body,
@@ -290,7 +290,7 @@ def test_deadline_passes_while_queued(url):
 @pytest.mark.slow
 def test_model_replica_killed_under_load(url):
     [old_pid] = replica_pids(APP, "ModelReplica")  # GCS actor table (no dashboard needed)
-    health_pid = (httpx.get(f"{url}/health", timeout=30).json().get("replica") or {}).get("pid")
+    health_pid = (httpx.get(f"{url}/health", headers=ADMIN, timeout=30).json().get("replica") or {}).get("pid")
     assert health_pid in (None, old_pid), (health_pid, old_pid)  # /health names the same process
     old_engines = engine_core_pids(old_pid)
     old_children = descendant_pids(old_pid)
@@ -367,7 +367,7 @@ def test_engine_core_killed_inside_live_replica(url):
     async def health(c):
         t = time.monotonic()
         try:
-            r = await c.get(f"{url}/health", timeout=20)
+            r = await c.get(f"{url}/health", headers=ADMIN, timeout=20)
             replica = r.json().get("replica") or {}
             return t, r.status_code, replica.get("engine"), replica.get("pid")
         except httpx.HTTPError as exc:

@@ -5,8 +5,9 @@ limit (with and without Content-Length), invalid UTF-8, 10,000-level JSON nestin
 NaN/Infinity, thousands of messages, control-token text in user content.
 
 The module deploys its own app (`fuzz`, route prefix /fuzz): tiny generations (token cap 8),
-a 10 s deadline, a 256 KiB body limit; runtime LoRA loading stays on so the admin endpoints
-are fuzzed too (an accepted load would need a real adapter folder: none is generated).
+a 10 s deadline, a 256 KiB body limit; runtime LoRA loading stays on and every fuzzed request
+carries the app's admin key, so the admin endpoints' bodies are fuzzed too (an accepted load
+would need a real adapter folder: none is generated).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import httpx
 import pytest
 
-from conftest import app_args, wait_healthy
+from conftest import ADMIN, app_args, wait_healthy
 from reliability import is_openai_error
 
 APP = "fuzz"
@@ -34,10 +35,6 @@ POST_OPERATIONS = {  # path -> generated requests per generation mode (positive,
     "/v1/load_lora_adapter": (90, 70),
     "/v1/unload_lora_adapter": (110, 70),
 }
-CLASSIFY_BUG = (
-    "core bug (HEAD 69d514b): deployments/tokenizer.py PromptTokenizer.encode_classify calls "
-    "build_messages(text, labels) but deployments/classification.py build_messages now takes only "
-    "(text): every /v1/classify is a plain-text 500. Fix: build_messages(text)")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +98,7 @@ def test_schemathesis_fuzz_post_endpoints(url):
     assert set(ops) == set(POST_OPERATIONS), f"schema operations: {sorted(ops)}"
 
     session = requests.Session()
+    session.headers.update(ADMIN)  # the admin routes' bodies are fuzzed too (admin key: past the guard)
     seen: list[tuple[str, str, int, float]] = []
     bad: list[str] = []
     t0 = time.monotonic()
@@ -151,12 +149,7 @@ def test_schemathesis_fuzz_post_endpoints(url):
     for b in bad:
         print(f"    PROBLEM {b}")
     assert len(seen) >= 1000 and all(by_op[p] >= 100 for p in POST_OPERATIONS), by_op
-    if bad:
-        known = known_bugs(url)
-        unexplained = [b for b in bad if not any(match(b) for match, _ in known.values())]
-        if known and not unexplained:
-            pytest.xfail("; ".join(reason for _, reason in known.values()))
-        assert not unexplained, unexplained
+    assert not bad, bad
     still_serves(url)
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
 
@@ -168,36 +161,6 @@ def _is_timeout(content: bytes) -> bool:
         return json.loads(content)["error"]["code"] == "timeout"
     except (ValueError, KeyError, TypeError):
         return False
-
-
-def classify_is_broken(url: str) -> bool:
-    r = post(url, "/v1/classify", json={"model": MODEL, "input": "央行宣布降息25个基点"})
-    return r.status_code == 500
-
-
-def stop_token_ids_bug(url: str) -> bool:
-    r = post(url, "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "stop_token_ids": [5000],
-                                                 "messages": [{"role": "user", "content": "hi"}]})
-    return r.status_code == 500
-
-
-STOP_TOKEN_IDS_BUG = (
-    "core bug: vLLM 0.32's VLLMValidationError is no longer a ValueError (vllm.exceptions."
-    "VLLMClientError), so ModelReplica._outputs' `except ValueError` misses it and an out-of-vocab "
-    "stop_token_ids (or any request vLLM rejects) is a plain-text 500. Fix: in deployments/"
-    "model_replica.py catch vllm.exceptions.VLLMClientError alongside ValueError in _outputs and "
-    "_sampling_params and map it to APIError(400, param=exc.parameter)")
-
-
-def known_bugs(url: str) -> dict:
-    """Core bugs (reported) that the fuzzer runs into, when they are present: name -> (matches
-    a problem line, reason)."""
-    out = {}
-    if classify_is_broken(url):
-        out["classify"] = (lambda b: b.startswith("/v1/classify ") and " 500 " in b, CLASSIFY_BUG)
-    if stop_token_ids_bug(url):
-        out["stop_token_ids"] = (lambda b: " 500 " in b and "stop_token_ids" in b, STOP_TOKEN_IDS_BUG)
-    return out
 
 
 # ============================================================================ hand-written
@@ -237,14 +200,7 @@ def test_chunked_body_under_limit_is_served(url):
 
 
 # Python's json.loads decodes bytes with "surrogatepass": UTF-8-encoded surrogates (ED A0 80)
-# and \\ud800 escapes both reach the handlers as lone surrogates, which the tokenizer rejects.
-SURROGATE_BUG = (
-    "core bug: a lone surrogate in a completions prompt / classify input makes the tokenizer raise "
-    "(deployments/tokenizer.py encode_prompt/encode_classify have no guard), the ingress lets the "
-    "exception through and Starlette answers a plain-text 500 (deployments/errors.py registers no "
-    "handler for Exception). Fix: reject strings that are not encodable UTF-8 with a 400 in "
-    "protocol.py (validator) or in the tokenizer, and register an Exception handler that returns "
-    "errors.internal_error() as JSON")
+# and \\ud800 escapes both reach the handlers as lone surrogates: not encodable text, a 400.
 
 
 @pytest.mark.parametrize("raw", [
@@ -257,8 +213,6 @@ def test_invalid_utf8_is_400(url, raw):
     path = "/v1/completions" if b'"prompt"' in raw else "/v1/chat/completions"
     r = post(url, path, content=raw, headers={"content-type": "application/json"})
     print(f"\n[invalid UTF-8] {raw[:40]!r} -> {r.status_code} {r.text[:160]}")
-    if r.status_code >= 500 and b"\xed\xa0" in raw:
-        pytest.xfail(SURROGATE_BUG)
     assert_error(r, 400)
 
 
@@ -275,8 +229,6 @@ def test_escaped_lone_surrogate_is_400(url, path, field):
     raw = b'{"model": "tiny-qwen3", "max_tokens": 2, ' + field + b"}"
     r = post(url, path, content=raw, headers={"content-type": "application/json"})
     print(f"\n[escaped lone surrogate {path}] -> {r.status_code} {r.text[:160]}")
-    if r.status_code >= 500:
-        pytest.xfail(SURROGATE_BUG)
     assert_error(r, 400)
 
 
@@ -324,8 +276,6 @@ def test_nan_and_infinity_are_400(url, path, field, value):
 def test_out_of_vocab_stop_token_ids_is_400(url, ids):
     r = post(url, "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "stop_token_ids": ids,
                                                  "messages": [{"role": "user", "content": "hi"}]})
-    if r.status_code == 500:
-        pytest.xfail(STOP_TOKEN_IDS_BUG)
     assert_error(r, 400)
 
 
@@ -381,17 +331,9 @@ def test_lora_path_does_not_expand_environment_variables(url, lora_path):
     """A client-supplied adapter path must not be expanded with the server's environment: the
     400 message echoes the path, so an expansion would hand the client any environment value
     (API keys from LLM_SERVE_API_KEYS, credentials from the llm-serve-env Secret)."""
-    r = post(url, "/v1/load_lora_adapter", json={"lora_name": "probe", "lora_path": lora_path})
+    r = post(url, "/v1/load_lora_adapter", json={"lora_name": "probe", "lora_path": lora_path}, headers=ADMIN)
     print(f"\n[load_lora_adapter lora_path={lora_path!r}] -> {r.status_code} {r.text[:220]}")
     assert r.status_code == 400 and is_openai_error(r.json())
-    if CANARY in r.text:
-        pytest.xfail(
-            "core security bug: IngressRouter.load_lora_adapter passes the client's lora_path "
-            "through deployments/config.py resolve_path (os.path.expandvars + expanduser) and "
-            "validate_adapter_dir echoes the expanded path in its 400 message: any environment "
-            "value of the ingress leaks to the caller. Fix: do not expand client paths (use "
-            "Path(body.lora_path), require it absolute and under an allowed adapter root, "
-            "resolve() and check is_relative_to), keep resolve_path for operator config only")
     assert CANARY not in r.text
 
 

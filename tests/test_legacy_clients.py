@@ -16,7 +16,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import app_args
+from conftest import ADMIN, app_args
 
 REPO = Path(__file__).resolve().parents[1]
 TITLES = ["央行宣布下调存款准备金率", "国足客场战平对手", "新款手机发布会定于下月举行",
@@ -73,7 +73,7 @@ def test_legacy_model_id_is_listed_and_served(base_url):
 
 
 def test_legacy_health_fields(base_url):
-    r = requests.get(f"{base_url}/health", timeout=30)
+    r = requests.get(f"{base_url}/health", headers=ADMIN, timeout=30)  # our fields too: the admin view
     assert r.status_code == 200
     body = r.json()
     assert body["status"] == "healthy"  # ours by default; compat.legacy_health_status: "ok"

@@ -11,6 +11,8 @@ import httpx
 import openai
 import pytest
 
+from invariants import assert_text_of_tokens, special_tokens
+
 MODEL = "tiny-qwen3"
 ADAPTER = "news-lora"
 MESSAGES = [{"role": "user", "content": "央行宣布降息25个基点"}]
@@ -88,7 +90,9 @@ def test_chat_logprobs(client, hf_tokenizer):
                                           logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens == 6
-    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    # the text is the tokens without the special ones (`<|endoftext|>` under ignore_eos is a
+    # logprobs token, skipped in the text, as vLLM's server answers)
+    assert_text_of_tokens(resp.choices[0].message.content, [t.token for t in content], special_tokens(hf_tokenizer))
     for t in content:
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         assert t.bytes == list(t.token.encode())
@@ -100,7 +104,7 @@ def test_chat_logprobs(client, hf_tokenizer):
                                                    logprobs=True, top_logprobs=21), "top_logprobs")
 
 
-def test_chat_logprobs_streamed(client):
+def test_chat_logprobs_streamed(client, hf_tokenizer):
     stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
                                             logprobs=True, top_logprobs=2, stream=True,
                                             stream_options={"include_usage": True},
@@ -114,19 +118,26 @@ def test_chat_logprobs_streamed(client):
             if c.logprobs and c.logprobs.content:
                 tokens += c.logprobs.content
     assert len(tokens) == usage.completion_tokens == 8
-    assert "".join(t.token for t in tokens) == text
+    assert_text_of_tokens(text, [t.token for t in tokens], special_tokens(hf_tokenizer), "streamed text")
 
 
-def test_completion_logprobs_and_echo(client):
-    resp = client.completions.create(model=MODEL, prompt="央行宣布", max_tokens=5, temperature=0,
+def test_completion_logprobs_and_echo(client, hf_tokenizer):
+    prompt = "央行宣布"
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
                                      logprobs=2, echo=True, extra_body={"ignore_eos": True})
     choice = resp.choices[0]
     lp = choice.logprobs
     # the echoed prompt's tokens come first, as in OpenAI's legacy API (the first has no logprob)
-    n = len(lp.tokens) - 5
-    assert n >= 1 and len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.tokens)
-    assert "".join(lp.tokens[:n]) == "央行宣布" and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert choice.text == "".join(lp.tokens) and lp.text_offset[0] == 0 and lp.text_offset[n] == len("央行宣布")
+    prompt_tokens = [hf_tokenizer.decode([i]) for i in hf_tokenizer.encode(prompt, add_special_tokens=False)]
+    n = len(prompt_tokens)
+    assert len(lp.tokens) == n + 5 == n + resp.usage.completion_tokens
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == len(lp.tokens)
+    assert lp.tokens[:n] == prompt_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert choice.text.startswith(prompt)
+    assert_text_of_tokens(choice.text, lp.tokens, special_tokens(hf_tokenizer), "echoed text")
+    # offsets: where each token starts, the generated ones after the prompt
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len("".join(prompt_tokens))
+    assert lp.text_offset == sorted(lp.text_offset)
     # each position: the sampled token and the 2 most likely (up to 3 entries)
     assert all(tok in alts and len(alts) <= 3 for tok, alts in zip(lp.tokens[1:], lp.top_logprobs[1:]))
     streamed = client.completions.create(model=MODEL, prompt="央行宣布", max_tokens=5, temperature=0,
@@ -137,20 +148,27 @@ def test_completion_logprobs_and_echo(client):
 # ----------------------------------------------------------------------------- n
 
 
-def test_n_choices(client):
+def test_n_choices(client, hf_tokenizer):
     resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3, temperature=1.0,
                                           seed=7, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in resp.choices) == [0, 1, 2]
     assert resp.usage.completion_tokens == 12
-    stream = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, n=2, stream=True,
-                                       extra_body={"ignore_eos": True})
+    # each streamed choice adds up to its own text: the same seeded request, not streamed,
+    # gives each choice's text and tokens
+    kw = dict(model=MODEL, prompt="hi", max_tokens=4, n=2, temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    whole = client.completions.create(logprobs=0, **kw)
+    expected = {c.index: c.text for c in whole.choices}
+    assert sorted(expected) == [0, 1] and whole.usage.completion_tokens == 8
+    for c in whole.choices:
+        assert len(c.logprobs.tokens) == 4
+        assert_text_of_tokens(c.text, c.logprobs.tokens, special_tokens(hf_tokenizer), f"choice {c.index}")
     texts, finished = {0: "", 1: ""}, set()
-    for chunk in stream:
+    for chunk in client.completions.create(stream=True, **kw):
         for c in chunk.choices:
             texts[c.index] += c.text
             if c.finish_reason:
                 finished.add(c.index)
-    assert finished == {0, 1} and all(texts.values())
+    assert finished == {0, 1} and texts == expected
     refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, n=5), "n")
 
 

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from conftest import app_args, wait_healthy
+from reliability import wait_until
 
 PREFIX = "/tenants"
 MODEL = "tiny-qwen3"
@@ -71,6 +72,26 @@ def chat(client: openai.OpenAI, **extra):
 
 def h(tenant: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[tenant]}"} if tenant else {}
+
+
+def usage(tenant: str) -> dict[str, int]:
+    """The app's limiter actor's account of `tenant`: requests in flight, tokens reserved and
+    tokens charged in the last minute."""
+    import ray
+
+    from deployments.actors import DEFAULT_NAMESPACE
+
+    limiter = ray.get_actor("rate_limiter.tenants", namespace=DEFAULT_NAMESPACE)
+    return ray.get(limiter.usage.remote(f"tenant:{tenant}"), timeout=30)
+
+
+def wait_released(tenant: str, charged: int | None = None) -> dict[str, int]:
+    """Wait until the tenant's requests have ended in the limiter (the ingress releases each
+    one as its response ends, fire and forget): nothing in flight or reserved, and `charged`
+    tokens counted in the last minute when given."""
+    return wait_until(lambda: (u := usage(tenant))["in_flight"] == 0 and u["reserved_tokens"] == 0
+                      and (charged is None or u["tokens_last_minute"] == charged) and u,
+                      30, 0.1, f"tenant {tenant}'s requests released (charged {charged})")
 
 
 def test_client_key_works_and_every_answer_has_openai_rate_headers(url):
@@ -159,11 +180,11 @@ def test_token_budget_charges_usage_and_refuses_up_front(url):
     u1 = first.parse().usage.total_tokens
     assert first.headers["x-ratelimit-limit-tokens"] == "200"
     assert first.headers["x-ratelimit-remaining-tokens"] == str(200 - 8)  # its reservation
-    time.sleep(0.5)  # the usage is charged as the response ends (fire and forget)
+    wait_released("tok", u1)  # the usage is charged as the response ends (fire and forget)
     second = chat(client, max_tokens=8)
     u2 = second.parse().usage.total_tokens
     assert second.headers["x-ratelimit-remaining-tokens"] == str(200 - u1 - 8)
-    time.sleep(0.5)
+    wait_released("tok", u1 + u2)
     left = 200 - u1 - u2
     print(f"\nusage charged: {u1} + {u2} tokens; {left} left of 200")
     with pytest.raises(openai.RateLimitError) as ei:
@@ -176,7 +197,7 @@ def test_token_budget_charges_usage_and_refuses_up_front(url):
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "财经"}],
                                             max_tokens=2, stream=True, stream_options={"include_usage": True})
     u3 = [c.usage.total_tokens for c in stream if c.usage][-1]
-    time.sleep(0.5)
+    wait_released("tok", u1 + u2 + u3)
     with pytest.raises(openai.RateLimitError) as ei:
         chat(client, max_tokens=left - u3 + 1)
     assert ei.value.response.headers["x-ratelimit-remaining-tokens"] == str(left - u3)
@@ -205,5 +226,5 @@ def test_concurrency_budget(url):
     finally:
         done.set()
         t.join(120)
-    time.sleep(0.5)
+    wait_released("conc")  # the stream's slot comes back as the ingress sees it end
     assert chat(client).status_code == 200

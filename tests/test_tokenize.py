@@ -8,6 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from conftest import ADMIN
 from openai_schema import assert_valid
 
 MODEL = "tiny-qwen3"
@@ -80,7 +81,7 @@ def test_response_shape_and_token_strs(base_url, hf_tokenizer):
     out = ok(tokenize(base_url, {"prompt": "央行宣布降息"}))
     assert set(out) == {"count", "max_model_len", "tokens", "token_strs"}  # vLLM's TokenizeResponse
     assert out["token_strs"] is None
-    health = httpx.get(f"{base_url}/health", timeout=30).json()
+    health = httpx.get(f"{base_url}/health", headers=ADMIN, timeout=30).json()
     assert out["max_model_len"] == health["limits"]["max_model_len"]
     for body in ({"prompt": "央行宣布降息", "return_token_strs": True},
                  {"messages": MESSAGES, "return_token_strs": True}):

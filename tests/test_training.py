@@ -188,7 +188,23 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter: Path, tmp_path:
             la = with_adapter(input_ids=ids).logits
             lb = merged(input_ids=ids).logits
             lp = plain(input_ids=ids).logits
-        assert a.tolist() == b.tolist()
+        assert_same_greedy(with_adapter, a[0].tolist(), b[0].tolist(), ids.shape[1])
         assert torch.allclose(la, lb, atol=1e-4)
         differs |= not torch.allclose(la, lp, atol=1e-3)
     assert differs, "the adapter does not change the model"
+
+
+def assert_same_greedy(model, a: list[int], b: list[int], prompt_len: int, atol: float = 1e-3) -> None:
+    """Two greedy continuations of one prompt by models with (near) equal logits are the same
+    tokens, up to a near-tie: where they first part, `model`'s logits for the two choices are
+    within `atol` (a tie broken differently by float rounding, whatever the weights)."""
+    import torch
+
+    if a == b:
+        return
+    at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    assert prompt_len <= at < min(len(a), len(b)), (a, b)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([a[:at]])).logits[0, -1]
+    gap = abs(float(logits[a[at]] - logits[b[at]]))
+    assert gap <= atol, f"greedy continuations part at token {at - prompt_len} with a logit gap of {gap:.2e}: {a} vs {b}"

@@ -23,6 +23,9 @@ Where ours deliberately differs from vLLM's server, a test says so explicitly:
    `VLLM_ONLY_VALUES` (information ours does not give).
 7. Completions take one prompt per request (a list of prompts is a 400); limits of ours
    (`limits.max_tokens_cap`, completions `logprobs` <= 5 as OpenAI's) are not vLLM's.
+8. Chat `top_logprobs` are the most likely tokens (OpenAI's meaning); vLLM's server lists the
+   sampled token first, so a token forced by `logit_bias` displaces the most likely one.
+9. A named tool choice's arguments always follow the function's schema.
 
 vLLM's server (`conftest.vllm_server`) is started once per session, only when a module that uses
 it runs, and stopped (by pid, with everything it spawned) at the end of the session.
@@ -320,13 +323,6 @@ CASES = [
     Case("chat-choice-lora", CHAT, chat(model=ADAPTER, max_tokens=20, logprobs=True,
                                         structured_outputs={"choice": LABELS})),
     Case("chat-logit_bias", CHAT, chat(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=True), (False,)),
-    Case("chat-logit_bias-top_logprobs", CHAT,
-         chat(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=True, top_logprobs=1), (False,),
-         (pytest.mark.xfail(strict=True, reason=(
-             "vLLM's chat top_logprobs are the engine's logprobs dict in its order: the sampled token "
-             "first, then the most likely ones, cut at top_logprobs — so a token forced by logit_bias "
-             "displaces the most likely one. Ours lists the top_logprobs most likely tokens, OpenAI's "
-             "meaning of chat top_logprobs. Without logit_bias, greedy, both agree (chat-logprobs).")),)),
     # completions
     Case("completion-plain", COMPLETIONS, completion(max_tokens=8, ignore_eos=True)),
     Case("completion-stop", COMPLETIONS, completion(max_tokens=8, ignore_eos=True, stop=["银行"])),
@@ -373,6 +369,32 @@ def test_same_answer(base_url, vllm_server, case: Case, stream: bool):
     if case.path == CHAT and not stream:
         message = ours.body["choices"][0]["message"]
         assert "refusal" in message and message["refusal"] is None  # OpenAI's schema (vLLM 0.32 too)
+
+
+def test_chat_top_logprobs_with_logit_bias(base_url, vllm_server):
+    """Deliberate difference (8): vLLM's chat `top_logprobs` are the first `top_logprobs` entries
+    of the engine's logprobs dict, the sampled token first (vLLM 0.32,
+    vllm/entrypoints/openai/chat_completion/serving.py `_get_top_logprobs`), so a token forced
+    by logit_bias displaces the most likely one; ours lists the most likely tokens, OpenAI's
+    meaning. Both report raw log-probabilities (before the bias), and agree on everything else.
+    Without logit_bias, greedy, the sampled token is the most likely: the same (chat-logprobs)."""
+    body = resolve(chat(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=True, top_logprobs=1))
+    forced = tokenizer().decode([int(next(iter(body["logit_bias"])))])
+    ours, theirs = both(base_url, vllm_server, CHAT, body)
+    ctx = f"\nours: {ours.dump()}\nvLLM: {theirs.dump()}"
+    assert ours.status == theirs.status == 200, ctx
+    o, t = (r.body["choices"][0]["logprobs"]["content"] for r in (ours, theirs))
+    assert [x["token"] for x in o] == [x["token"] for x in t] == [forced, forced], ctx
+    for a, b in zip(o, t):
+        assert abs(a["logprob"] - b["logprob"]) <= LOGPROB_TOL, ctx
+        assert [x["token"] for x in b["top_logprobs"]] == [forced], ctx  # vLLM: the sampled token
+        [top] = a["top_logprobs"]  # ours: the most likely one, at least as likely as the forced token
+        assert top["logprob"] >= a["logprob"] - LOGPROB_TOL, ctx
+    # ours' first position is the most likely token the unbiased request sees (the same raw logprobs)
+    plain = call(base_url, CHAT, chat(max_tokens=1, logprobs=True, top_logprobs=1))
+    [want] = plain.body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    [got] = o[0]["top_logprobs"]
+    assert got["token"] == want["token"] and abs(got["logprob"] - want["logprob"]) <= LOGPROB_TOL, ctx
 
 
 def test_stream_without_usage(base_url, vllm_server):

@@ -50,6 +50,7 @@ from deployments.api.errors import APIError
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_ENV_VAR = "LLM_SERVE_API_KEYS"
+DEFAULT_ADMIN_ENV_VAR = "LLM_SERVE_ADMIN_KEYS"
 
 Role = Literal["client", "admin"]
 ROLES = ("client", "admin")
@@ -89,8 +90,16 @@ class AuthConfig(BaseModel):
     )
     admin_paths: list[str] = Field(
         default_factory=lambda: ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"],
-        description="Paths that change the service: with auth on they need an admin key "
-        "(403 `admin_key_required` for a client key, 401 without a key).",
+        description="Paths that change the service. With auth on or off they are off (403 "
+        "`admin_routes_disabled`) until an admin key is configured (`admin_env_var`, `role: admin` "
+        "in `file`, or `plain_keys_role: admin`); then they need one (401 without a key, 403 "
+        "`admin_key_required` for a client key).",
+    )
+    admin_env_var: str | None = Field(
+        DEFAULT_ADMIN_ENV_VAR,
+        description="Environment variable holding admin keys, comma- or whitespace-separated: each "
+        "may use `admin_paths` and see `/health`'s details, whether `enabled` is on or off (each its "
+        "own tenant). The simplest way to turn the admin routes on for `make run`.",
     )
 
 
@@ -252,18 +261,22 @@ class ApiKeyAuth:
         public_paths: list[str] | None = None,
         plain_keys_role: str = "client",
         admin_paths: list[str] | None = None,
+        admin_keys: list[str] | None = None,
     ):
         self.enabled = enabled
         self.file = file
         self.reload_interval_s = reload_interval_s
         self.public_paths = tuple(public_paths or ())
         self.admin_paths = frozenset(
-            admin_paths if admin_paths is not None else AuthConfig.model_fields["admin_paths"].default_factory()
+            admin_paths
+            if admin_paths is not None
+            else AuthConfig.model_fields["admin_paths"].get_default(call_default_factory=True)
         )
         if plain_keys_role not in ROLES:
             raise ValueError(f"plain_keys_role must be one of {ROLES}")
         self.plain_keys_role = plain_keys_role
         self._static = _plain_entries(list(keys or []) + list(env_keys or []), plain_keys_role)
+        self._static += _plain_entries(list(admin_keys or []), "admin")
         self._file_entries: list[_Entry] = []
         self.file_structured = False
         self._file_stamp: tuple[float, int] | None = None
@@ -289,13 +302,15 @@ class ApiKeyAuth:
     ) -> ApiKeyAuth:
         """From the config fields (or an `AuthConfig` as the first argument)."""
         plain_role, admin_paths = "client", None
+        admin_var: str | None = DEFAULT_ADMIN_ENV_VAR
         if isinstance(enabled, AuthConfig):
             c = enabled
             enabled, env_var, file = c.enabled, c.env_var, c.file
             reload_interval_s, public_paths = c.reload_interval_s, c.public_paths
-            plain_role, admin_paths = c.plain_keys_role, c.admin_paths
+            plain_role, admin_paths, admin_var = c.plain_keys_role, c.admin_paths, c.admin_env_var
         env = os.environ if env is None else env
         env_keys = parse_keys(env.get(env_var, "")) if env_var else []
+        admin_keys = parse_keys(env.get(admin_var, "")) if admin_var else []
         return cls(
             bool(enabled),
             env_keys=env_keys,
@@ -304,6 +319,7 @@ class ApiKeyAuth:
             public_paths=public_paths if public_paths is not None else ["/health"],
             plain_keys_role=plain_role,
             admin_paths=admin_paths,
+            admin_keys=admin_keys,
         )
 
     # ------------------------------------------------------------------ keys
@@ -322,11 +338,22 @@ class ApiKeyAuth:
     def num_admin_keys(self) -> int:
         return len({e.digest for e in self._entries() if e.role == "admin"})
 
+    @property
+    def admin_routes_enabled(self) -> bool:
+        """The admin routes are served (to admin keys) only once some admin key is configured."""
+        return self.num_admin_keys > 0
+
     def startup_summary(self) -> tuple[int, str]:
         """(log level, line) for the ingress's start: key and tenant counts, and a warning
         when auth is on without any admin key (the admin routes then answer 403 to everyone)."""
         if not self.enabled:
-            return logging.INFO, "auth off: every route is open, admin routes included"
+            admin = ", ".join(sorted(self.admin_paths))
+            if not self.num_admin_keys:
+                return logging.INFO, (
+                    f"auth off: client routes open; admin routes ({admin}) off: no admin key is "
+                    f"configured (set {DEFAULT_ADMIN_ENV_VAR}, docs/security.md)"
+                )
+            return logging.INFO, f"auth off: client routes open; admin routes ({admin}) for admin keys only"
         tenants = {e.tenant for e in self._entries() if e.tenant is not None}
         line = (
             f"auth on: {self.num_keys} keys ({self.num_admin_keys} admin), "
@@ -415,7 +442,9 @@ class ApiKeyAuth:
         if not self.enabled:
             return None
         self._maybe_reload()
-        token = self._token(authorization)
+        return self._identity(self._token(authorization))
+
+    def _identity(self, token: str) -> Identity:
         entry = self._lookup(token)
         if entry is None:
             raise unauthorized("Incorrect API key provided.")
@@ -428,28 +457,56 @@ class ApiKeyAuth:
         )
 
     def identify_quietly(self, authorization: str | None) -> Identity | None:
-        """For public paths: the identity when a valid key came, else None (never raises)."""
-        if not self.enabled or not authorization:
+        """For public paths: the identity when a valid key came, else None (never raises). With
+        auth off too: an admin key still shows `/health`'s details."""
+        if not authorization:
             return None
+        self._maybe_reload()
         try:
-            return self.identify(authorization)
+            return self._identity(self._token(authorization))
         except APIError:
             return None
 
+    def admin_identity(self, authorization: str | None, path: str) -> Identity:
+        """The admin key's identity for an admin route (`admin_paths`), with auth on or off: 403
+        `admin_routes_disabled` while no admin key is configured, 401 without a (valid) key, 403
+        `admin_key_required` for a client key."""
+        self._maybe_reload()  # a keys file that gains an admin key turns the routes on
+        if not self.num_admin_keys:
+            raise admin_routes_disabled(path, self.enabled)
+        ident = self._identity(self._token(authorization))
+        self.require_admin(ident, path)
+        return ident
+
     def require_admin(self, identity: Identity | None, path: str) -> None:
-        """403 unless `identity` is an admin (auth off: everyone is)."""
-        if not self.enabled or (identity is not None and identity.is_admin):
+        """403 unless `identity` is an admin key's (with auth off too: an anonymous caller is no
+        admin)."""
+        if identity is not None and identity.is_admin:
             return
         if not self.num_admin_keys:
-            msg = (
-                f"{path} needs an admin API key and none is configured: every key is a client "
-                "key (plain key lists are clients, auth.plain_keys_role). Add "
-                "`{key: <key>, tenant: <name>, role: admin}` to the keys file (docs/security.md)."
-            )
-        else:
-            msg = f"{path} needs an admin API key; this key's role is client."
-        raise admin_required(msg)
+            raise admin_routes_disabled(path, self.enabled)
+        if identity is None:
+            raise unauthorized(f"{path} needs an admin API key: send it as `Authorization: Bearer <key>`.")
+        raise admin_required(f"{path} needs an admin API key; this key's role is client.")
 
 
 def admin_required(message: str) -> APIError:
     return APIError(403, message, code="admin_key_required")
+
+
+def admin_routes_disabled(path: str, auth_enabled: bool) -> APIError:
+    """The admin routes while no admin key is configured: off, with how to turn them on."""
+    keys = (
+        "every key is a client key (plain key lists are clients, auth.plain_keys_role)"
+        if auth_enabled
+        else "auth is off, so no caller is known to be an admin"
+    )
+    return APIError(
+        403,
+        f"{path} is turned off: it changes the service and needs an admin API key, and none is "
+        f"configured ({keys}). To turn it on, give the ingress an admin key — "
+        f"`{DEFAULT_ADMIN_ENV_VAR}=<key>` (auth.admin_env_var), or "
+        "`{key: <key>, tenant: <name>, role: admin}` in the keys file (auth.file) — and send "
+        "`Authorization: Bearer <key>` (docs/security.md).",
+        code="admin_routes_disabled",
+    )

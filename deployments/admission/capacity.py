@@ -170,6 +170,7 @@ class ModelCapacity:
         """The waiting places a newcomer may take (worst first), or None: it is refused."""
         if self.running_limit is None or not self.fair or not self._unsent:
             return None
+        assert self.limit is not None  # a running limit is only set with a limit
         mine = ((self._held.get(tenant, 0) + weight) / max(1, fair), priority, float("inf"))
         victims, room = [], self.limit - self.in_flight
         for slot in sorted(self._unsent.values(), key=self._key, reverse=True):
@@ -218,6 +219,7 @@ class ModelCapacity:
         return found
 
     def _may_send(self, slot: Slot, now: float) -> bool:
+        assert self.running_limit is not None  # a reserve is only kept with a running limit
         return (
             not self.reserve
             or self._running_by.get(slot.tenant, 0) + slot.weight <= self.running_limit - self.reserve
@@ -226,6 +228,8 @@ class ModelCapacity:
 
     def _dispatch(self) -> None:
         """Send the best waiting requests while the model has room."""
+        if self.running_limit is None:  # no queue here: nothing ever waits
+            return
         now = time.monotonic() if self.reserve else 0.0
         while self._ready and (self.running < self.running_limit):
             ready = self._ready if not self.reserve else [s for s in self._ready if self._may_send(s, now)]
@@ -322,19 +326,31 @@ async def watch_model_replicas(gate: ModelCapacity, deployment: str = "ModelRepl
 
 
 @functools.cache
-def _backpressure_types() -> tuple[type, ...]:
+def _backpressure_types() -> tuple[type[BaseException], ...]:
     from ray.serve.exceptions import BackPressureError
 
     return (BackPressureError,)
 
 
 @functools.cache
-def unavailable_types() -> tuple[type, ...]:
+def unavailable_types() -> tuple[type[BaseException], ...]:
     """What a call to a deployment raises when its replica died or none is reachable."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
     from ray.serve.exceptions import DeploymentUnavailableError
 
     return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
+async def dependency_call(awaitable: Awaitable[Any], what: str, retry_after_s: float = 1) -> Any:
+    """Await a call to a part of the service other than the model (the tokenizer deployment,
+    the adapter registry): its replica dead or being replaced is a 503 with `Retry-After`
+    (`errors.dependency_unavailable`), never a 500. The request's own deadline still bounds
+    the wait (Serve holds a call while no replica runs)."""
+    try:
+        return await awaitable
+    except unavailable_types() as exc:
+        logger.warning("%s unavailable: %s: %s", what, type(exc).__name__, exc)
+        raise errors.dependency_unavailable(what, max(1, round(retry_after_s))) from None
 
 
 class ModelCalls:

@@ -60,9 +60,10 @@ def identity_of(scope) -> Identity | None:
 
 
 def is_admin(scope, auth: ApiKeyAuth) -> bool:
-    """Auth off: everyone; on: an admin key."""
+    """The request carried an admin key — with auth on or off (as the admin routes: with auth
+    off an anonymous caller is no admin, so `/health`'s details need an admin key too)."""
     ident = identity_of(scope)
-    return not auth.enabled or (ident is not None and ident.is_admin)
+    return ident is not None and ident.is_admin
 
 
 class AdmissionMiddleware:
@@ -93,11 +94,12 @@ class AdmissionMiddleware:
                     f"Request body of {length} bytes is over the limit of {adm.max_request_bytes} bytes.",
                     code="request_too_large",
                 )
-            ident = adm.auth.identify(headers.get("authorization"))
+            if path in adm.auth.admin_paths:  # on every bind, auth on or off: an admin key, or 401/403
+                ident = adm.auth.admin_identity(headers.get("authorization"), path)
+            else:
+                ident = adm.auth.identify(headers.get("authorization"))
             if ident is not None:
                 scope.setdefault("state", {})["identity"] = ident
-            if path in adm.auth.admin_paths:
-                adm.auth.require_admin(ident, path)
             if budgeted:
                 if ident is not None:  # plain keys are tenants "key:<digest prefix>"
                     ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
@@ -145,7 +147,7 @@ class AdmissionMiddleware:
         ):
             try:
                 receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
-                exc = (
+                refusal = (
                     None
                     if receive is not None
                     else APIError(
@@ -155,13 +157,15 @@ class AdmissionMiddleware:
                     )
                 )
             except TimeoutError:
-                exc = body_timed_out(adm.body_timeout_s)
-            if exc is not None:
+                refusal = body_timed_out(adm.body_timeout_s)
+            if refusal is not None:
                 if adm.stats is not None:
-                    adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
+                    adm.stats.record_rejection(
+                        path if path in RATE_LIMITED_PATHS else "other", refusal.status, refusal.code
+                    )
                 if lease:
                     adm.limiter.release(lease, 0)
-                return await exc.response()(scope, _no_body, send)
+                return await refusal.response()(scope, _no_body, send)
         if not extra_headers and not lease:
             return await self.app(scope, receive, send)
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()]
@@ -178,6 +182,7 @@ class AdmissionMiddleware:
 
         if lease is None:
             return await self.app(scope, receive, send_with_headers)
+        assert meter is not None  # made with the lease
         try:
             return await self.app(scope, receive, send_with_headers)
         finally:

@@ -27,20 +27,23 @@ Environment overrides read once at start (``effective_limits``): ``RATE_LIMIT_PE
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ipaddress
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.actors import DEFAULT_NAMESPACE, actor_failure_types, get_or_create_actor
+from deployments.actors import DEFAULT_NAMESPACE, ActorState, actor_failure_types, get_or_create_actor
 
 logger = logging.getLogger("ray.serve")
 
@@ -218,6 +221,7 @@ class RateDecision:
     concurrency_limit: int = 0
     lease: str | None = None  # to give back with `RateLimiter.release` when the request ends
     never_fits: bool = False  # the request's max_tokens is over the whole per-minute budget
+    epoch: str = ""  # the limiter actor incarnation that decided (a new one: it restarted)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,17 +255,45 @@ class _Lease:
     counted_tokens: bool
 
 
+def _locked(method: Callable) -> Callable:
+    """Run an actor method under the actor's lock and mark its state changed (the snapshot
+    thread exports under the same lock)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        with self._mutex:
+            self._mutations += 1
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 # --------------------------------------------------------------------------- the actor
 
 
 class RateLimiterActor:
     """Moving-window limits for many keys, all windows checked together. Plain class: create
-    it with :func:`get_or_create_actor` (``ray.remote`` + named, detached, ``num_cpus=0``)."""
+    it with :func:`get_or_create_actor` (``ray.remote`` + named, detached, ``num_cpus=0``).
 
-    def __init__(self, windows: Iterable[RateWindow | tuple[int, int]] | None = None):
+    Survives its own restart (``max_restarts=-1``): its configuration, windows, token logs,
+    leases and counters are saved to Ray's GCS KV store (`ActorState`) at once on
+    `configure` and otherwise every `SNAPSHOT_INTERVAL_S` while they change, and a restarted
+    incarnation loads them (what changed in the last interval before the crash is lost: a
+    few requests less counted, leases taken then expire). Lease ids carry the incarnation's
+    random id, so a release of a lease the crash lost matches nothing."""
+
+    SNAPSHOT_INTERVAL_S = 1.0
+
+    def __init__(
+        self, windows: Iterable[RateWindow | tuple[int, int]] | None = None, snapshot_interval_s: float | None = None
+    ):
         from limits.storage import MemoryStorage
         from limits.strategies import MovingWindowRateLimiter
 
+        self._mutex = threading.RLock()
+        self._mutations = 0  # state changes so far (the snapshot thread saves when it moved)
+        self._exported = 0
+        self._state = ActorState("rate_limiter")
         self._storage = MemoryStorage()
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._windows: list[RateWindow] = []
@@ -278,13 +310,90 @@ class RateLimiterActor:
         self._weights: dict[str, int] = {}
         self._lease_seq = 0
         self._next_reap = 0.0
-        self.configure(list(windows) if windows is not None else make_windows(10, 100))
+        self.configure(list(windows) if windows is not None else make_windows(10, 100), _save=False)
+        saved = self._state.load()
+        if saved is not None:
+            self._restore(saved)
+        self._state.start(self._export, snapshot_interval_s or self.SNAPSHOT_INTERVAL_S)
 
+    @_locked
     def configure(
-        self, windows: Iterable[RateWindow | tuple[int, int]], cluster: ClusterBudget | Mapping[str, Any] | None = None
+        self,
+        windows: Iterable[RateWindow | tuple[int, int]],
+        cluster: ClusterBudget | Mapping[str, Any] | None = None,
+        _save: bool = True,
     ) -> list[dict[str, Any]]:
         """Replace the window set (and the cluster-wide budgets). Windows whose (limit, period)
-        are unchanged keep their state (the ``limits`` storage key depends only on those)."""
+        are unchanged keep their state (the ``limits`` storage key depends only on those).
+        Saved at once: a restart right after a deploy keeps that deploy's budgets."""
+        out = self._configure(windows, cluster)
+        if _save:
+            self._state.save_now(self._export(force=True))
+        return out
+
+    def epoch(self) -> str:
+        """This incarnation's random id (changes when Ray restarts the actor)."""
+        return self._state.incarnation
+
+    def state(self) -> dict[str, Any]:
+        """Incarnation and snapshot report, and whether changes wait for the next snapshot."""
+        with self._mutex:
+            return {**self._state.report(), "unsaved_changes": self._mutations != self._exported}
+
+    # ------------------------------------------------------------------ snapshot (GCS KV)
+
+    def _export(self, force: bool = False) -> dict[str, Any] | None:
+        """Everything a restarted incarnation needs, JSON-able; None when unchanged."""
+        with self._mutex:
+            if not force and self._mutations == self._exported:
+                return None
+            now = time.time()
+            events = {}
+            for key, entries in list(self._storage.events.items()):
+                live = [(e.atime, e.expiry) for e in list(entries) if e.expiry > now]
+                if live:
+                    events[key] = live
+            snapshot = {
+                "version": 1,
+                "windows": [asdict(w) for w in self._windows],
+                "cluster": self._cluster.model_dump(),
+                "events": events,
+                "token_log": {k: list(v) for k, v in self._token_log.items() if v},
+                "reserved": dict(self._reserved),
+                "inflight": dict(self._inflight),
+                "weights": dict(self._weights),
+                "leases": {k: asdict(v) for k, v in self._leases.items() if v.expires > now},
+                "allowed_total": self.allowed_total,
+                "rejected_total": self.rejected_total,
+            }
+            self._exported = self._mutations
+            return snapshot
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        from limits.storage.memory import Entry
+
+        with self._mutex:
+            if saved.get("version") != 1:
+                return
+            self._configure([RateWindow(**w) for w in saved["windows"]], saved["cluster"])
+            for key, entries in saved.get("events", {}).items():
+                restored = []
+                for atime, expiry in entries:  # newest first, as the storage keeps them
+                    e = Entry.__new__(Entry)
+                    e.atime, e.expiry = float(atime), float(expiry)
+                    restored.append(e)
+                self._storage.events[key] = restored
+            self._token_log = {k: deque((float(t), int(n)) for t, n in v) for k, v in saved["token_log"].items()}
+            self._reserved = {k: int(v) for k, v in saved["reserved"].items()}
+            self._inflight = {k: int(v) for k, v in saved["inflight"].items()}
+            self._weights = {k: int(v) for k, v in saved["weights"].items()}
+            self._leases = {k: _Lease(**v) for k, v in saved["leases"].items()}
+            self.allowed_total = int(saved.get("allowed_total", 0))
+            self.rejected_total = int(saved.get("rejected_total", 0))
+
+    def _configure(
+        self, windows: Iterable[RateWindow | tuple[int, int]], cluster: ClusterBudget | Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         ws = [w if isinstance(w, RateWindow) else RateWindow(int(w[0]), int(w[1])) for w in windows]
         for w in ws:
             if w.limit < 1 or w.period_s < 1:
@@ -353,9 +462,11 @@ class RateLimiterActor:
             period_s=60,
             reason=reason,
             scope=scope,
+            epoch=self._state.incarnation,
             **extra,
         )
 
+    @_locked
     def admit(self, spec: AdmitSpec) -> RateDecision:
         """Admit one request when every budget of its client and of the cluster has room —
         request windows, concurrency, tokens (`reserve_tokens` must fit what is left) — and
@@ -388,6 +499,7 @@ class RateLimiterActor:
                 reason="requests",
                 scope=scope,
                 windows=details,
+                epoch=self._state.incarnation,
             )
         for key, limit, scope in (
             (spec.key, spec.max_concurrent, "client"),
@@ -464,7 +576,7 @@ class RateLimiterActor:
             self._weights[spec.key] = max(1, spec.weight)
             decision.concurrency_limit = min(concurrency) if concurrency else 0
             self._lease_seq += 1
-            lease_id = f"{self._lease_seq:x}"
+            lease_id = f"{self._state.incarnation}-{self._lease_seq:x}"  # unique across restarts
             self._leases[lease_id] = _Lease(
                 spec.key, spec.reserve_tokens if token_budgets else 0, now + spec.ttl_s, bool(token_budgets)
             )
@@ -473,6 +585,7 @@ class RateLimiterActor:
                 if token_budgets:
                     self._reserved[key] = self._reserved.get(key, 0) + spec.reserve_tokens
             decision.lease = lease_id
+        decision.epoch = self._state.incarnation
         return decision
 
     def _over_fair_share(self, spec: AdmitSpec) -> int | None:
@@ -488,6 +601,7 @@ class RateLimiterActor:
         held = self._inflight.get(spec.key, 0)
         return max(1, math.floor(share)) if held >= share else None
 
+    @_locked
     def release(self, lease_id: str, tokens: int | None) -> bool:
         """A request ended: give back its concurrency slot and its reservation, and charge the
         tokens it used (its response's usage; None: unknown, the reservation is charged)."""
@@ -538,6 +652,7 @@ class RateLimiterActor:
     def windows(self) -> list[dict[str, Any]]:
         return [asdict(w) for w in self._windows]
 
+    @_locked
     def hit(self, key: str) -> RateDecision:
         """Count one request for `key` when every window has room; otherwise reject, consuming
         nothing."""
@@ -600,6 +715,7 @@ class RateLimiterActor:
         """Window state for `key` without counting anything (tests, debugging)."""
         return self._details(key, time.time())
 
+    @_locked
     def reset(self, key: str | None = None) -> None:
         """Forget one key's history, or every key's."""
         if key is None:
@@ -647,9 +763,11 @@ class RateLimiter:
         self.timeout_s = timeout_s
         self.fail_open = fail_open
         self.pin_to_head = pin_to_head
-        self._handle = None
+        self._handle: Any = None  # the Ray actor handle, once resolved
         self._configured = False
-        self._lock: asyncio.Lock | None = None
+        self._connecting: asyncio.Task | None = None  # resolving + configuring, shared
+        self._epoch: str | None = None  # the actor incarnation configured
+        self._late_calls: set[asyncio.Future] = set()  # admits answered past their deadline
         self._last_warning = 0.0
 
     @classmethod
@@ -755,22 +873,35 @@ class RateLimiter:
         await asyncio.wait_for(self._actor(configure_timeout_s=timeout_s), timeout_s)
 
     async def _actor(self, configure_timeout_s: float | None = None):
+        """The configured handle. Resolving and configuring run as one task shared by every
+        caller, which a caller's deadline does not cancel (shielded): a request that gives up
+        after `timeout_s` leaves it running, and the next request finds the actor ready."""
         if self._handle is not None and self._configured:
             return self._handle
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
+        task = self._connecting
+        if task is None or task.done():
+            task = self._connecting = asyncio.get_running_loop().create_task(self._connect(configure_timeout_s))
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _connect(self, configure_timeout_s: float | None):
+        try:
             if self._handle is None:
                 self._handle = await asyncio.to_thread(self._resolve)
                 self._configured = False
-            if not self._configured:
-                # An existing actor (other replicas, an earlier deploy) takes this deploy's
-                # windows. The first call also waits for a new actor's process to start.
-                await asyncio.wait_for(
-                    _aw(self._handle.configure.remote(self.windows, self.cluster)),
-                    configure_timeout_s or max(10.0, self.timeout_s * 5),
-                )
-                self._configured = True
+            limit = configure_timeout_s or max(10.0, self.timeout_s * 5)
+            # The incarnation first: a restart after it shows in the next decision's epoch.
+            # The first call also waits for a new actor's process to start.
+            # (An actor of an older release, which kept running through an in-place upgrade,
+            # has no `epoch`: no restart detection then, as before.)
+            method = getattr(self._handle, "epoch", None)
+            epoch = await asyncio.wait_for(_aw(method.remote()), limit) if method is not None else None
+            # An existing actor (other replicas, an earlier deploy) takes this deploy's budgets.
+            await asyncio.wait_for(_aw(self._handle.configure.remote(self.windows, self.cluster)), limit)
+        except BaseException:
+            self._handle, self._configured = None, False  # re-resolve next time
+            raise
+        self._epoch, self._configured = epoch, True
         return self._handle
 
     async def check(self, key: str, identity: Any = None, reserve_tokens: int = 0) -> RateDecision:
@@ -783,11 +914,21 @@ class RateLimiter:
 
     async def admit(self, spec: AdmitSpec) -> RateDecision:
         """Ask the shared actor to admit one request (`RateLimiterActor.admit`); never raises
-        for limiter trouble (fail open or closed)."""
+        for limiter trouble (fail open or closed). Everything — finding the actor, configuring
+        it, its answer — within `timeout_s`. An answer that comes after that has its lease
+        given back at once (the request went on without it), so a slow or restarting actor
+        never leaves phantom requests in flight."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        call: asyncio.Future | None = None
         try:
-            handle = await self._actor()
-            return await asyncio.wait_for(_aw(handle.admit.remote(spec)), self.timeout_s)
+            handle = await asyncio.wait_for(self._actor(), self.timeout_s)
+            call = asyncio.ensure_future(_aw(handle.admit.remote(spec)))
+            decision = await asyncio.wait_for(asyncio.shield(call), max(0.0, deadline - loop.time()))
         except TimeoutError as exc:
+            if call is not None:
+                self._late_calls.add(call)
+                call.add_done_callback(self._release_late)
             return self._degraded(exc)
         except actor_failure_types() as exc:
             self._handle, self._configured = None, False  # re-resolve next time (restarted actor)
@@ -795,6 +936,20 @@ class RateLimiter:
         except Exception as exc:
             self._handle, self._configured = None, False
             return self._degraded(exc)
+        if decision.epoch and self._epoch and decision.epoch != self._epoch:
+            # Ray restarted the actor: it restored its snapshot; push this deploy's budgets
+            # again anyway (cheap, and right even if the snapshot could not be read).
+            logger.warning("rate limiter actor restarted (%s → %s); configuring it again", self._epoch, decision.epoch)
+            self._epoch, self._configured = decision.epoch, False
+        return decision
+
+    def _release_late(self, call: asyncio.Future) -> None:
+        self._late_calls.discard(call)
+        if call.cancelled() or call.exception() is not None:
+            return
+        lease = getattr(call.result(), "lease", None)
+        if lease:
+            self.release(lease, 0)
 
     def release(self, lease: str | None, tokens: int | None) -> None:
         """Give a lease back (fire and forget: the response is not held for it). A lost call
@@ -865,6 +1020,12 @@ def openai_duration(seconds: float) -> str:
 
 async def _aw(ref):
     return await ref
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Done callback: mark a shared task's exception as seen (its callers got it)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def rate_limited_error(decision: RateDecision):

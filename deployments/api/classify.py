@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from deployments.admission.capacity import ModelCalls
+from deployments.admission.capacity import ModelCalls, dependency_call
 from deployments.api import errors
 from deployments.api.generation import request_id
 from deployments.api.models import ModelDirectory
@@ -82,7 +82,7 @@ class ServingClassify:
             texts, labels = check_classify(body, self.cfg, self.label_set)
             slot = self.calls.admit()
             async with asyncio.timeout(self.limits.request_timeout_s):
-                enc = await self.tokenizer.encode_classify.remote(texts, labels)
+                enc = await dependency_call(self.tokenizer.encode_classify.remote(texts, labels), "tokenizer")
                 trace.tokenized(sum(len(p) for p in enc.prompts))
                 trace.dispatched()
                 unary, _ = self.models.handles(mux)

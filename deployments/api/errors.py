@@ -108,6 +108,26 @@ def engine_unavailable(message: str = "The model engine is not available.") -> A
     return APIError(503, message, code="engine_unavailable", headers={"Retry-After": "5"})
 
 
+def dependency_unavailable(what: str = "service", retry_after_s: int = 1) -> APIError:
+    """A part of the service a request needs (`what`: "tokenizer", "adapter registry", …) died
+    or cannot be reached — its replica is being replaced, its actor restarted: 503 with
+    `Retry-After`, code `<what>_unavailable`, never a 500."""
+    return APIError(
+        503,
+        f"The {what} is briefly unavailable (it is being restarted); retry.",
+        code=what.replace(" ", "_") + "_unavailable",
+        headers={"Retry-After": str(max(1, retry_after_s))},
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means a Ray actor or Serve deployment is gone or unreachable (dead,
+    restarting, no replica) rather than a bug: a 503, not a 500."""
+    from deployments.admission.capacity import unavailable_types
+
+    return isinstance(exc, unavailable_types())
+
+
 def timed_out(timeout_s: float) -> APIError:
     return APIError(
         504,
@@ -116,11 +136,13 @@ def timed_out(timeout_s: float) -> APIError:
     )
 
 
-def body_timed_out(timeout_s: float) -> APIError:
+def body_timed_out(timeout_s: float | None) -> APIError:
     """A request whose body did not arrive in time (a slow or stalled client): 408, closed."""
     return APIError(
         408,
-        f"The request body did not arrive within {timeout_s:g} s.",
+        f"The request body did not arrive within {timeout_s:g} s."
+        if timeout_s is not None
+        else "The request body did not arrive in time.",
         code="request_timeout",
         headers={"Connection": "close"},
     )
@@ -135,7 +157,7 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-p
 
 def _loc_to_param(loc: tuple | list) -> str | None:
     """FastAPI/pydantic error location → OpenAI `param` (dotted; union-member tags dropped)."""
-    parts = []
+    parts: list[str] = []
     for p in loc:
         p = str(p)
         if p in ("body", "query", "path") and not parts:
@@ -189,6 +211,10 @@ def install_exception_handlers(app) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if is_unavailable(exc):  # a dependency no call site mapped (RayActorError re-raised)
+            err = dependency_unavailable()
+            record(request, err.status, err.code)
+            return err.response()
         record(request, 500, "internal_error")
         return internal_error().response()
 

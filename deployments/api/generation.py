@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.admission.capacity import ModelCalls, engine_priority, unavailable_types
+from deployments.admission.capacity import ModelCalls, dependency_call, engine_priority, unavailable_types
 from deployments.api import errors, sse, tools
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
@@ -113,6 +113,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
                 "tool_choice forces a tool call; it cannot be combined with response_format or structured_outputs.",
                 "tool_choice",
             )
+        assert body.tools  # tools.check: a forced tool_choice needs tools
         structured = {"json": tools.forced_schema(body.tools, body.tool_choice, body.parallel_tool_calls)}
     if structured is not None:
         s["structured_outputs"] = structured  # compact JSON: engine.structured_outputs
@@ -173,11 +174,13 @@ class ServingGeneration:
             max_tokens, encode = prepare()
             slot = self.calls.admit(body.n, body.priority)  # n choices: n engine sequences
             async with asyncio.timeout(timeout):
-                enc = await encode()
+                enc = await dependency_call(encode(), "tokenizer")
                 echo = await self._echo_text(body)
                 trace.tokenized(len(enc.token_ids))
                 parse = None
-                if chat and (self.reasoning or tools.parsed(body.tools, body.tool_choice)):
+                if isinstance(body, ChatCompletionRequest) and (
+                    self.reasoning or tools.parsed(body.tools, body.tool_choice)
+                ):
                     parse = tools.parse_spec(
                         body.tools,
                         body.tool_choice,
@@ -230,7 +233,7 @@ class ServingGeneration:
             body.n,
             body.num_logprobs() is not None,
             echo,
-            body.tool_choice if chat and tools.forced(body.tool_choice) else None,
+            body.tool_choice if isinstance(body, ChatCompletionRequest) and tools.forced(body.tool_choice) else None,
         )
         events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
         weakref.finalize(events, slot.release)  # also when the stream is never iterated
@@ -242,7 +245,7 @@ class ServingGeneration:
             return ""
         if isinstance(body.prompt, str):
             return body.prompt
-        return await self.tokenizer.detokenize.remote(body.prompt)
+        return await dependency_call(self.tokenizer.detokenize.remote(body.prompt), "tokenizer")
 
     @staticmethod
     def _response(

@@ -35,10 +35,11 @@ class ModelDirectory:
         names the model that served it)."""
         if name in (None, ""):
             name = self.default_model
-        name = self.aliases.get(name, name)
+        if name is not None:
+            name = self.aliases.get(name, name)
         if name in (None, "", self.model_id):
             return self.model_id, None
-        ref = await self.adapters.get(name)
+        ref = await self.adapters.lookup(name)  # this replica's copy of the registry: no actor call
         if ref is None:
             raise errors.model_not_found(name)
         return ref.name, ref.multiplexed_id

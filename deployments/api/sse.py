@@ -135,7 +135,12 @@ class ChunkRenderer:
 
 
 async def stream_events(
-    ctx: StreamContext, first: GenerationChunk | None, stream, trace, release, unavailable: tuple[type, ...]
+    ctx: StreamContext,
+    first: GenerationChunk | None,
+    stream,
+    trace,
+    release,
+    unavailable: tuple[type[BaseException], ...],
 ) -> AsyncIterator[bytes]:
     """The response body of a streamed completion. `first` is the chunk already received (the
     call's admission), `stream` the rest; `release()` frees the request's admission slot when

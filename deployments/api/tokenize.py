@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
+from deployments.admission.capacity import dependency_call
 from deployments.api import errors, tools
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import ChatMessage, Tool, _Strict
@@ -126,7 +127,7 @@ class ServingTokenize:
     async def _call(self, call):
         try:
             async with asyncio.timeout(self.limits.request_timeout_s):
-                return await call
+                return await dependency_call(call, "tokenizer")
         except TimeoutError:
             call.cancel()
             raise errors.timed_out(self.limits.request_timeout_s) from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, TypeGuard
 
 from deployments.api import errors
 from deployments.api.protocol import NamedToolChoice, Tool, ToolChoice
@@ -24,7 +24,7 @@ def for_template(tools: list[Tool]) -> list[dict[str, Any]]:
     out = []
     for t in tools:
         f = t.function
-        function = {"name": f.name, "description": f.description, "parameters": f.parameters}
+        function: dict[str, Any] = {"name": f.name, "description": f.description, "parameters": f.parameters}
         if f.strict is not None:
             function["strict"] = f.strict
         out.append({"type": "function", "function": function})
@@ -56,7 +56,7 @@ def check(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | 
         )
 
 
-def forced(choice: ToolChoice | None) -> bool:
+def forced(choice: ToolChoice | None) -> TypeGuard[ToolChoice]:
     return choice == "required" or isinstance(choice, NamedToolChoice)
 
 
@@ -134,7 +134,8 @@ class ForcedCallStream:
     JSON document)."""
 
     def __init__(self, choice: ToolChoice):
-        self.choice, self.started, self.buffer = choice, False, []
+        self.choice, self.started = choice, False
+        self.buffer: list[str] = []
 
     def feed(self, text: str, finished: bool) -> list[dict[str, Any]]:
         if isinstance(self.choice, NamedToolChoice):

@@ -79,7 +79,7 @@ class GpuUsage:
     NVML or a device, and after the first failure it stops trying."""
 
     def __init__(self, on_cpu: bool, visible: str | None = None):
-        self._nvml = None
+        self._nvml: Any = None  # the NVML module, once loaded
         self._handles: list[Any] | None = None if not on_cpu else []
         self._visible = visible
 

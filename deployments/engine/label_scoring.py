@@ -54,7 +54,7 @@ async def score_labels(
         params = SamplingParams(
             max_tokens=1, temperature=0.0, logprob_token_ids=list(kids), output_kind=RequestOutputKind.FINAL_ONLY
         )
-        final = None
+        final: Any = None  # the last (FINAL_ONLY: the one) RequestOutput
         prompt = TokensPrompt(prompt_token_ids=list(prompts[i]) + list(common) + list(prefix))
         async for out in engine.generate(prompt, params, f"cls-{tag}-{i}-{n}", lora_request=lora_request):
             final = out

@@ -31,15 +31,16 @@ def prioritise_engine(replica_pid: int, niceness: int | None) -> dict[str, Any]:
     processes (docs/performance.md). What happened is reported on /health."""
     pids = engine_core_pids(replica_pid)
     report: dict[str, Any] = {"engine_pids": pids, "niceness": None, "requested": niceness, "error": None}
-    for pid in pids if niceness is not None else []:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
-        except OSError as exc:  # EPERM/EACCES without CAP_SYS_NICE; ESRCH/ENOENT: process gone
-            hint = " (lowering niceness needs CAP_SYS_NICE)" if isinstance(exc, PermissionError) else ""
-            report["error"] = f"{type(exc).__name__}: {exc}{hint}"
-            logger.warning("engine niceness %s not applied to pid %s: %s", niceness, pid, report["error"])
-            break
+    if niceness is not None:
+        for pid in pids:
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+            except OSError as exc:  # EPERM/EACCES without CAP_SYS_NICE; ESRCH/ENOENT: process gone
+                hint = " (lowering niceness needs CAP_SYS_NICE)" if isinstance(exc, PermissionError) else ""
+                report["error"] = f"{type(exc).__name__}: {exc}{hint}"
+                logger.warning("engine niceness %s not applied to pid %s: %s", niceness, pid, report["error"])
+                break
     if pids:
         report["niceness"] = os.getpriority(os.PRIO_PROCESS, pids[0])
     return report

@@ -11,6 +11,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any
 
+from deployments.actors import ActorState
 from deployments.observability import exposition
 from deployments.observability.config import REJECTION_REASONS
 from deployments.observability.ray_mirror import RayMirror
@@ -35,7 +36,17 @@ class _Source:
 
 class ServiceStatsActor:
     """Aggregates every replica's observations. Plain class: create it with
-    :func:`get_or_create_actor` (named, detached, ``num_cpus=0``); methods run one at a time."""
+    :func:`get_or_create_actor` (named, detached, ``num_cpus=0``); methods run one at a time.
+
+    Survives its own restart (``max_restarts=-1``): every `SNAPSHOT_INTERVAL_S` while pushes
+    arrive, its counters per source (and those of retired sources), histograms, SLO samples,
+    peak queue and settings are saved to Ray's GCS KV store (`ActorState`); a restarted
+    incarnation loads them, and each live recorder's next push (cumulative counters) brings
+    its source up to date. Lost: histogram observations and SLO samples of the last interval
+    before the crash (the counters stay exact), and requests/engine records waiting to be
+    joined."""
+
+    SNAPSHOT_INTERVAL_S = 2.0
 
     def __init__(
         self,
@@ -46,9 +57,13 @@ class ServiceStatsActor:
         retire_after_s: float = 3600.0,
         ray_metrics: bool = True,
         clock=time.monotonic,
+        snapshot_interval_s: float | None = None,
     ):
         self._clock = clock
         self._lock = threading.RLock()
+        self._mutations = 0  # changes so far (the snapshot thread saves when it moved)
+        self._exported = 0
+        self._state = ActorState("service_stats")
         self.window_s = window_s
         self.max_samples = max_samples
         self.gauge_ttl_s = gauge_ttl_s
@@ -64,12 +79,75 @@ class ServiceStatsActor:
         self._dropped_events = 0
         self._ray = RayMirror() if ray_metrics else None
         self._stop = threading.Event()
+        saved = self._state.load()
+        if saved is not None:
+            self._restore(saved)
+        self._state.start(self._export, snapshot_interval_s or self.SNAPSHOT_INTERVAL_S)
         if self._ray is not None and self._ray.ok:
             threading.Thread(target=self._refresh_loop, name="stats-gauges", daemon=True).start()
+
+    # ------------------------------------------------------------------ snapshot (GCS KV)
+
+    _SETTINGS = ("window_s", "max_samples", "gauge_ttl_s", "join_ttl_s", "retire_after_s")
+
+    def _export(self, force: bool = False) -> dict[str, Any] | None:
+        """What a restarted incarnation needs, JSON-able; None when nothing changed."""
+        with self._lock:
+            if not force and self._mutations == self._exported:
+                return None
+            now = self._clock()
+            snapshot = {
+                "version": 1,
+                "settings": {k: getattr(self, k) for k in self._SETTINGS},
+                "sources": {
+                    sid: {
+                        "role": src.role,
+                        "seq": src.seq,
+                        "age_s": now - src.last_seen,
+                        "counters": [[n, list(labels), v] for (n, labels), v in src.counters.items()],
+                    }
+                    for sid, src in self._sources.items()
+                },
+                "retired": [[n, list(labels), v] for (n, labels), v in self._retired.items()],
+                "hists": {k: {"counts": h.counts, "sum": h.sum, "count": h.count} for k, h in self._hists.items()},
+                "samples": [[None if x is None else round(x, 6) for x in sample] for sample in self._samples],
+                "peak_waiting": self._peak_waiting,
+            }
+            self._exported = self._mutations
+            return snapshot
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        with self._lock:
+            if saved.get("version") != 1:
+                return
+            for k, v in saved.get("settings", {}).items():
+                if k in self._SETTINGS and v is not None:
+                    setattr(self, k, type(getattr(self, k))(v))
+            now = self._clock()
+            for sid, data in saved.get("sources", {}).items():
+                src = _Source(str(data["role"]), now)
+                # not live until it pushes again (its gauges are not kept), retired on time
+                src.last_seen = now - max(float(data.get("age_s", 0)), self.gauge_ttl_s + 1e-3)
+                src.seq = int(data.get("seq", 0))
+                src.counters = {(n, tuple(labels)): float(v) for n, labels, v in data.get("counters", ())}
+                self._sources[sid] = src
+            self._retired = {(n, tuple(labels)): float(v) for n, labels, v in saved.get("retired", ())}
+            for k, h in saved.get("hists", {}).items():
+                hist = self._hists.get(k)
+                if hist is not None and len(h["counts"]) == len(hist.counts):
+                    hist.counts, hist.sum, hist.count = [int(c) for c in h["counts"]], float(h["sum"]), int(h["count"])
+            self._samples.extend(tuple(sample) for sample in saved.get("samples", ()))
+            self._peak_waiting = int(saved.get("peak_waiting", 0))
+
+    def state(self) -> dict[str, Any]:
+        """Incarnation and snapshot report, and whether changes wait for the next snapshot."""
+        with self._lock:
+            return {**self._state.report(), "unsaved_changes": self._mutations != self._exported}
 
     def configure(self, settings: Mapping[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         """Update window/TTL settings (the latest deploy's config wins)."""
         with self._lock:
+            self._mutations += 1
             for k, v in {**(settings or {}), **kw}.items():
                 if k in ("window_s", "max_samples", "gauge_ttl_s", "join_ttl_s", "retire_after_s") and v is not None:
                     setattr(self, k, type(getattr(self, k))(v))
@@ -80,6 +158,7 @@ class ServiceStatsActor:
     def push(self, source: str, role: str, payload: Mapping[str, Any]) -> int:
         """Apply one recorder flush; returns the highest event sequence number applied."""
         with self._lock:
+            self._mutations += 1
             now = self._clock()
             src = self._sources.get(source)
             if src is None:
@@ -343,6 +422,7 @@ class ServiceStatsActor:
     def reset(self) -> None:
         """Forget everything (tests)."""
         with self._lock:
+            self._mutations += 1
             self._sources.clear()
             self._retired.clear()
             self._hists = exposition.new_histograms()

@@ -4,7 +4,7 @@ of every family in families.py. prometheus_client is imported only when renderin
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deployments.observability.families import (
@@ -40,7 +40,8 @@ class HistogramCounts:
     def cumulative(self) -> list[tuple[str, float]]:
         from prometheus_client.utils import floatToGoString
 
-        out, acc = [], 0
+        out: list[tuple[str, float]] = []
+        acc = 0
         for bound, c in zip(self.bounds, self.counts):
             acc += c
             out.append((floatToGoString(bound), acc))
@@ -80,17 +81,17 @@ def metric_families(
         h = hists[key]
         fams.append(HistogramMetricFamily(name, doc, buckets=h.cumulative(), sum_value=h.sum))
     for name, (doc, path) in LEGACY_GAUGES.items() if metrics is not None else ():
-        value: Any = metrics
+        found: Any = metrics
         for key in path:
-            value = value.get(key) if isinstance(value, Mapping) else None
-        fam = GaugeMetricFamily(name, doc)
-        if value is not None:
-            fam.add_metric([], value)
-        fams.append(fam)
+            found = found.get(key) if isinstance(found, Mapping) else None
+        gauge = GaugeMetricFamily(name, doc)
+        if found is not None:
+            gauge.add_metric([], found)
+        fams.append(gauge)
     return fams
 
 
-def engine_families(engines: list[Mapping[str, Any]]) -> list[Any]:
+def engine_families(engines: Sequence[Mapping[str, Any]]) -> list[Any]:
     """vLLM's engine families (`ENGINE_FAMILIES`) and the per-replica gauges (`REPLICA_GAUGES`)
     from the live model replicas' snapshots (`engine_metrics.EngineMetrics.snapshot`): vLLM's
     names and labels, `replica` added. Every family is present, without samples when no

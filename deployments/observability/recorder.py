@@ -64,7 +64,7 @@ class StatsRecorder:
         self.actor_settings = dict(actor_settings or {})
         self.actor_settings.setdefault("ray_metrics", ray_metrics)
         self._sink = sink
-        self._handle = None
+        self._handle: Any = None  # the Ray actor handle, once resolved
         self._configured = False
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, tuple], float] = {}

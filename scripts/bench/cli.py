@@ -317,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted = False
     try:
         if opts.compare:
+            assert servers is not None  # --compare excludes --url
             run_compare(opts, servers, points, slo, report)
         elif opts.url or opts.start:
             run_single(opts, servers, points, slo, report)

@@ -180,7 +180,11 @@ def make_plots(report: dict[str, Any]) -> list[tuple[str, str]]:
             if not sel:
                 continue
             xkey = "concurrency" if mode == "closed" else "rate"
-            panels = [("output_throughput", "output tokens/s", None), ("request_throughput", "requests/s", None)]
+            # (metric, axis label, the dashed second statistic or None)
+            panels: list[tuple[str, str, str | None]] = [
+                ("output_throughput", "output tokens/s", None),
+                ("request_throughput", "requests/s", None),
+            ]
             if stream:
                 panels.append(("ttft_ms", "TTFT ms (p50, dashed p99)", "p99"))
                 panels.append(("tpot_ms", "TPOT ms (p50, dashed p99)", "p99"))

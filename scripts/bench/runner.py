@@ -257,8 +257,10 @@ def run_overload_phase(opts, servers: Servers | None, slo: SLO) -> dict[str, Any
     if opts.url:
         url, mo, mq = opts.url, (opts.capacity_concurrency or opts.max_ongoing[0]), opts.max_queued
     elif opts.start == "vllm":  # reference only: vLLM queues without limit, it never answers 503
+        assert servers is not None  # started here unless --url
         url, mo, mq = servers.start_vllm(), (opts.capacity_concurrency or opts.max_ongoing[0]), None
     else:
+        assert servers is not None  # started here unless --url
         mo = opts.max_ongoing[0]
         mq = opts.max_queued if opts.max_queued is not None else _config_max_queued(servers)
         if servers.vllm is not None and opts.order == "sequential":
@@ -282,12 +284,14 @@ def run_single(opts, servers: Servers | None, points: list[Point], slo: SLO, rep
     for i in order:
         p = points[i]
         if opts.url:
-            url = opts.url
-        elif opts.start == "vllm":
-            url = servers.start_vllm()
+            url, server = opts.url, None
         else:
-            url = servers.start_ours(p.max_ongoing, _sweep_max_queued(opts))
-        server = None if opts.url else (servers.vllm if opts.start == "vllm" else servers.ours)
+            assert servers is not None  # started here unless --url
+            if opts.start == "vllm":
+                url = servers.start_vllm()
+            else:
+                url = servers.start_ours(p.max_ongoing, _sweep_max_queued(opts))
+            server = servers.vllm if opts.start == "vllm" else servers.ours
         for rep in range(opts.repeats):
             report["runs"].append(run_point(target, url, p, opts, slo, rep, i, _session(server)))
 
@@ -303,10 +307,10 @@ def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: d
     for i, p in enumerate(points):
         groups.setdefault(p.max_ongoing, []).append((i, p))
     if opts.order == "sequential":
-        servers.start_vllm()
+        vllm_url = servers.start_vllm()
         for i, p in enumerate(points):
             for rep in range(opts.repeats):
-                report["runs"].append(run_point("vllm", servers.vllm_url, p, opts, slo, rep, i, _session(servers.vllm)))
+                report["runs"].append(run_point("vllm", vllm_url, p, opts, slo, rep, i, _session(servers.vllm)))
         servers.stop_vllm()
         for mo, items in groups.items():
             url = servers.start_ours(mo, mq)
@@ -314,7 +318,7 @@ def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: d
                 for rep in range(opts.repeats):
                     report["runs"].append(run_point("ours", url, p, opts, slo, rep, i, _session(servers.ours)))
         return
-    servers.start_vllm()
+    vllm_url = servers.start_vllm()
     k = 0
     for mo, items in groups.items():
         url = servers.start_ours(mo, mq)
@@ -327,7 +331,7 @@ def run_compare(opts, servers: Servers, points: list[Point], slo: SLO, report: d
                     report["runs"].append(
                         run_point(
                             target,
-                            servers.vllm_url if vllm else url,
+                            vllm_url if vllm else url,
                             p,
                             opts,
                             slo,

@@ -213,7 +213,8 @@ class Servers:
 
     def start_vllm(self) -> str:
         if self.vllm is not None and self.vllm.alive():
-            return self.vllm_url  # type: ignore[return-value]
+            assert self.vllm_url is not None  # set with self.vllm
+            return self.vllm_url
         args = self.args_for(self.opts.max_ongoing[0], -1)
         kwargs, engine_env = engine_kwargs_for(args, self.cpu())
         port = free_port()

@@ -21,7 +21,7 @@ def percentile(values: Iterable[float], q: float) -> float:
     return math.nan if p is None else p
 
 
-def summarize(values: Iterable[float], scale: float = 1.0) -> dict[str, Any]:
+def summarize(values: Iterable[float | None], scale: float = 1.0) -> dict[str, Any]:
     """mean/p50/p90/p99/min/max/n of `values` × `scale` (e.g. 1000 for seconds → ms)."""
     vals = sorted(v * scale for v in values if v is not None and not math.isnan(v))
     if not vals:
