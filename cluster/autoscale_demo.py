@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import secrets
 import sys
 import threading
 import time
@@ -42,6 +43,9 @@ from cluster.processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = "llm"
+# /health's details (which replica answered, its GPU ids) need an admin key, with auth off too:
+# the demo's app gets this one (LLM_SERVE_ADMIN_KEYS in the ingress's environment), new per run.
+ADMIN_KEY = f"sk-demo-admin-{secrets.token_hex(8)}"
 MODEL_DEPLOYMENT = "ModelReplica"
 # Short delays so that a demo (and the test) sees both directions within a minute or two.
 # metrics_interval_s is deprecated in Ray 2.60 but still sets how often handles and replicas
@@ -104,7 +108,10 @@ def demo_serve_config(
         {
             "accelerator": "gpu",
             "model": {"model_source": str(REPO / "models" / "tiny-qwen3")},
-            "deployments": {"model": {"autoscaling_config": auto}},
+            "deployments": {
+                "model": {"autoscaling_config": auto},
+                "ingress": {"ray_actor_options": {"runtime_env": {"env_vars": {"LLM_SERVE_ADMIN_KEYS": ADMIN_KEY}}}},
+            },
             # Several CPU engines share this host's cores: let the OS place their threads instead
             # of vLLM pinning each engine to the same core (its `auto` binding on a small machine).
             "engine_env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"},
@@ -206,7 +213,7 @@ class Watcher:
     def health(self) -> dict[str, Any]:
         """GET /health; a non-JSON answer (the proxy's plain 500 while the app starts) raises
         an httpx error, so `retry` tries again."""
-        r = httpx.get(f"{self.base_url}/health", timeout=30)
+        r = httpx.get(f"{self.base_url}/health", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
         if "json" not in r.headers.get("content-type", ""):
             raise httpx.HTTPStatusError(f"GET /health: {r.status_code} {r.text[:200]!r}", request=r.request, response=r)
         return r.json()

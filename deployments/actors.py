@@ -27,7 +27,9 @@ Why these options:
   actor (first start, or after :func:`kill_actor`) starts empty and drops any old snapshot.
   Each incarnation has its own random id (:attr:`ActorState.incarnation`): ids it hands out
   (leases) carry it, so an id of a lost incarnation never matches a new one
-  (docs/reliability.md).
+  (docs/reliability.md). The adapter registry instead writes every change to the GCS store
+  before answering and reads it back on any start, restart or not (`adapters.py`): adapters
+  are configuration, not soft state.
 """
 
 from __future__ import annotations

@@ -277,6 +277,7 @@ class AdapterRegistryActor:
 
     def __init__(self, store_key: str | None = None, namespace: str = DEFAULT_NAMESPACE):
         self._store_key, self._store_ns = store_key, namespace
+        self._calls: dict[str, int] = {}  # method -> calls answered by this incarnation
         self._adapters: dict[str, AdapterRef] = {}
         self._version = 0
         self._lineage = uuid.uuid4().hex  # a new registry (no stored state): clients drop their copies
@@ -296,7 +297,13 @@ class AdapterRegistryActor:
         from ray.experimental import internal_kv
 
         raw = internal_kv._internal_kv_get(self._store_key, namespace=self._store_ns)
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:  # never written by us: start afresh (a new lineage) rather than crash-loop
+            logger.error("adapter registry %s: stored state unreadable; starting empty", self._store_key)
+            return None
 
     def _save(self, adapters: dict[str, AdapterRef], version: int) -> None:
         """Write the state; raises (and nothing changes) if the GCS does not take it."""
@@ -317,8 +324,16 @@ class AdapterRegistryActor:
 
     # ------------------------------------------------------------------ the API
 
+    def _count(self, method: str) -> None:
+        self._calls[method] = self._calls.get(method, 0) + 1
+
+    def calls(self) -> dict[str, int]:
+        """Calls answered per method since this incarnation started (how often replicas ask)."""
+        return dict(self._calls)
+
     def register(self, name: str, path: str, replace: bool = True) -> AdapterRef | None:
         """Add (or with `replace`, re-point) an adapter; None if it exists and not `replace`."""
+        self._count("register")
         old = self._adapters.get(name)
         if old is not None and (not replace or old.path == path):
             return old if old.path == path else None
@@ -327,15 +342,21 @@ class AdapterRegistryActor:
         return ref
 
     def unregister(self, name: str) -> bool:
+        self._count("unregister")
         if name not in self._adapters:
             return False
         self._commit({n: a for n, a in self._adapters.items() if n != name}, self._version + 1)
         return True
 
     def get(self, name: str) -> AdapterRef | None:
+        self._count("get")
         return self._adapters.get(name)
 
     def list(self) -> list[AdapterRef]:
+        self._count("list")
+        return self._sorted()
+
+    def _sorted(self) -> builtins.list[AdapterRef]:
         return sorted(self._adapters.values(), key=lambda a: a.name)
 
     def snapshot(
@@ -343,8 +364,9 @@ class AdapterRegistryActor:
     ) -> tuple[tuple[str, int], builtins.list[AdapterRef] | None]:  # `list`: the method above
         """((lineage, version), every adapter) — or None for the adapters when `known` is
         already the current (lineage, version): nothing changed."""
+        self._count("snapshot")
         stamp = (self._lineage, self._version)
-        return stamp, (None if known is not None and tuple(known) == stamp else self.list())
+        return stamp, (None if known is not None and tuple(known) == stamp else self._sorted())
 
 
 def registry_unavailable(retry_after_s: float = 1.0) -> APIError:
@@ -461,8 +483,10 @@ class AdapterRegistry:
                 raise
 
     async def _revalidate(self) -> None:
-        """Wait for a fetch of the registry's state: the one in flight, else a new one."""
-        if self._fetch is None:
+        """Wait for a fetch of the registry's state: the one in flight, else a new one (a fetch
+        that has finished counts as none, even before its done-callback has run: awaiting it
+        again would not yield, and a lookup that still misses would spin)."""
+        if self._fetch is None or self._fetch[1].done():
             started = time.monotonic()
             fut = asyncio.ensure_future(self._fetch_snapshot(started))
             self._fetch = (started, fut)

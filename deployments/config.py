@@ -79,6 +79,19 @@ class ModelConfig(_Strict):
         return resolve_path(self.tokenizer_source or self.model_source)
 
 
+# engine arguments the service derives from other settings: set there, not in `engine.extra`
+_ENGINE_ARGS_SET_ELSEWHERE = {
+    "model": "model.model_source",
+    "tokenizer": "model.tokenizer_source",
+    "served_model_name": "model.model_id",
+    "enable_lora": "lora.enabled",
+    "max_lora_rank": "lora.max_lora_rank",
+    "max_loras": "lora.max_loras",
+    "max_cpu_loras": "lora.max_cpu_loras",
+    "structured_outputs_config": "engine.structured_outputs",
+}
+
+
 class EngineConfig(_Strict):
     """vLLM engine arguments (`AsyncEngineArgs`). Unknown engine arguments go in `extra`."""
 
@@ -128,8 +141,32 @@ class EngineConfig(_Strict):
         "JSON with whitespace until max_tokens (`disable_any_whitespace` needs a named backend).",
     )
     extra: dict[str, Any] = Field(
-        default_factory=dict, description="Any other AsyncEngineArgs, passed through unchanged."
+        default_factory=dict,
+        description="Any other AsyncEngineArgs, passed through unchanged. An argument this section "
+        "names (e.g. `max_model_len`) is taken as that field, so the tokenizer's context check and the "
+        "engine agree (both given, different: an error); one the service sets from another section "
+        "(`model`, `tokenizer`, LoRA, structured outputs) is an error naming it.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_out_of_extra(cls, data: Any) -> Any:
+        """`extra` arguments this config has a field for become that field: vLLM gets them
+        from `extra` last (`engine_kwargs`), which would silently differ from what the service
+        checks against (`engine.extra.max_model_len` vs the tokenizer's context limit)."""
+        if not isinstance(data, dict) or not isinstance(data.get("extra"), dict):
+            return data
+        data, extra = dict(data), dict(data["extra"])
+        for key in list(extra):
+            if key in _ENGINE_ARGS_SET_ELSEWHERE:
+                raise ValueError(f"engine.extra.{key}: set {_ENGINE_ARGS_SET_ELSEWHERE[key]} instead")
+            if key in cls.model_fields and key != "extra":
+                value = extra.pop(key)
+                if key in data and str(data[key]) != str(value):  # one may come from the environment
+                    raise ValueError(f"engine.extra.{key} ({value!r}) contradicts engine.{key} ({data[key]!r})")
+                data[key] = value
+        data["extra"] = extra
+        return data
 
 
 class LimitsConfig(_Strict):
@@ -165,7 +202,12 @@ class LimitsConfig(_Strict):
         "client no longer holds an ingress slot). Headers themselves: on the fast path HAProxy's "
         "`LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S`; Serve's Python proxy has no header timeout (docs/security.md S18).",
     )
-    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds on 503 when the model is saturated.")
+    retry_after_s: int = Field(
+        1,
+        ge=1,
+        description="`Retry-After` seconds on 503 when the model is saturated; at least 1 (HTTP allows 0, "
+        "but clients told 0 retry at once into the same saturation).",
+    )
     fair_queue: bool = Field(
         True,
         description="Under overload, admit and send to the model by tenant (or key-less client "
@@ -227,8 +269,9 @@ class LoraConfig(_Strict):
         "`lora_path_not_allowed`; every file of the folder must resolve inside too. The adapters of "
         "`adapters` are the operator's own and exempt. Every adapter must ship "
         "`adapter_model.safetensors`, and its folder hold only allowed files (`*.safetensors`, "
-        "`*.json`, `*.txt`, `*.md`, `*.jinja`, `tokenizer.model`): 400 `lora_weights_not_safetensors` "
-        "for pickled weights (`.bin`, `.pt`, …), `lora_file_not_allowed` for anything else.",
+        "`*.json`, `*.txt`, `*.md`, `*.jinja`, `tokenizer.model`, `.gitattributes`; subfolders are "
+        "not read): 400 `lora_weights_not_safetensors` for pickled weights (`.bin`, `.pt`, …), "
+        "`lora_file_not_allowed` for anything else.",
     )
     registry_cache_s: float = Field(
         1.0,
@@ -300,8 +343,9 @@ class HealthConfig(_Strict):
         5.0,
         gt=0,
         description="Deadline of each part of the check (the model replica's engine, Serve's "
-        "status, the adapter registry). An engine that does not answer in time counts as busy "
-        "(ready); a status or registry that does not answer, as not ready.",
+        "status, the adapter registry), run at once. An engine that does not answer in time counts "
+        "as busy (ready); Serve's status, as unknown (the engine's answer decides); the registry, "
+        "as not ready.",
     )
 
 
@@ -501,11 +545,17 @@ LEGACY_ENV = {
     "MAX_MODEL_LEN": ("engine", "max_model_len"),
     "GPU_MEMORY_UTILIZATION": ("engine", "gpu_memory_utilization"),
 }
+# The rate limiter's overrides (0 turns the window off), at the same level: read here, where the
+# app is built, like every other variable; the replicas use the config they are given.
+RATE_LIMIT_ENV = {
+    "RATE_LIMIT_PER_MINUTE": ("rate_limit", "per_minute"),
+    "RATE_LIMIT_PER_HOUR": ("rate_limit", "per_hour"),
+}
 
 
 def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
     """The application's config: the YAML `args`, then the replaced service's variables
-    (`LEGACY_ENV`), then any `LLM_SERVE__<SECTION>__<FIELD>` variable (e.g.
+    (`LEGACY_ENV`) and `RATE_LIMIT_PER_MINUTE`/`_HOUR`, then any `LLM_SERVE__<SECTION>__<FIELD>` variable (e.g.
     `LLM_SERVE__LIMITS__MAX_TOKENS_CAP=1024`, `LLM_SERVE__LORA__ADAPTERS='{"a": "/path"}'`: JSON
     for lists and maps), read by pydantic-settings. Read once, where the application is built;
     the deployments get the result. A variable naming no field, or a value its field refuses, is
@@ -521,9 +571,9 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
                 f"(one of {sorted(ServiceConfig.model_fields)})"
             )
     legacy: dict[str, Any] = {}
-    for name, (section, field) in LEGACY_ENV.items():
-        if environ.get(name):
-            legacy.setdefault(section, {})[field] = environ[name]
+    for name, (section, field) in {**LEGACY_ENV, **RATE_LIMIT_ENV}.items():
+        if environ.get(name, "").strip():
+            legacy.setdefault(section, {})[field] = environ[name].strip()
 
     class Settings(ServiceConfig, BaseSettings):
         model_config = SettingsConfigDict(
@@ -552,7 +602,7 @@ def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None =
             f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in e['loc'])}" if e["loc"] else "the configuration"
             for e in exc.errors()
         ]
-        legacy_used = [n for n, path in LEGACY_ENV.items() if environ.get(n)]
+        legacy_used = [n for n in {**LEGACY_ENV, **RATE_LIMIT_ENV} if environ.get(n)]
         hint = f" (set by the environment: {sorted(set(ours) | set(legacy_used))})" if ours or legacy_used else ""
         raise ValueError(
             f"invalid configuration{hint}: {exc.error_count()} problem(s), e.g. "

@@ -38,6 +38,8 @@ from deployments.api.protocol import (
     LoadLoraRequest,
     UnloadLoraRequest,
 )
+from deployments.api.responses_protocol import ResponsesRequest
+from deployments.api.serving_responses import ServingResponses
 from deployments.api.tokenize import DetokenizeRequest, ServingTokenize, TokenizeRequest
 from deployments.classification import labels_for_model
 from deployments.config import REPO_ROOT, ServiceConfig, base_options, current_app_name, resolve_path
@@ -82,7 +84,9 @@ class IngressRouter:
 
         app_name = current_app_name()
         self.recorder = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
-        self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name)
+        # env={}: RATE_LIMIT_* were applied where the app was built (config.load_config); this
+        # replica's own environment does not change the limits
+        self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name, env={})
         self.auth = ApiKeyAuth.from_config(self.config.auth)
         self.client_address = await ClientAddress.for_ingress_replica()
         # Neither is a reason not to serve: a limiter that cannot be reached fails open or
@@ -109,6 +113,7 @@ class IngressRouter:
             self._replica_watch = asyncio.get_running_loop().create_task(watch_model_replicas(gate))
         labels = list(self.config.classification.labels or labels_for_model(self.config.model.resolved_source()))
         self.generation = ServingGeneration(tokenizer, self.models, self.calls, self.limits, self.recorder, m)
+        self.responses = ServingResponses(self.generation, self.limits)
         self.classifier = ServingClassify(
             tokenizer, self.models, self.calls, self.limits, self.config.classification, labels, self.recorder
         )
@@ -137,9 +142,11 @@ class IngressRouter:
             capacity=self.calls.capacity,
             retry_after_s=self.limits.retry_after_s,
             body_timeout_s=self.limits.request_body_timeout_s,
+            max_tokens_cap=self.limits.max_tokens_cap,
             default_max_tokens={
                 "/v1/chat/completions": self.limits.default_max_tokens_chat,
                 "/v1/completions": self.limits.default_max_tokens_completion,
+                "/v1/responses": self.limits.default_max_tokens_chat,
                 "/v1/classify": 1,
             },
         )
@@ -155,6 +162,17 @@ class IngressRouter:
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest):
         return await self.generation.completion(body)
+
+    @app.post("/v1/responses")
+    async def create_response(self, body: ResponsesRequest):
+        """OpenAI's Responses API, served by the chat path (`api/serving_responses.py`)."""
+        return await self.responses.create(body)
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    @app.api_route("/v1/responses/{response_id}/{action}", methods=["GET", "POST"])
+    async def stored_response(self, response_id: str) -> Response:
+        """Retrieve, delete, cancel, input_items: 404, nothing is stored (as vLLM's server by default)."""
+        raise self.responses.not_stored(response_id)
 
     @app.post("/v1/classify")
     async def classify(self, body: ClassifyRequest) -> JSONResponse:

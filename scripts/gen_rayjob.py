@@ -90,6 +90,9 @@ def rayjob() -> dict[str, Any]:
             group["replicas"] = group["minReplicas"] = group["maxReplicas"]  # every GPU for the run
             engines += group["maxReplicas"] * gpus
         _add_data_volume(group["template"])
+        for c in group["template"]["spec"]["containers"]:
+            # the service's /health/ready: no Serve on the batch cluster (KubeRay's raylet probe)
+            c.pop("readinessProbe", None)
     _add_data_volume(cluster["headGroupSpec"]["template"])
     args = gen.app_args(cfg)
     entry = [

@@ -5,9 +5,12 @@ request, transformers on the same model folder), never from one machine's greedy
 * `special_tokens` / `special_token_ids`: what `skip_special_tokens` (the default) drops from
   the text while `logprobs` still lists it (`<|endoftext|>` under `ignore_eos`, ...).
 * `assert_text_of_tokens`: a choice's text is its logprobs tokens, special tokens removed. A
-  token that is part of a UTF-8 character (byte-level BPE: a rare character is split into byte
-  tokens) is decoded alone as U+FFFD by vLLM; each such replacement character stands for at
-  most one character of the text (or none: a cut character at the end is not sent).
+  rare character is split into byte tokens (byte-level BPE): vLLM reports the byte tokens
+  before the one that completes the character as "" and the completing token as the whole
+  character (vllm/v1/engine/logprobs.py `_correct_decoded_token`); a byte that never forms a
+  character stays "" while the text shows it as U+FFFD. So an empty token stands for nothing
+  or one U+FFFD of the text; a token still holding U+FFFD (decoded alone) for at most as many
+  characters.
 * `no_special_tokens_bias`: a `logit_bias` that keeps the special tokens (and any other token
   ids given) out of a generation, so a test that needs visible text or a given structure gets
   it for any weights.
@@ -45,16 +48,21 @@ def no_special_tokens_bias(tokenizer: Any, also: Iterable[int] = ()) -> dict[str
 
 
 def visible_pattern(tokens: Sequence[str], specials: set[str]) -> str:
-    """A regular expression the text of `tokens` matches: the non-special tokens in order, each
-    run of replacement characters (parts of UTF-8 characters) matching as many characters or
-    fewer."""
-    joined = "".join(t for t in tokens if t not in specials)
+    """A regular expression the text of `tokens` matches: the non-special tokens in order; an
+    empty token (a byte of a character) matching nothing or U+FFFD, a run of U+FFFD in a token
+    as many characters or fewer."""
     out = []
-    for piece in re.split(f"({REPLACEMENT}+)", joined):
-        if piece.startswith(REPLACEMENT):
-            out.append(f".{{0,{len(piece)}}}")
-        elif piece:
-            out.append(re.escape(piece))
+    for token in tokens:
+        if token in specials:
+            continue
+        if token == "":
+            out.append(f"{REPLACEMENT}?")
+            continue
+        for piece in re.split(f"({REPLACEMENT}+)", token):
+            if piece.startswith(REPLACEMENT):
+                out.append(f".{{0,{len(piece)}}}")
+            elif piece:
+                out.append(re.escape(piece))
     return "".join(out)
 
 

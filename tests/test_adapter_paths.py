@@ -179,3 +179,71 @@ def test_adapter_in_roots_checks_every_root(tree):
     make_adapter(tree / "second" / "a")
     roots = resolve_adapter_roots([str(tree / "adapters"), str(tree / "second")])
     assert adapter_in_roots(str(tree / "second" / "a"), roots, "x") == os.path.realpath(tree / "second" / "a")
+
+
+# --------------------------------------------------------------------------- issue 24: an allow-list
+
+
+def test_an_adapter_folder_with_the_usual_files_is_accepted(tree):
+    """What peft, scripts/train_lora.py and the Hugging Face Hub put in an adapter folder: the
+    weights as safetensors, JSON configs, tokenizer files, a model card, a chat template."""
+    root = tree / "adapters"
+    folder = root / "good"
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                 "merges.txt", "added_tokens.json", "chat_template.jinja", "tokenizer.model", "labels.json",
+                 "training.json", "new_embeddings.safetensors", ".gitattributes"):
+        (folder / name).write_text("x")
+    (folder / "checkpoint-100").mkdir()  # subfolders are never read
+    (folder / "checkpoint-100" / "optimizer.pt").write_bytes(b"\0")
+    assert check_adapter(str(folder), lora(root), "x")[1]["r"] == 8
+
+
+@pytest.mark.parametrize("name,code", [
+    ("training_args.bin", "lora_weights_not_safetensors"),   # HF Trainer's pickle beside the adapter
+    ("model.pth", "lora_weights_not_safetensors"),
+    ("weights.pkl", "lora_weights_not_safetensors"),
+    ("modeling_evil.py", "lora_file_not_allowed"),           # code a trust_remote_code loader would run
+    ("libpayload.so", "lora_file_not_allowed"),
+    ("model.onnx", "lora_file_not_allowed"),
+    ("tokenizer.zip", "lora_file_not_allowed"),
+])
+def test_files_outside_the_allow_list_are_refused(tree, name, code):
+    """The folder check is an allow-list, not a deny-list of two pickle names: any other file is a
+    400 naming it (the configured adapters too)."""
+    root = tree / "adapters"
+    folder = make_adapter(root / "extra")
+    (folder / name).write_bytes(b"\0" * 8)
+    err = refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'extra'"), code, "extra", tree)
+    assert repr(name) in err.message or name in err.message
+    with pytest.raises(APIError) as info:  # the operator's own adapters are held to it as well
+        check_adapter(str(folder), lora(root), "LoRA adapter 'news'", configured=True)
+    assert info.value.code == code
+
+
+def test_special_files_are_refused(tree):
+    root = tree / "adapters"
+    folder = make_adapter(root / "fifo")
+    os.mkfifo(folder / "README.md")  # an allowed name, but a reader would block on it
+    refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'fifo'"),
+            "lora_file_not_allowed", "fifo", tree)
+    dangling = make_adapter(root / "dangling")
+    (dangling / "tokenizer.json").symlink_to(root / "nowhere.json")
+    refused(lambda: check_adapter(str(dangling), lora(root), "LoRA adapter path 'dangling'"),
+            "lora_file_not_allowed", "dangling", tree)
+
+
+def test_every_file_must_resolve_inside_the_root(tree):
+    """Not only the config and the weights: any file of the folder that is a symlink out of the
+    roots (here a tokenizer file pointing at a file elsewhere) is refused."""
+    root = tree / "adapters"
+    (tree / "outside" / "tokenizer.json").write_text("{}")
+    folder = make_adapter(root / "leaky")
+    (folder / "tokenizer.json").symlink_to(tree / "outside" / "tokenizer.json")
+    err = refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'leaky'"),
+                  "lora_path_not_allowed", "leaky", tree)
+    assert "tokenizer.json" in err.message
+    # a symlink to a file inside the roots is fine
+    (folder / "tokenizer.json").unlink()
+    (root / "shared-tokenizer.json").write_text("{}")
+    (folder / "tokenizer.json").symlink_to(root / "shared-tokenizer.json")
+    assert check_adapter(str(folder), lora(root), "x")[0] == os.path.realpath(folder)

@@ -5,6 +5,7 @@ scraping the app for real."""
 from __future__ import annotations
 
 import collections
+import json
 import time
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import app_args, wait_healthy
+from reliability import wait_until
 
 MODEL = "tiny-qwen3"
 KEYS = ["key-auth-test", "key-client-a", "key-client-b", "key-metrics"]
@@ -41,6 +43,14 @@ def chat(url: str, key: str | None, **extra) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     body = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "体育新闻"}], **extra}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def completion_tokens(r: httpx.Response) -> int:
+    """The usage of a chat answer, streamed (the usage chunk) or not."""
+    if r.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        return [e["usage"] for e in events if e.get("usage")][-1]["completion_tokens"]
+    return r.json()["usage"]["completion_tokens"]
 
 
 def test_two_ingress_replicas_running(guarded):
@@ -87,22 +97,56 @@ def test_rate_limit_is_cluster_wide(guarded):
     assert r.status_code == 200 and r.headers["x-ratelimit-remaining"] == "9"
 
 
+def wait_pushed(app: str, timeout_s: float = 30) -> None:
+    """Wait until every live replica of `app` has pushed its figures to the app's stats actor
+    after this call began (each pushes every `observability.flush_interval_s`): the totals then
+    count every request answered before the call."""
+    import ray
+
+    from deployments.actors import DEFAULT_NAMESPACE
+
+    actor = ray.get_actor(f"service_stats.{app}", namespace=DEFAULT_NAMESPACE)
+    # a request is recorded as its response ends (a stream: just after its last event): margin
+    since = time.time() + 0.2
+
+    seen: dict = {}
+
+    def pushed() -> bool:
+        snap = ray.get(actor.snapshot.remote(), timeout=30)
+        seen["live"] = [sid for sid, src in snap["sources"].items() if src["live"]]
+        seen["not pushed since (age s)"] = {
+            sid: snap["age_s"][sid] for sid in seen["live"] if snap["ts"] - snap["age_s"][sid] <= since}
+        return bool(seen["live"]) and not seen["not pushed since (age s)"]
+
+    try:
+        wait_until(pushed, timeout_s, 0.25, f"every live replica of {app} pushed its figures")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {seen}") from None
+
+
 def test_stats_and_metrics_count_what_was_sent(guarded):
     """Totals across both ingress replicas equal the requests this module sent."""
     h = {"Authorization": f"Bearer {KEYS[3]}"}
-    time.sleep(2.5)  # two flush intervals: every replica has pushed
+    wait_pushed("guarded")  # every request of the earlier tests is counted
     before = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
-    sent = collections.Counter()
-    for i in range(4):
-        sent[chat(guarded, KEYS[3], stream=bool(i % 2)).status_code] += 1
-    sent[chat(guarded, KEYS[3], max_tokens=10**6).status_code] += 1  # 400
-    assert sent == {200: 4, 400: 1}
-    deadline = time.monotonic() + 20
-    while True:
+    tokens_before = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()["total_tokens_generated"]
+    answers = [chat(guarded, KEYS[3], stream=bool(i % 2), **({"stream_options": {"include_usage": True}} if i % 2
+                                                               else {})) for i in range(4)]
+    answers.append(chat(guarded, KEYS[3], max_tokens=10**6))  # 400
+    assert collections.Counter(r.status_code for r in answers) == {200: 4, 400: 1}
+    generated = sum(completion_tokens(r) for r in answers if r.status_code == 200)  # EOS may come early
+
+    def counted():
         after = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
-        if after["total_requests"] - before["total_requests"] >= 5 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+        m = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()
+        grew = [after[k] - before[k] for k in ("total_requests", "successful_requests", "failed_requests")]
+        return (after, m) if grew == [5, 4, 1] and m["total_tokens_generated"] - tokens_before == generated else None
+
+    try:
+        after, m = wait_until(counted, 30, 0.5, "/stats and /metrics counting the 5 requests")
+    except AssertionError:  # the assertions below say what is counted
+        after = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
+        m = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()
     print(f"\n/stats before={before}\n/stats after={after}")
     assert after["total_requests"] - before["total_requests"] == 5
     assert after["successful_requests"] - before["successful_requests"] == 4
@@ -110,10 +154,9 @@ def test_stats_and_metrics_count_what_was_sent(guarded):
     assert after["ingress_replicas"] == 2
     assert after["available_slots"] == 3 and after["current_queue_size"] == 0
 
-    m = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()
     assert m["total_requests"] == after["total_requests"]
     assert m["slo"]["sample_size"] >= 4 and m["slo"]["ttft_p50"] > 0
-    assert m["total_tokens_generated"] >= 16
+    assert m["total_tokens_generated"] - tokens_before == generated >= 4
 
     text = httpx.get(f"{guarded}/metrics/prometheus", headers=h, timeout=30).text
     fams = {f.name: f for f in text_string_to_metric_families(text)}

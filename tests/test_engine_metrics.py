@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deployments.observability import ServiceStatsActor, StatsRecorder
 from deployments.observability.families import ENGINE_FAMILIES, REPLICA_GAUGES
 from prom_server import PromServer, ensure_prometheus_tools
+from reliability import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MON = REPO / "monitoring"
@@ -96,11 +97,28 @@ def test_engine_metrics_after_a_burst(base_url):
     assert prompt_tokens > 8 * 128
     assert completion_tokens == 8 * 384
 
-    # Quiet engine: the replica's next pushes carry the final figures.
-    time.sleep(2.5)
-    inside = handle.engine_metrics.remote().result(timeout_s=60)
-    samples = _scrape(base_url)
-    metrics = httpx.get(f"{base_url}/metrics", timeout=30).json()
+    # Quiet engine: wait until vLLM inside the replica has counted the whole burst and the
+    # replica's pushes have brought those final figures to the exposition.
+    def settled():
+        inside = handle.engine_metrics.remote().result(timeout_s=60)
+        samples = _scrape(base_url)
+        metrics = httpx.get(f"{base_url}/metrics", timeout=30).json()
+        done = _inside(inside, "vllm:request_success") - _inside(before, "vllm:request_success") == 8
+        pushed = all(_by_replica(samples, n + "_total").get(replica) == _inside(inside, n)
+                     for n in ("vllm:request_success", "vllm:generation_tokens", "vllm:prompt_tokens",
+                               "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"))
+        gauges = (_by_replica(samples, "vllm:kv_cache_usage_perc").get(replica)
+                  == _inside(inside, "vllm:kv_cache_usage_perc")
+                  and metrics["engine"]["replicas"].get(replica, {}).get("generation_tokens")
+                  == _inside(inside, "vllm:generation_tokens"))
+        return (inside, samples, metrics) if done and pushed and gauges else None
+
+    try:
+        inside, samples, metrics = wait_until(settled, 30, 0.5, "the burst's final engine figures exposed")
+    except AssertionError:  # the assertions below say which figure differs
+        inside = handle.engine_metrics.remote().result(timeout_s=60)
+        samples = _scrape(base_url)
+        metrics = httpx.get(f"{base_url}/metrics", timeout=30).json()
 
     # Each replica (one here) labelled with its Serve replica id, every family present.
     for name, (kind, _doc, _key) in ENGINE_FAMILIES.items():
@@ -292,10 +310,13 @@ def test_real_prometheus_on_the_real_app_engine_panels_and_rules(base_url, promt
     with PromServer([target], rule_files=[MON / "alerts.yaml", MON / "engine_alerts.yaml"],
                     extra_scrape_configs=[ray_job]) as prom:
         prom.wait_for_scrape(timeout_s=60)
-        asyncio.run(_burst(base_url, 6, 64))
-        time.sleep(3)
-        asyncio.run(_burst(base_url, 6, 64))
         sel = f'{{job="llm-serve",replica="{replica}"}}'
+        generated = _inside(_model_handle().engine_metrics.remote().result(timeout_s=60), "vllm:generation_tokens")
+        asyncio.run(_burst(base_url, 6, 64))
+        # Prometheus has scraped the first burst's figures before the second burst runs, so the
+        # rates over 30 s see the second one's increase
+        prom.wait_for_value(f"vllm:generation_tokens_total{sel}", lambda v: v >= generated + 6 * 64, timeout_s=60)
+        asyncio.run(_burst(base_url, 6, 64))
         kv = prom.wait_for_value(f"vllm:kv_cache_usage_perc{sel}")
         assert 0 <= kv <= 1
         assert prom.wait_for_value(f"rate(vllm:prefix_cache_hits_total{sel}[30s])", lambda v: v > 0) > 0

@@ -862,3 +862,28 @@ def test_dockerfile_copies_what_exists_and_pins_match_pyproject():
         if norm(name) in constraints:
             assert constraints[norm(name)] == version, f"{name}: pyproject {version}, constraints-gpu {constraints[norm(name)]}"
     assert constraints["vllm"] == pins["vllm"] and constraints["ray"] == pins["ray"]
+
+
+@pytest.mark.parametrize("variant", sorted(OVERLAYS))
+def test_worker_readiness_probes_use_the_services_readiness(variant):
+    """Worker pods take Service traffic only while /health/ready (through the pod's own Serve
+    proxy) answers 200; liveness and the head's probes stay KubeRay's (docs/reliability.md);
+    the batch RayJob's cluster runs no Serve and gets no such probe."""
+    from deployments.ingress import app
+    from scripts import gen_rayjob
+
+    routes = {getattr(r, "path", None) for r in app.routes}
+    assert {"/health", "/health/live", "/health/ready"} <= routes
+    rs = one(rendered(variant), "RayService")
+    cluster = rs["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in head and "livenessProbe" not in head
+    for w in cluster["workerGroupSpecs"]:
+        for c in w["template"]["spec"]["containers"]:
+            probe = c["readinessProbe"]
+            assert probe["httpGet"] == {"path": "/health/ready", "port": gen.SERVE_PORT}, (variant, w["groupName"])
+            assert probe["timeoutSeconds"] > 5  # health.check_timeout_s default
+            assert "livenessProbe" not in c
+    job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]["rayClusterSpec"]
+    for w in job["workerGroupSpecs"]:
+        assert all("readinessProbe" not in c for c in w["template"]["spec"]["containers"])

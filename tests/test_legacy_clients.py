@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import pickle
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN, app_args
+from reliability import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 TITLES = ["央行宣布下调存款准备金率", "国足客场战平对手", "新款手机发布会定于下月举行",
@@ -113,12 +113,12 @@ def test_legacy_metrics_json_fields(base_url):
 
 def test_legacy_prometheus_gauges(base_url):
     _classify(base_url, TITLES[0])  # a request in the SLO window: the TTFT/throughput gauges have a value
-    text = ""
-    for _ in range(30):
+
+    def exposed():
         text = requests.get(f"{base_url}/metrics/prometheus", timeout=30).text
-        if re.search(r"^vllm_ttft_p95 ", text, re.M):
-            break
-        time.sleep(0.5)
+        return text if re.search(r"^vllm_ttft_p95 ", text, re.M) else None
+
+    text = wait_until(exposed, 15, 0.5, "vllm_ttft_p95 in /metrics/prometheus")
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in LEGACY_GAUGES:
         assert fams[name].type == "gauge", name
@@ -141,12 +141,13 @@ def test_legacy_rules_on_the_live_exposition(base_url):
         assert prom.wait_for_value('vllm_num_waiting_requests{job="vllm"}') >= 0
         assert prom.wait_for_value('vllm_ttft_p95{job="vllm"}') > 0
         assert prom.query_value('vllm_ttft_p95{job="vllm"} > 1e9') is None  # the rule's shape evaluates
-        for _ in range(40):
+
+        def evaluated():
             rules = prom.rules()
-            if rules and all(r.get("lastEvaluation", "").startswith("2") and r.get("health") == "ok"
-                             for r in rules):
-                break
-            time.sleep(0.5)
+            done = rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules)
+            return rules if done else None
+
+        rules = wait_until(evaluated, 20, 0.5, "both legacy rules evaluated")
         assert {r["name"] for r in rules} == {"HighQueueLength", "HighTTFT"}
         assert all(r["health"] == "ok" for r in rules), rules
 

@@ -113,8 +113,10 @@ def test_the_supervisor_restarts_the_killed_service(tmp_path):
             sup.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pass
-        time.sleep(3)
-        left = sorted(session_processes({sup.pid, *services}))
+        # what the supervisor stopped exits on its own (polled by pid: a deadline, not a pause)
+        deadline = time.monotonic() + 30
+        while (left := sorted(session_processes({sup.pid, *services}))) and time.monotonic() < deadline:
+            time.sleep(0.5)
         kill_sessions({sup.pid, *services}, grace_s=20)
     assert sup.returncode == 0, log.read_text()[-2000:]
     assert not left, f"still running after the supervisor stopped: {left}"

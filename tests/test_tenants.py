@@ -6,7 +6,6 @@ on (its own model replica), the official `openai` SDK as the client where it fit
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import openai

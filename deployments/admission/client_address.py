@@ -20,6 +20,17 @@ Three layers could each claim to know it:
   address, and the ingress says so at start).
 * **`rate_limit.trusted_proxies`** (ours): `X-Forwarded-For` counts only when the peer found
   above is one of them (`rate_limit.client_key`).
+
+On Serve's Python proxy started without `FORWARDED_ALLOW_IPS=` (`serve run` typed by hand),
+the proxy's uvicorn has already replaced the ASGI client with the header's last untrusted hop
+before the request reaches the ingress (Ray 2.60 pickles that scope to the replica; the header
+goes along unchanged). The ingress undoes it (:meth:`ClientAddress.peer`): when the request's
+client is exactly what uvicorn would have taken from its `X-Forwarded-For` (host and port: a
+real TCP peer has a port, a forwarded hop without one gets 0), the real peer was one of the
+proxy's trusted addresses (`FORWARDED_ALLOW_IPS`, uvicorn's default 127.0.0.1 and ::1), and
+the request is keyed on that address (127.0.0.1) rather than on the header: forged addresses
+all share the loopback client's budget, and `rate_limit.trusted_proxies` alone decides whether
+the header is believed, as on every other path.
 """
 
 from __future__ import annotations
@@ -107,10 +118,40 @@ def startup_report(environ=os.environ, inherited_forwarding: str | None = None) 
     if inherited_forwarding != "":
         return logging.WARNING, line + (
             "; FORWARDED_ALLOW_IPS is not empty in this cluster, so Serve's proxy takes a loopback "
-            "client's X-Forwarded-For as its address: start Ray with FORWARDED_ALLOW_IPS= "
+            "client's X-Forwarded-For as its address; the ingress undoes that for rate limits (such "
+            "requests count as the proxy's peer, 127.0.0.1, unless rate_limit.trusted_proxies lists it), "
+            "but Serve's own logs show the forged address: start Ray with FORWARDED_ALLOW_IPS= "
             "(`make run` and the KubeRay manifests do)"
         )
     return logging.INFO, line
+
+
+# uvicorn's default when FORWARDED_ALLOW_IPS is unset (uvicorn.config.Config)
+UVICORN_DEFAULT_FORWARDED_ALLOW_IPS = "127.0.0.1,::1"
+
+
+def _uvicorn_pick(trusted: str, forwarded_for: str) -> tuple[str, int] | None:
+    """The (host, port) uvicorn's ProxyHeadersMiddleware puts in the ASGI scope for this
+    `X-Forwarded-For` when the peer is in `trusted` (FORWARDED_ALLOW_IPS); None for a header it
+    would not use. uvicorn's own code, so both read the header the same way."""
+    try:
+        from uvicorn.middleware.proxy_headers import _TrustedHosts
+    except ImportError:  # another uvicorn: its public behaviour, the last hop
+        hop = forwarded_for.rsplit(",", 1)[-1].strip()
+        return (hop, 0) if hop else None
+    picked = _TrustedHosts(trusted).get_trusted_client_address(forwarded_for)
+    host, port = (picked, 0) if isinstance(picked, str) else picked
+    return (host, int(port)) if host else None
+
+
+def _proxy_label(trusted: str) -> str:
+    """The address a request rewritten by uvicorn is keyed on: the first address uvicorn trusts
+    (127.0.0.1 by default), or the setting itself when it names networks or `*`."""
+    for entry in trusted.split(","):
+        ip = _ip(entry)
+        if ip is not None:
+            return str(ip)
+    return trusted.strip()
 
 
 def _log_now(level: int, line: str) -> None:
@@ -144,8 +185,15 @@ class ClientAddress:
     async def for_ingress_replica(cls) -> ClientAddress:
         """In an ingress replica's constructor: uvicorn's forwarding off, the start line logged,
         and on the fast path the Ray nodes' addresses, kept current in the background."""
-        _log_now(*startup_report(inherited_forwarding=disable_uvicorn_forwarding()))
-        self = cls(fast_path_enabled(), secret=proxy_secret() if fast_path_enabled() else None)
+        inherited = disable_uvicorn_forwarding()
+        _log_now(*startup_report(inherited_forwarding=inherited))
+        self = cls(
+            fast_path_enabled(),
+            secret=proxy_secret() if fast_path_enabled() else None,
+            # what Serve's proxy (same cluster environment) trusts; its default even where the
+            # cluster emptied it (a request it did not rewrite is not mistaken for one: the port)
+            uvicorn_forwarding=inherited or UVICORN_DEFAULT_FORWARDED_ALLOW_IPS,
+        )
         if self.fast_path:
             self.update_cluster(await asyncio.to_thread(ray_node_addresses))
             self._refresher = asyncio.get_running_loop().create_task(self._keep_current())
@@ -159,8 +207,19 @@ class ClientAddress:
             except Exception as exc:  # the GCS briefly away: keep the last list
                 logger.warning("could not refresh the Ray nodes' addresses: %s", exc)
 
-    def __init__(self, fast_path: bool, cluster_addresses: Iterable[str] = (), secret: str | None = None):
+    def __init__(
+        self,
+        fast_path: bool,
+        cluster_addresses: Iterable[str] = (),
+        secret: str | None = None,
+        uvicorn_forwarding: str = "",
+    ):
+        """`uvicorn_forwarding`: the FORWARDED_ALLOW_IPS of Serve's Python proxy ("": none, the
+        proxy does not rewrite client addresses)."""
         self.fast_path = fast_path
+        self._uvicorn_trusted = uvicorn_forwarding.strip()
+        self._proxy_label = _proxy_label(self._uvicorn_trusted) if self._uvicorn_trusted else ""
+        self._warned_rewrite = False
         self._secret = secret.encode() if secret else None
         self._cluster: frozenset = frozenset()
         self._warned = False
@@ -175,10 +234,17 @@ class ClientAddress:
         ip = _ip(peer)
         return ip is not None and (ip.is_loopback or ip in self._cluster)
 
-    def peer(self, tcp_peer: str | None, headers: dict[str, str]) -> str | None:
-        """The client's address as the first hop in front of the service saw it."""
+    def peer(
+        self,
+        tcp_peer: str | None,
+        headers: dict[str, str],
+        port: int | None = None,
+        forwarded_for: str | None = None,
+    ) -> str | None:
+        """The client's address as the first hop in front of the service saw it. `port`: the
+        ASGI client's port; `forwarded_for`: every `X-Forwarded-For` line, joined."""
         if not self.fast_path:
-            return tcp_peer
+            return self._python_proxy_peer(tcp_peer, port, forwarded_for)
         value = headers.get(_HEADER)
         if value is None:
             if not self._warned and self._from_cluster(tcp_peer):
@@ -191,6 +257,26 @@ class ClientAddress:
                 )
             return tcp_peer
         return value.strip() if self._from_haproxy(tcp_peer, headers) else tcp_peer
+
+    def _python_proxy_peer(self, client: str | None, port: int | None, forwarded_for: str | None) -> str | None:
+        """Serve's Python proxy: uvicorn replaced the client with the header's pick when the
+        client is exactly that pick, port included; the real peer was then one of the addresses
+        uvicorn trusts, and the request is keyed on it (see the module)."""
+        if not (self._uvicorn_trusted and forwarded_for and client is not None and port is not None):
+            return client
+        picked = _uvicorn_pick(self._uvicorn_trusted, forwarded_for)
+        if picked is None or picked != (client, port):
+            return client
+        if not self._warned_rewrite:
+            self._warned_rewrite = True
+            _log_now(
+                logging.WARNING,
+                f"Serve's proxy replaced a client's address with its X-Forwarded-For (FORWARDED_ALLOW_IPS="
+                f"{self._uvicorn_trusted!r}): such requests are keyed on {self._proxy_label}, the proxy's "
+                "trusted peer; list it in rate_limit.trusted_proxies to believe a local proxy's header, "
+                "or start Ray with FORWARDED_ALLOW_IPS= (`make run` does)",
+            )
+        return self._proxy_label
 
     def _from_haproxy(self, tcp_peer: str | None, headers: dict[str, str]) -> bool:
         """The request came through our HAProxy: from a Ray node, carrying the secret (compared

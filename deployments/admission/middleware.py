@@ -31,7 +31,7 @@ from deployments.api.errors import APIError, body_timed_out, overloaded, route_p
 logger = logging.getLogger("ray.serve")
 
 # Routes that cost model time: counted against the client's rate limit.
-RATE_LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/classify"})
+RATE_LIMITED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/classify"})
 
 
 @dataclass
@@ -48,6 +48,9 @@ class Admission:
     # a request body must arrive within this many seconds of the headers (None: no limit)
     body_timeout_s: float | None = None
     public_paths: frozenset[str] = field(default_factory=lambda: frozenset({"/health"}))
+    # the most a request's choice is served (limits.max_tokens_cap): more is clamped or refused,
+    # so a token budget never reserves more (None: no cap)
+    max_tokens_cap: int | None = None
     # `max_tokens` when a request omits it, per path (the reservation of a token budget)
     default_max_tokens: dict[str, int] = field(
         default_factory=lambda: {"/v1/chat/completions": 100, "/v1/completions": 16, "/v1/classify": 1}
@@ -105,8 +108,11 @@ class AdmissionMiddleware:
                     ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
                 else:
                     client = scope.get("client")
-                    peer = adm.client_address.peer(client[0] if client else None, headers)
-                    ck = client_key(None, peer, _forwarded_for(scope), adm.trusted_proxies)
+                    forwarded = _forwarded_for(scope)
+                    peer = adm.client_address.peer(
+                        client[0] if client else None, headers, client[1] if client else None, forwarded
+                    )
+                    ck = client_key(None, peer, forwarded, adm.trusted_proxies)
                 # fair queueing at the capacity gate (admission/capacity.py): per tenant or address
                 prio = ident.priority if ident is not None else 0
                 REQUEST_TENANT.set((ck, max(1, prio + 1), prio))
@@ -123,8 +129,10 @@ class AdmissionMiddleware:
                             f"Request body is over the limit of {adm.max_request_bytes} bytes.",
                             code="request_too_large",
                         )
-                    reserve = _reservation(await _peek_body(receive), adm.default_max_tokens.get(path, 1))
-                if ident is None or (ident.limits is None and not reserve):
+                    reserve = _reservation(
+                        await _peek_body(receive), adm.default_max_tokens.get(path, 1), adm.max_tokens_cap
+                    )
+                if not reserve and (ident is None or ident.limits is None):
                     decision = await adm.limiter.check(ck)  # the service's default budgets
                 else:
                     decision = await adm.limiter.check(ck, ident, reserve)
@@ -201,10 +209,11 @@ def _no_tokens(_ident) -> bool:
     return False
 
 
-def _reservation(body: bytes, default_max_tokens: int) -> int:
+def _reservation(body: bytes, default_max_tokens: int, cap: int | None = None) -> int:
     """Tokens a request may use: `max_completion_tokens` or `max_tokens` (else the route's
-    default) times `n`; a body that is not a JSON object reserves the default (the route will
-    refuse it anyway)."""
+    default), at most `cap` (`limits.max_tokens_cap`: `max_tokens_over_cap: clamp` serves no
+    more, `refuse` answers 400), times `n`; a body that is not a JSON object reserves the default
+    (the route will refuse it anyway)."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
@@ -214,9 +223,13 @@ def _reservation(body: bytes, default_max_tokens: int) -> int:
     mt = doc.get("max_completion_tokens")
     if mt is None:
         mt = doc.get("max_tokens")
+    if mt is None:
+        mt = doc.get("max_output_tokens")  # the Responses API's
     n = doc.get("n")
     mt = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else default_max_tokens
     n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    if cap is not None:
+        mt = min(mt, cap)
     return mt * n
 
 
@@ -259,7 +272,10 @@ class _UsageMeter:
 
 def _total_tokens(raw: bytes) -> int | None:
     try:
-        usage = json.loads(raw).get("usage")
+        doc = json.loads(raw)
+        usage = doc.get("usage")
+        if usage is None and isinstance(doc.get("response"), dict):  # a Responses API stream event
+            usage = doc["response"].get("usage")
     except (ValueError, AttributeError, RecursionError):
         return None
     if isinstance(usage, dict):

@@ -177,7 +177,9 @@ def validation_error_response(exc: RequestValidationError) -> JSONResponse:
         return APIError(400, msg, code="invalid_json").response()
     param = _loc_to_param(first.get("loc", ()))
     if kind == "unsupported_parameter":
-        return unsupported(first["ctx"]["param"]).response()
+        err = unsupported(first["ctx"]["param"])
+        err.message = first.get("msg") or err.message  # the refusal's own words (why, what instead)
+        return err.response()
     if kind == "extra_forbidden":
         return APIError(
             400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter"

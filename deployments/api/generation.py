@@ -9,7 +9,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -120,6 +120,51 @@ def sampling_params(body: SamplingFields, max_tokens: int, limits: LimitsConfig)
     return s
 
 
+class Rendering(Protocol):
+    """Another API served by the chat path, its answers built from chat's (the Responses API:
+    `serving_responses.py`)."""
+
+    id_prefix: str
+    endpoint: str  # the metrics' and traces' endpoint label
+
+    def unary(self, completion: dict[str, Any]) -> dict[str, Any]:
+        """The answer, from the chat completion's."""
+        ...
+
+    def stream(self, ctx: sse.StreamContext, trace) -> sse.ChunkRenderer:
+        """The renderer of a streamed answer's events."""
+        ...
+
+
+def _abandon(slot, stream, trace) -> None:
+    """A stream whose body never ran its `finally` (never iterated: the client left before
+    its first byte went out): its slot is still held and its model call still running, which
+    would leave the engine generating to max_tokens. Free the slot and cancel the call, which
+    aborts the engine request (the model replica's generator is cancelled)."""
+    if slot.owner is not None:
+        slot.release()
+        stream.cancel()
+        trace.finished(499, "client_closed")
+
+
+class _ModelStream(StreamingResponse):
+    """The SSE response of a model stream: however sending it ends (finished, the client gone
+    mid-way, or before the body was ever iterated: Starlette stops at `http.response.start` or
+    on `http.disconnect` without starting it), the body is closed and the model call
+    released with it (`_abandon`)."""
+
+    def __init__(self, events, slot, stream, trace):
+        super().__init__(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
+        self._events, self._model_call = events, (slot, stream, trace)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()  # a suspended body runs its own `finally` (usage, 499)
+            _abandon(*self._model_call)  # one that never started has none
+
+
 class ServingGeneration:
     """POST /v1/chat/completions and /v1/completions."""
 
@@ -132,7 +177,9 @@ class ServingGeneration:
         self.reasoning = model.reasoning_parser is not None
         self.unavailable = unavailable_types()
 
-    async def chat(self, body: ChatCompletionRequest):
+    async def chat(self, body: ChatCompletionRequest, rendering: Rendering | None = None):
+        """`rendering`: another API's answer built from this one's (the Responses API's)."""
+
         def prepare():
             max_tokens = check_max_tokens(
                 body.max_completion_tokens or body.max_tokens, self.limits.default_max_tokens_chat, self.limits
@@ -150,7 +197,7 @@ class ServingGeneration:
                 messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs, template_tools
             )
 
-        return await self._serve(body, True, prepare)
+        return await self._serve(body, True, prepare, rendering)
 
     async def completion(self, body: CompletionRequest):
         def prepare():
@@ -159,10 +206,16 @@ class ServingGeneration:
 
         return await self._serve(body, False, prepare)
 
-    async def _serve(self, body: SamplingFields, chat: bool, prepare: Callable[[], tuple[int, Callable]]):
+    async def _serve(
+        self,
+        body: SamplingFields,
+        chat: bool,
+        prepare: Callable[[], tuple[int, Callable]],
+        rendering: Rendering | None = None,
+    ):
         """Validate (`prepare` → max_tokens and the tokenizer call), tokenize, generate."""
-        rid = ("chatcmpl-" if chat else "cmpl-") + request_id()
-        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        rid = (rendering.id_prefix if rendering else "chatcmpl-" if chat else "cmpl-") + request_id()
+        endpoint = rendering.endpoint if rendering else "/v1/chat/completions" if chat else "/v1/completions"
         trace = self.stats.request_started(endpoint, request_id=rid, stream=body.stream)
         timeout = min(body.timeout or self.limits.request_timeout_s, self.limits.request_timeout_s)
         deadline = time.monotonic() + timeout
@@ -202,11 +255,10 @@ class ServingGeneration:
                     slot.release()
                     completion_tokens = sum(o.num_tokens for o in outs)
                     trace.finished(200, completion_tokens=completion_tokens)
-                    return JSONResponse(
-                        self._response(
-                            body, rid, model_name, created, outs, echo, len(enc.token_ids), completion_tokens
-                        )
+                    result = self._response(
+                        body, rid, model_name, created, outs, echo, len(enc.token_ids), completion_tokens
                     )
+                    return JSONResponse(rendering.unary(result) if rendering else result)
                 stream, first = await self.calls.start(
                     slot, lambda: streaming.generate_stream.remote(greq), lambda stream: stream.__anext__()
                 )
@@ -235,9 +287,11 @@ class ServingGeneration:
             echo,
             body.tool_choice if isinstance(body, ChatCompletionRequest) and tools.forced(body.tool_choice) else None,
         )
-        events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable)
-        weakref.finalize(events, slot.release)  # also when the stream is never iterated
-        return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers={"Cache-Control": "no-cache"})
+        out = rendering.stream(ctx, trace) if rendering else None
+        events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable, out)
+        # also when the response is never sent at all (its task cancelled before it was called)
+        weakref.finalize(events, _abandon, slot, stream, trace)
+        return _ModelStream(events, slot, stream, trace)
 
     async def _echo_text(self, body: SamplingFields) -> str:
         """Completions `echo`: the prompt's text (a token-id prompt's, decoded)."""

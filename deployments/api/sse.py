@@ -129,6 +129,10 @@ class ChunkRenderer:
         obj = "chat.completion.chunk" if c.chat else "text_completion"
         return sse(usage_chunk(c.request_id, c.model, c.created, obj, self.usage()))
 
+    def end(self) -> bytes:
+        """The stream's last bytes once the model is done: usage (when asked for) and [DONE]."""
+        return (self.usage_event() if self.ctx.include_usage else b"") + SSE_DONE
+
     def fail(self, exc: APIError) -> bytes:
         self.trace.finished(exc.status, exc.code, completion_tokens=self.completion_tokens)
         return sse(exc.body()) + SSE_DONE
@@ -141,14 +145,16 @@ async def stream_events(
     trace,
     release,
     unavailable: tuple[type[BaseException], ...],
+    out: ChunkRenderer | None = None,
 ) -> AsyncIterator[bytes]:
     """The response body of a streamed completion. `first` is the chunk already received (the
     call's admission), `stream` the rest; `release()` frees the request's admission slot when
     the stream ends, however it ends (the client leaving cancels the model call, which aborts
     the engine request). Fewer, larger writes (each costs a send through the ASGI stack and a
     syscall): the role chunk goes out with the first content, the last content with usage and
-    [DONE]."""
-    out = ChunkRenderer(ctx, trace)
+    [DONE]. `out` renders the chunks (default: chat or completions chunks; the Responses API
+    passes its own)."""
+    out = out or ChunkRenderer(ctx, trace)
     done = False
     held = out.role()
     try:
@@ -178,9 +184,7 @@ async def stream_events(
             return
         done = True
         trace.finished(200, completion_tokens=out.completion_tokens)
-        if ctx.include_usage:
-            held += out.usage_event()
-        yield held + SSE_DONE
+        yield held + out.end()
     finally:
         release()
         if not done:
