@@ -49,6 +49,10 @@ def app_args(**overrides: Any) -> dict[str, Any]:
         # The shared app serves hundreds of test requests from one address; the limiter has
         # its own app in test_admission.py.
         "rate_limit": {"enabled": False},
+        # Tests poll /health for the engine's state as it is now (vLLM's unfinished requests
+        # after an abort, a dead engine): every call checks (still one check for concurrent
+        # calls, off the event loop). test_control_plane_state.py tests the cache.
+        "health": {"cache_s": 0},
         # One replica each (the class defaults) on the small local cluster: no autoscaling.
         "deployments": {
             "model": {"autoscaling_config": None},

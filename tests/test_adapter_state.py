@@ -10,6 +10,7 @@ keys file starts without keys — the shipped situation, auth off and no admin k
 tests that load adapters write an admin key into it (the ingress re-reads it: the admin routes
 turn on without a restart). Faults are done to this app's registry actor (`adapters.adapterstate`)
 only: `ray.kill(handle, no_restart=False)` is what a crash looks like to Ray (it restarts it).
+The last tests check the registry client's copy and the actor's store in process (no Ray).
 """
 
 from __future__ import annotations

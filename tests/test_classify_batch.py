@@ -295,11 +295,18 @@ def _interrupted(src: Path, out: Path, common: list[str], sig: int, markers: int
     return p.returncode, err
 
 
-def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(tmp_path):
+@pytest.mark.parametrize(
+    "signals",
+    [
+        pytest.param((signal.SIGTERM,), id="sigterm"),
+        pytest.param((signal.SIGINT, signal.SIGTERM), id="ctrl-c-then-sigterm", marks=pytest.mark.soak),
+    ],
+)
+def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(tmp_path, signals):
     """Workers write each shard (part, rejects, then its marker) as soon as it is classified, so
     what an interrupted run computed is on disk whatever reached the driver; a resumed run
-    classifies only the rest (here: Ctrl-C, then SIGTERM, then to the end), and the whole
-    equals an uninterrupted run's output."""
+    classifies only the rest (CI: SIGTERM, then to the end; `-m soak`: Ctrl-C, then SIGTERM, then
+    to the end), and the whole equals an uninterrupted run's output."""
     src = tmp_path / "in.jsonl"
     rows = _held_out(4 * N_SHARDS)
     src.write_text("".join(json.dumps({"sentence": r["sentence"]}, ensure_ascii=False) + "\n" for r in rows))
@@ -309,7 +316,9 @@ def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(t
     assert r.returncode == 0, r.stderr[-3000:]
 
     written: dict[str, tuple[int, bytes]] = {}
-    for sig, word in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
+    words = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+    for sig in signals:
+        word = words[sig]
         before = len(written) // 3
         rc, err = _interrupted(src, out, common, sig, before + 3)
         assert rc == 128 + sig, err[-3000:]

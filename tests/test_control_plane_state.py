@@ -328,6 +328,50 @@ def test_a_new_actor_of_the_same_name_starts_empty(ray_cluster):
         kill_actor(name)
 
 
+# ============================================================================ (B) a dead dependency
+
+
+def test_a_dead_dependency_is_a_503_with_retry_after_not_a_500():
+    """What the tokenizer's or the registry's death raises (`ActorDiedError`,
+    `ActorUnavailableError`, …): through a call site (`dependency_call`, code
+    `tokenizer_unavailable`) or anywhere else on a route (the app's exception handler,
+    `service_unavailable`), a 503 with `Retry-After` — a `RayActorError` re-raised used to be
+    the generic 500. A plain bug stays a 500."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from deployments.admission.capacity import dependency_call
+    from deployments.api import errors
+
+    async def dies(exc: BaseException):
+        raise exc
+
+    app = FastAPI()
+    errors.install_exception_handlers(app)
+
+    @app.post("/tokenize")
+    async def tokenize():
+        return await dependency_call(dies(ActorDiedError()), "tokenizer")
+
+    @app.get("/models")
+    async def models():
+        raise ActorUnavailableError("restarting", b"0" * 16)
+
+    @app.get("/bug")
+    async def bug():
+        raise KeyError("x")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/tokenize")
+        _check_503(r)
+        assert r.json()["error"]["code"] == "tokenizer_unavailable"
+        r = c.get("/models")
+        _check_503(r)
+        assert r.json()["error"]["code"] == "service_unavailable"
+        assert c.get("/bug").status_code == 500
+
+
 # ============================================================================ (B, C) the service
 
 
@@ -346,7 +390,7 @@ def url(http_port):
             "fail_open": False,  # fail closed: an outage is a 503, visible here
             "timeout_s": LIMITER_TIMEOUT_S,
         },
-        health={"cache_s": 2.0},
+        health={"cache_s": 2.0},  # the default (conftest's test apps check on every call)
     )
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
     base = f"http://127.0.0.1:{http_port}{PREFIX}"

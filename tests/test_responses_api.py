@@ -21,9 +21,8 @@ from typing import Annotated, Any, Literal
 import httpx
 import jsonschema
 import pytest
-from pydantic import BaseModel, Field
-
 from openai_schema import assert_valid
+from pydantic import BaseModel, Field
 
 MODEL = "tiny-qwen3"
 ADAPTER = "news-lora"
@@ -525,6 +524,61 @@ def test_fuzz_bad_input_is_4xx_never_5xx(base_url):
     assert statuses.get(400, 0) > 40 and statuses.get(200, 0) >= 10
 
 
+def test_schemathesis_fuzz(base_url):
+    """schemathesis over the published OpenAPI operation (positive and negative bodies): a
+    Response or event stream, or an OpenAI error (4xx; a 504 only as the deadline error of a
+    generated tiny `timeout`); never another 5xx. Generations are kept short (max_output_tokens
+    at most 4) so the run stays fast."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", timeout=30)
+    [op] = [r.ok() for r in schema.get_all_operations() if r.ok().path == PATH and r.ok().method.upper() == "POST"]
+    session = requests.Session()
+    statuses: dict[int, int] = {}
+    bad: list[str] = []
+
+    for mode, n in ((GenerationMode.POSITIVE, 60), (GenerationMode.NEGATIVE, 60)):
+        @settings(max_examples=n, deadline=None, database=None, derandomize=True, print_blob=False,
+                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def fuzz(case):
+            if isinstance(case.body, dict):
+                mot = case.body.get("max_output_tokens")
+                if mot is None or (isinstance(mot, int) and not isinstance(mot, bool) and mot > 4):
+                    case.body["max_output_tokens"] = 4
+            r = case.call(base_url=base_url, session=session, timeout=60)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            problem = None
+            if r.status_code >= 500 and not (r.status_code == 504 and b'"timeout"' in r.content):
+                problem = f"{r.status_code}"
+            elif r.status_code >= 400:
+                try:
+                    assert_valid("ErrorResponse", json.loads(r.content), "error")
+                except (AssertionError, ValueError) as exc:
+                    problem = f"not an OpenAI error: {exc}"
+            elif "text/event-stream" in str(r.headers.get("content-type")):
+                try:
+                    if not r.stream_cut_short:  # schemathesis reads a bounded number of events
+                        check_sequence(parse_sse(r.content.decode()))
+                except AssertionError as exc:
+                    problem = f"bad stream: {str(exc)[:300]}"
+            else:
+                try:
+                    assert_valid("Response", json.loads(r.content), "Response")
+                except AssertionError as exc:
+                    problem = f"bad Response: {str(exc)[:300]}"
+            if problem and len(bad) < 5:
+                bad.append(f"[{mode.value}] {problem}: {str(case.body)[:400]!r} -> {r.content[:300]!r}")  # noqa: B023
+
+        fuzz()
+    print(f"schemathesis /v1/responses: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert not bad, "\n".join(bad)
+    assert sum(statuses.values()) >= 100
+
+
 # ----------------------------------------------------------------------------- units (no cluster)
 
 
@@ -572,6 +626,30 @@ def test_stream_reasoning_text_and_auto_calls_unit():
     assert [(c["call_id"], c["name"]) for c in calls(final)] == [("call_a", "get_weather"), ("call_b", "classify")]
     assert final["usage"]["input_tokens"] == 7 and final["usage"]["output_tokens"] == 8
     assert final["status"] == "completed"
+
+
+def test_unary_reasoning_and_calls_unit():
+    """A chat completion with reasoning, text and a call (a model with reasoning and tool
+    parsers), cut by max_output_tokens: reasoning, message, function_call items in that order,
+    the last one incomplete; a valid Response."""
+    from deployments.api.responses_protocol import ResponsesRequest
+    from deployments.api.serving_responses import ResponsesRendering
+    from deployments.config import LimitsConfig
+
+    rendering = ResponsesRendering(ResponsesRequest.model_validate({"input": TEXT, "tools": TOOLS}), LimitsConfig())
+    completion = {"id": "resp_unit", "object": "chat.completion", "created": 1, "model": MODEL,
+                  "choices": [{"index": 0, "finish_reason": "length", "logprobs": None, "message": {
+                      "role": "assistant", "content": "北京", "reasoning_content": "想一想", "tool_calls": [
+                          {"id": "call_a", "type": "function",
+                           "function": {"name": "get_weather", "arguments": '{"unit":'}}]}}],
+                  "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}}
+    resp = rendering.unary(completion)
+    assert_valid("Response", resp, "Response")
+    assert [(i["type"], i["status"]) for i in resp["output"]] == [
+        ("reasoning", "completed"), ("message", "completed"), ("function_call", "incomplete")]
+    assert resp["output"][0]["content"] == [{"type": "reasoning_text", "text": "想一想"}]
+    assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert resp["usage"]["total_tokens"] == 16 and resp["tool_choice"] == "auto"
 
 
 def test_stream_failure_unit():
