@@ -107,7 +107,7 @@ def service(tmp_path_factory):
         "lora": {"adapter_roots": ["models", str(roots)]},
         # every client is one address here: a large window, so the load is not refused
         "rate_limit": {"per_minute": 100_000, "per_hour": 0},
-        "auth": {"admin_keys_file": str(keys)},
+        "auth": {"file": str(keys)},  # an admin key for the runtime load; client routes stay open
         "deployments": {
             "model": {"health_check_period_s": 2, "health_check_timeout_s": 10, "autoscaling_config": None},
             "tokenizer": {"autoscaling_config": None},
