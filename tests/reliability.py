@@ -195,18 +195,6 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str =
         time.sleep(interval_s)
 
 
-async def wait_until_async(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition") -> Any:
-    """`wait_until` for a coroutine: `predicate` is a coroutine function."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        last = await predicate()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g} s (last: {last!r})")
-        await asyncio.sleep(interval_s)
-
-
 # --------------------------------------------------------------------------- service state
 
 
