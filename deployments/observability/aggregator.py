@@ -109,7 +109,9 @@ class ServiceStatsActor:
                     for sid, src in self._sources.items()
                 },
                 "retired": [[n, list(labels), v] for (n, labels), v in self._retired.items()],
-                "hists": {k: {"counts": h.counts, "sum": h.sum, "count": h.count} for k, h in self._hists.items()},
+                "hists": {
+                    k: {"counts": list(h.counts), "sum": h.sum, "count": h.count} for k, h in self._hists.items()
+                },
                 "samples": [[None if x is None else round(x, 6) for x in sample] for sample in self._samples],
                 "peak_waiting": self._peak_waiting,
             }
