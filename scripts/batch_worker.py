@@ -29,9 +29,11 @@ with that explanation otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from deployments.engine.process import shutdown_engine
@@ -52,9 +54,7 @@ class ShardClassifier:
         merge_adapter: bool = False,
         job: dict[str, Any] | None = None,
     ):
-        from deployments.config import ServiceConfig, resolve_path
-        from deployments.engine import cpu_engine_env, engine_kwargs
-        from deployments.tokenizer import PromptTokenizer
+        from deployments.config import ServiceConfig
 
         if job is not None:
             check_output_visible(out, job)
@@ -63,9 +63,18 @@ class ShardClassifier:
             raise ValueError(
                 f"unknown model {model!r}: the base {cfg.model.model_id!r} or one of {sorted(cfg.lora.adapters)}"
             )
-        if merge_adapter and model != cfg.model.model_id:
-            cfg = _merged_config(cfg, model)
-            model = cfg.model.model_id
+        with contextlib.ExitStack() as merged:
+            if merge_adapter and model != cfg.model.model_id:
+                cfg = merged.enter_context(merged_adapter(cfg, model))
+                model = cfg.model.model_id
+            self._start(cfg, model, labels, out, text_field, id_field, batch_size, num_cpus)
+        # the merged weights (a base model's size) are removed once the engine has loaded them
+
+    def _start(self, cfg, model, labels, out, text_field, id_field, batch_size, num_cpus) -> None:
+        from deployments.config import resolve_path
+        from deployments.engine import cpu_engine_env, engine_kwargs
+        from deployments.tokenizer import PromptTokenizer
+
         self.config = cfg
         os.environ.update(cfg.engine_env)
         from vllm.platforms import current_platform
@@ -196,18 +205,26 @@ def check_output_visible(out: str, job: dict[str, Any]) -> None:
         )
 
 
-def _merged_config(cfg, adapter: str):
-    """`cfg` serving `adapter` merged into the base (a folder under the temporary directory)."""
+@contextlib.contextmanager
+def merged_adapter(cfg, adapter: str) -> Iterator[Any]:
+    """`cfg` serving `adapter` merged into the base, in a folder under the temporary directory
+    that exists only inside the block (the engine reads it while it starts; an 8B merge is 16 GB
+    a worker, so none is left behind, whatever happens)."""
+    import shutil
     import tempfile
     from pathlib import Path
 
     from deployments.config import ServiceConfig, resolve_path
     from scripts.merge_lora import merge
 
-    out = Path(tempfile.mkdtemp(prefix="classify-batch-")) / adapter
-    merge(Path(cfg.model.resolved_source()), Path(resolve_path(cfg.lora.adapters[adapter])), out)
-    doc = cfg.model_dump(mode="json")
-    doc["model"].update(model_id=adapter, model_source=str(out), default_model=None, aliases={})
-    doc["lora"].update(adapters={}, enabled=False)
-    doc["classification"]["model"] = None
-    return ServiceConfig.model_validate(doc)
+    folder = Path(tempfile.mkdtemp(prefix="classify-batch-"))
+    try:
+        out = folder / adapter
+        merge(Path(cfg.model.resolved_source()), Path(resolve_path(cfg.lora.adapters[adapter])), out)
+        doc = cfg.model_dump(mode="json")
+        doc["model"].update(model_id=adapter, model_source=str(out), default_model=None, aliases={})
+        doc["lora"].update(adapters={}, enabled=False)
+        doc["classification"]["model"] = None
+        yield ServiceConfig.model_validate(doc)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

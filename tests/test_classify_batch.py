@@ -154,17 +154,24 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
 
 def test_merged_adapter_config(tmp_path, monkeypatch):
     """--merge-adapter: the engine gets the adapter merged into the base, without LoRA."""
-    from scripts.batch_worker import _merged_config
+    from scripts.batch_worker import merged_adapter
     from scripts.classify_batch import DEFAULT_CONFIG, service_config
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", None)
-    cfg = _merged_config(service_config(DEFAULT_CONFIG), "news-lora")
-    src = Path(cfg.model.resolved_source())
-    assert src.is_relative_to(tmp_path) and (src / "config.json").is_file() and (src / "labels.json").is_file()
-    assert cfg.model.model_id == "news-lora" and not cfg.lora.engine_enabled()
+    with merged_adapter(service_config(DEFAULT_CONFIG), "news-lora") as cfg:
+        src = Path(cfg.model.resolved_source())
+        assert src.is_relative_to(tmp_path) and (src / "config.json").is_file() and (src / "labels.json").is_file()
+        assert cfg.model.model_id == "news-lora" and not cfg.lora.engine_enabled()
+    def merges() -> list[Path]:
+        return list(tmp_path.glob("classify-batch-*"))
+
+    assert not src.exists() and not merges()  # nothing left behind (16 GB for an 8B)
+    with pytest.raises(RuntimeError), merged_adapter(service_config(DEFAULT_CONFIG), "news-lora"):
+        raise RuntimeError("the engine did not start")
+    assert not merges()
 
 
 # ---------------------------------------------------------------------------- the job (real engine)
