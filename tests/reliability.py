@@ -22,8 +22,9 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import httpx
 
@@ -37,10 +38,10 @@ class Outcome:
     stream: bool
     status: int | None = None
     result: str = "pending"
-    code: Any = None            # OpenAI error code (HTTP error body or SSE error event)
-    latency: float = 0.0        # seconds from send to end
-    chunks: int = 0             # content events received (streams)
-    tokens: int = 0             # completion tokens (usage on the chunks, when sent)
+    code: Any = None  # OpenAI error code (HTTP error body or SSE error event)
+    latency: float = 0.0  # seconds from send to end
+    chunks: int = 0  # content events received (streams)
+    tokens: int = 0  # completion tokens (usage on the chunks, when sent)
     first_chunk_s: float | None = None
     detail: str = ""
     t_start: float = 0.0
@@ -57,13 +58,27 @@ def is_openai_error(obj: Any) -> bool:
 
 
 def chat_body(i: int = 0, max_tokens: int = 16, stream: bool = False, **extra) -> dict[str, Any]:
-    return {"model": MODEL, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-            "messages": [{"role": "user", "content": f"第{i}条新闻：央行宣布降息25个基点"}], **extra}
+    return {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"第{i}条新闻：央行宣布降息25个基点"}],
+        **extra,
+    }
 
 
-async def request(client: httpx.AsyncClient, url: str, body: dict[str, Any], *, label: str = "",
-                  deadline_s: float = 120.0, on_chunk: asyncio.Event | None = None,
-                  chunks_before_event: int = 1, path: str = "/v1/chat/completions") -> Outcome:
+async def request(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    *,
+    label: str = "",
+    deadline_s: float = 120.0,
+    on_chunk: asyncio.Event | None = None,
+    chunks_before_event: int = 1,
+    path: str = "/v1/chat/completions",
+) -> Outcome:
     """POST `body` and classify how it ended. `deadline_s`: the client gives up (→ `hang`).
     `on_chunk` is set once `chunks_before_event` content events arrived (streams)."""
     stream = bool(body.get("stream"))
@@ -157,10 +172,18 @@ def summarize(label: str, outcomes: Iterable[Outcome]) -> dict[str, Any]:
     by_code = collections.Counter(str(o.code) for o in outs if o.code is not None)
     answered = sum(1 for o in outs if o.well_formed)
     worst = max((o.latency for o in outs), default=0.0)
-    s = {"sent": len(outs), "answered": answered, "by_status": dict(by_status), "by_result": dict(by_result),
-         "error_codes": dict(by_code), "max_latency_s": round(worst, 2)}
-    print(f"\n[{label}] sent={s['sent']} answered={answered} by_status={s['by_status']} "
-          f"by_result={s['by_result']} error_codes={s['error_codes']} max_latency={worst:.2f}s")
+    s = {
+        "sent": len(outs),
+        "answered": answered,
+        "by_status": dict(by_status),
+        "by_result": dict(by_result),
+        "error_codes": dict(by_code),
+        "max_latency_s": round(worst, 2),
+    }
+    print(
+        f"\n[{label}] sent={s['sent']} answered={answered} by_status={s['by_status']} "
+        f"by_result={s['by_result']} error_codes={s['error_codes']} max_latency={worst:.2f}s"
+    )
     for o in outs:
         if not o.well_formed and o.result != "cancelled":
             print(f"    {o.label}: {o.result} status={o.status} {o.detail}")
@@ -175,8 +198,13 @@ def new_client(n: int = 32, timeout_s: float = 180.0) -> httpx.AsyncClient:
 # --------------------------------------------------------------------------- waiting
 
 
-def wait_until(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "condition",
-               ignore: tuple[type[BaseException], ...] = ()) -> Any:
+def wait_until(
+    predicate,
+    timeout_s: float,
+    interval_s: float = 0.5,
+    what: str = "condition",
+    ignore: tuple[type[BaseException], ...] = (),
+) -> Any:
     """Poll `predicate()` every `interval_s` until it returns something truthy (returned) or
     `timeout_s` passes: then an AssertionError naming `what` and the last value seen (or the
     last exception of a type in `ignore`, which count as "not yet")."""

@@ -10,9 +10,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import app_args, wait_healthy
+from prometheus_client.parser import text_string_to_metric_families
 from reliability import wait_until
 
 MODEL = "tiny-qwen3"
@@ -115,7 +114,8 @@ def wait_pushed(app: str, timeout_s: float = 30) -> None:
         snap = ray.get(actor.snapshot.remote(), timeout=30)
         seen["live"] = [sid for sid, src in snap["sources"].items() if src["live"]]
         seen["not pushed since (age s)"] = {
-            sid: snap["age_s"][sid] for sid in seen["live"] if snap["ts"] - snap["age_s"][sid] <= since}
+            sid: snap["age_s"][sid] for sid in seen["live"] if snap["ts"] - snap["age_s"][sid] <= since
+        }
         return bool(seen["live"]) and not seen["not pushed since (age s)"]
 
     try:
@@ -130,8 +130,10 @@ def test_stats_and_metrics_count_what_was_sent(guarded):
     wait_pushed("guarded")  # every request of the earlier tests is counted
     before = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()
     tokens_before = httpx.get(f"{guarded}/metrics", headers=h, timeout=30).json()["total_tokens_generated"]
-    answers = [chat(guarded, KEYS[3], stream=bool(i % 2), **({"stream_options": {"include_usage": True}} if i % 2
-                                                               else {})) for i in range(4)]
+    answers = [
+        chat(guarded, KEYS[3], stream=bool(i % 2), **({"stream_options": {"include_usage": True}} if i % 2 else {}))
+        for i in range(4)
+    ]
     answers.append(chat(guarded, KEYS[3], max_tokens=10**6))  # 400
     assert collections.Counter(r.status_code for r in answers) == {200: 4, 400: 1}
     generated = sum(completion_tokens(r) for r in answers if r.status_code == 200)  # EOS may come early
@@ -175,8 +177,12 @@ def test_real_prometheus_scrapes_the_app(guarded):
     h = {"Authorization": f"Bearer {KEYS[3]}"}
     expected = httpx.get(f"{guarded}/stats", headers=h, timeout=30).json()["total_requests"]
     target = guarded.split("//", 1)[1].split("/", 1)[0]
-    with PromServer([target], metrics_path=f"{PREFIX}/metrics/prometheus", bearer_token=KEYS[3],
-                    rule_files=["monitoring/alerts.yaml"]) as prom:
+    with PromServer(
+        [target],
+        metrics_path=f"{PREFIX}/metrics/prometheus",
+        bearer_token=KEYS[3],
+        rule_files=["monitoring/alerts.yaml"],
+    ) as prom:
         prom.wait_for_scrape()
         value = prom.wait_for_value("sum(llm_requests_total)", lambda v: v == expected, timeout_s=30)
     print(f"\nPromQL sum(llm_requests_total) = {value}, /stats total_requests = {expected}")

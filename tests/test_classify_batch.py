@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from crd_schema import strict
+
 from deployments import classification as clf
 from scripts import batch_io
 
@@ -29,8 +29,14 @@ def _held_out(n: int) -> list[dict]:
 
 
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scripts.classify_batch", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.classify_batch", *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # Malformed records (line, expected reason), mixed among the good ones; the file ends with a
@@ -50,8 +56,10 @@ TRUNCATED = b'{"id": "b8", "sentence": "cut sho'
 
 
 def _write_mixed(path: Path) -> list[dict]:
-    good = [{"id": f"g{i}", "sentence": r["sentence"], "label_desc": r["label_desc"]}
-            for i, r in enumerate(_held_out(N_GOOD))]
+    good = [
+        {"id": f"g{i}", "sentence": r["sentence"], "label_desc": r["label_desc"]}
+        for i, r in enumerate(_held_out(N_GOOD))
+    ]
     lines = [json.dumps(g, ensure_ascii=False).encode() + b"\n" for g in good]
     for k, (line, _) in enumerate(BAD):  # spread the bad rows among the good ones
         lines.insert(2 * k + 1, line)
@@ -80,14 +88,21 @@ def test_shards_cover_every_record_and_rejects_have_reasons(tmp_path):
 
 def test_csv_records_quoted_newlines_and_bad_rows(tmp_path):
     src = tmp_path / "in.csv"
-    src.write_bytes('\ufeffid,title\n1,hello\n2,"two\nlines"\n3,a,b\n4,\n5,\xff\n6,"open\n'
-                    .encode().replace("\xff".encode(), b"\xff"))
+    src.write_bytes(
+        '\ufeffid,title\n1,hello\n2,"two\nlines"\n3,a,b\n4,\n5,\xff\n6,"open\n'.encode().replace(
+            "\xff".encode(), b"\xff"
+        )
+    )
     fs, files, fmt = batch_io.list_inputs(str(src))
     shards = batch_io.plan_file(fs, files[0], fmt, 0, 2, "")
     parsed = [batch_io.parse_shard(fs, s, "title", "id", 2000) for s in shards]
     assert [(rid, text) for p in parsed for _, rid, text in p.rows] == [("1", "hello"), ("2", "two\nlines")]
-    assert [r["reason"] for p in parsed for r in p.rejects] == ["malformed_csv", "empty_text", "bad_encoding",
-                                                                "malformed_csv"]
+    assert [r["reason"] for p in parsed for r in p.rejects] == [
+        "malformed_csv",
+        "empty_text",
+        "bad_encoding",
+        "malformed_csv",
+    ]
 
 
 def test_output_writes_are_atomic_and_leftovers_ignored(tmp_path):
@@ -101,12 +116,19 @@ def test_output_writes_are_atomic_and_leftovers_ignored(tmp_path):
     batch_io.write_shard(fs, out, shard, rows, rejects, ["a", "b"], stats)
     root = tmp_path / "out"
     assert sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) == [
-        "done/0000-000000.json", "parts/0000-000000.jsonl", "rejects/0000-000000.jsonl"]
+        "done/0000-000000.json",
+        "parts/0000-000000.jsonl",
+        "rejects/0000-000000.jsonl",
+    ]
     marker = (root / "done" / "0000-000000.json").stat().st_mtime_ns
     assert all(marker >= (root / sub / "0000-000000.jsonl").stat().st_mtime_ns for sub in ("parts", "rejects"))
     # an interrupted write: a half-written temporary file in each folder (and the old naming)
-    for sub, name in (("parts", ".0000-000001.jsonl.0123abcd.tmp"), ("rejects", ".0000-000001.jsonl.99.tmp"),
-                      ("done", ".0000-000001.json.77.tmp"), ("parts", "0000-000002.jsonl.tmp")):
+    for sub, name in (
+        ("parts", ".0000-000001.jsonl.0123abcd.tmp"),
+        ("rejects", ".0000-000001.jsonl.99.tmp"),
+        ("done", ".0000-000001.json.77.tmp"),
+        ("parts", "0000-000002.jsonl.tmp"),
+    ):
         (root / sub / name).write_bytes(b'{"id": 3, "lab')
     assert batch_io.done_shards(fs, out) == {shard.key: stats}
     assert batch_io.done_marker(fs, out, shard.key) == stats and batch_io.done_marker(fs, out, "0000-000001") is None
@@ -133,8 +155,14 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
         return [{"label": "a", "scores": {"a": 1.0, "b": 0.0}} for _ in texts]
 
     out = str(tmp_path / "out")
-    worker = SimpleNamespace(out=out, text_field="sentence", id_field=None, labels=["a", "b"], classify=classify,
-                             config=SimpleNamespace(classification=SimpleNamespace(max_input_chars=2000)))
+    worker = SimpleNamespace(
+        out=out,
+        text_field="sentence",
+        id_field=None,
+        labels=["a", "b"],
+        classify=classify,
+        config=SimpleNamespace(classification=SimpleNamespace(max_input_chars=2000)),
+    )
     first = ShardClassifier.process(worker, shards[0].to_json())
     assert calls == [3] and not first.get("skipped") and batch_io.done_marker(fs, out, shards[0].key) == first
     again = ShardClassifier.process(worker, shards[0].to_json())
@@ -165,6 +193,7 @@ def test_merged_adapter_config(tmp_path, monkeypatch):
         src = Path(cfg.model.resolved_source())
         assert src.is_relative_to(tmp_path) and (src / "config.json").is_file() and (src / "labels.json").is_file()
         assert cfg.model.model_id == "news-lora" and not cfg.lora.engine_enabled()
+
     def merges() -> list[Path]:
         return list(tmp_path.glob("classify-batch-*"))
 
@@ -181,8 +210,20 @@ def test_merged_adapter_config(tmp_path, monkeypatch):
 def mixed_job(tmp_path_factory):
     d = tmp_path_factory.mktemp("batch")
     good = _write_mixed(d / "in.jsonl")
-    r = _cli(str(d / "in.jsonl"), "--out", str(d / "out"), "--text-field", "sentence", "--id-field", "id",
-             "--shard-rows", "10", "--no-progress", "--pool", "actors")  # Ray Data: the other tests
+    r = _cli(
+        str(d / "in.jsonl"),
+        "--out",
+        str(d / "out"),
+        "--text-field",
+        "sentence",
+        "--id-field",
+        "id",
+        "--shard-rows",
+        "10",
+        "--no-progress",
+        "--pool",
+        "actors",
+    )  # Ray Data: the other tests
     return d, good, r
 
 
@@ -215,8 +256,9 @@ def test_same_labels_as_the_service_scoring(mixed_job):
     batch = {x["id"]: x for x in batch_io.read_output(str(d / "out"))[0]}
     cfg = service_config(DEFAULT_CONFIG)
     labels = resolve_labels(cfg, None)
-    worker = ShardClassifier(cfg.model_dump(mode="json"), cfg.classification.model, labels, str(d / "x"),
-                             "sentence", "id")
+    worker = ShardClassifier(
+        cfg.model_dump(mode="json"), cfg.classification.model, labels, str(d / "x"), "sentence", "id"
+    )
     try:
         texts = [g["sentence"] for g in good]
         enc = worker.tokenizer._classify(texts, labels)
@@ -240,7 +282,9 @@ def test_same_labels_as_the_service_scoring(mixed_job):
         # the same label, or a tie within that rounding (another batch, another summation order)
         for other in (got, w):
             assert other["label"] == s["label"] or abs(s["scores"][other["label"]] - s["scores"][s["label"]]) < 2e-4, (
-                other, s)
+                other,
+                s,
+            )
 
     # The evaluation of the batch output gives the figures of the service's path.
     from scripts import eval_classifier as ev
@@ -248,12 +292,27 @@ def test_same_labels_as_the_service_scoring(mixed_job):
     gold_file = d / "gold.jsonl"
     gold_file.write_text("".join(json.dumps(g, ensure_ascii=False) + "\n" for g in good))
     report = d / "eval.html"
-    assert ev.main(["--data", str(gold_file), "--batch-output", str(d / "out"), "--id-field", "id",
-                    "--report", str(report), "--no-progress"]) == 0
+    assert (
+        ev.main(
+            [
+                "--data",
+                str(gold_file),
+                "--batch-output",
+                str(d / "out"),
+                "--id-field",
+                "id",
+                "--report",
+                str(report),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = json.loads(report.with_suffix(".json").read_text())["metrics"]
     preds = [s["label"] for s in served]
-    want = ev.compute_metrics([g["label_desc"] for g in good], preds, labels,
-                              ev.confidences(preds, [s["scores"] for s in served]))
+    want = ev.compute_metrics(
+        [g["label_desc"] for g in good], preds, labels, ev.confidences(preds, [s["scores"] for s in served])
+    )
     assert got["accuracy"] == want["accuracy"] and got["confusion_matrix"] == want["confusion_matrix"]
     assert got["accuracy_ci95"] == pytest.approx(want["accuracy_ci95"])
     assert got["ece"] == pytest.approx(want["ece"], abs=1e-4) and 0 <= got["ece"] <= 1
@@ -272,9 +331,13 @@ def test_wilson_interval_and_ece():
 
 def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     """Every finished output file (parts, rejects, done markers): its mtime and content."""
-    return {str(f.relative_to(out)): (f.stat().st_mtime_ns, f.read_bytes())
-            for sub in ("parts", "rejects", "done") if (out / sub).is_dir()
-            for f in (out / sub).iterdir() if batch_io.is_output_name(f.name)}
+    return {
+        str(f.relative_to(out)): (f.stat().st_mtime_ns, f.read_bytes())
+        for sub in ("parts", "rejects", "done")
+        if (out / sub).is_dir()
+        for f in (out / sub).iterdir()
+        if batch_io.is_output_name(f.name)
+    }
 
 
 def _markers(out: Path) -> int:
@@ -286,8 +349,14 @@ N_SHARDS = 100
 
 def _interrupted(src: Path, out: Path, common: list[str], sig: int, markers: int) -> tuple[int, str]:
     """Run the job and send it `sig` once `markers` shards are written; (exit status, stderr)."""
-    p = subprocess.Popen([sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), *common],
-                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), *common],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and p.poll() is None and _markers(out) < markers:
@@ -388,15 +457,28 @@ def _rayjob_errors(doc) -> list[str]:
     ver = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     assert ver["served"]
     schema = ver["schema"]["openAPIV3Schema"]
-    schema = {**schema, "properties": {**schema["properties"], "metadata": {
-        "type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-            "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
-            "namespace": {"type": "string"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}}}}}}
+    schema = {
+        **schema,
+        "properties": {
+            **schema["properties"],
+            "metadata": {
+                "type": "object",
+                "required": ["name"],
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", "maxLength": 253},
+                    "namespace": {"type": "string"},
+                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    }
     doc = copy.deepcopy(doc)
     _defaults(doc, schema)
-    return [f"{'/'.join(map(str, e.path))}: {e.message[:200]}"
-            for e in jsonschema.Draft7Validator(strict(schema)).iter_errors(doc)]
+    return [
+        f"{'/'.join(map(str, e.path))}: {e.message[:200]}"
+        for e in jsonschema.Draft7Validator(strict(schema)).iter_errors(doc)
+    ]
 
 
 def test_rayjob_validates_against_the_crd():
@@ -419,13 +501,16 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
     import yaml
 
     from deployments.config import ServiceConfig
-    from scripts import classify_batch, gen_kuberay as gen, gen_rayjob
+    from scripts import classify_batch, gen_rayjob
+    from scripts import gen_kuberay as gen
 
     job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]
     service = yaml.safe_load(gen.RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
     cluster = job["rayClusterSpec"]
-    assert cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == \
-        service["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert (
+        cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        == service["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    )
     gpu = [w for w in cluster["workerGroupSpecs"] if w["rayStartParams"].get("num-gpus", "0") != "0"]
     assert gpu and all(w["replicas"] == w["maxReplicas"] for w in gpu)
     args = yaml.safe_load(job["runtimeEnvYAML"])["env_vars"][classify_batch.BATCH_ARGS_ENV]
@@ -443,7 +528,8 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
 def test_rayjob_drift(tmp_path, monkeypatch):
     import yaml
 
-    from scripts import gen_kuberay as gen, gen_rayjob
+    from scripts import gen_kuberay as gen
+    from scripts import gen_rayjob
 
     assert gen_rayjob.stale() == "", "the RayJob is stale: run `python scripts/gen_rayjob.py`"
     r = subprocess.run([sys.executable, "scripts/gen_rayjob.py", "--check"], cwd=REPO, capture_output=True, text=True)

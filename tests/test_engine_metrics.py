@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prom_server import PromServer, ensure_prometheus_tools
 from prometheus_client.parser import text_string_to_metric_families
+from reliability import wait_until
 
 from deployments.observability import ServiceStatsActor, StatsRecorder
 from deployments.observability.families import ENGINE_FAMILIES, REPLICA_GAUGES
-from prom_server import PromServer, ensure_prometheus_tools
-from reliability import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 MON = REPO / "monitoring"
@@ -60,11 +60,15 @@ def _model_handle():
 
 async def _burst(base_url: str, n: int, max_tokens: int) -> list[dict]:
     async with httpx.AsyncClient(base_url=base_url, timeout=120) as c:
+
         async def one(i: int) -> dict:
-            r = await c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": max_tokens,
-                                                      "temperature": 0.0, "ignore_eos": True})
+            r = await c.post(
+                "/v1/completions",
+                json={"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True},
+            )
             assert r.status_code == 200, r.text
             return r.json()
+
         return await asyncio.gather(*[one(i) for i in range(n)])
 
 
@@ -104,13 +108,21 @@ def test_engine_metrics_after_a_burst(base_url):
         samples = _scrape(base_url)
         metrics = httpx.get(f"{base_url}/metrics", timeout=30).json()
         done = _inside(inside, "vllm:request_success") - _inside(before, "vllm:request_success") == 8
-        pushed = all(_by_replica(samples, n + "_total").get(replica) == _inside(inside, n)
-                     for n in ("vllm:request_success", "vllm:generation_tokens", "vllm:prompt_tokens",
-                               "vllm:prefix_cache_hits", "vllm:prefix_cache_queries"))
-        gauges = (_by_replica(samples, "vllm:kv_cache_usage_perc").get(replica)
-                  == _inside(inside, "vllm:kv_cache_usage_perc")
-                  and metrics["engine"]["replicas"].get(replica, {}).get("generation_tokens")
-                  == _inside(inside, "vllm:generation_tokens"))
+        pushed = all(
+            _by_replica(samples, n + "_total").get(replica) == _inside(inside, n)
+            for n in (
+                "vllm:request_success",
+                "vllm:generation_tokens",
+                "vllm:prompt_tokens",
+                "vllm:prefix_cache_hits",
+                "vllm:prefix_cache_queries",
+            )
+        )
+        gauges = _by_replica(samples, "vllm:kv_cache_usage_perc").get(replica) == _inside(
+            inside, "vllm:kv_cache_usage_perc"
+        ) and metrics["engine"]["replicas"].get(replica, {}).get("generation_tokens") == _inside(
+            inside, "vllm:generation_tokens"
+        )
         return (inside, samples, metrics) if done and pushed and gauges else None
 
     try:
@@ -133,8 +145,14 @@ def test_engine_metrics_after_a_burst(base_url):
     assert _by_replica(samples, "vllm:num_requests_waiting")[replica] == 0
 
     # Agreement with vLLM inside the replica (read after the burst, both quiet) ...
-    for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:prompt_tokens",
-                 "vllm:generation_tokens", "vllm:request_success", "vllm:num_preemptions"):
+    for name in (
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+        "vllm:request_success",
+        "vllm:num_preemptions",
+    ):
         assert _by_replica(samples, name + "_total")[replica] == _inside(inside, name), name
     for name in ("vllm:request_queue_time_seconds", "vllm:iteration_tokens_total"):
         assert _by_replica(samples, name + "_count")[replica] == _inside(inside, name), name
@@ -178,17 +196,27 @@ def test_engine_families_always_present_and_expire_with_the_replica():
         assert f"# TYPE {name} gauge" in text
     rec = StatsRecorder("model", sink=actor, source_id="m", capacity=3)
     rec.engine_source = lambda: {
-        "replica": "r1", "started": 1.0, "gpu_memory_used_bytes": 9e9, "gpu_memory_total_bytes": 1e10,
+        "replica": "r1",
+        "started": 1.0,
+        "gpu_memory_used_bytes": 9e9,
+        "gpu_memory_total_bytes": 1e10,
         "gpu_utilization": 0.5,
-        "metrics": [("vllm:kv_cache_usage_perc", (("engine", "0"), ("model_name", "m")), 0.5),
-                    ("vllm:iteration_tokens_total", (("engine", "0"), ("model_name", "m")),
-                     (3, 12.0, [("1.0", 1), ("8.0", 2), ("+Inf", 3)]))]}
+        "metrics": [
+            ("vllm:kv_cache_usage_perc", (("engine", "0"), ("model_name", "m")), 0.5),
+            (
+                "vllm:iteration_tokens_total",
+                (("engine", "0"), ("model_name", "m")),
+                (3, 12.0, [("1.0", 1), ("8.0", 2), ("+Inf", 3)]),
+            ),
+        ],
+    }
     asyncio.run(rec.flush())
     fams = {f.name: f for f in text_string_to_metric_families(actor.prometheus_text())}
     assert [s.value for s in fams["vllm:kv_cache_usage_perc"].samples] == [0.5]
     assert fams["vllm:kv_cache_usage_perc"].samples[0].labels == {"replica": "r1", "engine": "0", "model_name": "m"}
-    buckets = {s.labels["le"]: s.value for s in fams["vllm:iteration_tokens_total"].samples
-               if s.name.endswith("_bucket")}
+    buckets = {
+        s.labels["le"]: s.value for s in fams["vllm:iteration_tokens_total"].samples if s.name.endswith("_bucket")
+    }
     assert buckets == {"1.0": 1, "8.0": 2, "+Inf": 3}
     assert [s.value for s in fams["llm_gpu_memory_used_bytes"].samples] == [9e9]
     eng = actor.metrics_json()["engine"]["replicas"]["r1"]
@@ -245,7 +273,8 @@ def test_ray_metrics_port_has_vllm_families_per_replica(base_url):
                     if s.name.startswith("ray_vllm_") and s.labels.get("ReplicaId") == replica:
                         seen[s.name] = s.value
         if {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running"} <= set(seen) and any(
-                n.startswith("ray_vllm_generation_tokens") for n in seen):
+            n.startswith("ray_vllm_generation_tokens") for n in seen
+        ):
             break
         time.sleep(2)
     assert "ray_vllm_kv_cache_usage_perc" in seen and 0 <= seen["ray_vllm_kv_cache_usage_perc"] <= 1, sorted(seen)
@@ -277,8 +306,9 @@ def test_engine_alert_rules_check_and_unit_tests(promtool):
     firing = {a["alertname"] for t in tests for a in t["alert_rule_test"] if a["exp_alerts"]}
     quiet = {a["alertname"] for t in tests for a in t["alert_rule_test"] if not a["exp_alerts"]}
     assert firing == quiet == ENGINE_RULES
-    rules = {r["alert"]: r for g in yaml.safe_load((MON / "engine_alerts.yaml").read_text())["groups"]
-             for r in g["rules"]}
+    rules = {
+        r["alert"]: r for g in yaml.safe_load((MON / "engine_alerts.yaml").read_text())["groups"] for r in g["rules"]
+    }
     assert rules["KVCacheNearlyFull"]["for"] == "5m" and "> 0.9" in rules["KVCacheNearlyFull"]["expr"]
     assert "> 0.9" in rules["GPUMemoryHigh"]["expr"] and "> 3" in rules["ModelReplicaRestarts"]["expr"]
     assert "[1h]" in rules["ModelReplicaRestarts"]["expr"]
@@ -289,8 +319,11 @@ def test_engine_alert_rules_check_and_unit_tests(promtool):
 
 def _dashboard_exprs() -> list[tuple[str, str]]:
     dash = json.loads((MON / "grafana-dashboard.json").read_text())
-    return [(p["title"], t["expr"].replace("$__rate_interval", "30s").replace("$job", ".*"))
-            for p in dash["panels"] for t in p.get("targets", [])]
+    return [
+        (p["title"], t["expr"].replace("$__rate_interval", "30s").replace("$job", ".*"))
+        for p in dash["panels"]
+        for t in p.get("targets", [])
+    ]
 
 
 def test_real_prometheus_on_the_real_app_engine_panels_and_rules(base_url, promtool):
@@ -303,12 +336,18 @@ def test_real_prometheus_on_the_real_app_engine_panels_and_rules(base_url, promt
     replica = _model_handle().engine_metrics.remote().result(timeout_s=60)["replica"]
     target = base_url.removeprefix("http://")
     ports = sorted({n["MetricsExportPort"] for n in ray.nodes() if n.get("Alive") and n.get("MetricsExportPort")})
-    ray_job = next(j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]
-                   if j["job_name"] == "ray")
-    ray_job = {**ray_job, "scrape_interval": "2s", "scrape_timeout": "2s",
-               "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}]}
-    with PromServer([target], rule_files=[MON / "alerts.yaml", MON / "engine_alerts.yaml"],
-                    extra_scrape_configs=[ray_job]) as prom:
+    ray_job = next(
+        j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"] if j["job_name"] == "ray"
+    )
+    ray_job = {
+        **ray_job,
+        "scrape_interval": "2s",
+        "scrape_timeout": "2s",
+        "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in ports]}],
+    }
+    with PromServer(
+        [target], rule_files=[MON / "alerts.yaml", MON / "engine_alerts.yaml"], extra_scrape_configs=[ray_job]
+    ) as prom:
         prom.wait_for_scrape(timeout_s=60)
         sel = f'{{job="llm-serve",replica="{replica}"}}'
         generated = _inside(_model_handle().engine_metrics.remote().result(timeout_s=60), "vllm:generation_tokens")
@@ -338,5 +377,5 @@ def test_real_prometheus_on_the_real_app_engine_panels_and_rules(base_url, promt
         restarts = next(e for (t, e) in results if t.startswith("Model replicas replaced") and "count_over_time" in e)
         assert prom.wait_for_value(restarts) == 0  # one replica, never replaced
         rules = prom.rules()
-        assert ENGINE_RULES <= {r["name"] for r in rules}
+        assert {r["name"] for r in rules} >= ENGINE_RULES
         assert all(r["health"] != "err" for r in rules), [r for r in rules if r["health"] == "err"]

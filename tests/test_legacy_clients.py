@@ -13,16 +13,25 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import ADMIN, app_args
+from prometheus_client.parser import text_string_to_metric_families
 from reliability import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-TITLES = ["央行宣布下调存款准备金率", "国足客场战平对手", "新款手机发布会定于下月举行",
-          "高考报名人数创新高", "油价迎来年内第三次上涨", "电影票房突破十亿"]
-LEGACY_GAUGES = ("vllm_num_waiting_requests", "vllm_num_running_requests", "vllm_ttft_p95",
-                 "vllm_decoding_throughput_mean")
+TITLES = [
+    "央行宣布下调存款准备金率",
+    "国足客场战平对手",
+    "新款手机发布会定于下月举行",
+    "高考报名人数创新高",
+    "油价迎来年内第三次上涨",
+    "电影票房突破十亿",
+]
+LEGACY_GAUGES = (
+    "vllm_num_waiting_requests",
+    "vllm_num_running_requests",
+    "vllm_ttft_p95",
+    "vllm_decoding_throughput_mean",
+)
 
 
 def _session_default_model() -> str:
@@ -34,9 +43,15 @@ def _session_default_model() -> str:
 
 def _classify(base_url: str, title: str) -> tuple[str, str]:
     """The replaced service's documented client call, verbatim in its shape."""
-    response = requests.post(f"{base_url}/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": f"分类：{title}"}], "max_tokens": 50, "temperature": 0.3,
-    }, timeout=30)
+    response = requests.post(
+        f"{base_url}/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": f"分类：{title}"}],
+            "max_tokens": 50,
+            "temperature": 0.3,
+        },
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["message"]["content"], response.json()["model"]
 
@@ -51,9 +66,11 @@ def test_legacy_chat_client_three_workers(base_url):
 
 
 def test_legacy_completion_without_model(base_url):
-    r = requests.post(f"{base_url}/v1/completions",
-                      json={"prompt": "请分类以下新闻：央行宣布下调存款准备金率\n类别：", "max_tokens": 8,
-                            "temperature": 0.3}, timeout=30)
+    r = requests.post(
+        f"{base_url}/v1/completions",
+        json={"prompt": "请分类以下新闻：央行宣布下调存款准备金率\n类别：", "max_tokens": 8, "temperature": 0.3},
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and isinstance(body["choices"][0]["text"], str)
@@ -66,9 +83,16 @@ def test_legacy_model_id_is_listed_and_served(base_url):
     cards = {c["id"]: c for c in r.json()["data"]}
     assert "qwen-news-classifier" in cards
     assert set(cards["qwen-news-classifier"]) >= {"id", "object", "created", "owned_by"}
-    r = requests.post(f"{base_url}/v1/chat/completions", json={
-        "model": "qwen-news-classifier", "messages": [{"role": "user", "content": f"分类：{TITLES[0]}"}],
-        "max_tokens": 5, "temperature": 0.3}, timeout=30)
+    r = requests.post(
+        f"{base_url}/v1/chat/completions",
+        json={
+            "model": "qwen-news-classifier",
+            "messages": [{"role": "user", "content": f"分类：{TITLES[0]}"}],
+            "max_tokens": 5,
+            "temperature": 0.3,
+        },
+        timeout=30,
+    )
     assert r.status_code == 200, r.text
 
 
@@ -94,8 +118,14 @@ def test_legacy_health_fields(base_url):
 def test_legacy_stats_fields(base_url):
     body = requests.get(f"{base_url}/stats", timeout=30).json()
     stats = body["statistics"]
-    for key in ("total_requests", "successful_requests", "failed_requests", "queue_full_count",
-                "current_queue_size", "peak_queue_size"):
+    for key in (
+        "total_requests",
+        "successful_requests",
+        "failed_requests",
+        "queue_full_count",
+        "current_queue_size",
+        "peak_queue_size",
+    ):
         assert isinstance(stats[key], int) and stats[key] == body[key]
     assert isinstance(body["current_queue_size"], int) and isinstance(body["available_slots"], int)
     for ours in ("running_requests", "in_flight_requests", "model_replicas", "capacity", "rejections"):
@@ -106,9 +136,17 @@ def test_legacy_metrics_json_fields(base_url):
     body = requests.get(f"{base_url}/metrics", timeout=30).json()
     for key in ("num_waiting_requests", "num_running_requests", "total_requests", "total_tokens_generated"):
         assert isinstance(body[key], int)
-    assert set(body["slo"]) >= {"ttft_mean", "ttft_p50", "ttft_p95", "ttft_p99", "decoding_throughput_mean",
-                                "decoding_throughput_p50", "decoding_throughput_p95", "total_throughput",
-                                "sample_size"}
+    assert set(body["slo"]) >= {
+        "ttft_mean",
+        "ttft_p50",
+        "ttft_p95",
+        "ttft_p99",
+        "decoding_throughput_mean",
+        "decoding_throughput_p50",
+        "decoding_throughput_p95",
+        "total_throughput",
+        "sample_size",
+    }
 
 
 def test_legacy_prometheus_gauges(base_url):
@@ -165,8 +203,9 @@ def test_queue_full_body_has_the_legacy_fields():
     from deployments.config import ServiceConfig
     from serve_app import app_options
 
-    cfg = ServiceConfig.model_validate({"deployments": {"model": {
-        "max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 1}}})
+    cfg = ServiceConfig.model_validate(
+        {"deployments": {"model": {"max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 1}}}
+    )
     gate = ModelCapacity.from_options(app_options(cfg)["model"])
     for _ in range(13):
         gate.acquire(1)
@@ -194,8 +233,9 @@ def test_other_errors_have_no_legacy_fields():
 
     assert set(errors.bad_request("x").body()) == {"error"}
     assert set(errors.engine_unavailable().body()) == {"error"}
-    body = rate_limited_error(RateDecision(allowed=False, limit=10, retry_after_s=5, window="minute",
-                                           period_s=60)).body()
+    body = rate_limited_error(
+        RateDecision(allowed=False, limit=10, retry_after_s=5, window="minute", period_s=60)
+    ).body()
     assert set(body) == {"error"} and isinstance(body["error"], dict)  # the 429: OpenAI's shape only
 
 
@@ -217,13 +257,19 @@ class _Model:
     def remote(self):
         async def answer():
             return {"engine": self.engine, "platform": "cpu", "accelerator_memory_gb": None, "gpu": None}
+
         return answer()
 
 
-@pytest.mark.parametrize("legacy, engine, status, code", [
-    (False, "ok", "healthy", 200), (True, "ok", "ok", 200),
-    (False, "dead: EngineDeadError", "unhealthy", 503), (True, "dead: EngineDeadError", "unhealthy", 503),
-])
+@pytest.mark.parametrize(
+    "legacy, engine, status, code",
+    [
+        (False, "ok", "healthy", 200),
+        (True, "ok", "ok", 200),
+        (False, "dead: EngineDeadError", "unhealthy", 503),
+        (True, "dead: EngineDeadError", "unhealthy", 503),
+    ],
+)
 def test_health_status_switch(legacy, engine, status, code):
     """`compat.legacy_health_status` changes only the healthy word; the rest stays."""
     import json
@@ -236,8 +282,14 @@ def test_health_status_switch(legacy, engine, status, code):
 
     cfg = ServiceConfig.model_validate({"compat": {"legacy_health_status": legacy}})
     opts = app_options(cfg)["model"]
-    health = ServingHealth(_Model(engine), cfg, opts, ModelCalls(ModelCapacity.from_options(opts), 1),
-                           RateLimiter(make_windows(10, 100)), auth_enabled=False)
+    health = ServingHealth(
+        _Model(engine),
+        cfg,
+        opts,
+        ModelCalls(ModelCapacity.from_options(opts), 1),
+        RateLimiter(make_windows(10, 100)),
+        auth_enabled=False,
+    )
     response = asyncio.run(health.health())
     body = json.loads(response.body)
     assert response.status_code == code and body["status"] == status
@@ -249,8 +301,11 @@ def test_health_status_switch(legacy, engine, status, code):
 def test_max_tokens_over_the_cap_is_refused_naming_it(base_url):
     """The default (`limits.max_tokens_over_cap: refuse`): a gateway's fixed max_tokens above the
     cap is a 400 naming the field; `clamp` serves it at the cap (tests/test_fast_path.py)."""
-    r = requests.post(f"{base_url}/v1/chat/completions", timeout=30,
-                      json={"messages": [{"role": "user", "content": TITLES[0]}], "max_tokens": 1024})
+    r = requests.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=30,
+        json={"messages": [{"role": "user", "content": TITLES[0]}], "max_tokens": 1024},
+    )
     assert r.status_code == 400
     err = r.json()["error"]
     assert (err["param"], err["code"]) == ("max_tokens", "max_tokens_too_large") and "512" in err["message"]

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import httpx
 import pytest
-
-from conftest import ADMIN, LORA_DIR, REPO as REPO_ROOT
+from conftest import ADMIN, LORA_DIR
+from conftest import REPO as REPO_ROOT
 
 BASE = "tiny-qwen3"
 ADAPTER = "news-lora"
 
 
 def greedy(client, model: str, text: str = "央行宣布降息25个基点") -> tuple[str, str]:
-    r = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
-                                       messages=[{"role": "user", "content": text}],
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=model,
+        max_tokens=16,
+        temperature=0,
+        messages=[{"role": "user", "content": text}],
+        extra_body={"ignore_eos": True},
+    )
     return r.model, r.choices[0].message.content
 
 
@@ -26,8 +30,14 @@ def test_models_list_base_and_adapter(client):
 
 def scored(client, model: str, text: str = "央行宣布降息25个基点") -> tuple[str, list[tuple[str, float]]]:
     """A greedy answer's text and its (token, logprob) pairs."""
-    r = client.chat.completions.create(model=model, max_tokens=16, temperature=0, logprobs=True,
-                                       messages=[{"role": "user", "content": text}], extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=model,
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        messages=[{"role": "user", "content": text}],
+        extra_body={"ignore_eos": True},
+    )
     assert r.model == model
     return r.choices[0].message.content, [(t.token, t.logprob) for t in r.choices[0].logprobs.content]
 
@@ -43,9 +53,16 @@ def test_adapter_changes_the_model(client):
 
 
 def test_adapter_streaming(client):
-    chunks = list(client.chat.completions.create(
-        model=ADAPTER, max_tokens=8, temperature=0, stream=True,
-        messages=[{"role": "user", "content": "央行宣布降息25个基点"}], extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=ADAPTER,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            messages=[{"role": "user", "content": "央行宣布降息25个基点"}],
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert {c.model for c in chunks} == {ADAPTER}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == greedy(client, ADAPTER)[1][: len(text)]
@@ -53,28 +70,44 @@ def test_adapter_streaming(client):
 
 def test_load_use_unload(base_url, client):
     name = "runtime-lora"
-    r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": name, "lora_path": str(LORA_DIR)}, timeout=60)
+    r = httpx.post(
+        f"{base_url}/v1/load_lora_adapter",
+        headers=ADMIN,
+        json={"lora_name": name, "lora_path": str(LORA_DIR)},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert name in [m.id for m in client.models.list().data]
     assert greedy(client, name) == (name, greedy(client, ADAPTER)[1])  # same weights
     # loading the same name again is refused
-    r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": name, "lora_path": str(LORA_DIR)}, timeout=60)
+    r = httpx.post(
+        f"{base_url}/v1/load_lora_adapter",
+        headers=ADMIN,
+        json={"lora_name": name, "lora_path": str(LORA_DIR)},
+        timeout=60,
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_exists"
     r = httpx.post(f"{base_url}/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": name}, timeout=60)
     assert r.status_code == 200, r.text
-    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
-                   json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={"model": name, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = httpx.post(f"{base_url}/v1/unload_lora_adapter", headers=ADMIN, json={"lora_name": name}, timeout=60)
     assert r.status_code == 404
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"lora_name": "bad", "lora_path": "/nonexistent/adapter"}, "lora_path"),
-    ({"lora_name": "bad", "lora_path": "models/tiny-qwen3"}, "lora_path"),  # a model, not an adapter
-    ({"lora_name": "has space", "lora_path": str(LORA_DIR)}, "lora_name"),
-    ({"lora_name": BASE, "lora_path": str(LORA_DIR)}, "lora_name"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"lora_name": "bad", "lora_path": "/nonexistent/adapter"}, "lora_path"),
+        ({"lora_name": "bad", "lora_path": "models/tiny-qwen3"}, "lora_path"),  # a model, not an adapter
+        ({"lora_name": "has space", "lora_path": str(LORA_DIR)}, "lora_name"),
+        ({"lora_name": BASE, "lora_path": str(LORA_DIR)}, "lora_name"),
+    ],
+)
 def test_load_bad_adapter_is_400(base_url, client, body, param):
     r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json=body, timeout=60)
     assert r.status_code == 400, r.text
@@ -96,19 +129,29 @@ def test_load_only_safetensors_from_inside_the_adapter_roots(base_url, client, t
     (root / "escape").symlink_to("/etc")
     (root / "shipped").symlink_to(LORA_DIR)  # a link that stays inside a root (models/) is fine
     up = os.path.relpath("/etc", root)
-    for lora_path, code in [(str(root / "escape"), "lora_path_not_allowed"),
-                            (f"{root}/{up}", "lora_path_not_allowed"),
-                            ("models/../../..", "lora_path_not_allowed"),
-                            (str(pickled), "lora_weights_not_safetensors")]:
-        r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": "probe", "lora_path": lora_path},
-                       timeout=60)
+    for lora_path, code in [
+        (str(root / "escape"), "lora_path_not_allowed"),
+        (f"{root}/{up}", "lora_path_not_allowed"),
+        ("models/../../..", "lora_path_not_allowed"),
+        (str(pickled), "lora_weights_not_safetensors"),
+    ]:
+        r = httpx.post(
+            f"{base_url}/v1/load_lora_adapter",
+            headers=ADMIN,
+            json={"lora_name": "probe", "lora_path": lora_path},
+            timeout=60,
+        )
         assert r.status_code == 400, (lora_path, r.text)
         err = r.json()["error"]
         assert (err["param"], err["code"]) == ("lora_path", code), (lora_path, err)
         assert repr(lora_path) in err["message"] and str(REPO_ROOT) not in err["message"], err
     assert "probe" not in [m.id for m in client.models.list().data]
-    r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": "linked", "lora_path": str(root / "shipped")},
-                   timeout=60)
+    r = httpx.post(
+        f"{base_url}/v1/load_lora_adapter",
+        headers=ADMIN,
+        json={"lora_name": "linked", "lora_path": str(root / "shipped")},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     try:
         assert greedy(client, "linked") == ("linked", greedy(client, ADAPTER)[1])
@@ -121,8 +164,7 @@ def test_classify_single_and_batch(base_url):
 
     labels = load_labels(None)
     for model in (BASE, ADAPTER):
-        r = httpx.post(f"{base_url}/v1/classify", timeout=120,
-                       json={"model": model, "input": "央行宣布降息25个基点"})
+        r = httpx.post(f"{base_url}/v1/classify", timeout=120, json={"model": model, "input": "央行宣布降息25个基点"})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "list" and body["model"] == model
@@ -140,16 +182,19 @@ def test_classify_single_and_batch(base_url):
     assert all(d["label"] in labels[:5] and set(d["scores"]) == set(labels[:5]) for d in data)
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"input": ""}, "input[0]"),
-    ({"input": ["ok", "  "]}, "input[1]"),
-    ({"input": []}, "input"),
-    ({"input": ["x"] * 33}, "input"),
-    ({"input": "x", "labels": ["news_finance", "not_a_label"]}, "labels"),
-    ({"input": "x", "labels": ["news_finance"]}, "labels"),
-    ({"input": 5}, "input"),
-    ({"input": "x", "model": "nope"}, "model"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"input": ""}, "input[0]"),
+        ({"input": ["ok", "  "]}, "input[1]"),
+        ({"input": []}, "input"),
+        ({"input": ["x"] * 33}, "input"),
+        ({"input": "x", "labels": ["news_finance", "not_a_label"]}, "labels"),
+        ({"input": "x", "labels": ["news_finance"]}, "labels"),
+        ({"input": 5}, "input"),
+        ({"input": "x", "model": "nope"}, "model"),
+    ],
+)
 def test_classify_bad_input(base_url, body, param):
     r = httpx.post(f"{base_url}/v1/classify", json=body, timeout=60)
     assert 400 <= r.status_code < 500, r.text
@@ -172,10 +217,10 @@ def transformers_probs(texts: list[str], labels: list[str], adapter=None) -> lis
     import math
 
     import torch
+    from conftest import MODEL_DIR
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import MODEL_DIR
     from scripts import train_lora
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -190,11 +235,13 @@ def transformers_probs(texts: list[str], labels: list[str], adapter=None) -> lis
     return out
 
 
-def served_probs(base_url: str, texts: list[str], labels: list[str], model: str | None) -> tuple[str, list[list[float]]]:
+def served_probs(
+    base_url: str, texts: list[str], labels: list[str], model: str | None
+) -> tuple[str, list[list[float]]]:
     """(the model that answered, per text each label's probability) from /v1/classify."""
     rows, answered = [], set()
     for i in range(0, len(texts), 32):
-        body = {"input": texts[i:i + 32]} | ({"model": model} if model else {})
+        body = {"input": texts[i : i + 32]} | ({"model": model} if model else {})
         r = httpx.post(f"{base_url}/v1/classify", timeout=300, json=body)
         assert r.status_code == 200, r.text
         answered.add(r.json()["model"])
@@ -222,8 +269,15 @@ def test_classify_default_model_is_the_trained_adapter(base_url):
     adapter trained on TNEWS (models/tiny-qwen3-lora), as transformers classifies with it."""
     from deployments.classification import load_labels
 
-    texts = ["央行宣布降息25个基点", "央行降准0.5个百分点释放长期资金", "A股三大指数集体收涨，券商股领涨",
-             "银行理财收益率持续下降", "詹姆斯带领湖人队赢得总冠军", "国足1比0击败对手晋级", "梅西梅开二度巴萨大胜"]
+    texts = [
+        "央行宣布降息25个基点",
+        "央行降准0.5个百分点释放长期资金",
+        "A股三大指数集体收涨，券商股领涨",
+        "银行理财收益率持续下降",
+        "詹姆斯带领湖人队赢得总冠军",
+        "国足1比0击败对手晋级",
+        "梅西梅开二度巴萨大胜",
+    ]
     labels = load_labels(None)
     model, default = served_probs(base_url, texts, labels, None)
     assert model == ADAPTER
@@ -267,8 +321,12 @@ def test_adapter_from_train_lora_is_served(base_url, trained_adapter):
 
     name, texts = "trained-lora", ["央行宣布降息25个基点", "新款电动汽车正式上市", "詹姆斯带领湖人队赢得总冠军"]
     labels = clf.load_labels(None)
-    r = httpx.post(f"{base_url}/v1/load_lora_adapter", headers=ADMIN, json={"lora_name": name, "lora_path": str(trained_adapter)},
-                   timeout=60)
+    r = httpx.post(
+        f"{base_url}/v1/load_lora_adapter",
+        headers=ADMIN,
+        json={"lora_name": name, "lora_path": str(trained_adapter)},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     try:
         model, served = served_probs(base_url, texts, labels, name)

@@ -92,11 +92,26 @@ def test_the_supervisor_restarts_the_killed_service(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "LLM_SERVE__"))}
     env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     url = f"http://{ip}:{port}/health"
-    services: set[int] = set()   # each `serve run` leads its own session (cluster.processes.spawn)
+    services: set[int] = set()  # each `serve run` leads its own session (cluster.processes.spawn)
     with open(log, "wb") as out:
-        sup = subprocess.Popen([sys.executable, "-m", "cluster.supervise", "--config", str(config), "--health-url",
-                                url, "--log", str(serve_log)], cwd=REPO, env=env, stdout=out,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        sup = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cluster.supervise",
+                "--config",
+                str(config),
+                "--health-url",
+                url,
+                "--log",
+                str(serve_log),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait(lambda: _healthy(url), 300, f"/health on {ip} (0.0.0.0)", serve_log)
         first = _serve_run_pid(sup.pid)
@@ -104,8 +119,12 @@ def test_the_supervisor_restarts_the_killed_service(tmp_path):
         services.add(first)
         os.kill(first, signal.SIGKILL)
         _wait(lambda: "restart #1" in log.read_text(), 120, "the supervisor noticing", log)
-        _wait(lambda: _healthy(url) and _serve_run_pid(sup.pid) not in (None, first), 300,
-              "a restarted, healthy service", log)
+        _wait(
+            lambda: _healthy(url) and _serve_run_pid(sup.pid) not in (None, first),
+            300,
+            "a restarted, healthy service",
+            log,
+        )
         services.add(_serve_run_pid(sup.pid))
     finally:
         sup.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ import re
 import httpx
 import openai
 import pytest
-
 from invariants import assert_text_of_tokens, special_tokens
 
 MODEL = "tiny-qwen3"
@@ -34,29 +33,45 @@ def refused(call, param: str, code: str | None = None) -> dict:
 
 
 def test_unknown_field_is_a_400_naming_it(client):
-    err = refused(lambda: client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"temprature": 0.1}),
-        "temprature", "unknown_parameter")
+    err = refused(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"temprature": 0.1}
+        ),
+        "temprature",
+        "unknown_parameter",
+    )
     assert "temprature" in err["message"]
-    refused(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
-                                              extra_body={"best_off": 2}), "best_off", "unknown_parameter")
+    refused(
+        lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"best_off": 2}),
+        "best_off",
+        "unknown_parameter",
+    )
 
 
-@pytest.mark.parametrize("field, value", [
-    ("functions", [{"name": "f"}]),
-    ("function_call", "auto"),
-    ("reasoning_effort", "low"),
-    ("audio", {"voice": "alloy", "format": "mp3"}),
-    ("prediction", {"type": "content", "content": "x"}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
+        ("reasoning_effort", "low"),
+        ("audio", {"voice": "alloy", "format": "mp3"}),
+        ("prediction", {"type": "content", "content": "x"}),
+    ],
+)
 def test_unimplemented_openai_fields_are_refused(client, field, value):
-    refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                                   extra_body={field: value}), field, "unsupported_parameter")
+    refused(
+        lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={field: value}),
+        field,
+        "unsupported_parameter",
+    )
 
 
 def test_completions_suffix_and_best_of(client):
-    refused(lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2, suffix="end"),
-            "suffix", "unsupported_parameter")
+    refused(
+        lambda: client.completions.create(model=MODEL, prompt="hi", max_tokens=2, suffix="end"),
+        "suffix",
+        "unsupported_parameter",
+    )
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=1, best_of=3)
     assert len(client.completions.create(model=MODEL, prompt="hi", max_tokens=2, n=2, best_of=2).choices) == 2
@@ -64,9 +79,16 @@ def test_completions_suffix_and_best_of(client):
 
 def test_bookkeeping_fields_are_accepted(client):
     resp = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=2, user="u1", metadata={"k": "v"}, store=False,
-        service_tier="auto", extra_body={"safety_identifier": "s", "prompt_cache_key": "c"},
-        stream_options=None)
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=2,
+        user="u1",
+        metadata={"k": "v"},
+        store=False,
+        service_tier="auto",
+        extra_body={"safety_identifier": "s", "prompt_cache_key": "c"},
+        stream_options=None,
+    )
     assert resp.choices[0].message.refusal is None
 
 
@@ -75,19 +97,31 @@ def test_priority_is_honoured_within_bounds(client):
     priority scheduler, `engine.scheduling_policy`); outside ±2^20 a 400 naming it (tenants'
     bands must not be jumped, docs/security.md S17)."""
     for p in (-3, 0, 7):
-        assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0,
-                                              extra_body={"priority": p}).choices
+        assert client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0, extra_body={"priority": p}
+        ).choices
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2, extra_body={"priority": -1}).choices
-    refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                                   extra_body={"priority": 2**21}), "priority")
+    refused(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"priority": 2**21}
+        ),
+        "priority",
+    )
 
 
 # ----------------------------------------------------------------------------- logprobs
 
 
 def test_chat_logprobs(client, hf_tokenizer):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
-                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens == 6
     # the text is the tokens without the special ones (`<|endoftext|>` under ignore_eos is a
@@ -100,15 +134,26 @@ def test_chat_logprobs(client, hf_tokenizer):
         assert t.logprob == pytest.approx(max(a.logprob for a in t.top_logprobs), abs=1e-4)
     none = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
     assert none.choices[0].logprobs is None
-    refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                                   logprobs=True, top_logprobs=21), "top_logprobs")
+    refused(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, logprobs=True, top_logprobs=21
+        ),
+        "top_logprobs",
+    )
 
 
 def test_chat_logprobs_streamed(client, hf_tokenizer):
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0,
-                                            logprobs=True, top_logprobs=2, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     tokens, text, usage = [], "", None
     for chunk in stream:
         if chunk.usage:
@@ -123,8 +168,9 @@ def test_chat_logprobs_streamed(client, hf_tokenizer):
 
 def test_completion_logprobs_and_echo(client, hf_tokenizer):
     prompt = "央行宣布"
-    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
-                                     logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    resp = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True, extra_body={"ignore_eos": True}
+    )
     choice = resp.choices[0]
     lp = choice.logprobs
     # the echoed prompt's tokens come first, as in OpenAI's legacy API (the first has no logprob)
@@ -140,8 +186,15 @@ def test_completion_logprobs_and_echo(client, hf_tokenizer):
     assert lp.text_offset == sorted(lp.text_offset)
     # each position: the sampled token and the 2 most likely (up to 3 entries)
     assert all(tok in alts and len(alts) <= 3 for tok, alts in zip(lp.tokens[1:], lp.top_logprobs[1:]))
-    streamed = client.completions.create(model=MODEL, prompt="央行宣布", max_tokens=5, temperature=0,
-                                         echo=True, stream=True, extra_body={"ignore_eos": True})
+    streamed = client.completions.create(
+        model=MODEL,
+        prompt="央行宣布",
+        max_tokens=5,
+        temperature=0,
+        echo=True,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
 
 
@@ -149,8 +202,9 @@ def test_completion_logprobs_and_echo(client, hf_tokenizer):
 
 
 def test_n_choices(client, hf_tokenizer):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, n=3, temperature=1.0,
-                                          seed=7, extra_body={"ignore_eos": True})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, n=3, temperature=1.0, seed=7, extra_body={"ignore_eos": True}
+    )
     assert sorted(c.index for c in resp.choices) == [0, 1, 2]
     assert resp.usage.completion_tokens == 12
     # each streamed choice adds up to its own text: the same seeded request, not streamed,
@@ -175,18 +229,27 @@ def test_n_choices(client, hf_tokenizer):
 # ----------------------------------------------------------------------------- structured outputs
 
 
-SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": LABELS}},
-          "required": ["label"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": LABELS}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_response_format_json_schema(client, stream):
-    kw = dict(model=ADAPTER, messages=MESSAGES, max_tokens=40, temperature=0,
-              response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": SCHEMA,
-                                                                      "strict": True}})
+    kw = dict(
+        model=ADAPTER,
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "label", "schema": SCHEMA, "strict": True}},
+    )
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
-                       if c.choices)
+        text = "".join(
+            c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw) if c.choices
+        )
     else:
         text = client.chat.completions.create(**kw).choices[0].message.content
     assert json.loads(text)["label"] in LABELS
@@ -194,8 +257,9 @@ def test_response_format_json_schema(client, stream):
 
 
 def test_response_format_json_object(client):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0,
-                                          response_format={"type": "json_object"})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0, response_format={"type": "json_object"}
+    )
     text = resp.choices[0].message.content
     assert text.startswith("{")
     if resp.choices[0].finish_reason == "stop":
@@ -203,22 +267,36 @@ def test_response_format_json_object(client):
 
 
 def test_structured_outputs_choice_and_regex(client):
-    resp = client.chat.completions.create(model=ADAPTER, messages=MESSAGES, max_tokens=20, temperature=0,
-                                          logprobs=True, extra_body={"structured_outputs": {"choice": LABELS}})
+    resp = client.chat.completions.create(
+        model=ADAPTER,
+        messages=MESSAGES,
+        max_tokens=20,
+        temperature=0,
+        logprobs=True,
+        extra_body={"structured_outputs": {"choice": LABELS}},
+    )
     assert resp.choices[0].message.content in LABELS
     assert resp.choices[0].logprobs.content  # a confidence for the label
-    resp = client.completions.create(model=MODEL, prompt="日期：", max_tokens=20, temperature=0,
-                                     extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]"}})
+    resp = client.completions.create(
+        model=MODEL,
+        prompt="日期：",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"structured_outputs": {"regex": r"20[0-9]{2}-[01][0-9]"}},
+    )
     assert re.fullmatch(r"20[0-9]{2}-[01][0-9]", resp.choices[0].text)
 
 
-@pytest.mark.parametrize("extra", [
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-    {"structured_outputs": {"regex": "("}},
-    {"structured_outputs": {"choice": LABELS, "regex": "a"}},
-    {"structured_outputs": {"grammar": "root ::= (("}},
-    {"response_format": {"type": "json_schema"}},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+        {"structured_outputs": {"regex": "("}},
+        {"structured_outputs": {"choice": LABELS, "regex": "a"}},
+        {"structured_outputs": {"grammar": "root ::= (("}},
+        {"response_format": {"type": "json_schema"}},
+    ],
+)
 def test_bad_constraints_are_400s(client, extra):
     with pytest.raises(openai.BadRequestError) as exc:
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, extra_body=extra)
@@ -228,9 +306,16 @@ def test_bad_constraints_are_400s(client, extra):
 def test_huge_enum_schema_is_bounded(base_url):
     """A tool-sized schema with a 5,000-value enum answers (200 or 400), never a 500 or a hang."""
     schema = {"type": "object", "properties": {"x": {"enum": [f"v{i}" for i in range(5000)]}}}
-    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=120, json={
-        "model": MODEL, "messages": MESSAGES, "max_tokens": 8,
-        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": MODEL,
+            "messages": MESSAGES,
+            "max_tokens": 8,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        },
+    )
     assert r.status_code in (200, 400), r.text
 
 
@@ -239,20 +324,27 @@ def test_huge_enum_schema_is_bounded(base_url):
 
 def test_logit_bias(client, hf_tokenizer):
     target = hf_tokenizer.encode("体育", add_special_tokens=False)[0]
-    resp = client.completions.create(model=MODEL, prompt="央行宣布", max_tokens=1, temperature=0,
-                                     logit_bias={str(target): 100}, logprobs=0)
+    resp = client.completions.create(
+        model=MODEL, prompt="央行宣布", max_tokens=1, temperature=0, logit_bias={str(target): 100}, logprobs=0
+    )
     assert resp.choices[0].logprobs.tokens[0] == hf_tokenizer.decode([target])
-    refused(lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=1,
-                                              logit_bias={"not-a-token": 1}), "logit_bias")
+    refused(
+        lambda: client.completions.create(model=MODEL, prompt="x", max_tokens=1, logit_bias={"not-a-token": 1}),
+        "logit_bias",
+    )
 
 
 def test_chat_template_kwargs(client):
-    resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    resp = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     assert resp.choices[0].message.content is not None
-    refused(lambda: client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
-                                                   extra_body={"chat_template_kwargs": {"messages": []}}),
-            "chat_template_kwargs")
+    refused(
+        lambda: client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"chat_template_kwargs": {"messages": []}}
+        ),
+        "chat_template_kwargs",
+    )
 
 
 # ----------------------------------------------------------------------------- model names
@@ -289,8 +381,8 @@ def test_default_model_answers_requests_without_model():
 
 def test_shipped_config_defaults_to_the_classifier():
     import yaml
-
     from conftest import REPO
+
     from deployments.config import ServiceConfig
 
     doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())

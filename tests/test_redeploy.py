@@ -16,7 +16,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ADMIN, app_args, wait_healthy
 from reliability import chat_body, new_client, replica_pids, request, summarize, wait_gone
 
@@ -24,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 APP = "redeploy"
 PREFIX = "/redeploy"
-CLIENTS = 3          # concurrent client loops (below the model's 3 slots + 10 queue places)
-TAIL_S = 5.0         # keep the load running this long after the new version is up
+CLIENTS = 3  # concurrent client loops (below the model's 3 slots + 10 queue places)
+TAIL_S = 5.0  # keep the load running this long after the new version is up
 
 
 REQUEST_TIMEOUT_S = 120  # limits.request_timeout_s (the default)
@@ -103,9 +102,19 @@ def test_redeploy_changed_config_under_load_has_zero_failures(url):
             await asyncio.sleep(3)
             # two long streams in flight on the old replicas when the update starts
             started = asyncio.Event()
-            longs = [asyncio.create_task(request(
-                c, url, chat_body(9000 + j, 1500, True, ignore_eos=True, stream_options={"include_usage": True}),
-                label=f"long{j}", on_chunk=started, deadline_s=150)) for j in range(2)]
+            longs = [
+                asyncio.create_task(
+                    request(
+                        c,
+                        url,
+                        chat_body(9000 + j, 1500, True, ignore_eos=True, stream_options={"include_usage": True}),
+                        label=f"long{j}",
+                        on_chunk=started,
+                        deadline_s=150,
+                    )
+                )
+                for j in range(2)
+            ]
             await asyncio.wait_for(started.wait(), 60)
             thread = threading.Thread(target=redeploy, daemon=True)
             thread.start()
@@ -126,14 +135,18 @@ def test_redeploy_changed_config_under_load_has_zero_failures(url):
     summarize("redeploy: long streams in flight at the update", long_outs)
     after = httpx.get(f"{url}/health", headers=ADMIN, timeout=30).json()
     new = {d: replica_pids(APP, d) for d in old}
-    print(f"    update took {t1 - t0:.1f} s (serve.run until RUNNING); replicas before {old} after {new}; "
-          f"default_temperature {before['limits']['default_temperature']} -> {after['limits']['default_temperature']}; "
-          f"ingress replicas running: {after['deployments']['IngressRouter']['running_replicas']}")
+    print(
+        f"    update took {t1 - t0:.1f} s (serve.run until RUNNING); replicas before {old} after {new}; "
+        f"default_temperature {before['limits']['default_temperature']} -> {after['limits']['default_temperature']}; "
+        f"ingress replicas running: {after['deployments']['IngressRouter']['running_replicas']}"
+    )
     stale = {d: [p for p in old[d] if p in new[d]] for d in old}
     failed = [o for o in outs + long_outs if o.result != "ok"]
     if failed:
-        print(f"    failed: {[(o.label, o.status, o.result, round(o.t_start - t0, 1), round(o.latency, 1)) for o in failed]} "
-              f"(label, status, result, sent s after the update started, latency s)")
+        print(
+            f"    failed: {[(o.label, o.status, o.result, round(o.t_start - t0, 1), round(o.latency, 1)) for o in failed]} "
+            f"(label, status, result, sent s after the update started, latency s)"
+        )
     assert not failed, "a request failed during the redeploy"
     assert all(o.tokens == 1500 for o in long_outs)
     assert len(during) >= CLIENTS

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import app_args, wait_healthy
 
 pytestmark = pytest.mark.soak
@@ -45,8 +44,11 @@ def url(http_port):
 
 def test_soak(url, soak_mod):
     mix = soak_mod.parse_mix(os.environ["SOAK_MIX"]) if os.environ.get("SOAK_MIX") else None
-    report = asyncio.run(soak_mod.soak(url, minutes=MINUTES, rate=RATE, warmup_s=min(60.0, MINUTES * 15),
-                                       processes=soak_mod.ray_processes, mix=mix))
+    report = asyncio.run(
+        soak_mod.soak(
+            url, minutes=MINUTES, rate=RATE, warmup_s=min(60.0, MINUTES * 15), processes=soak_mod.ray_processes, mix=mix
+        )
+    )
     why = soak_mod.verdict(report, max_errors=0, max_rss_growth_pct=10.0)
     print("\n" + soak_mod.format_report(report))
     out = REPO / "reports" / "soak-test.json"

@@ -10,7 +10,6 @@ import threading
 import httpx
 import openai
 import pytest
-
 from conftest import app_args, wait_healthy
 from reliability import wait_until
 
@@ -31,11 +30,11 @@ tenants:
   conc:  {{requests_per_minute: 100, max_concurrent: 1}}
   ops:   {{priority: 10}}
 keys:
-  - {{key: {KEYS['acme']}, tenant: acme}}
-  - {{key: {KEYS['light']}, tenant: light}}
-  - {{key: {KEYS['tok']}, tenant: tok}}
-  - {{key: {KEYS['conc']}, tenant: conc}}
-  - {{key: {KEYS['admin']}, tenant: ops, role: admin}}
+  - {{key: {KEYS["acme"]}, tenant: acme}}
+  - {{key: {KEYS["light"]}, tenant: light}}
+  - {{key: {KEYS["tok"]}, tenant: tok}}
+  - {{key: {KEYS["conc"]}, tenant: conc}}
+  - {{key: {KEYS["admin"]}, tenant: ops, role: admin}}
 """
 
 
@@ -66,7 +65,8 @@ def sdk(url: str, tenant: str) -> openai.OpenAI:
 
 def chat(client: openai.OpenAI, **extra):
     return client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "体育新闻"}], **{"max_tokens": 4, **extra})
+        model=MODEL, messages=[{"role": "user", "content": "体育新闻"}], **{"max_tokens": 4, **extra}
+    )
 
 
 def h(tenant: str | None) -> dict[str, str]:
@@ -88,9 +88,17 @@ def wait_released(tenant: str, charged: int | None = None) -> dict[str, int]:
     """Wait until the tenant's requests have ended in the limiter (the ingress releases each
     one as its response ends, fire and forget): nothing in flight or reserved, and `charged`
     tokens counted in the last minute when given."""
-    return wait_until(lambda: (u := usage(tenant))["in_flight"] == 0 and u["reserved_tokens"] == 0
-                      and (charged is None or u["tokens_last_minute"] == charged) and u,
-                      30, 0.1, f"tenant {tenant}'s requests released (charged {charged})")
+    return wait_until(
+        lambda: (
+            (u := usage(tenant))["in_flight"] == 0
+            and u["reserved_tokens"] == 0
+            and (charged is None or u["tokens_last_minute"] == charged)
+            and u
+        ),
+        30,
+        0.1,
+        f"tenant {tenant}'s requests released (charged {charged})",
+    )
 
 
 def test_client_key_works_and_every_answer_has_openai_rate_headers(url):
@@ -193,8 +201,13 @@ def test_token_budget_charges_usage_and_refuses_up_front(url):
     assert r.headers["x-ratelimit-remaining-tokens"] == str(left)
     assert 1 <= int(r.headers["retry-after"]) <= 60
     # streams are charged by their usage chunk too
-    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "财经"}],
-                                            max_tokens=2, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "财经"}],
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     u3 = [c.usage.total_tokens for c in stream if c.usage][-1]
     wait_released("tok", u1 + u2 + u3)
     with pytest.raises(openai.RateLimitError) as ei:
@@ -207,8 +220,13 @@ def test_concurrency_budget(url):
     started, done = threading.Event(), threading.Event()
 
     def long_stream():
-        with httpx.stream("POST", f"{url}/v1/completions", headers=h("conc"), timeout=120, json={
-                "model": MODEL, "prompt": "新闻", "max_tokens": 400, "ignore_eos": True, "stream": True}) as r:
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/completions",
+            headers=h("conc"),
+            timeout=120,
+            json={"model": MODEL, "prompt": "新闻", "max_tokens": 400, "ignore_eos": True, "stream": True},
+        ) as r:
             for _ in r.iter_lines():
                 started.set()
                 if done.is_set():

@@ -13,13 +13,14 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
+from reliability import wait_until
 
 from cluster.processes import free_port, kill_sessions, log_tail, spawn
 from cluster.processes import wait_until as wait_for_process
-from reliability import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 class _Receiver(BaseHTTPRequestHandler):
     """POST /v1/traces: an OTLP ExportTraceServiceRequest (protobuf)."""
 
-    spans: list[dict] = []
+    spans: ClassVar[list[dict]] = []
     lock = threading.Lock()
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
             ExportTraceServiceRequest,
             ExportTraceServiceResponse,
@@ -46,12 +47,19 @@ class _Receiver(BaseHTTPRequestHandler):
                 resource = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
                 for ss in rs.scope_spans:
                     for s in ss.spans:
-                        self.spans.append({
-                            "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                            "parent": s.parent_span_id.hex() or None, "scope": ss.scope.name,
-                            "attrs": {kv.key: _value(kv.value) for kv in s.attributes},
-                            "resource": resource, "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
-                        })
+                        self.spans.append(
+                            {
+                                "name": s.name,
+                                "trace_id": s.trace_id.hex(),
+                                "span_id": s.span_id.hex(),
+                                "parent": s.parent_span_id.hex() or None,
+                                "scope": ss.scope.name,
+                                "attrs": {kv.key: _value(kv.value) for kv in s.attributes},
+                                "resource": resource,
+                                "start": s.start_time_unix_nano,
+                                "end": s.end_time_unix_nano,
+                            }
+                        )
         data = ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("Content-Type", "application/x-protobuf")
@@ -74,19 +82,25 @@ def traced_app(tmp_path_factory):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = free_port()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "VLLM_NO_USAGE_STATS": "1",
-           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
-           "OTEL_BSP_SCHEDULE_DELAY": "200",
-           "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": "deployments.observability.tracing:otlp_span_processors",
-           "RAY_SERVE_TRACING_SAMPLING_RATIO": "1",
-           # vLLM's own request spans too (its OTLP exporter over HTTP, to the same receiver)
-           "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-           "TRACING_APP_OVERRIDES": json.dumps({"engine": {"extra": {"otlp_traces_endpoint": endpoint}}})}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+        "RAY_SERVE_TRACING_EXPORTER_IMPORT_PATH": "deployments.observability.tracing:otlp_span_processors",
+        "RAY_SERVE_TRACING_SAMPLING_RATIO": "1",
+        # vLLM's own request spans too (its OTLP exporter over HTTP, to the same receiver)
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "TRACING_APP_OVERRIDES": json.dumps({"engine": {"extra": {"otlp_traces_endpoint": endpoint}}}),
+    }
     env.pop("RAY_ADDRESS", None)
     log = tmp_path_factory.mktemp("tracing") / "app.log"
     proc = spawn([sys.executable, str(REPO / "tests" / "tracing_app.py"), str(port)], log, env)
     try:
+
         def died():
             if proc.poll() is not None:
                 raise RuntimeError(f"tracing app exited {proc.returncode}: {log_tail(log)}")
@@ -102,7 +116,9 @@ def traced_app(tmp_path_factory):
 
 def _engine_spans(request_id: str) -> list[dict]:
     with _Receiver.lock:
-        return [s for s in _Receiver.spans if s["name"] == "llm.engine" and s["attrs"].get("llm.request_id") == request_id]
+        return [
+            s for s in _Receiver.spans if s["name"] == "llm.engine" and s["attrs"].get("llm.request_id") == request_id
+        ]
 
 
 def _trace_of(request_id: str, timeout_s: float = 60) -> list[dict]:
@@ -118,9 +134,14 @@ def _trace_of(request_id: str, timeout_s: float = 60) -> list[dict]:
             spans = [s for s in _Receiver.spans if s["trace_id"] == engine[0]["trace_id"]]
         names = [s["name"] for s in spans]
         ids = {s["span_id"] for s in spans}
-        parts = (any(s["parent"] is None for s in spans), any("Ingress" in n for n in names),
-                 any("Tokenizer" in n for n in names), any("ModelReplica" in n for n in names),
-                 "llm_request" in names, all(s["parent"] is None or s["parent"] in ids for s in spans))
+        parts = (
+            any(s["parent"] is None for s in spans),
+            any("Ingress" in n for n in names),
+            any("Tokenizer" in n for n in names),
+            any("ModelReplica" in n for n in names),
+            "llm_request" in names,
+            all(s["parent"] is None or s["parent"] in ids for s in spans),
+        )
         return spans if all(parts) else None
 
     try:
@@ -129,10 +150,15 @@ def _trace_of(request_id: str, timeout_s: float = 60) -> list[dict]:
         with _Receiver.lock:
             seen = sorted({s["name"] for s in _Receiver.spans})
         engine = _engine_spans(request_id)
-        mine = [] if not engine else [
-            (s["name"], s["parent"]) for s in _Receiver.spans if s["trace_id"] == engine[0]["trace_id"]]
-        raise AssertionError(f"no complete trace for {request_id} within {timeout_s} s: its spans {mine}; "
-                             f"all span names received: {seen}") from None
+        mine = (
+            []
+            if not engine
+            else [(s["name"], s["parent"]) for s in _Receiver.spans if s["trace_id"] == engine[0]["trace_id"]]
+        )
+        raise AssertionError(
+            f"no complete trace for {request_id} within {timeout_s} s: its spans {mine}; "
+            f"all span names received: {seen}"
+        ) from None
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -183,8 +209,12 @@ def test_one_connected_trace_per_request(traced_app, stream):
 def test_a_clients_traceparent_continues_its_trace(traced_app):
     """W3C `traceparent` from the client: Serve's proxy makes the request part of that trace."""
     trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    r = httpx.post(f"{traced_app}/v1/completions", timeout=60, json={"prompt": "markets", "max_tokens": 2},
-                   headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+    r = httpx.post(
+        f"{traced_app}/v1/completions",
+        timeout=60,
+        json={"prompt": "markets", "max_tokens": 2},
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+    )
     assert r.status_code == 200, r.text
     engine = wait_until(lambda: _engine_spans(r.json()["id"]), 60, 0.5, "the request's engine span")
     assert engine[0]["trace_id"] == trace_id

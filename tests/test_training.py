@@ -9,13 +9,27 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import MODEL_DIR, REPO
+
 from deployments import classification as clf
 
-TNEWS_LABELS = ["news_story", "news_culture", "news_entertainment", "news_sports", "news_finance", "news_house",
-                "news_car", "news_edu", "news_tech", "news_military", "news_travel", "news_world", "news_stock",
-                "news_agriculture", "news_game"]
+TNEWS_LABELS = [
+    "news_story",
+    "news_culture",
+    "news_entertainment",
+    "news_sports",
+    "news_finance",
+    "news_house",
+    "news_car",
+    "news_edu",
+    "news_tech",
+    "news_military",
+    "news_travel",
+    "news_world",
+    "news_stock",
+    "news_agriculture",
+    "news_game",
+]
 
 
 # ---------------------------------------------------------------------------- classification.py
@@ -61,7 +75,7 @@ def test_prompt_format():
 def test_heldout_split_is_the_last_lines():
     rows = clf.read_jsonl(clf.DEFAULT_DATA_FILE)
     train, held = clf.heldout_split(rows)
-    assert len(held) == clf.HELDOUT_LAST_N and held == rows[-clf.HELDOUT_LAST_N:]
+    assert len(held) == clf.HELDOUT_LAST_N and held == rows[-clf.HELDOUT_LAST_N :]
     assert train + held == rows
 
 
@@ -103,19 +117,43 @@ def test_eval_script_against_a_fake_server(tmp_path: Path, monkeypatch):
     def fake_post(self, path, body):
         calls.append((path, body))
         if path == "/v1/classify":
-            return {"object": "list", "model": "m",
-                    "data": [{"index": i, "label": "news_car", "scores": {"news_car": 1.0}}
-                             for i, _ in enumerate(body["input"])]}
+            return {
+                "object": "list",
+                "model": "m",
+                "data": [
+                    {"index": i, "label": "news_car", "scores": {"news_car": 1.0}} for i, _ in enumerate(body["input"])
+                ],
+            }
         return {"choices": [{"message": {"content": "news_car"}}]}
 
     monkeypatch.setattr(ev.Client, "post", fake_post)
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"sentence": f"t{i}", "label_desc": "news_car" if i % 2 else "news_edu"},
-                                         ensure_ascii=False) for i in range(5)))
+    data.write_text(
+        "\n".join(
+            json.dumps({"sentence": f"t{i}", "label_desc": "news_car" if i % 2 else "news_edu"}, ensure_ascii=False)
+            for i in range(5)
+        )
+    )
     for mode in ("classify", "chat"):
         rep = tmp_path / f"{mode}.html"
-        assert ev.main(["--data", str(data), "--mode", mode, "--batch-size", "2", "--report", str(rep),
-                        "--no-progress", "--model", "tiny-qwen3-lora"]) == 0
+        assert (
+            ev.main(
+                [
+                    "--data",
+                    str(data),
+                    "--mode",
+                    mode,
+                    "--batch-size",
+                    "2",
+                    "--report",
+                    str(rep),
+                    "--no-progress",
+                    "--model",
+                    "tiny-qwen3-lora",
+                ]
+            )
+            == 0
+        )
         out = json.loads(rep.with_suffix(".json").read_text())
         assert out["metrics"]["accuracy"] == pytest.approx(2 / 5)
     classify = [b for p, b in calls if p == "/v1/classify"]
@@ -134,8 +172,9 @@ def test_train_lora_writes_a_loadable_adapter(trained_adapter: Path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "training.json"} <= \
-        {p.name for p in trained_adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "labels.json", "training.json"} <= {
+        p.name for p in trained_adapter.iterdir()
+    }
     cfg = PeftConfig.from_pretrained(trained_adapter)
     assert (cfg.r, cfg.lora_alpha, cfg.peft_type.value) == (8, 16, "LORA")
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -164,9 +203,22 @@ def test_merged_model_matches_base_plus_adapter(trained_adapter: Path, tmp_path:
     from scripts import merge_lora, train_lora
 
     merged_dir = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "merge_lora.py"), "--base", str(MODEL_DIR),
-                           "--adapter", str(trained_adapter), "--out", str(merged_dir)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "merge_lora.py"),
+            "--base",
+            str(MODEL_DIR),
+            "--adapter",
+            str(trained_adapter),
+            "--out",
+            str(merged_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert merge_lora  # importable
     names = {p.name for p in merged_dir.iterdir()}
@@ -207,4 +259,6 @@ def assert_same_greedy(model, a: list[int], b: list[int], prompt_len: int, atol:
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([a[:at]])).logits[0, -1]
     gap = abs(float(logits[a[at]] - logits[b[at]]))
-    assert gap <= atol, f"greedy continuations part at token {at - prompt_len} with a logit gap of {gap:.2e}: {a} vs {b}"
+    assert gap <= atol, (
+        f"greedy continuations part at token {at - prompt_len} with a logit gap of {gap:.2e}: {a} vs {b}"
+    )

@@ -38,10 +38,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import conftest
 import httpx
 import pytest
-
-import conftest
 from conftest import VllmServer
 
 MODEL = "tiny-qwen3"
@@ -51,8 +50,12 @@ COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "央行宣布降息25个基点"}]
 PROMPT = "央行宣布"
 LABELS = ["news_finance", "news_sports", "news_tech"]
-SCHEMA = {"type": "object", "properties": {"label": {"type": "string", "enum": LABELS}},
-          "required": ["label"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": LABELS}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
 GREEDY = {"temperature": 0, "seed": 0}
 TIMEOUT_S = 120
 # Both engines run the same kernels with the same thread count (OMP_NUM_THREADS from
@@ -62,19 +65,30 @@ LOGPROB_TOL = 1e-3
 # Fields of vLLM's responses (and stream chunks) that ours does not send, by position
 # ("" the response/chunk, "choices.*" a choice, ...): vLLM's extensions and optional OpenAI fields.
 VLLM_ONLY: dict[str, set[str]] = {
-    "": {"service_tier", "system_fingerprint",                          # OpenAI, optional
-         "prompt_logprobs", "prompt_token_ids", "prompt_text",          # vLLM extensions
-         "kv_transfer_params", "ec_transfer_params", "metrics"},
+    "": {
+        "service_tier",
+        "system_fingerprint",  # OpenAI, optional
+        "prompt_logprobs",
+        "prompt_token_ids",
+        "prompt_text",  # vLLM extensions
+        "kv_transfer_params",
+        "ec_transfer_params",
+        "metrics",
+    },
     "choices.*": {"stop_reason", "token_ids", "routed_experts", "prompt_logprobs", "prompt_token_ids"},
-    "choices.*.message": {"annotations", "audio", "function_call",      # OpenAI, optional
-                          "reasoning"},                                 # vLLM (reasoning parsers)
-    "usage": {"prompt_tokens_details", "completion_tokens_details"},    # OpenAI, optional
+    "choices.*.message": {
+        "annotations",
+        "audio",
+        "function_call",  # OpenAI, optional
+        "reasoning",
+    },  # vLLM (reasoning parsers)
+    "usage": {"prompt_tokens_details", "completion_tokens_details"},  # OpenAI, optional
 }
 # ... of which these may carry a value in vLLM's answer (information ours does not give); every
 # other VLLM_ONLY field must be null there.
 VLLM_ONLY_VALUES = {
-    "system_fingerprint",        # "vllm-<version>-<hash>"
-    "choices.*.stop_reason",     # the stop string or token id that ended the choice
+    "system_fingerprint",  # "vllm-<version>-<hash>"
+    "choices.*.stop_reason",  # the stop string or token id that ended the choice
     "choices.*.prompt_logprobs",  # with `echo` + `logprobs`: the prompt's logprobs by token id
     "choices.*.prompt_token_ids",  # a streamed `echo`: the prompt's token ids in the first chunk
 }
@@ -90,9 +104,9 @@ VOLATILE = {"id", "created"}
 @dataclass
 class Reply:
     status: int
-    body: Any = None                                   # JSON body (non-streamed, or an error)
+    body: Any = None  # JSON body (non-streamed, or an error)
     chunks: list[dict[str, Any]] = field(default_factory=list)  # streamed: the data events
-    done: bool = False                                 # streamed: ended with [DONE]
+    done: bool = False  # streamed: ended with [DONE]
 
     def dump(self) -> str:
         obj = self.body if self.body is not None else self.chunks
@@ -111,7 +125,7 @@ def call(base: str, path: str, body: dict[str, Any]) -> Reply:
         for line in r.iter_lines():
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 reply.done = True
             else:
@@ -161,8 +175,13 @@ def differences(ours: Any, theirs: Any, chat: bool, path: tuple = ()) -> list[st
             out += differences(a, b, chat, path + (i,))
         return out
     numbers = (int, float)
-    if (isinstance(ours, float) or isinstance(theirs, float)) and isinstance(ours, numbers) \
-            and isinstance(theirs, numbers) and not isinstance(ours, bool) and not isinstance(theirs, bool):
+    if (
+        (isinstance(ours, float) or isinstance(theirs, float))
+        and isinstance(ours, numbers)
+        and isinstance(theirs, numbers)
+        and not isinstance(ours, bool)
+        and not isinstance(theirs, bool)
+    ):
         return [] if abs(ours - theirs) <= LOGPROB_TOL else [f"{where}: {ours!r} (ours) vs {theirs!r} (vLLM)"]
     return [] if ours == theirs else [f"{where}: {ours!r} (ours) vs {theirs!r} (vLLM)"]
 
@@ -211,8 +230,9 @@ def assemble(reply: Reply, chat: bool) -> dict[str, Any]:
         if chunk.get("usage") is not None:
             usage = chunk["usage"]
         for c in chunk.get("choices", []):
-            acc = choices.setdefault(c["index"], {"index": c["index"], "text": "", "role": None, "logprobs": None,
-                                                  "finish_reason": None})
+            acc = choices.setdefault(
+                c["index"], {"index": c["index"], "text": "", "role": None, "logprobs": None, "finish_reason": None}
+            )
             if chat:
                 acc["text"] += c["delta"].get("content") or ""
                 acc["role"] = acc["role"] or c["delta"].get("role")
@@ -229,11 +249,18 @@ def assemble(reply: Reply, chat: bool) -> dict[str, Any]:
     for i in sorted(choices):
         acc = choices[i]
         if chat:
-            out_choices.append({"index": i, "message": {"role": acc["role"], "content": acc["text"]},
-                                "logprobs": acc["logprobs"], "finish_reason": acc["finish_reason"]})
+            out_choices.append(
+                {
+                    "index": i,
+                    "message": {"role": acc["role"], "content": acc["text"]},
+                    "logprobs": acc["logprobs"],
+                    "finish_reason": acc["finish_reason"],
+                }
+            )
         else:
-            out_choices.append({"index": i, "text": acc["text"], "logprobs": acc["logprobs"],
-                                "finish_reason": acc["finish_reason"]})
+            out_choices.append(
+                {"index": i, "text": acc["text"], "logprobs": acc["logprobs"], "finish_reason": acc["finish_reason"]}
+            )
     out = {"object": first.get("object"), "model": first.get("model"), "choices": out_choices}
     if usage is not None:
         out["usage"] = usage
@@ -244,9 +271,13 @@ def stream_layout(reply: Reply) -> dict[str, Any]:
     """What the two streams must agree on besides the assembled content: [DONE] at the end,
     usage only in the last chunk, which has no choices (`stream_options.include_usage`)."""
     with_usage = [i for i, c in enumerate(reply.chunks) if c.get("usage") is not None]
-    return {"done": reply.done, "usage_chunks": [i - len(reply.chunks) for i in with_usage],
-            "last_chunk_choices": len(reply.chunks[-1]["choices"]) if with_usage else None,
-            "ids": len({c["id"] for c in reply.chunks}), "objects": sorted({c["object"] for c in reply.chunks})}
+    return {
+        "done": reply.done,
+        "usage_chunks": [i - len(reply.chunks) for i in with_usage],
+        "last_chunk_choices": len(reply.chunks[-1]["choices"]) if with_usage else None,
+        "ids": len({c["id"] for c in reply.chunks}),
+        "objects": sorted({c["object"] for c in reply.chunks}),
+    }
 
 
 def assert_same(ours: Reply, theirs: Reply, chat: bool) -> None:
@@ -320,8 +351,11 @@ CASES = [
     # n > 1 with temperature 0 is a 400 on both (vLLM refuses it): the error cases; seeded sampling here.
     Case("chat-n2-seeded", CHAT, chat(max_tokens=4, ignore_eos=True, n=2, temperature=1.0, seed=7)),
     Case("chat-json_schema-lora", CHAT, chat(model=ADAPTER, max_tokens=30, response_format=JSON_SCHEMA_FORMAT)),
-    Case("chat-choice-lora", CHAT, chat(model=ADAPTER, max_tokens=20, logprobs=True,
-                                        structured_outputs={"choice": LABELS})),
+    Case(
+        "chat-choice-lora",
+        CHAT,
+        chat(model=ADAPTER, max_tokens=20, logprobs=True, structured_outputs={"choice": LABELS}),
+    ),
     Case("chat-logit_bias", CHAT, chat(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=True), (False,)),
     # completions
     Case("completion-plain", COMPLETIONS, completion(max_tokens=8, ignore_eos=True)),
@@ -330,14 +364,23 @@ CASES = [
     # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to
     # logprobs+1 elements" in each top_logprobs map; vLLM's server does so.
     Case("completion-logprobs0", COMPLETIONS, completion(max_tokens=3, ignore_eos=True, logprobs=0), (False,)),
-    Case("completion-logit_bias", COMPLETIONS, completion(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=1),
-         (False,)),
+    Case(
+        "completion-logit_bias", COMPLETIONS, completion(max_tokens=2, logit_bias={"<bias>": 100}, logprobs=1), (False,)
+    ),
     Case("completion-echo", COMPLETIONS, completion(max_tokens=4, ignore_eos=True, echo=True)),
     # A prompt given as token ids is echoed as its text.
-    Case("completion-echo-token_ids", COMPLETIONS, completion(prompt=PROMPT_IDS, max_tokens=4, ignore_eos=True,
-                                                              echo=True), (False,)),
-    Case("completion-echo-logprobs", COMPLETIONS, completion(max_tokens=4, ignore_eos=True, echo=True, logprobs=1),
-         (False,)),
+    Case(
+        "completion-echo-token_ids",
+        COMPLETIONS,
+        completion(prompt=PROMPT_IDS, max_tokens=4, ignore_eos=True, echo=True),
+        (False,),
+    ),
+    Case(
+        "completion-echo-logprobs",
+        COMPLETIONS,
+        completion(max_tokens=4, ignore_eos=True, echo=True, logprobs=1),
+        (False,),
+    ),
 ]
 
 
@@ -412,8 +455,9 @@ def test_same_tokens(base_url, vllm_server):
         ours, theirs = both(base_url, vllm_server, "/tokenize", body)
         assert ours.status == theirs.status == 200, f"{ours.dump()}\n{theirs.dump()}"
         assert ours.body["tokens"] == theirs.body["tokens"] and ours.body["count"] == theirs.body["count"]
-    ids = call(vllm_server.url, COMPLETIONS, completion(max_tokens=6, ignore_eos=True, return_token_ids=True)
-               ).body["choices"][0]["token_ids"]
+    ids = call(vllm_server.url, COMPLETIONS, completion(max_tokens=6, ignore_eos=True, return_token_ids=True)).body[
+        "choices"
+    ][0]["token_ids"]
     ours = call(base_url, COMPLETIONS, completion(max_tokens=6, ignore_eos=True, logprobs=0))
     assert ours.body["choices"][0]["logprobs"]["tokens"] == [tokenizer().decode([i]) for i in ids], ours.dump()
 
@@ -421,12 +465,15 @@ def test_same_tokens(base_url, vllm_server):
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("path, body", [
-    pytest.param(CHAT, chat(max_tokens=3000), id="max_tokens-over-context"),
-    pytest.param(CHAT, chat(max_tokens=4, structured_outputs={"regex": "("}), id="bad-regex"),
-    pytest.param(CHAT, chat(max_tokens=4, n=2), id="n2-greedy"),
-    pytest.param(COMPLETIONS, completion(max_tokens=4, logprobs=21), id="completion-logprobs-21"),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        pytest.param(CHAT, chat(max_tokens=3000), id="max_tokens-over-context"),
+        pytest.param(CHAT, chat(max_tokens=4, structured_outputs={"regex": "("}), id="bad-regex"),
+        pytest.param(CHAT, chat(max_tokens=4, n=2), id="n2-greedy"),
+        pytest.param(COMPLETIONS, completion(max_tokens=4, logprobs=21), id="completion-logprobs-21"),
+    ],
+)
 def test_same_error(base_url, vllm_server, path, body):
     ours, theirs = both(base_url, vllm_server, path, body)
     assert_same_error(ours, theirs)
@@ -451,10 +498,13 @@ def test_prompt_plus_max_tokens_over_context(base_url, vllm_server):
     assert ours.status == 400 and ours.body["error"]["code"] == "context_length_exceeded", ours.dump()
 
 
-@pytest.mark.parametrize("path, extra", [
-    pytest.param(CHAT, {"temprature": 0.5}, id="chat"),
-    pytest.param(COMPLETIONS, {"best_off": 2}, id="completions"),
-])
+@pytest.mark.parametrize(
+    "path, extra",
+    [
+        pytest.param(CHAT, {"temprature": 0.5}, id="chat"),
+        pytest.param(COMPLETIONS, {"best_off": 2}, id="completions"),
+    ],
+)
 def test_unknown_field(base_url, vllm_server, path, extra):
     """Deliberate difference (3): vLLM's server ignores an unknown field; ours refuses it."""
     body = (chat if path == CHAT else completion)(max_tokens=3, **extra)
@@ -477,10 +527,19 @@ def test_unimplemented_openai_field(base_url, vllm_server):
 def test_tools_with_tool_choice_none(base_url, vllm_server):
     """Tools rendered into the prompt, no call parsed: the same prompt and greedy answer as vLLM's
     server (Qwen3's template, hermes format)."""
-    tools = [{"type": "function", "function": {"name": "f", "description": "天气",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
-    ours, theirs = both(base_url, vllm_server, CHAT, chat(max_tokens=6, tools=tools, tool_choice="none",
-                                                        ignore_eos=True))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "description": "天气",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    ours, theirs = both(
+        base_url, vllm_server, CHAT, chat(max_tokens=6, tools=tools, tool_choice="none", ignore_eos=True)
+    )
     assert ours.status == theirs.status == 200, (ours.dump(), theirs.dump())
     assert same_counts(ours.body["usage"], theirs.body["usage"])
     assert ours.body["choices"][0]["message"]["content"] == theirs.body["choices"][0]["message"]["content"]
@@ -496,11 +555,25 @@ def test_tool_conversation_prompt(base_url, vllm_server):
     and greedy answer as vLLM's server renders from it."""
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = MESSAGES + [
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"city": "北京"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "晴"}]
-    ours, theirs = both(base_url, vllm_server, CHAT, chat(max_tokens=4, messages=messages, tools=tools,
-                                                        tool_choice="none", ignore_eos=True))
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "晴"},
+    ]
+    ours, theirs = both(
+        base_url,
+        vllm_server,
+        CHAT,
+        chat(max_tokens=4, messages=messages, tools=tools, tool_choice="none", ignore_eos=True),
+    )
     assert ours.status == theirs.status == 200, (ours.dump(), theirs.dump())
     assert same_counts(ours.body["usage"], theirs.body["usage"])
     assert ours.body["choices"][0]["message"]["content"] == theirs.body["choices"][0]["message"]["content"]
@@ -512,11 +585,20 @@ def test_named_tool_choice_arguments(base_url, vllm_server):
     guarantee that (seen: a number for a string enum), so only its status is compared."""
     import jsonschema
 
-    schema = {"type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-              "required": ["unit", "days"], "additionalProperties": False}
-    body = chat(max_tokens=40, tools=[{"type": "function", "function": {"name": "w", "parameters": schema}}],
-                tool_choice={"type": "function", "function": {"name": "w"}})
+    schema = {
+        "type": "object",
+        "properties": {
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        },
+        "required": ["unit", "days"],
+        "additionalProperties": False,
+    }
+    body = chat(
+        max_tokens=40,
+        tools=[{"type": "function", "function": {"name": "w", "parameters": schema}}],
+        tool_choice={"type": "function", "function": {"name": "w"}},
+    )
     ours, theirs = both(base_url, vllm_server, CHAT, body)
     assert ours.status == theirs.status == 200, (ours.dump(), theirs.dump())
     [call] = ours.body["choices"][0]["message"]["tool_calls"]
