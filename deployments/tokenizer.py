@@ -4,13 +4,8 @@ The model replica only ever sees token ids, so the GPU never waits on CPU text w
 prompt that cannot fit (prompt + max_tokens > max_model_len) is rejected here, before it
 takes a GPU slot.
 
-No string a client sends becomes a control token: control-token text (a literal
-``<|im_start|>``, or an added marker such as ``<think>``/``<tool_call>``) in any field the chat
-template renders is encoded as plain text. Message contents, and every other client string
-(names, reasoning, tool call ids, names and arguments, tool definitions, chat_template_kwargs
-values) that holds control-token text, are swapped for sentinels before the template is
-rendered; the template's own text is encoded with special tokens parsed, the client strings
-without any (`_ClientStrings`).
+No string a client sends becomes a control token: the chat encoding is
+`deployments/chat_encoding.py`'s, the one the training scripts use too.
 """
 
 from __future__ import annotations
@@ -18,22 +13,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import json
 import logging
-import re
 from typing import Any
 
 from deployments.api.errors import APIError, bad_request
 from deployments.api.protocol import EncodedClassify, EncodedPrompt
+from deployments.chat_encoding import ChatEncoder, ControlTextError
 from deployments.config import ServiceConfig, base_options
 
 logger = logging.getLogger("ray.serve")
-
-# A client string's stand-in while the template renders. The `"` shows whether the template
-# JSON-encoded it (`tool | tojson`: `\"`), so the string is put back escaped the same way.
-_SENTINEL = '\ue000{}"\ue001'
-_SENTINEL_RE = re.compile('\ue000(\\d+)(\\\\?)"\ue001')
-_MARKS = ("\ue000", "\ue001")
 
 
 def _bad_text(text: str) -> bool:
@@ -42,79 +30,6 @@ def _bad_text(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
-
-
-class _ControlText:
-    """Which client strings could become control tokens if rendered into the template's text.
-
-    Control text: every added token of the tokenizer, special (`<|im_start|>`) or not
-    (`<think>`, `<tool_call>`: the markers the chat template, the reasoning parser and the tool
-    parser read; a client's text must not forge them either), and the sentinels' marks. A
-    string is unsafe when it, or its normalized form, holds control text, or could complete
-    one with its neighbour: it ends with a start of one (`<|im_`) or begins with an end of one
-    (`_end|>`)."""
-
-    def __init__(self, texts: list[str], normalize=None):
-        texts = sorted({t for t in [*texts, *_MARKS] if t}, key=len, reverse=True)
-        self.search = re.compile("|".join(map(re.escape, texts))).search
-        self.starts = frozenset(t[:k] for t in texts for k in range(1, len(t)))
-        self.ends = frozenset(t[k:] for t in texts for k in range(1, len(t)))
-        self.longest = max(map(len, texts))
-        self.normalize = normalize
-
-    def unsafe(self, s: str) -> bool:
-        if self._unsafe(s):
-            return True
-        return self.normalize is not None and self._unsafe(self.normalize(s))
-
-    def _unsafe(self, s: str) -> bool:
-        if self.search(s):
-            return True
-        n = min(self.longest, len(s))
-        return any(s[-k:] in self.starts or s[:k] in self.ends for k in range(1, n))
-
-
-class _ClientStrings:
-    """A request's client strings swapped for sentinels before the chat template renders:
-    every message's non-empty content (as always), and every other string the template may
-    render (names, reasoning, tool call ids, names and arguments, tool definitions, their
-    schemas' keys and values, chat_template_kwargs values) that is unsafe (`_ControlText`).
-    Safe strings render as themselves, so a template that reads them (a schema's `"type"`)
-    renders exactly as vLLM's server does."""
-
-    def __init__(self, control: _ControlText):
-        self.control = control
-        self.texts: list[str] = []
-        self.fields: list[str] = []
-
-    def message(self, m: dict[str, Any], i: int) -> dict[str, Any]:
-        out = {}
-        for key, value in m.items():
-            field = f"messages[{i}].{key}"
-            if key == "role":  # one of five names (validated), which templates compare
-                out[key] = value
-            elif key == "content" and isinstance(value, str) and value:
-                out[key] = self._swap(value, field)
-            else:
-                out[key] = self.walk(value, field)
-        return out
-
-    def walk(self, value: Any, field: str) -> Any:
-        if isinstance(value, str):
-            return self._swap(value, field) if value and self.control.unsafe(value) else value
-        if isinstance(value, dict):
-            return {self.walk(k, field): self.walk(v, f"{field}.{k}") for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [self.walk(v, f"{field}[{j}]") for j, v in enumerate(value)]
-        return value
-
-    def _swap(self, text: str, field: str) -> str:
-        self.texts.append(text)
-        self.fields.append(field)
-        return _SENTINEL.format(len(self.texts) - 1)
-
-    def unsafe_fields(self) -> list[str]:
-        return [f for t, f in zip(self.texts, self.fields) if self.control.unsafe(t)]
 
 
 class PromptTokenizer:
@@ -241,29 +156,13 @@ class PromptTokenizer:
             raise bad_request(f"messages: {exc}", "messages", "invalid_messages") from None
 
     @functools.cached_property
-    def _control(self) -> _ControlText:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        normalizer = getattr(backend, "normalizer", None)
-        return _ControlText(list(self.tokenizer.get_added_vocab()), normalizer.normalize_str if normalizer else None)
+    def _encoder(self) -> ChatEncoder:
+        return ChatEncoder(self.tokenizer)
 
-    @functools.cached_property
+    @property
     def _plain_encode(self):
-        """`text → ids` with no added token recognised, special or not: a client's
-        `<|im_start|>` or `<think>` is the plain text's tokens. A copy of the fast tokenizer
-        with every added token marked special and special tokens split, its own object: the
-        Hugging Face wrapper's `split_special_tokens` flips a flag on the shared tokenizer per
-        call, which two threads encoding at once could see flipped by the other."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is None:  # a slow (Python) tokenizer: its non-special added tokens stay
-            return lambda text: self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-        from tokenizers import Tokenizer
-
-        doc = json.loads(backend.to_str())
-        for token in doc.get("added_tokens", []):
-            token["special"] = True
-        plain = Tokenizer.from_str(json.dumps(doc))
-        plain.encode_special_tokens = True
-        return lambda text: plain.encode(text, add_special_tokens=False).ids
+        """`text → ids` with no added token recognised (`ChatEncoder.plain_encode`)."""
+        return self._encoder.plain_encode
 
     @functools.cached_property
     def _reserved_template_kwargs(self) -> frozenset[str]:
@@ -301,8 +200,6 @@ class PromptTokenizer:
     def _classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
         """Prompts (the shared classification chat format) and each label's answer tokens
         (label text + end-of-turn), for scoring every label of every text."""
-        from deployments.classification import CHAT_TEMPLATE_KWARGS, build_messages
-
         eos = self.tokenizer.eos_token_id
         label_ids = [self.tokenizer.encode(label, add_special_tokens=False) + [eos] for label in labels]
         longest = max(len(ids) for ids in label_ids)
@@ -310,7 +207,7 @@ class PromptTokenizer:
         for i, text in enumerate(texts):
             if _bad_text(text):
                 raise bad_request(f"input[{i}] is not valid Unicode (lone surrogate)", f"input[{i}]")
-            ids = self._encode_chat(build_messages(text), True, CHAT_TEMPLATE_KWARGS)
+            ids = self._encoded(self._encoder.classification_prompt, text)
             prompts.append(self._check_fits(ids, longest, f"input[{i}]").token_ids)
         return EncodedClassify(prompts, label_ids)
 
@@ -384,60 +281,13 @@ class PromptTokenizer:
         template_kwargs: dict[str, Any] | None = None,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """The template's text encoded with special tokens parsed, every client string that
-        could hold control text (`_ClientStrings`) encoded as plain text in its place."""
-        client = _ClientStrings(self._control)
-        # Only non-empty contents get a sentinel: a template renders an empty one differently
-        # (Qwen3's: no newline between an assistant's empty content and its tool calls).
-        masked = [client.message(m, i) for i, m in enumerate(messages)]
-        # the variables' names stay (the template reads them by name); their values are client text
-        kwargs = {k: client.walk(v, f"chat_template_kwargs.{k}") for k, v in (template_kwargs or {}).items()}
-        if tools:
-            kwargs["tools"] = client.walk(tools, "tools")
-        rendered = self.tokenizer.apply_chat_template(
-            masked, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-        pieces = _SENTINEL_RE.split(rendered)
-        # pieces: [template, index, escaped, template, index, escaped, ..., template]
-        template, found = pieces[::3], pieces[1::3]
-        if (
-            any(mark in piece for piece in template for mark in _MARKS)
-            or "\\ue000" in rendered
-            or any(int(i) >= len(client.texts) for i in found)
-        ):
-            return self._encode_unmasked(client, messages, add_generation_prompt, template_kwargs, tools)
-        ids: list[int] = []
-        for k, piece in enumerate(template):
-            if piece:
-                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
-            if k < len(found):
-                text = client.texts[int(found[k])]
-                if pieces[3 * k + 2]:  # rendered through tojson: put back JSON-escaped, as it would be
-                    text = json.dumps(text, ensure_ascii=False)[1:-1]
-                ids.extend(self._plain_encode(text))
-        return ids
+        return self._encoded(self._encoder.encode, messages, add_generation_prompt, template_kwargs, tools)
 
-    def _encode_unmasked(
-        self,
-        client: _ClientStrings,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool,
-        template_kwargs: dict[str, Any] | None,
-        tools: list[dict[str, Any]] | None,
-    ) -> list[int]:
-        """A template that altered a sentinel (sliced it, escaped it otherwise than tojson):
-        the real strings rendered and parsed, which is only safe when none of them holds
-        control text; otherwise a 400 naming the field."""
-        unsafe = client.unsafe_fields()
-        if unsafe:
-            raise bad_request(
-                f"{unsafe[0]} contains control-token text, which this model's chat template does not render "
-                "verbatim, so it cannot be kept plain text.",
-                unsafe[0],
-            )
-        logger.warning("chat template altered a client string; encoding the rendered text (no control text in it)")
-        kwargs = {**(template_kwargs or {}), **({"tools": tools} if tools else {})}
-        rendered = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-        return self.tokenizer.encode(rendered, add_special_tokens=False)
+    @staticmethod
+    def _encoded(encode, *args) -> list[int]:
+        """`encode(*args)` (the chat encoding); a 400 naming a client string the template
+        cannot keep plain text."""
+        try:
+            return encode(*args)
+        except ControlTextError as exc:
+            raise bad_request(str(exc), exc.field) from None

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import random
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 from deployments import classification as clf
+from deployments.chat_encoding import ChatEncoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,36 +44,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(r=32, alpha=64, dropout=0.0, targets=ALL_TARGETS, lr=5e-3, batch_size=32),
 }
 
-_SENTINEL = "\ue000{}\ue001"
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
-
 
 # ---------------------------------------------------------------------------- tokenization
 
 
 def encode_chat(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat as the service's tokenizer deployment makes them: the template's own
-    text with special tokens parsed, message contents as plain text."""
-    kwargs = dict(clf.CHAT_TEMPLATE_KWARGS)
-    masked = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(
-        masked, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-    )
-    pieces = _SENTINEL_RE.split(rendered)
-    if len(pieces) != 2 * len(messages) + 1:  # a template that rewrites contents
-        rendered = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-        return tokenizer.encode(rendered, add_special_tokens=False)
-    ids: list[int] = []
-    for i, piece in enumerate(pieces):
-        if i % 2:
-            ids += tokenizer.encode(
-                messages[int(piece)]["content"] or "", add_special_tokens=False, split_special_tokens=True
-            )
-        elif piece:
-            ids += tokenizer.encode(piece, add_special_tokens=False)
-    return ids
+    """Token ids of a chat (with the classification template variables) exactly as the service's
+    tokenizer deployment makes them: the one chat encoding, `deployments/chat_encoding.py`."""
+    return ChatEncoder.of(tokenizer).encode(messages, add_generation_prompt, clf.CHAT_TEMPLATE_KWARGS)
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -111,10 +89,13 @@ class Example:
 
 
 def build_examples(tokenizer, pairs: Iterable[tuple[str, str]]) -> list[Example]:
+    """(text, label) pairs → examples: the prompt the service sends the engine for the text
+    (`ChatEncoder.classification_prompt`), the answer the model must produce."""
+    encoder = ChatEncoder.of(tokenizer)
     out = []
     for text, label in pairs:
-        msgs = clf.build_messages(text)
-        out.append(Example(encode_chat(tokenizer, msgs), answer_ids(tokenizer, msgs, label), label))
+        prompt = encoder.classification_prompt(text)
+        out.append(Example(prompt, answer_ids(tokenizer, clf.build_messages(text), label), label))
     return out
 
 
@@ -391,7 +372,8 @@ def score_labels(
     fast = all(len(x) == cp + 1 for x in lab) and len({x[cp] for x in lab}) == len(lab)
     eot = end_of_turn_id(tokenizer)
     out: list[list[float]] = []
-    prompts = [encode_chat(tokenizer, clf.build_messages(t)) + head for t in texts]
+    encoder = ChatEncoder.of(tokenizer)
+    prompts = [encoder.classification_prompt(t) + head for t in texts]
     model.eval()
     with torch.no_grad():
         if fast:
