@@ -139,11 +139,26 @@ def die_with_parent() -> None:
         pass
 
 
+def sigint_default() -> None:
+    """Child preexec: SIGINT's default action back. A shell starts background jobs (`&`, nohup,
+    CI runners) with SIGINT ignored and children inherit it; the service is stopped with SIGINT
+    (Ctrl-C, Serve's graceful shutdown), which it would then never see."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _child_setup(orphan_dies: bool) -> None:
+    sigint_default()
+    if orphan_dies:
+        die_with_parent()
+
+
 def spawn(
     argv: list[str], log_path: Path, env: dict[str, str], cwd: Path = REPO, orphan_dies: bool = False
 ) -> subprocess.Popen:
     """`argv` in a new session (its pid is also its session and process group id), stdout and
-    stderr appended to `log_path`, no stdin. `orphan_dies`: SIGTERM when this process dies."""
+    stderr appended to `log_path`, no stdin, SIGINT's default action restored (it stops on the
+    SIGINT it is sent even when started from a background job). `orphan_dies`: SIGTERM when this
+    process dies."""
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             argv,
@@ -153,7 +168,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=die_with_parent if orphan_dies else None,
+            preexec_fn=lambda: _child_setup(orphan_dies),
         )
 
 

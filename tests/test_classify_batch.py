@@ -388,8 +388,10 @@ def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(t
     src.write_text("".join(json.dumps({"sentence": r["sentence"]}, ensure_ascii=False) + "\n" for r in rows))
     common = ["--text-field", "sentence", "--shard-rows", "4", "--batch-size", "2", "--no-progress"]
     ref, out = tmp_path / "ref", tmp_path / "out"
-    r = _cli(str(src), "--out", str(ref), *common)
-    assert r.returncode == 0, r.stderr[-3000:]
+    full = len(signals) > 1  # the soak version compares with an uninterrupted run's output too
+    if full:
+        r = _cli(str(src), "--out", str(ref), *common)
+        assert r.returncode == 0, r.stderr[-3000:]
 
     written: dict[str, tuple[int, bytes]] = {}
     words = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
@@ -416,6 +418,11 @@ def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(t
     assert {k: after[k] for k in written} == written
     # complete, nothing left over, the same files as the uninterrupted run, the same labels
     assert not [f for f in out.rglob("*") if not batch_io.is_output_name(f.name)]
+    got, rejects = batch_io.read_output(str(out))
+    assert not rejects and [x["id"] for x in got] == list(range(1, 4 * N_SHARDS + 1))  # each row once, in order
+    assert summary["rows_out"] == 4 * N_SHARDS and summary["shards_done"] == N_SHARDS
+    if not full:
+        return
     assert set(after) == set(_snapshot(ref))
     assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in ref.iterdir())
     got, rejects = batch_io.read_output(str(out))

@@ -272,10 +272,10 @@ def test_ray_metrics_port_has_vllm_families_per_replica(base_url):
                 for s in fam.samples:
                     if s.name.startswith("ray_vllm_") and s.labels.get("ReplicaId") == replica:
                         seen[s.name] = s.value
-        if {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running"} <= set(seen) and any(
-            n.startswith("ray_vllm_generation_tokens") for n in seen
+        if {"ray_vllm_kv_cache_usage_perc", "ray_vllm_num_requests_running"} <= set(seen) and all(
+            any(n.startswith(f) for n in seen) for f in ("ray_vllm_generation_tokens", "ray_vllm_prefix_cache_hits")
         ):
-            break
+            break  # Ray exports each family on its own schedule: wait for all of them
         time.sleep(2)
     assert "ray_vllm_kv_cache_usage_perc" in seen and 0 <= seen["ray_vllm_kv_cache_usage_perc"] <= 1, sorted(seen)
     assert "ray_vllm_num_requests_running" in seen and "ray_vllm_num_requests_waiting" in seen

@@ -191,7 +191,12 @@ def test_the_supervisor_restarts_a_stand_in_that_dies_or_stops_answering(tmp_pat
             time.sleep(0.2)
 
     def healthy() -> bool:
-        return supervise.healthy(f"http://127.0.0.1:{port}/health")
+        # then a second more: the supervisor (polling every 0.2 s) has seen it answer too — it
+        # restarts on a failing /health only once the service has answered
+        if supervise.healthy(f"http://127.0.0.1:{port}/health"):
+            time.sleep(1.0)
+            return True
+        return False
 
     try:
         wait(lambda: len(starts()) == 1 and healthy(), "the service up")
