@@ -637,6 +637,8 @@ class RateLimiterActor:
         for w in windows:
             stats = self._limiter.get_window_stats(self._item(w), key)
             remaining = max(0, int(stats.remaining))
+            # `reset_time` is when the oldest request in the window leaves it; with nothing in
+            # the window it is "now + period".
             reset = float(stats.reset_time) if remaining < w.limit else now + w.period_s
             out.append(
                 {
@@ -693,23 +695,7 @@ class RateLimiterActor:
         )
 
     def _details(self, key: str, now: float) -> list[dict[str, Any]]:
-        out = []
-        for w, item in zip(self._windows, self._items):
-            stats = self._limiter.get_window_stats(item, key)
-            remaining = max(0, int(stats.remaining))
-            # `reset_time` is when the oldest request in the window leaves it; with nothing in
-            # the window it is "now + period".
-            reset = float(stats.reset_time) if remaining < w.limit else now + w.period_s
-            out.append(
-                {
-                    "window": w.label(),
-                    "limit": w.limit,
-                    "period_s": w.period_s,
-                    "remaining": remaining,
-                    "reset_epoch_s": reset,
-                }
-            )
-        return out
+        return self._details_for(key, self._windows, now)
 
     def peek(self, key: str) -> list[dict[str, Any]]:
         """Window state for `key` without counting anything (tests, debugging)."""
