@@ -228,17 +228,20 @@ class Watcher:
         if len(new_ids) == 1:
             self.gpu_of_node[unknown[0]] = new_ids[0]
 
-    def sample_gpu_ids(self, want: int, tries: int = 30) -> dict[str, str | None]:
-        """ray.get_gpu_ids() -> CUDA_VISIBLE_DEVICES as the replicas report them (GET /health
-        reaches one replica per call; the router spreads the calls)."""
+    def sample_gpu_ids(self, want: int, deadline_s: float = 120.0, every_s: float = 2.2) -> dict[str, str | None]:
+        """ray.get_gpu_ids() -> CUDA_VISIBLE_DEVICES as the replicas report them, until `want`
+        replicas have answered or `deadline_s` passed. GET /health reaches one replica per
+        check and the router spreads the checks; the ingress answers /health from one check per
+        `health.cache_s` (2 s), so the calls are `every_s` apart — faster ones read the same."""
         seen: dict[str, str | None] = {}
-        for _ in range(tries):
+        end = time.monotonic() + deadline_s
+        while True:
             rep = retry(self.health).get("replica", {})
             if rep.get("ray_gpu_ids"):
                 seen[",".join(rep["ray_gpu_ids"])] = rep.get("cuda_visible_devices")
-            if len(seen) >= want:
-                break
-        return seen
+            if len(seen) >= want or time.monotonic() > end:
+                return seen
+            time.sleep(every_s)
 
 
 class Load:
