@@ -81,6 +81,15 @@ def wait_healthy(base_url: str, timeout_s: float = 180.0) -> dict[str, Any]:
     raise TimeoutError(f"service at {base_url} not healthy after {timeout_s}s: {last}")
 
 
+def delete_app(name: str) -> None:
+    """Ask Serve to delete a test's own app and go on: its replicas stop while the next test
+    runs (a blocking delete waits ~5 s, one `graceful_shutdown_wait_loop_s` per shutdown tier).
+    The session's `serve.shutdown()` waits for whatever is still stopping."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     if not MODEL_DIR.is_dir():
@@ -217,7 +226,6 @@ E2E_MODULES = {
     "test_redeploy",
     "test_run_launcher",
     "test_soak",
-    "test_tenants",
 }
 LAYERS = ("unit", "app", "e2e")
 

@@ -1,6 +1,6 @@
 """Issue 18: per-tenant and cluster-wide budgets in the limiter actor (requests, tokens,
 concurrency), OpenAI's rate-limit headers, and the middleware's reservation and usage metering —
-the plain logic, without Ray (the end-to-end behaviour: tests/test_tenants.py)."""
+the plain logic, without Ray (the end-to-end behaviour: tests/test_admission.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from conftest import app_args, wait_healthy
+from conftest import app_args, delete_app, wait_healthy
 from scripts.bench.client import run_async
 from scripts.bench.fairness import TNEWS, FairnessSpec, experiment, one_line
 from scripts.bench.prompts import load_tnews
@@ -50,7 +50,7 @@ def deploy(http_port, tmp_path_factory):
         return base
 
     yield run
-    serve.delete("fair")
+    delete_app("fair")
 
 
 def _run(url: str, duration_s: float, label: str) -> dict:

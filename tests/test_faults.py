@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ADMIN, app_args, wait_healthy
+from conftest import ADMIN, app_args, delete_app, wait_healthy
 from deployments.engine import engine_core_pids
 from reliability import (
     chat_body,
@@ -55,7 +55,7 @@ def url(http_port):
     base = f"http://127.0.0.1:{http_port}{PREFIX}"
     wait_healthy(base)
     yield base
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def long_stream(i: int, **extra) -> dict:

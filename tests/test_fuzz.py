@@ -18,7 +18,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ADMIN, app_args, wait_healthy
+from conftest import ADMIN, app_args, delete_app, wait_healthy
 from reliability import is_openai_error
 
 APP = "fuzz"
@@ -61,7 +61,7 @@ def url(http_port):
     base = f"http://127.0.0.1:{http_port}{PREFIX}"
     wait_healthy(base)
     yield base
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def post(url: str, path: str, **kw) -> httpx.Response:

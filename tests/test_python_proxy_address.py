@@ -17,7 +17,7 @@ import os
 
 import httpx
 import pytest
-from conftest import app_args, wait_healthy
+from conftest import app_args, delete_app, wait_healthy
 
 from deployments.admission.client_address import UVICORN_DEFAULT_FORWARDED_ALLOW_IPS, ClientAddress
 from deployments.admission.middleware import _forwarded_for
@@ -125,7 +125,7 @@ def limited(http_port):
     url = f"http://127.0.0.1:{http_port}{PREFIX}"
     wait_healthy(url)
     yield url
-    serve.delete("forwarded")
+    delete_app("forwarded")
 
 
 @pytest.mark.e2e

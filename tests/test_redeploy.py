@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from conftest import ADMIN, app_args, wait_healthy
+from conftest import ADMIN, app_args, delete_app, wait_healthy
 from reliability import chat_body, new_client, replica_pids, request, summarize, wait_gone
 
 pytestmark = pytest.mark.slow
@@ -60,7 +60,7 @@ def url(http_port):
     base = f"http://127.0.0.1:{http_port}{PREFIX}"
     wait_healthy(base)
     yield base
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def test_redeploy_changed_config_under_load_has_zero_failures(url):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import app_args, wait_healthy
+from conftest import app_args, delete_app, wait_healthy
 
 pytestmark = pytest.mark.soak
 
@@ -39,7 +39,7 @@ def url(http_port):
     base = f"http://127.0.0.1:{http_port}{PREFIX}"
     wait_healthy(base)
     yield base
-    serve.delete(APP)
+    delete_app(APP)
 
 
 def test_soak(url, soak_mod):

@@ -302,7 +302,7 @@ def test_parsers_on_a_stream(parsers, hf_tokenizer):
 def thinking(http_port):
     """The app with Qwen3's reasoning parser (the shipped config leaves it off: the classifier
     answers without thinking)."""
-    from conftest import app_args, wait_healthy
+    from conftest import app_args, delete_app, wait_healthy
     from openai import OpenAI
     from ray import serve
 
@@ -317,7 +317,7 @@ def thinking(http_port):
     url = f"http://127.0.0.1:{http_port}/thinking"
     wait_healthy(url)
     yield OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-    serve.delete("thinking")
+    delete_app("thinking")
 
 
 def test_reasoning_parser(thinking, hf_tokenizer):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -109,7 +110,15 @@ def traced_app(tmp_path_factory):
             raise TimeoutError(f"tracing app not ready: {log_tail(log)}")
         yield f"http://127.0.0.1:{port}"
     finally:
-        kill_sessions({proc.pid}, grace_s=60)
+        # SIGTERM to the app alone: it shuts Serve and Ray down in order; only then whatever is
+        # left of its session. (SIGTERM to every process at once stopped the Raylet and the GCS
+        # under its `serve.shutdown()`, which then waited out the whole grace period.)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_sessions({proc.pid}, grace_s=10)
         server.shutdown()
         server.server_close()
 
