@@ -344,7 +344,7 @@ def _markers(out: Path) -> int:
     return len(list((out / "done").glob("*.json"))) if (out / "done").is_dir() else 0
 
 
-N_SHARDS = 100
+N_SHARDS = 30  # enough that an interruption after 3 written shards lands mid-run
 
 
 def _interrupted(src: Path, out: Path, common: list[str], sig: int, markers: int) -> tuple[int, str]:
