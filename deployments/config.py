@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from pydantic_settings.sources.utils import parse_env_vars
 
 from deployments.admission.auth import AuthConfig
-from deployments.admission.rate_limit import RateLimitConfig
+from deployments.admission.limits import RateLimitConfig
 from deployments.autoscaling import DEFAULTS as _AUTOSCALING_DEFAULTS
 from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
 from deployments.observability import ObservabilityConfig

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from deployments.adapters import AdapterRegistry
 from deployments.admission.auth import ApiKeyAuth
-from deployments.admission.capacity import ModelCalls, ModelCapacity, watch_model_replicas
+from deployments.admission.capacity import ModelCalls, ModelCapacity, tenant_of, watch_model_replicas
 from deployments.admission.client_address import ClientAddress
 from deployments.admission.middleware import Admission, AdmissionMiddleware, is_admin
 from deployments.admission.rate_limit import RateLimiter
@@ -156,17 +156,17 @@ class IngressRouter:
     # ------------------------------------------------------------------ OpenAI API
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest):
-        return await self.generation.chat(body)
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        return await self.generation.chat(body, tenant_of(request.scope))
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest):
-        return await self.generation.completion(body)
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self.generation.completion(body, tenant_of(request.scope))
 
     @app.post("/v1/responses")
-    async def create_response(self, body: ResponsesRequest):
+    async def create_response(self, body: ResponsesRequest, request: Request):
         """OpenAI's Responses API, served by the chat path (`api/serving_responses.py`)."""
-        return await self.responses.create(body)
+        return await self.responses.create(body, tenant_of(request.scope))
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     @app.api_route("/v1/responses/{response_id}/{action}", methods=["GET", "POST"])
@@ -175,8 +175,8 @@ class IngressRouter:
         raise self.responses.not_stored(response_id)
 
     @app.post("/v1/classify")
-    async def classify(self, body: ClassifyRequest) -> JSONResponse:
-        return await self.classifier.classify(body)
+    async def classify(self, body: ClassifyRequest, request: Request) -> JSONResponse:
+        return await self.classifier.classify(body, tenant_of(request.scope))
 
     @app.post("/tokenize")
     async def tokenize(self, body: TokenizeRequest) -> JSONResponse:

@@ -157,11 +157,11 @@ class _FakeResponse:
 def _router_with_gate(limit, assured=None, position=1):
     """The ingress's model calls through its capacity gate without Serve, and the slot of a
     request that arrived as the `position`-th in flight."""
-    from deployments.admission.capacity import ModelCalls, ModelCapacity
+    from deployments.admission.capacity import ANONYMOUS, ModelCalls, ModelCapacity
 
     calls = ModelCalls(ModelCapacity(limit, assured), retry_after_s=1.0)
     calls.capacity.in_flight = position - 1
-    return calls, calls.admit()
+    return calls, calls.admit(ANONYMOUS)
 
 
 def test_router_refusal_within_capacity_is_sent_again(monkeypatch):

@@ -5,24 +5,15 @@ the plain logic, without Ray (the end-to-end behaviour: tests/test_admission.py)
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from deployments.admission.auth import Identity, TenantConfig
 from deployments.admission.middleware import _reservation, _UsageMeter
-from deployments.admission.rate_limit import (
-    CLUSTER_KEY,
-    AdmitSpec,
-    ClusterBudget,
-    RateLimitConfig,
-    RateLimiter,
-    RateLimiterActor,
-    RateWindow,
-    make_windows,
-    openai_duration,
-    rate_limited_error,
-)
+from deployments.admission.limit_responses import openai_duration, rate_limited_error, rate_limit_headers
+from deployments.admission.limiter_actor import RateLimiterActor
+from deployments.admission.limits import AdmitSpec, ClusterBudget, RateLimitConfig, RateWindow, make_windows
+from deployments.admission.rate_limit import RateLimiter
 
 
 def actor(cluster: dict | None = None) -> RateLimiterActor:
@@ -119,16 +110,14 @@ def test_request_windows_per_tenant_and_cluster_take_nothing_when_refused():
     assert [a.admit(heavy).allowed for _ in range(3)] == [True, True, False]  # cluster: 4 in all
     d = a.admit(heavy)
     assert d.scope == "cluster" and d.limit == 4
-    assert a._details_for(CLUSTER_KEY, a._cluster_windows, time.time())[0]["remaining"] == 0
-    # the old per-key API is unchanged
-    assert a.hit("ip:1.2.3.4").allowed
+    assert next(w for w in d.windows if w["limit"] == 4)["remaining"] == 0  # the cluster's window
 
 
 def test_openai_headers_on_success():
     a = actor({"tokens_per_minute": 1000})
     d = a.admit(AdmitSpec("tenant:t", windows=tuple(make_windows(10, 100)), tokens_per_minute=300,
                           reserve_tokens=100))
-    h = RateLimiter.headers(d)
+    h = rate_limit_headers(d)
     assert h["x-ratelimit-limit-requests"] == "10" and h["x-ratelimit-remaining-requests"] == "9"
     assert h["x-ratelimit-reset-requests"].endswith("s")
     assert h["x-ratelimit-limit-tokens"] == "300" and h["x-ratelimit-remaining-tokens"] == "200"

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 
 from deployments.admission.auth import ApiKeyAuth
 from deployments.admission.middleware import Admission, AdmissionMiddleware
-from deployments.admission.rate_limit import RateDecision, RateLimiter
+from deployments.admission.limits import RateDecision
+from deployments.admission.rate_limit import RateLimiter
 from deployments.api.errors import APIError
 from deployments.config import ServiceConfig, load_config
 from deployments.engine import engine_kwargs

@@ -1,7 +1,7 @@
 """Shared state that survives its actor, dependencies failing as 503s, and /health cheap and
 honest (issue 24: deliverables 1 — the limiter and the stats aggregator —, 3 and 5).
 
-* The limiter actor (`deployments/admission/rate_limit.py`) and the stats aggregator
+* The limiter actor (`deployments/admission/limiter_actor.py`) and the stats aggregator
   (`deployments/observability/aggregator.py`) are restarted by Ray (`ray.kill(handle,
   no_restart=False)`, as a crash): their configuration, windows, leases and counters come
   back from the snapshot in Ray's GCS KV store; lease ids of a lost incarnation match nothing;
@@ -29,14 +29,9 @@ from conftest import ADMIN, app_args, wait_healthy
 from reliability import replica_actors, wait_until
 
 from deployments.actors import kill_actor
-from deployments.admission.rate_limit import (
-    AdmitSpec,
-    ClusterBudget,
-    RateLimiter,
-    RateLimiterActor,
-    RateWindow,
-    make_windows,
-)
+from deployments.admission.limiter_actor import RateLimiterActor
+from deployments.admission.limits import AdmitSpec, ClusterBudget, RateWindow, make_windows
+from deployments.admission.rate_limit import RateLimiter
 from deployments.observability import ObservabilityConfig, StatsRecorder
 
 pytestmark = pytest.mark.e2e  # its own app and actors, and it kills them
@@ -318,11 +313,12 @@ def test_a_new_actor_of_the_same_name_starts_empty(ray_cluster):
     name = _name("rl")
     try:
         h = get_or_create_actor(RateLimiterActor, name, "llm_serve", [RateWindow(1, 60)], pin_to_head=False)
-        assert ray.get(h.hit.remote("k")).allowed
+        spec = AdmitSpec("k", (RateWindow(1, 60),))
+        assert ray.get(h.admit.remote(spec)).allowed
         wait_saved(h)
         kill_actor(name)
         h = get_or_create_actor(RateLimiterActor, name, "llm_serve", [RateWindow(1, 60)], pin_to_head=False)
-        assert ray.get(h.hit.remote("k")).allowed  # a fresh window
+        assert ray.get(h.admit.remote(spec)).allowed  # a fresh window
         assert not ray.get(h.state.remote())["reconstructed"]
     finally:
         kill_actor(name)

@@ -9,16 +9,12 @@ import asyncio
 
 import pytest
 
-from deployments.admission.capacity import (PRIORITY_RANGE, REQUEST_TENANT, ModelCapacity, engine_priority)
+from deployments.admission.capacity import PRIORITY_RANGE, ModelCapacity, Tenant, engine_priority
 from deployments.api.errors import APIError
 
 
 def admit(gate: ModelCapacity, tenant: str, weight: int = 1, priority: int = 0, n: int = 1):
-    token = REQUEST_TENANT.set((tenant, weight, weight - 1))
-    try:
-        return gate.acquire(1.0, n, priority)
-    finally:
-        REQUEST_TENANT.reset(token)
+    return gate.acquire(1.0, n, priority, Tenant(tenant, weight, weight - 1))
 
 
 async def _sent_order(gate: ModelCapacity, slots) -> list:
@@ -172,11 +168,7 @@ def test_unbounded_gate_sends_at_once_and_keeps_no_books():
 
 
 def test_engine_priority_bands_tenants():
-    token = REQUEST_TENANT.set(("gold", 3, 2))
-    try:
-        gold_worst = engine_priority(PRIORITY_RANGE)
-    finally:
-        REQUEST_TENANT.reset(token)
+    gold_worst = engine_priority(PRIORITY_RANGE, Tenant("gold", 3, 2))
     plain_best = engine_priority(-PRIORITY_RANGE)      # default tenant (priority 0)
     assert gold_worst < plain_best                       # vLLM: lower first
     assert engine_priority(0) == 0

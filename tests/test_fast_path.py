@@ -31,7 +31,7 @@ from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECR
 from deployments.admission.haproxy_wrapper import (MAX_CONNS_ENV, SUFFIX, TIMEOUT_ENV, add_rules, fast_path_env,
                                                    real_binary, rewrite_args, rules)
 from deployments.admission.middleware import _forwarded_for
-from deployments.admission.rate_limit import client_key
+from deployments.admission.client_address import client_key
 
 REPO = Path(__file__).resolve().parents[1]
 

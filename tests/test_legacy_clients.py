@@ -228,7 +228,8 @@ def test_queue_full_body_has_the_legacy_fields():
 
 
 def test_other_errors_have_no_legacy_fields():
-    from deployments.admission.rate_limit import RateDecision, rate_limited_error
+    from deployments.admission.limit_responses import rate_limited_error
+    from deployments.admission.limits import RateDecision
     from deployments.api import errors
 
     assert set(errors.bad_request("x").body()) == {"error"}
@@ -240,7 +241,8 @@ def test_other_errors_have_no_legacy_fields():
 
 
 def test_rate_limit_summary_wording():
-    from deployments.admission.rate_limit import RateLimiter, make_windows
+    from deployments.admission.limits import make_windows
+    from deployments.admission.rate_limit import RateLimiter
 
     assert RateLimiter(make_windows(10, 100)).summary() == "10 requests/minute, 100 requests/hour per IP"
     assert RateLimiter(make_windows(10, 0)).summary() == "10 requests/minute per IP"
@@ -275,7 +277,8 @@ def test_health_status_switch(legacy, engine, status, code):
     import json
 
     from deployments.admission.capacity import ModelCalls, ModelCapacity
-    from deployments.admission.rate_limit import RateLimiter, make_windows
+    from deployments.admission.limits import make_windows
+    from deployments.admission.rate_limit import RateLimiter
     from deployments.api.health import ServingHealth
     from deployments.config import ServiceConfig
     from serve_app import app_options

@@ -21,7 +21,7 @@ from conftest import app_args, delete_app, wait_healthy
 
 from deployments.admission.client_address import UVICORN_DEFAULT_FORWARDED_ALLOW_IPS, ClientAddress
 from deployments.admission.middleware import _forwarded_for
-from deployments.admission.rate_limit import client_key
+from deployments.admission.client_address import client_key
 
 MODEL = "tiny-qwen3"
 PREFIX = "/forwarded"

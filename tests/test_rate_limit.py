@@ -9,17 +9,11 @@ import uuid
 
 import pytest
 
-from deployments.admission.rate_limit import (
-    RateDecision,
-    RateLimitConfig,
-    RateLimiter,
-    RateLimiterActor,
-    RateWindow,
-    client_key,
-    effective_limits,
-    make_windows,
-    rate_limited_error,
-)
+from deployments.admission.client_address import client_key
+from deployments.admission.limit_responses import rate_limited_error, rate_limit_headers
+from deployments.admission.limiter_actor import RateLimiterActor
+from deployments.admission.limits import AdmitSpec, RateDecision, RateLimitConfig, RateWindow, effective_limits, make_windows
+from deployments.admission.rate_limit import RateLimiter
 from ray_helpers import ray_local  # noqa: F401  (fixture)
 
 
@@ -80,7 +74,7 @@ def test_two_clients_share_one_budget(ray_local):
     for d in rejected:
         assert d.window == "minute" and d.limit == 10 and d.remaining == 0
         assert 1 <= d.retry_after_s <= 60
-        h = RateLimiter.headers(d)
+        h = rate_limit_headers(d)
         assert int(h["Retry-After"]) == d.retry_after_s
         assert h["X-RateLimit-Limit"] == "10" and h["X-RateLimit-Remaining"] == "0"
         assert abs(int(h["X-RateLimit-Reset"]) - (time.time() + d.retry_after_s)) <= 2
@@ -88,7 +82,7 @@ def test_two_clients_share_one_budget(ray_local):
         assert err.status == 429 and err.code == "rate_limit_exceeded"
         assert err.headers["Retry-After"] == h["Retry-After"]
         assert err.body()["error"]["type"] == "rate_limit_error"
-    ok_headers = RateLimiter.headers(allowed[0])
+    ok_headers = rate_limit_headers(allowed[0])
     assert "Retry-After" not in ok_headers and ok_headers["X-RateLimit-Remaining"] == "9"
     assert other.allowed and other.remaining == 9
 
@@ -96,7 +90,7 @@ def test_two_clients_share_one_budget(ray_local):
     import ray
 
     actor = ray.get_actor(name, namespace=a.namespace)
-    hour = [w for w in ray.get(actor.peek.remote(key)) if w["window"] == "hour"][0]
+    hour = next(w for w in rejected[-1].windows if w["window"] == "hour")
     assert hour["remaining"] == 90
     assert ray.get(actor.counters.remote()) == {"allowed": 11, "rejected": 2}
 
@@ -111,12 +105,13 @@ def test_get_or_create_from_many_processes_is_one_actor(ray_local):
     @ray.remote(num_cpus=0)
     def resolve(n):
         h = get_or_create_actor(RateLimiterActor, n, "llm_serve", [RateWindow(3, 60)])
-        return ray.get(h.hit.remote("k")).allowed
+        return ray.get(h.admit.remote(AdmitSpec("k", (RateWindow(3, 60),)))).allowed
 
     # Two processes and this driver get-or-create concurrently: one actor, one budget of 3.
     refs = [resolve.remote(name) for _ in range(2)]
     here = get_or_create_actor(RateLimiterActor, name, "llm_serve", [RateWindow(3, 60)])
-    results = [ray.get(here.hit.remote("k")).allowed for _ in range(2)] + ray.get(refs)
+    spec = AdmitSpec("k", (RateWindow(3, 60),))
+    results = [ray.get(here.admit.remote(spec)).allowed for _ in range(2)] + ray.get(refs)
     assert sorted(results) == [False, True, True, True]
     ray.kill(ray.get_actor(name, namespace="llm_serve"), no_restart=True)
 
@@ -167,7 +162,7 @@ def test_disabled_limiter_makes_no_actor_call():
     limiter = RateLimiter.from_config(RateLimitConfig(per_minute=0, per_hour=0), env={})
     assert not limiter.enabled
     d = _run(limiter.check("anything"))
-    assert d.allowed and RateLimiter.headers(d) == {}
+    assert d.allowed and rate_limit_headers(d) == {}
     assert not RateLimiter.from_config({"enabled": False}, env={}).enabled
 
 
@@ -177,7 +172,7 @@ def test_unreachable_limiter_fails_open_or_closed(monkeypatch):
 
     monkeypatch.setattr(RateLimiter, "_resolve", boom)
     d = _run(RateLimiter(make_windows(1, 0)).check("k"))
-    assert d.allowed and d.degraded and RateLimiter.headers(d) == {}
+    assert d.allowed and d.degraded and rate_limit_headers(d) == {}
     closed = _run(RateLimiter(make_windows(1, 0), fail_open=False).check("k"))
     assert not closed.allowed and closed.degraded
     assert rate_limited_error(closed).status == 503
@@ -192,11 +187,9 @@ async def _hits(limiter: RateLimiter, key: str, n: int) -> list[RateDecision]:
 
 def test_actor_class_without_ray():
     a = RateLimiterActor([RateWindow(1, 60)])
-    assert a.hit("x").allowed and not a.hit("x").allowed
-    a.reset("x")
-    assert a.hit("x").allowed
-    a.reset()
-    assert a.hit("x").allowed
+    spec = AdmitSpec("x", (RateWindow(1, 60),))
+    assert a.admit(spec).allowed and not a.admit(spec).allowed
+    assert a.admit(AdmitSpec("y", spec.windows)).allowed  # each key its own window
     with pytest.raises(ValueError):
         a.configure([(0, 60)])
 

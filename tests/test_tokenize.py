@@ -196,7 +196,7 @@ class _CountingLimiter:
         self.calls = 0
 
     async def check(self, key):
-        from deployments.admission.rate_limit import RateDecision
+        from deployments.admission.limits import RateDecision
 
         self.calls += 1
         return RateDecision(allowed=False, limit=1, remaining=0, retry_after_s=30, window="minute", period_s=60)

@@ -7,11 +7,11 @@ OpenAI errors. One `ModelCalls` per ingress replica."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from deployments.api import errors
@@ -24,22 +24,35 @@ logger = logging.getLogger("ray.serve")
 ADMISSION_RETRY_S = 2.0
 
 
-# Who a request is for, set by the admission middleware (same task as the route): its fair
-# -queueing key (the tenant, or the client address without a key), weight (tenant priority + 1,
-# at least 1) and the tenant's priority.
-REQUEST_TENANT: contextvars.ContextVar[tuple[str, int, int]] = contextvars.ContextVar(
-    "llm_serve_tenant", default=("", 1, 0)
-)
+@dataclass(frozen=True)
+class Tenant:
+    """Who a request is for, as the admission middleware decided it (`tenant_of`): its
+    fair-queueing key (the tenant, or the client's address without a key), its weight in the
+    fair queue (the tenant's priority + 1, at least 1) and the tenant's priority."""
+
+    key: str = ""
+    weight: int = 1
+    priority: int = 0
+
+
+ANONYMOUS = Tenant()
+
+
+def tenant_of(scope: Mapping[str, Any]) -> Tenant:
+    """The request's `Tenant` (the middleware keeps it in the ASGI scope's state; a request the
+    middleware did not budget, e.g. without rate limiting, is `ANONYMOUS`)."""
+    return (scope.get("state") or {}).get("tenant", ANONYMOUS)
+
 
 # A request's own `priority` (vLLM's convention: lower first) lies within ±PRIORITY_RANGE; the
 # engine gets it offset by the tenant's priority, so tenants' bands never overlap (`engine_priority`).
 PRIORITY_RANGE = 2**20
 
 
-def engine_priority(request_priority: int) -> int:
+def engine_priority(request_priority: int, tenant: Tenant = ANONYMOUS) -> int:
     """vLLM's priority for a request (lower is scheduled first): the tenant's priority (higher
     first) orders the bands, the request's own orders within its band."""
-    return request_priority - REQUEST_TENANT.get()[2] * (2 * PRIORITY_RANGE + 1)
+    return request_priority - tenant.priority * (2 * PRIORITY_RANGE + 1)
 
 
 class ModelCapacity:
@@ -56,7 +69,7 @@ class ModelCapacity:
     the model only while fewer than `running_limit` (`max_ongoing_requests` × the running
     replicas, followed by `watch_model_replicas` under autoscaling) of this replica's requests
     are there; the others wait here, tokenized, and the next one sent is the
-    one whose tenant holds the fewest places per weight (`REQUEST_TENANT`: weight = tenant
+    one whose tenant holds the fewest places per weight (`Tenant`: weight = tenant
     priority + 1), then the lowest request `priority` (vLLM's convention), then the oldest. When
     the gate is full, a newcomer whose tenant would still hold fewer places per weight than the
     tenant holding the most takes the newest waiting place of that tenant, which gets the 503:
@@ -134,13 +147,13 @@ class ModelCapacity:
             self.reserve = min(self.reserve, self.running_limit - 1)
         self._dispatch()
 
-    def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0) -> Slot:
-        """A place for a request of `weight` engine sequences (its `n`): a request asking for n
-        choices takes n places, as it takes n of the engine's sequences (never more than the
+    def acquire(self, retry_after_s: float, weight: int = 1, priority: int = 0, who: Tenant = ANONYMOUS) -> Slot:
+        """A place for a request of `who` of `weight` engine sequences (its `n`): a request asking
+        for n choices takes n places, as it takes n of the engine's sequences (never more than the
         whole limit, so a request the limit can hold at all is admitted when the gate is empty).
         `priority`: the request's own (vLLM's convention, lower first; within its tenant)."""
         weight = max(1, min(weight, self.limit or weight))
-        tenant, fair, _ = REQUEST_TENANT.get()
+        tenant, fair = who.key, who.weight
         if self.limit is not None and self.in_flight + weight > self.limit:
             victims = self._victims(tenant, fair, weight, priority)
             if victims is None:
@@ -360,9 +373,9 @@ class ModelCalls:
         self.capacity = capacity
         self.retry_after_s = retry_after_s
 
-    def admit(self, weight: int = 1, priority: int = 0) -> Slot:
-        """A place in the gate for `weight` engine sequences, or the 503 at once."""
-        return self.capacity.acquire(self.retry_after_s, weight, priority)
+    def admit(self, who: Tenant, weight: int = 1, priority: int = 0) -> Slot:
+        """A place in the gate for `weight` engine sequences of `who`, or the 503 at once."""
+        return self.capacity.acquire(self.retry_after_s, weight, priority, who)
 
     async def start(
         self, slot: Slot, send: Callable[[], Any], first: Callable[[Any], Awaitable[Any]] = lambda response: response

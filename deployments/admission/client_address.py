@@ -36,11 +36,13 @@ the header is believed, as on every other path.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import ipaddress
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 CLIENT_ADDR_HEADER = "X-LLM-Serve-Client-Addr"
 PROXY_SECRET_HEADER = "X-LLM-Serve-Proxy-Secret"
@@ -285,3 +287,78 @@ class ClientAddress:
             return False
         sent = headers.get(_SECRET_HEADER)
         return sent is not None and hmac.compare_digest(sent.strip().encode(), self._secret)
+
+
+# --------------------------------------------------------------------------- rate-limit keys
+
+
+@lru_cache(maxsize=256)
+def parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(entry.strip(), strict=False)
+    except ValueError:
+        raise ValueError(f"trusted proxy {entry!r} is not an IP address or CIDR") from None
+
+
+@lru_cache(maxsize=64)
+def _networks(entries: tuple[str, ...]) -> tuple:
+    return tuple(parse_network(e) for e in entries)
+
+
+def _normalize_addr(raw: str | None) -> tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """(canonical text, parsed address or None) for a peer / X-Forwarded-For hop."""
+    s = (raw or "").strip().strip('"').strip()
+    if not s:
+        return "unknown", None
+    host = s
+    if host.startswith("["):  # "[v6]" or "[v6]:port"
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:  # "v4:port"
+        host = host.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return s.lower()[:64], None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), ip
+
+
+def _trusted(ip, nets) -> bool:
+    return ip is not None and any(ip.version == n.version and ip in n for n in nets)
+
+
+def hash_api_key(api_key: str) -> str:
+    """Stable, non-reversible id of an API key (raw keys are never stored or logged)."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+
+
+def client_key(
+    api_key: str | None, client_host: str | None, forwarded_for: str | None, trusted_proxies: Sequence[str] = ()
+) -> str:
+    """The rate-limit key of a request.
+
+    * ``key:<sha256 prefix>`` when an API key was presented (one budget per key, whatever the
+      address);
+    * else ``ip:<address>`` of the client. ``X-Forwarded-For`` is honoured only when the direct
+      peer is a trusted proxy: its hops are read right to left, skipping trusted proxies, and
+      the first untrusted hop is the client (a client cannot spoof its way past the proxy
+      that appended its real address). When every hop is trusted, the left-most is used.
+    """
+    if api_key:
+        return "key:" + hash_api_key(api_key)
+    text, ip = _normalize_addr(client_host)
+    nets = _networks(tuple(trusted_proxies)) if trusted_proxies else ()
+    if forwarded_for and nets and _trusted(ip, nets):
+        hops = [h for h in (p.strip() for p in forwarded_for.split(",")) if h]
+        chosen = None
+        for hop in reversed(hops):
+            hop_text, hop_ip = _normalize_addr(hop)
+            if not _trusted(hop_ip, nets):
+                chosen = hop_text
+                break
+        if chosen is None and hops:
+            chosen = _normalize_addr(hops[0])[0]
+        if chosen:
+            text = chosen
+    return "ip:" + text

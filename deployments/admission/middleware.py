@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deployments.admission.auth import ApiKeyAuth, Identity
-from deployments.admission.capacity import REQUEST_TENANT
-from deployments.admission.client_address import ClientAddress
-from deployments.admission.rate_limit import RateLimiter, client_key, rate_limited_error
+from deployments.admission.capacity import Tenant
+from deployments.admission.client_address import ClientAddress, client_key
+from deployments.admission.limit_responses import rate_limit_headers, rate_limited_error
+from deployments.admission.rate_limit import RateLimiter
 from deployments.api.errors import APIError, body_timed_out, overloaded, route_path
 
 logger = logging.getLogger("ray.serve")
@@ -70,131 +71,160 @@ def is_admin(scope, auth: ApiKeyAuth) -> bool:
 
 
 class AdmissionMiddleware:
+    """Each request, in order: public paths (identity only, never refused) — the declared body
+    size — the key and its role (`_identify`) — for the budgeted routes, who it is for
+    (`_tenant`), its budgets (`_admit`) and the capacity gate's quick 503 — the body's arrival
+    (`_receive_body`) — the app, with the rate-limit headers and the usage charged back
+    (`_respond`). A refusal is an OpenAI error, counted, before the route runs."""
+
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
         adm: Admission | None = getattr(getattr(scope.get("app"), "state", None), "admission", None)
-        path = route_path(scope)
-        if adm is None:
+        if scope["type"] != "http" or adm is None:
             return await self.app(scope, receive, send)
+        path = route_path(scope)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        state = scope.setdefault("state", {})
         if path in adm.public_paths:
             ident = adm.auth.identify_quietly(headers.get("authorization"))
             if ident is not None:
-                scope.setdefault("state", {})["identity"] = ident
+                state["identity"] = ident
             return await self.app(scope, receive, send)
         budgeted = path in RATE_LIMITED_PATHS and scope.get("method") == "POST"
-        extra_headers: dict[str, str] = {}
-        lease = None
+        decision = None
         try:
-            length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > adm.max_request_bytes:
-                raise APIError(
-                    413,
-                    f"Request body of {length} bytes is over the limit of {adm.max_request_bytes} bytes.",
-                    code="request_too_large",
-                )
-            if path in adm.auth.admin_paths:  # on every bind, auth on or off: an admin key, or 401/403
-                ident = adm.auth.admin_identity(headers.get("authorization"), path)
-            else:
-                ident = adm.auth.identify(headers.get("authorization"))
+            _check_declared_size(adm, headers)
+            ident = _identify(adm, path, headers)
             if ident is not None:
-                scope.setdefault("state", {})["identity"] = ident
+                state["identity"] = ident
             if budgeted:
-                if ident is not None:  # plain keys are tenants "key:<digest prefix>"
-                    ck = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
-                else:
-                    client = scope.get("client")
-                    forwarded = _forwarded_for(scope)
-                    peer = adm.client_address.peer(
-                        client[0] if client else None, headers, client[1] if client else None, forwarded
-                    )
-                    ck = client_key(None, peer, forwarded, adm.trusted_proxies)
-                # fair queueing at the capacity gate (admission/capacity.py): per tenant or address
-                prio = ident.priority if ident is not None else 0
-                REQUEST_TENANT.set((ck, max(1, prio + 1), prio))
-            if budgeted and (adm.limiter.enabled or has_own_budgets(ident)):
-                reserve = 0
-                if getattr(adm.limiter, "counts_tokens", _no_tokens)(ident):
-                    try:
-                        receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
-                    except TimeoutError:
-                        raise body_timed_out(adm.body_timeout_s) from None
-                    if receive is None:
-                        raise APIError(
-                            413,
-                            f"Request body is over the limit of {adm.max_request_bytes} bytes.",
-                            code="request_too_large",
-                        )
-                    reserve = _reservation(
-                        await _peek_body(receive), adm.default_max_tokens.get(path, 1), adm.max_tokens_cap
-                    )
-                if not reserve and (ident is None or ident.limits is None):
-                    decision = await adm.limiter.check(ck)  # the service's default budgets
-                else:
-                    decision = await adm.limiter.check(ck, ident, reserve)
-                if not decision.allowed:
-                    raise rate_limited_error(decision)
-                extra_headers = RateLimiter.headers(decision)
-                lease = decision.lease
-            if budgeted and adm.capacity is not None and adm.capacity.refuses(*REQUEST_TENANT.get()[:2]):
-                if lease:
-                    adm.limiter.release(lease, 0)
-                raise overloaded(adm.retry_after_s, max_queue_size=adm.capacity.max_queued)
+                state["tenant"] = tenant = _tenant(adm, scope, headers, ident)
+                receive, decision = await _admit(adm, path, ident, tenant, receive)
+                if adm.capacity is not None and adm.capacity.refuses(tenant.key, tenant.weight):
+                    if decision is not None and decision.lease:
+                        adm.limiter.release(decision.lease, 0)
+                    raise overloaded(adm.retry_after_s, max_queue_size=adm.capacity.max_queued)
         except APIError as exc:
-            if adm.stats is not None:
-                adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", exc.status, exc.code)
+            _count(adm, path, exc)
             return await exc.response()(scope, receive if receive is not None else _no_body, send)
+        lease = decision.lease if decision is not None else None
+        receive, refusal = await _receive_body(adm, scope, headers, receive)
+        if refusal is not None:
+            _count(adm, path, refusal)
+            if lease:
+                adm.limiter.release(lease, 0)
+            return await refusal.response()(scope, _no_body, send)
+        extra = rate_limit_headers(decision) if decision is not None else {}
+        return await _respond(self.app, adm, scope, receive, send, extra, lease)
 
-        has_body = scope.get("method") in _BODY_METHODS
-        if not getattr(receive, "buffered", False) and (
-            "content-length" not in headers or (has_body and adm.body_timeout_s)
-        ):
-            try:
-                receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
-                refusal = (
-                    None
-                    if receive is not None
-                    else APIError(
-                        413,
-                        f"Request body is over the limit of {adm.max_request_bytes} bytes.",
-                        code="request_too_large",
-                    )
-                )
-            except TimeoutError:
-                refusal = body_timed_out(adm.body_timeout_s)
-            if refusal is not None:
-                if adm.stats is not None:
-                    adm.stats.record_rejection(
-                        path if path in RATE_LIMITED_PATHS else "other", refusal.status, refusal.code
-                    )
-                if lease:
-                    adm.limiter.release(lease, 0)
-                return await refusal.response()(scope, _no_body, send)
-        if not extra_headers and not lease:
-            return await self.app(scope, receive, send)
-        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra_headers.items()]
-        meter = _UsageMeter() if lease else None
 
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": list(message.get("headers", [])) + raw}
-                if meter is not None:
-                    meter.start(message)
-            elif meter is not None and message["type"] == "http.response.body":
-                meter.body(message.get("body", b""))
-            await send(message)
+def _count(adm: Admission, path: str, refusal: APIError) -> None:
+    if adm.stats is not None:
+        adm.stats.record_rejection(path if path in RATE_LIMITED_PATHS else "other", refusal.status, refusal.code)
 
-        if lease is None:
-            return await self.app(scope, receive, send_with_headers)
-        assert meter is not None  # made with the lease
+
+def _too_large(adm: Admission, length: str | None = None) -> APIError:
+    size = f"of {length} bytes " if length is not None else ""
+    return APIError(
+        413, f"Request body {size}is over the limit of {adm.max_request_bytes} bytes.", code="request_too_large"
+    )
+
+
+def _check_declared_size(adm: Admission, headers: dict[str, str]) -> None:
+    """413 for a `Content-Length` over `max_request_bytes`, before a byte of the body is read."""
+    length = headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > adm.max_request_bytes:
+        raise _too_large(adm, length)
+
+
+def _identify(adm: Admission, path: str, headers: dict[str, str]) -> Identity | None:
+    """The key's identity (None: auth off and no admin path). Admin paths need an admin key on
+    every bind, auth on or off (401/403); other paths a valid key when auth is on (401)."""
+    if path in adm.auth.admin_paths:
+        return adm.auth.admin_identity(headers.get("authorization"), path)
+    return adm.auth.identify(headers.get("authorization"))
+
+
+def _tenant(adm: Admission, scope, headers: dict[str, str], ident: Identity | None) -> Tenant:
+    """Who the request is for — its limiter key and fair-queueing key: the key's tenant (plain
+    keys are tenants `key:<digest prefix>`), else the client's address as `client_address`
+    decides it (a trusted proxy's `X-Forwarded-For`, our HAProxy's vouched header)."""
+    if ident is not None:
+        key = ident.tenant if ident.tenant.startswith("key:") else "tenant:" + ident.tenant
+        return Tenant(key, max(1, ident.priority + 1), ident.priority)
+    client = scope.get("client")
+    forwarded = _forwarded_for(scope)
+    peer = adm.client_address.peer(client[0] if client else None, headers, client[1] if client else None, forwarded)
+    return Tenant(client_key(None, peer, forwarded, adm.trusted_proxies))
+
+
+async def _admit(adm: Admission, path: str, ident: Identity | None, tenant: Tenant, receive):
+    """(receive, the limiter's decision or None when no budget applies); raises the 429 (or a
+    fail-closed limiter's 503). When a token budget applies, the body is read first (within
+    `body_timeout_s`, at most `max_request_bytes`) for the `max_tokens` × `n` to reserve."""
+    if not (adm.limiter.enabled or has_own_budgets(ident)):
+        return receive, None
+    reserve = 0
+    if getattr(adm.limiter, "counts_tokens", _no_tokens)(ident):
         try:
-            return await self.app(scope, receive, send_with_headers)
-        finally:
-            adm.limiter.release(lease, meter.tokens())
+            receive = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
+        except TimeoutError:
+            raise body_timed_out(adm.body_timeout_s) from None
+        if receive is None:
+            raise _too_large(adm)
+        reserve = _reservation(await _peek_body(receive), adm.default_max_tokens.get(path, 1), adm.max_tokens_cap)
+    if not reserve and (ident is None or ident.limits is None):
+        decision = await adm.limiter.check(tenant.key)  # the service's default budgets
+    else:
+        decision = await adm.limiter.check(tenant.key, ident, reserve)
+    if not decision.allowed:
+        raise rate_limited_error(decision)
+    return receive, decision
+
+
+async def _receive_body(adm: Admission, scope, headers: dict[str, str], receive):
+    """(receive, refusal or None): a body without `Content-Length` (chunked, whose size is known
+    only once read), or any body when `body_timeout_s` is set, is read here first — 413 past
+    `max_request_bytes`, 408 when it has not arrived in time (a stalled client frees its slot)."""
+    if getattr(receive, "buffered", False):
+        return receive, None
+    has_body = scope.get("method") in _BODY_METHODS
+    if "content-length" in headers and not (has_body and adm.body_timeout_s):
+        return receive, None
+    try:
+        buffered = await _buffer_body(receive, adm.max_request_bytes, adm.body_timeout_s)
+    except TimeoutError:
+        return receive, body_timed_out(adm.body_timeout_s)
+    if buffered is None:
+        return receive, _too_large(adm)
+    return buffered, None
+
+
+async def _respond(app, adm: Admission, scope, receive, send, extra: dict[str, str], lease: str | None):
+    """Run the app; the rate-limit headers go on its response, and with a lease the response's
+    `usage` (or, without one, the reservation) is charged back when it ends."""
+    if not extra and not lease:
+        return await app(scope, receive, send)
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+    meter = _UsageMeter() if lease else None
+
+    async def send_with_headers(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": list(message.get("headers", [])) + raw}
+            if meter is not None:
+                meter.start(message)
+        elif meter is not None and message["type"] == "http.response.body":
+            meter.body(message.get("body", b""))
+        await send(message)
+
+    if lease is None or meter is None:
+        return await app(scope, receive, send_with_headers)
+    try:
+        return await app(scope, receive, send_with_headers)
+    finally:
+        adm.limiter.release(lease, meter.tokens())
 
 
 def has_own_budgets(ident: Identity | None) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from deployments.admission.capacity import ModelCalls, dependency_call
+from deployments.admission.capacity import ANONYMOUS, ModelCalls, Tenant, dependency_call
 from deployments.api import errors
 from deployments.api.generation import request_id
 from deployments.api.models import ModelDirectory
@@ -72,7 +72,7 @@ class ServingClassify:
         self.tokenizer, self.models, self.calls = tokenizer, models, calls
         self.limits, self.cfg, self.label_set, self.stats = limits, cfg, label_set, stats
 
-    async def classify(self, body: ClassifyRequest) -> JSONResponse:
+    async def classify(self, body: ClassifyRequest, who: Tenant = ANONYMOUS) -> JSONResponse:
         """Each text gets a label from the label set (label scoring: never an invalid label)
         and the probability of every label."""
         trace = self.stats.request_started("/v1/classify", request_id=request_id(), stream=False)
@@ -80,7 +80,7 @@ class ServingClassify:
         try:
             served, mux = await self.models.resolve(body.model or self.cfg.model)
             texts, labels = check_classify(body, self.cfg, self.label_set)
-            slot = self.calls.admit()
+            slot = self.calls.admit(who)
             async with asyncio.timeout(self.limits.request_timeout_s):
                 enc = await dependency_call(self.tokenizer.encode_classify.remote(texts, labels), "tokenizer")
                 trace.tokenized(sum(len(p) for p in enc.prompts))

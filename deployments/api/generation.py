@@ -13,7 +13,14 @@ from typing import Any, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from deployments.admission.capacity import ModelCalls, dependency_call, engine_priority, unavailable_types
+from deployments.admission.capacity import (
+    ANONYMOUS,
+    ModelCalls,
+    Tenant,
+    dependency_call,
+    engine_priority,
+    unavailable_types,
+)
 from deployments.api import errors, sse, tools
 from deployments.api.models import ModelDirectory
 from deployments.api.protocol import (
@@ -177,7 +184,7 @@ class ServingGeneration:
         self.reasoning = model.reasoning_parser is not None
         self.unavailable = unavailable_types()
 
-    async def chat(self, body: ChatCompletionRequest, rendering: Rendering | None = None):
+    async def chat(self, body: ChatCompletionRequest, who: Tenant = ANONYMOUS, rendering: Rendering | None = None):
         """`rendering`: another API's answer built from this one's (the Responses API's)."""
 
         def prepare():
@@ -197,18 +204,19 @@ class ServingGeneration:
                 messages, max_tokens, body.add_generation_prompt, body.chat_template_kwargs, template_tools
             )
 
-        return await self._serve(body, True, prepare, rendering)
+        return await self._serve(body, who, True, prepare, rendering)
 
-    async def completion(self, body: CompletionRequest):
+    async def completion(self, body: CompletionRequest, who: Tenant = ANONYMOUS):
         def prepare():
             max_tokens = check_max_tokens(body.max_tokens, self.limits.default_max_tokens_completion, self.limits)
             return max_tokens, lambda: self.tokenizer.encode_prompt.remote(body.prompt, max_tokens)
 
-        return await self._serve(body, False, prepare)
+        return await self._serve(body, who, False, prepare)
 
     async def _serve(
         self,
         body: SamplingFields,
+        who: Tenant,
         chat: bool,
         prepare: Callable[[], tuple[int, Callable]],
         rendering: Rendering | None = None,
@@ -225,7 +233,7 @@ class ServingGeneration:
             model_name, mux = await self.models.resolve(body.model)
             unary, streaming = self.models.handles(mux)
             max_tokens, encode = prepare()
-            slot = self.calls.admit(body.n, body.priority)  # n choices: n engine sequences
+            slot = self.calls.admit(who, body.n, body.priority)  # n choices: n engine sequences
             async with asyncio.timeout(timeout):
                 enc = await dependency_call(encode(), "tokenizer")
                 echo = await self._echo_text(body)
@@ -247,7 +255,7 @@ class ServingGeneration:
                     sampling_params(body, max_tokens, self.limits),
                     mux,
                     parse,
-                    engine_priority(body.priority),
+                    engine_priority(body.priority, who),
                 )
                 trace.dispatched()
                 if not body.stream:

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from deployments.admission.capacity import ANONYMOUS, Tenant
 from deployments.api import errors, sse, tools
 from deployments.api.errors import APIError
 from deployments.api.generation import ServingGeneration, check_max_tokens
@@ -597,14 +598,14 @@ class ServingResponses:
     def __init__(self, generation: ServingGeneration, limits: LimitsConfig):
         self.generation, self.limits = generation, limits
 
-    async def create(self, body: ResponsesRequest):
+    async def create(self, body: ResponsesRequest, who: Tenant = ANONYMOUS):
         try:
             rendering = ResponsesRendering(body, self.limits)
             chat = to_chat(body, self.limits)
         except APIError as exc:
             raise renamed(exc) from None
         try:
-            return await self.generation.chat(chat, rendering)
+            return await self.generation.chat(chat, who, rendering)
         except APIError as exc:
             raise renamed(exc, constraint_param(body, exc)) from None
 
