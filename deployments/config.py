@@ -18,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
-from deployments.admission.auth import AuthConfig
+from deployments.admission.auth_config import AuthConfig
 from deployments.admission.limits import RateLimitConfig
 from deployments.autoscaling import DEFAULTS as _AUTOSCALING_DEFAULTS
 from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
-from deployments.observability import ObservabilityConfig
+from deployments.observability.config import ObservabilityConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

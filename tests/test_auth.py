@@ -8,7 +8,8 @@ import os
 import pytest
 from fastapi import Request
 
-from deployments.admission.auth import ApiKeyAuth, AuthConfig, parse_keys
+from deployments.admission.auth import ApiKeyAuth, parse_keys
+from deployments.admission.auth_config import AuthConfig
 from deployments.api.errors import APIError
 
 

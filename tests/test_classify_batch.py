@@ -491,7 +491,7 @@ def _rayjob_errors(doc) -> list[str]:
 def test_rayjob_validates_against_the_crd():
     import yaml
 
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
 
     doc = yaml.safe_load(gen_rayjob.RAYJOB.read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
@@ -508,8 +508,9 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
     import yaml
 
     from deployments.config import ServiceConfig
-    from scripts import classify_batch, gen_rayjob
-    from scripts import gen_kuberay as gen
+    from scripts import classify_batch
+    from scripts.manifests import rayjob as gen_rayjob
+    from scripts.manifests import rayservice as gen
 
     job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]
     service = yaml.safe_load(gen.RAYSERVICE.read_text())["spec"]["rayClusterConfig"]
@@ -535,11 +536,11 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
 def test_rayjob_drift(tmp_path, monkeypatch):
     import yaml
 
-    from scripts import gen_kuberay as gen
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
+    from scripts.manifests import rayservice as gen
 
-    assert gen_rayjob.stale() == "", "the RayJob is stale: run `python scripts/gen_rayjob.py`"
-    r = subprocess.run([sys.executable, "scripts/gen_rayjob.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert gen_rayjob.stale() == "", "the RayJob is stale: run `python scripts/gen_kuberay.py`"
+    r = subprocess.run([sys.executable, "scripts/gen_kuberay.py", "--check"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     edited = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
     edited["applications"][0]["args"]["classification"]["max_input_chars"] = 1500

@@ -35,7 +35,8 @@ import pytest
 import yaml
 
 from crd_schema import strict
-from scripts import gen_kuberay as gen
+from scripts import gen_kuberay as driver
+from scripts.manifests import rayservice as gen
 
 REPO = Path(__file__).resolve().parents[1]
 CRD_DIR = REPO.parent / "shared" / "kuberay" / "crds"
@@ -367,7 +368,7 @@ def test_embedded_serve_config_parses_and_matches_the_generator(variant):
 
 
 def test_committed_manifests_match_the_generator():
-    diffs = gen.stale()
+    diffs = driver.stale()
     assert not diffs, ("generated manifests are stale; run `python scripts/gen_kuberay.py`:\n"
                        + "\n".join(diffs.values())[:6000])
 
@@ -385,12 +386,12 @@ def test_generator_detects_drift_and_inconsistency(tmp_path, monkeypatch):
     cfg = tmp_path / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(edited))
     monkeypatch.setattr(gen, "SERVE_CONFIG", cfg)
-    assert gen.RAYSERVICE in gen.stale()
+    assert gen.RAYSERVICE in driver.stale()
     # inconsistency: more model replicas than the GPU worker group can host
     edited["applications"][0]["args"]["deployments"]["model"]["autoscaling_config"]["max_replicas"] = 9
     cfg.write_text(yaml.safe_dump(edited))
     with pytest.raises(gen.ConfigError, match="max_replicas"):
-        gen.outputs()
+        driver.outputs()
 
 
 def test_gpu_cluster_shape():
@@ -590,7 +591,7 @@ def test_serve_config_autoscaling_knobs():
 def all_pod_templates() -> list[tuple[str, dict[str, Any]]]:
     """Every pod template of every manifest: each overlay's RayService (head, worker groups) and
     the batch RayJob (cluster/kuberay/rayjob-classify.yaml: its cluster and its submitter)."""
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
 
     out = [(f"{variant}/{name}", t) for variant in sorted(OVERLAYS)
            for name, t in pod_templates(one(rendered(variant), "RayService"))]
@@ -603,7 +604,7 @@ def all_pod_templates() -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_rayjob_is_schema_valid():
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
 
     validate(yaml.safe_load(gen_rayjob.RAYJOB.read_text()))
 
@@ -617,7 +618,7 @@ def test_every_container_has_a_read_only_root_filesystem():
         spec = template["spec"]
         for c in spec.get("initContainers", []) + spec["containers"]:
             assert c.get("securityContext", {}).get("readOnlyRootFilesystem") is True, (name, c["name"])
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
 
     clusters = [one(rendered(v), "RayService")["spec"]["rayClusterConfig"] for v in sorted(OVERLAYS)]
     clusters.append(yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]["rayClusterSpec"])
@@ -635,7 +636,7 @@ def test_every_container_has_a_read_only_root_filesystem():
 
 
 def test_every_write_path_is_a_writable_volume():
-    """Each path in gen_kuberay.WRITABLE_PATHS is an emptyDir mounted read-write in every Ray
+    """Each path in rayservice.WRITABLE_PATHS is an emptyDir mounted read-write in every Ray
     container (/dev/shm in memory), and the environment that points writers into them is set."""
     ray_templates = [(n, t) for n, t in all_pod_templates() if not n.endswith("/submitter")]
     for name, template in ray_templates:
@@ -870,7 +871,7 @@ def test_worker_readiness_probes_use_the_services_readiness(variant):
     proxy) answers 200; liveness and the head's probes stay KubeRay's (docs/reliability.md);
     the batch RayJob's cluster runs no Serve and gets no such probe."""
     from deployments.ingress import app
-    from scripts import gen_rayjob
+    from scripts.manifests import rayjob as gen_rayjob
 
     routes = {getattr(r, "path", None) for r in app.routes}
     assert {"/health", "/health/live", "/health/ready"} <= routes

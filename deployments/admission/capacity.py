@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.api import errors
-from deployments.api.errors import APIError
+from deployments.api.errors import APIError, unavailable_types
 
 logger = logging.getLogger("ray.serve")
 
@@ -322,11 +322,30 @@ class Slot:
             owner._release(self)
 
 
+def deployment_states() -> dict[str, Any]:
+    """Each deployment of this replica's app as Serve's controller reports it: status, replica
+    states, running replicas (an `error` entry outside Serve or while the controller is away)."""
+    try:
+        from ray import serve
+
+        app_name = serve.get_replica_context().app_name
+        status = serve.status().applications[app_name]
+    except Exception as exc:  # outside Serve, or the controller is briefly unreachable
+        return {"error": f"{type(exc).__name__}"}
+    out = {}
+    for name, dep in status.deployments.items():
+        states = {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
+        out[name] = {
+            "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+            "replica_states": states,
+            "running_replicas": states.get("RUNNING", 0),
+        }
+    return out
+
+
 async def watch_model_replicas(gate: ModelCapacity, deployment: str = "ModelReplica", interval_s: float = 5.0) -> None:
     """Keep `gate` told how many model replicas are running (autoscaling), from Serve's status
     every `interval_s` (one controller call, in a thread). Runs for the ingress replica's life."""
-    from deployments.api.health import deployment_states
-
     while True:
         try:
             states = await asyncio.to_thread(deployment_states)
@@ -343,15 +362,6 @@ def _backpressure_types() -> tuple[type[BaseException], ...]:
     from ray.serve.exceptions import BackPressureError
 
     return (BackPressureError,)
-
-
-@functools.cache
-def unavailable_types() -> tuple[type[BaseException], ...]:
-    """What a call to a deployment raises when its replica died or none is reachable."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import DeploymentUnavailableError
-
-    return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
 
 
 async def dependency_call(awaitable: Awaitable[Any], what: str, retry_after_s: float = 1) -> Any:

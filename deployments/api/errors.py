@@ -9,6 +9,7 @@ with the right status.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -120,11 +121,18 @@ def dependency_unavailable(what: str = "service", retry_after_s: int = 1) -> API
     )
 
 
+@functools.cache
+def unavailable_types() -> tuple[type[BaseException], ...]:
+    """What a call to a deployment raises when its replica died or none is reachable."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    return (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` means a Ray actor or Serve deployment is gone or unreachable (dead,
     restarting, no replica) rather than a bug: a 503, not a 500."""
-    from deployments.admission.capacity import unavailable_types
-
     return isinstance(exc, unavailable_types())
 
 

@@ -19,7 +19,6 @@ from deployments.admission.capacity import (
     Tenant,
     dependency_call,
     engine_priority,
-    unavailable_types,
 )
 from deployments.api import errors, sse, tools
 from deployments.api.models import ModelDirectory
@@ -182,7 +181,7 @@ class ServingGeneration:
         self.limits, self.stats = limits, stats
         self.auto_tools = model.tool_call_parser is not None
         self.reasoning = model.reasoning_parser is not None
-        self.unavailable = unavailable_types()
+        self.unavailable = errors.unavailable_types()
 
     async def chat(self, body: ChatCompletionRequest, who: Tenant = ANONYMOUS, rendering: Rendering | None = None):
         """`rendering`: another API's answer built from this one's (the Responses API's)."""

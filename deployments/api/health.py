@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from deployments.admission.capacity import ModelCalls
+from deployments.admission.capacity import ModelCalls, deployment_states
 from deployments.admission.rate_limit import RateLimiter
 from deployments.config import ServiceConfig
 
@@ -244,22 +244,3 @@ def replica_state(exc: Exception) -> tuple[dict[str, Any], bool]:
     if isinstance(exc, asyncio.TimeoutError):
         return {"engine": "busy (no answer within 5 s)"}, True
     return {"engine": f"unavailable: {type(exc).__name__}"}, False
-
-
-def deployment_states() -> dict[str, Any]:
-    try:
-        from ray import serve
-
-        app_name = serve.get_replica_context().app_name
-        status = serve.status().applications[app_name]
-    except Exception as exc:  # outside Serve, or the controller is briefly unreachable
-        return {"error": f"{type(exc).__name__}"}
-    out = {}
-    for name, dep in status.deployments.items():
-        states = {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
-        out[name] = {
-            "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
-            "replica_states": states,
-            "running_replicas": states.get("RUNNING", 0),
-        }
-    return out

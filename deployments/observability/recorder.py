@@ -176,11 +176,11 @@ class StatsRecorder:
     def _add(self, key: tuple[str, tuple], value: float) -> None:
         self._counters[key] = self._counters.get(key, 0) + value
 
-    def _count(self, name: str, labels: tuple, value: float) -> None:
+    def count(self, name: str, labels: tuple, value: float) -> None:
         with self._lock:
             self._add((name, labels), value)
 
-    def _dispatch(self, delta: int) -> None:
+    def dispatched(self, delta: int) -> None:
         with self._lock:
             self._dispatched += delta
             if self._dispatched > self._dispatched_peak:
@@ -195,55 +195,25 @@ class StatsRecorder:
             self._events.popleft()
             self._dropped_events += 1
 
-    def _request_finished(
-        self, t: RequestTrace, status: int, code, reason, end_m: float, completion_tokens: int | None
-    ) -> None:
-        reason = reason or rejection_reason(status, code)
+    def request_finished(self, record: dict[str, Any], was_dispatched: bool) -> None:
+        """A `RequestTrace` ended (`record`: its times, tokens, status; `code` is dropped)."""
+        status, code = record["status"], record.pop("code")
+        record["reason"] = reason = record["reason"] or rejection_reason(status, code)
         with self._lock:
             self._inflight -= 1
-            if t._dispatch_m is not None:
+            if was_dispatched:
                 self._dispatched -= 1
-            self._add(("requests", (t.endpoint, str(status))), 1)
+            self._add(("requests", (record["endpoint"], str(status))), 1)
             if reason:
                 self._add(("rejections", (reason,)), 1)
-            self._event(
-                "req",
-                {
-                    "rid": t.request_id,
-                    "endpoint": t.endpoint,
-                    "stream": t.stream,
-                    "status": status,
-                    "reason": reason,
-                    "arrival": t._wall0,
-                    "end": t._wall(end_m),
-                    "tokenize_s": t.tokenize_s,
-                    "prompt_tokens": t.prompt_tokens,
-                    "dispatched": t._wall(t._dispatch_m),
-                    "first": t._wall(t._first_m),
-                    "last": t._wall(t._last_m),
-                    "tokens": completion_tokens if completion_tokens is not None else t.tokens,
-                    "itl": t._itl,
-                },
-            )
+            self._event("req", record)
 
-    def _engine_finished(self, t: EngineTrace, outcome: str, end_m: float) -> None:
+    def engine_finished(self, record: dict[str, Any]) -> None:
+        """An `EngineTrace` ended (`record`: its times, tokens and outcome)."""
         with self._lock:
             self._running -= 1
-            self._add(("engine_requests", (outcome,)), 1)
-            self._event(
-                "eng",
-                {
-                    "rid": t.request_id,
-                    "start": t._wall0,
-                    "end": t._wall(end_m),
-                    "first": t._wall(t._first_m),
-                    "last": t._wall(t._last_m),
-                    "tokens": t.tokens,
-                    "prompt_tokens": t.prompt_tokens,
-                    "itl": t._itl,
-                    "outcome": outcome,
-                },
-            )
+            self._add(("engine_requests", (record["outcome"],)), 1)
+            self._event("eng", record)
 
     # ------------------------------------------------------------------ flushing
 

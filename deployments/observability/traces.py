@@ -1,17 +1,26 @@
 """Per-request timing: `RequestTrace` (a request as the ingress sees it) and `EngineTrace`
-(its engine request on a model replica). Both hand their record to the `StatsRecorder` that
-created them when they finish."""
+(its engine request on a model replica). Each builds its own record and hands it, when it
+finishes, to the `TraceSink` that created it (the `StatsRecorder`)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from deployments.observability.recorder import StatsRecorder
+from typing import Any, Protocol
 
 _MAX_ITL_PAIRS = 4096
+
+
+class TraceSink(Protocol):
+    """Where a trace reports (the `StatsRecorder` that created it)."""
+
+    def count(self, name: str, labels: tuple, value: float) -> None: ...
+
+    def dispatched(self, delta: int) -> None: ...
+
+    def request_finished(self, record: dict[str, Any], was_dispatched: bool) -> None: ...
+
+    def engine_finished(self, record: dict[str, Any]) -> None: ...
 
 
 class _Trace:
@@ -19,7 +28,7 @@ class _Trace:
 
     __slots__ = ("_first_m", "_itl", "_last_m", "_m0", "_rec", "_wall0", "done", "request_id", "tokens")
 
-    def __init__(self, rec: StatsRecorder, request_id: str | None):
+    def __init__(self, rec: TraceSink, request_id: str | None):
         self._rec = rec
         self.request_id = request_id
         self._wall0 = time.time()
@@ -56,7 +65,7 @@ class RequestTrace(_Trace):
 
     __slots__ = ("_dispatch_m", "_tok_m", "endpoint", "prompt_tokens", "stream", "tokenize_s")
 
-    def __init__(self, rec: StatsRecorder, endpoint: str, request_id: str | None, stream: bool):
+    def __init__(self, rec: TraceSink, endpoint: str, request_id: str | None, stream: bool):
         super().__init__(rec, request_id)
         self.endpoint = endpoint
         self.stream = stream
@@ -79,7 +88,7 @@ class RequestTrace(_Trace):
         replica starts it."""
         if self._dispatch_m is None and not self.done:
             self._dispatch_m = time.perf_counter()
-            self._rec._dispatch(+1)
+            self._rec.dispatched(+1)
 
     def chunk(self, num_tokens: int) -> None:
         """A chunk of `num_tokens` generated tokens arrived from the model (streaming)."""
@@ -103,7 +112,24 @@ class RequestTrace(_Trace):
             return
         self.done = True
         end = time.perf_counter()
-        self._rec._request_finished(self, int(status), code, reason, end, completion_tokens)
+        record = {
+            "rid": self.request_id,
+            "endpoint": self.endpoint,
+            "stream": self.stream,
+            "status": int(status),
+            "code": code,
+            "reason": reason,
+            "arrival": self._wall0,
+            "end": self._wall(end),
+            "tokenize_s": self.tokenize_s,
+            "prompt_tokens": self.prompt_tokens,
+            "dispatched": self._wall(self._dispatch_m),
+            "first": self._wall(self._first_m),
+            "last": self._wall(self._last_m),
+            "tokens": completion_tokens if completion_tokens is not None else self.tokens,
+            "itl": self._itl,
+        }
+        self._rec.request_finished(record, self._dispatch_m is not None)
 
     def failed(self, exc: BaseException) -> None:
         """`finished` for an exception: APIError-like objects give their status/code, a
@@ -133,14 +159,14 @@ class EngineTrace(_Trace):
 
     __slots__ = ("prompt_tokens",)
 
-    def __init__(self, rec: StatsRecorder, request_id: str | None, prompt_tokens: int):
+    def __init__(self, rec: TraceSink, request_id: str | None, prompt_tokens: int):
         super().__init__(rec, request_id)
         self.prompt_tokens = int(prompt_tokens or 0)
 
     def output(self, num_tokens: int) -> None:
         """The engine produced `num_tokens` new tokens (one `RequestOutput` delta)."""
         if self._tokens_arrived(num_tokens):
-            self._rec._count("generation_tokens", (), num_tokens)
+            self._rec.count("generation_tokens", (), num_tokens)
 
     def completed(self, num_tokens: int, first_token_s: float | None, decode_s: float | None) -> None:
         """The whole output at once (a non-streaming request, whose engine sends no per-step
@@ -155,11 +181,24 @@ class EngineTrace(_Trace):
         if num_tokens > 1 and decode_s is not None and decode_s > 0:
             self._itl.append((decode_s / (num_tokens - 1), num_tokens - 1))
         self.tokens += num_tokens
-        self._rec._count("generation_tokens", (), num_tokens)
+        self._rec.count("generation_tokens", (), num_tokens)
 
     def finished(self, outcome: str = "ok") -> None:
         """`outcome`: ok, aborted (cancelled: client gone, deadline) or error. Idempotent."""
         if self.done:
             return
         self.done = True
-        self._rec._engine_finished(self, outcome, time.perf_counter())
+        end = time.perf_counter()
+        self._rec.engine_finished(
+            {
+                "rid": self.request_id,
+                "start": self._wall0,
+                "end": self._wall(end),
+                "first": self._wall(self._first_m),
+                "last": self._wall(self._last_m),
+                "tokens": self.tokens,
+                "prompt_tokens": self.prompt_tokens,
+                "itl": self._itl,
+                "outcome": outcome,
+            }
+        )

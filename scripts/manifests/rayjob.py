@@ -1,13 +1,10 @@
-#!/usr/bin/env python3
-"""Generate the KubeRay RayJob that runs the batch classifier, from the RayService's sources.
-
-    python scripts/gen_rayjob.py           # rewrite cluster/kuberay/rayjob-classify.yaml if stale
-    python scripts/gen_rayjob.py --check   # exit 1 (with a diff) when it is stale
+"""The KubeRay RayJob that runs the batch classifier, from the RayService's sources
+(`python scripts/gen_kuberay.py` writes it with the other manifests).
 
 One source: the job's Ray cluster is the RayService's ``rayClusterConfig`` (head + GPU worker
 group, image, model PVC; ``kuberay/base/rayservice.yaml``) and its service config is the one the
 RayService deploys (``configs/serve_config.yaml`` + ``kuberay/serve-overrides.yaml``, through
-``scripts/gen_kuberay.py``), passed to ``scripts/classify_batch.py`` as ``LLM_SERVE_BATCH_ARGS``.
+``scripts/manifests/rayservice.py``), passed to ``scripts/classify_batch.py`` as ``LLM_SERVE_BATCH_ARGS``.
 What the job adds: every GPU worker pod up for the run (one engine actor per GPU), a
 ReadWriteMany data volume at ``/data`` on every pod (input ``/data/input``, output
 ``/data/output``: the workers write the shards), and retries that resume from the finished
@@ -17,17 +14,15 @@ kuberay/`` never starts a job.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import json
 import shlex
-import sys
 from typing import Any
 
 import yaml
 
-from scripts import gen_kuberay as gen
+from scripts.manifests import rayservice as gen
 
 REPO = gen.REPO
 RAYJOB = REPO / "cluster" / "kuberay" / "rayjob-classify.yaml"
@@ -134,10 +129,10 @@ def rayjob() -> dict[str, Any]:
 def render() -> str:
     header = gen.HEADER.format(
         sources="kuberay/base/rayservice.yaml + configs/serve_config.yaml + kuberay/serve-overrides.yaml"
-    ).replace("gen_kuberay.py", "gen_rayjob.py") + (
+    ) + (
         "# Batch classification of an archive (scripts/classify_batch.py) on the RayService's cluster shape:\n"
         f"# one vLLM engine per GPU. Needs a ReadWriteMany PVC {DATA_CLAIM!r} holding the input at /data/input;\n"
-        "# the output lands in /data/output. Input, fields and paths: edit JOB_ARGS in scripts/gen_rayjob.py.\n"
+        "# the output lands in /data/output. Input, fields and paths: edit JOB_ARGS in scripts/manifests/rayjob.py.\n"
         "#   kubectl apply -n llm-serve -f cluster/kuberay/rayjob-classify.yaml\n"
     )
     return header + yaml.dump(rayjob(), Dumper=gen._BlockDumper, sort_keys=False, allow_unicode=True, width=100)
@@ -151,32 +146,3 @@ def stale() -> str:
     return "".join(
         difflib.unified_diff(have.splitlines(True), want.splitlines(True), f"{rel} (committed)", f"{rel} (generated)")
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--check", action="store_true", help="exit 1 when the committed RayJob is stale")
-    a = p.parse_args(argv)
-    try:
-        diff = stale()
-    except gen.ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if a.check:
-        sys.stdout.write(diff)
-        if diff:
-            print("\nthe RayJob is stale: run `python scripts/gen_rayjob.py`", file=sys.stderr)
-            return 1
-        print("RayJob is up to date")
-        return 0
-    if diff:
-        RAYJOB.parent.mkdir(parents=True, exist_ok=True)
-        RAYJOB.write_text(render())
-        print(f"wrote {RAYJOB.relative_to(REPO)}")
-    else:
-        print("RayJob is up to date")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
