@@ -20,10 +20,12 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import DeploymentName, ServiceConfig, deployment_options, load_config
+from deployments.config import DeploymentName, ServiceConfig
+from deployments.config_env import load_config
 from deployments.engine.output_parsing import check_parser_names
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
+from deployments.options import deployment_options
 from deployments.tokenizer import PromptTokenizer
 
 logger = logging.getLogger("ray.serve")

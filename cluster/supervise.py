@@ -26,8 +26,8 @@ from pathlib import Path
 
 import httpx
 
+from cluster.haproxy_wrapper import fast_path_env
 from cluster.processes import REPO, kill_sessions, spawn
-from deployments.admission.haproxy_wrapper import fast_path_env
 
 DEFAULT_CONFIG = REPO / "configs" / "one-box.yaml"
 

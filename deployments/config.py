@@ -1,22 +1,17 @@
-"""The service configuration: one pydantic model, the single source for
-``configs/serve_config.yaml`` (the ``args`` of the application), the KubeRay
-``serveConfigV2`` and the documented defaults.
-
-Each deployment class owns its default Serve options; the ``deployments`` section of the
-config deep-merges over them (see :func:`deep_merge`).
+"""The service configuration: one pydantic model, the single source for `configs/serve_config.yaml`
+(the application's `args`), the KubeRay `serveConfigV2` and the documented defaults. A leaf: it
+imports only other config models. The environment's part: `config_env.py`; each deployment's
+Serve options (its class's defaults, this config's `deployments` section over them): `options.py`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.admission.auth_config import AuthConfig
 from deployments.admission.limits import RateLimitConfig
@@ -502,122 +497,3 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def base_options(name: str, **options: Any) -> dict[str, Any]:
-    """A deployment class's `DEFAULT_OPTIONS`: what all three share (one replica, structured JSON
-    logs with request ids and never a prompt) with the class's own `options` over it."""
-    return {"name": name, "logging_config": {"encoding": "JSON"}, "num_replicas": 1, **options}
-
-
-def deployment_options(defaults: dict[str, Any], config: ServiceConfig, key: DeploymentName) -> dict[str, Any]:
-    """A deployment class's DEFAULT_OPTIONS with `config.deployments[key]` deep-merged over them.
-
-    An `autoscaling_config` replaces the default fixed `num_replicas` (Serve rejects both).
-    """
-    override = config.deployments.get(key, {})
-    opts = deep_merge(defaults, override)
-    if opts.get("autoscaling_config") and "num_replicas" not in override:
-        opts.pop("num_replicas", None)
-    return opts
-
-
-def current_app_name(default: str = "llm") -> str:
-    """The Serve application this replica belongs to (names the shared stats/limiter actors)."""
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().app_name or default
-    except Exception:  # outside a Serve replica (unit tests, scripts)
-        return default
-
-
-# --------------------------------------------------------------------------- environment
-
-ENV_PREFIX = "LLM_SERVE__"
-
-# The replaced service's container variables → the field each sets (below LLM_SERVE__ variables,
-# above the YAML `args`). VLLM_PORT is Serve's HTTP port (`http_options.port` in the Serve config
-# file), not an application setting; TENSOR_PARALLEL_SIZE has no equivalent (one GPU per replica).
-LEGACY_ENV = {
-    "VLLM_MODEL": ("model", "model_source"),
-    "MODEL_NAME": ("model", "model_id"),
-    "MAX_MODEL_LEN": ("engine", "max_model_len"),
-    "GPU_MEMORY_UTILIZATION": ("engine", "gpu_memory_utilization"),
-}
-# The rate limiter's overrides (0 turns the window off), at the same level: read here, where the
-# app is built, like every other variable; the replicas use the config they are given.
-RATE_LIMIT_ENV = {
-    "RATE_LIMIT_PER_MINUTE": ("rate_limit", "per_minute"),
-    "RATE_LIMIT_PER_HOUR": ("rate_limit", "per_hour"),
-}
-
-
-def load_config(args: dict[str, Any] | None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
-    """The application's config: the YAML `args`, then the replaced service's variables
-    (`LEGACY_ENV`) and `RATE_LIMIT_PER_MINUTE`/`_HOUR`, then any `LLM_SERVE__<SECTION>__<FIELD>` variable (e.g.
-    `LLM_SERVE__LIMITS__MAX_TOKENS_CAP=1024`, `LLM_SERVE__LORA__ADAPTERS='{"a": "/path"}'`: JSON
-    for lists and maps), read by pydantic-settings. Read once, where the application is built;
-    the deployments get the result. A variable naming no field, or a value its field refuses, is
-    an error at start naming the variable."""
-    environ = os.environ if environ is None else environ
-    env: Mapping[str, str] = environ  # as the settings class below reads it
-    ours = {k: v for k, v in environ.items() if k.upper().startswith(ENV_PREFIX)}
-    for key in ours:
-        section = key[len(ENV_PREFIX) :].split("__", 1)[0].lower()
-        if section not in ServiceConfig.model_fields:
-            raise ValueError(
-                f"environment variable {key}: {section!r} is not a config section or field "
-                f"(one of {sorted(ServiceConfig.model_fields)})"
-            )
-    legacy: dict[str, Any] = {}
-    for name, (section, field) in {**LEGACY_ENV, **RATE_LIMIT_ENV}.items():
-        if environ.get(name, "").strip():
-            legacy.setdefault(section, {})[field] = environ[name].strip()
-
-    class Settings(ServiceConfig, BaseSettings):
-        model_config = SettingsConfigDict(
-            env_prefix=ENV_PREFIX,
-            env_nested_delimiter="__",
-            extra="forbid",
-            protected_namespaces=(),
-            case_sensitive=False,
-        )
-
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (_EnvironSource(settings_cls, env), init_settings)  # the environment wins
-
-    try:
-        settings = Settings(**deep_merge(args or {}, legacy))
-    except ValidationError as exc:
-        names = [
-            f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in e['loc'])}" if e["loc"] else "the configuration"
-            for e in exc.errors()
-        ]
-        legacy_used = [n for n in {**LEGACY_ENV, **RATE_LIMIT_ENV} if environ.get(n)]
-        hint = f" (set by the environment: {sorted(set(ours) | set(legacy_used))})" if ours or legacy_used else ""
-        raise ValueError(
-            f"invalid configuration{hint}: {exc.error_count()} problem(s), e.g. "
-            f"{names[0]}: {exc.errors()[0]['msg']}\n{exc}"
-        ) from None
-    return ServiceConfig.model_validate(settings.model_dump())
-
-
-class _EnvironSource(EnvSettingsSource):
-    """pydantic-settings' environment source over a given mapping (the process's environment by
-    default; a test's dict)."""
-
-    def __init__(self, settings_cls, environ: Mapping[str, str]):
-        self._environ = environ
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self):
-        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)

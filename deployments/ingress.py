@@ -42,8 +42,9 @@ from deployments.api.responses_protocol import ResponsesRequest
 from deployments.api.serving_responses import ServingResponses
 from deployments.api.tokenize import DetokenizeRequest, ServingTokenize, TokenizeRequest
 from deployments.classification import labels_for_model
-from deployments.config import REPO_ROOT, ServiceConfig, base_options, current_app_name, resolve_path
+from deployments.config import REPO_ROOT, ServiceConfig, resolve_path
 from deployments.observability import PROMETHEUS_CONTENT_TYPE, StatsRecorder
+from deployments.options import base_options, current_app_name
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,7 +85,7 @@ class IngressRouter:
 
         app_name = current_app_name()
         self.recorder = StatsRecorder.from_config(self.config.observability, role="ingress", app_name=app_name)
-        # env={}: RATE_LIMIT_* were applied where the app was built (config.load_config); this
+        # env={}: RATE_LIMIT_* were applied where the app was built (config_env.load_config); this
         # replica's own environment does not change the limits
         self.limiter = RateLimiter.from_config(self.config.rate_limit, app_name, env={})
         self.auth = ApiKeyAuth.from_config(self.config.auth)

@@ -18,7 +18,7 @@ from deployments.adapters import AdapterRegistry, LoraIds, check_adapter
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.api.protocol import GenerationChunk, GenerationRequest
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
-from deployments.config import ServiceConfig, base_options, current_app_name, resolve_path
+from deployments.config import ServiceConfig, resolve_path
 from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.engine.label_scoring import score_labels
@@ -26,6 +26,7 @@ from deployments.engine.process import shutdown_engine
 from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
 from deployments.observability.tracing import engine_span
+from deployments.options import base_options, current_app_name
 
 logger = logging.getLogger("ray.serve")
 

@@ -19,7 +19,8 @@ from typing import Any
 from deployments.api.errors import APIError, bad_request
 from deployments.api.protocol import EncodedClassify, EncodedPrompt
 from deployments.chat_encoding import ChatEncoder, ControlTextError
-from deployments.config import ServiceConfig, base_options
+from deployments.config import ServiceConfig
+from deployments.options import base_options
 
 logger = logging.getLogger("ray.serve")
 

@@ -56,7 +56,7 @@ def service_config(path: Path | None, app: str = "llm"):
     the RayService's config), else configs/serve_config.yaml."""
     import yaml
 
-    from deployments.config import load_config
+    from deployments.config_env import load_config
 
     if path is None and os.environ.get(BATCH_ARGS_ENV):
         return load_config(json.loads(os.environ[BATCH_ARGS_ENV]))

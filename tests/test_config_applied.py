@@ -24,7 +24,8 @@ from deployments.admission.middleware import Admission, AdmissionMiddleware
 from deployments.admission.limits import RateDecision
 from deployments.admission.rate_limit import RateLimiter
 from deployments.api.errors import APIError
-from deployments.config import ServiceConfig, load_config
+from deployments.config import ServiceConfig
+from deployments.config_env import load_config
 from deployments.engine import engine_kwargs
 
 

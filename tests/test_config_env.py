@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.config import LEGACY_ENV, ServiceConfig, load_config
+from deployments.config import ServiceConfig
+from deployments.config_env import LEGACY_ENV, load_config
 
 
 def test_environment_overrides_the_yaml_args():

@@ -28,7 +28,7 @@ from cluster.processes import free_port, kill_sessions, session_processes
 from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
                                                   ClientAddress, disable_uvicorn_forwarding, proxy_secret,
                                                   startup_report)
-from deployments.admission.haproxy_wrapper import (MAX_CONNS_ENV, SUFFIX, TIMEOUT_ENV, add_rules, fast_path_env,
+from cluster.haproxy_wrapper import (MAX_CONNS_ENV, SUFFIX, TIMEOUT_ENV, add_rules, fast_path_env,
                                                    real_binary, rewrite_args, rules)
 from deployments.admission.middleware import _forwarded_for
 from deployments.admission.client_address import client_key

@@ -452,7 +452,7 @@ def test_cpu_overlay_has_no_gpu_and_no_pvc():
 @pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_ray_containers_run_the_fast_path(variant):
     """Every Ray container has configs/fast-path.env and our HAProxy binary, as `make run`."""
-    from deployments.admission.haproxy_wrapper import read_env_file
+    from cluster.haproxy_wrapper import read_env_file
 
     want = read_env_file(gen.REPO / "configs" / "fast-path.env")
     want["RAY_SERVE_HAPROXY_BINARY_PATH"] = gen.IMAGE_HAPROXY
@@ -564,7 +564,8 @@ def test_serve_config_autoscaling_knobs():
     and tokenizer scale on their own; the options Serve receives are valid."""
     from ray.serve.config import AutoscalingConfig
 
-    from deployments.config import ServiceConfig, deployment_options
+    from deployments.config import ServiceConfig
+    from deployments.options import deployment_options
     from deployments.ingress import IngressRouter
     from deployments.model_replica import ModelReplica
     from deployments.tokenizer import PromptTokenizer

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from cluster.processes import free_port, kill_sessions, session_processes
-from deployments.config import load_config
+from deployments.config_env import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "cluster" / "onebox" / "docker-compose.yaml"

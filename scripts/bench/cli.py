@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deployments.admission.haproxy_wrapper import fast_path_env
+from cluster.haproxy_wrapper import fast_path_env
 from scripts.bench.common import (
     DEFAULT_DATASET,
     DEFAULT_MODEL,

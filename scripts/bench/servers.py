@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cluster.haproxy_wrapper import read_env_file as _read_env_file
 from cluster.processes import ManagedProcess, free_port
-from deployments.admission.haproxy_wrapper import read_env_file as _read_env_file
 from deployments.config import ServiceConfig, deep_merge
 from deployments.engine import server_flags
 from scripts.bench.common import CHILD_READY, ENTRY, REPO, RUN_MARKER_ENV

@@ -15,8 +15,8 @@ from typing import Any
 import jsonpatch
 import yaml
 
+from cluster.haproxy_wrapper import fast_path_env
 from deployments.admission.client_address import PROXY_SECRET_ENV
-from deployments.admission.haproxy_wrapper import fast_path_env
 from deployments.config import ServiceConfig, deep_merge
 
 REPO = Path(__file__).resolve().parents[2]

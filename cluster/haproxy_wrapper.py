@@ -83,7 +83,7 @@ def rules(environ=os.environ) -> str:
     except ValueError as exc:
         raise SystemExit(f"llm-serve-haproxy: {exc}") from None
     out = [
-        "    # llm-serve (deployments/admission/haproxy_wrapper.py): the client's own address for",
+        "    # llm-serve (cluster/haproxy_wrapper.py): the client's own address for",
         "    # per-client limits; slow clients get a 408; open connections per client address capped",
         f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]",
         (
