@@ -222,7 +222,7 @@ class IngressRouter:
             raise taken
         # Client input: never expand ~ or $VARS (the 400 message echoes the path as sent). The
         # model replica checks it on its node: inside lora.adapter_roots once symlinks and `..`
-        # are resolved, safetensors weights only (deployments/adapters.py check_adapter).
+        # are resolved, safetensors weights only (deployments/adapter_paths.py check_adapter).
         path = body.lora_path if os.path.isabs(body.lora_path) else os.path.join(REPO_ROOT, body.lora_path)
         await self.calls.call(self.model.validate_adapter.remote(path, body.lora_path))
         if await self.models.adapters.register(body.lora_name, path, False) is None:

@@ -14,14 +14,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.adapters import AdapterRegistry, LoraIds, check_adapter
+from deployments.adapter_paths import check_adapter
+from deployments.adapters import AdapterRegistry, LoraIds
 from deployments.api.errors import APIError, engine_unavailable, model_not_found
 from deployments.api.protocol import GenerationChunk, GenerationRequest
 from deployments.autoscaling import engine_autoscaling_stats, uses_llm_policy
 from deployments.config import ServiceConfig, resolve_path
-from deployments.engine import cpu_engine_env, engine_kwargs, prioritise_engine
+from deployments.engine import prioritise_engine
+from deployments.engine.factory import start_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.engine.label_scoring import score_labels
+from deployments.engine.outputs import PendingChunk, logprob_entry, token_logprobs
 from deployments.engine.process import shutdown_engine
 from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
@@ -52,23 +55,15 @@ class ModelReplica:
         """`options`: this deployment's Serve options as the builder computed them
         (`serve_app.app_options`): its capacity and CPU share size the engine."""
         self.config = ServiceConfig.model_validate(config)
-        os.environ.update(self.config.engine_env)
-        from vllm.platforms import current_platform
-
-        self.on_cpu = current_platform.is_cpu()
-        if self.on_cpu:
-            num_cpus = (options.get("ray_actor_options") or {}).get("num_cpus")
-            for key, value in cpu_engine_env(self.config, num_cpus).items():
-                os.environ.setdefault(key, value)  # engine_env, applied above, wins
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        self.engine_args = AsyncEngineArgs(**engine_kwargs(self.config, self.on_cpu))
         t0 = time.monotonic()
         obs = self.config.observability
         # vLLM's own stat loggers (observability/engine_metrics.py); None: vLLM's defaults
         stat_loggers = engine_stat_loggers(obs.ray_metrics) if obs.engine_metrics and obs.enabled else None
-        self.engine = AsyncLLM.from_engine_args(self.engine_args, stat_loggers=stat_loggers)
+        num_cpus = (options.get("ray_actor_options") or {}).get("num_cpus")
+        started = start_engine(self.config, num_cpus, stat_loggers)
+        self.engine, self.engine_args, self.on_cpu = started.engine, started.args, started.on_cpu
+        from vllm.platforms import current_platform
+
         self.vllm_traces = bool(getattr(self.engine_args, "otlp_traces_endpoint", None))  # vLLM's own spans
         # vLLM re-reads its environment variables on every access unless cached; its engine
         # core caches them once started, its API server does not. The output path reads several
@@ -273,7 +268,7 @@ class ModelReplica:
         chunks = []
         for c in final.outputs:
             chunk = GenerationChunk(
-                c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index, _token_logprobs(c, k), prompt
+                c.text, len(c.token_ids), c.finish_reason, c.stop_reason, c.index, token_logprobs(c, k), prompt
             )
             if (parser := self._choice_parser(req)) is not None:
                 reasoning, content, calls = parser.final(c.text, c.token_ids)
@@ -297,7 +292,7 @@ class ModelReplica:
         one hop."""
         interval = self.config.streaming.coalesce_ms / 1000.0
         k = req.sampling.get("logprobs")
-        pending: dict[int, _Pending] = {}
+        pending: dict[int, PendingChunk] = {}
         last = 0.0
         prompt = None
         async for out in self._outputs(req):
@@ -306,7 +301,7 @@ class ModelReplica:
                 prompt = self._prompt_logprobs(out, req)
             for c in out.outputs:
                 if c.index not in pending:
-                    pending[c.index] = _Pending(
+                    pending[c.index] = PendingChunk(
                         prompt, self._choice_parser(req), req.parse is None or req.parse.get("include_reasoning", True)
                     )
                 p = pending[c.index]
@@ -333,7 +328,7 @@ class ModelReplica:
             if step is None:
                 entries.append((self.engine.tokenizer.decode([tid]), None, []))
             else:
-                entries.append(_entry(step, tid, k))
+                entries.append(logprob_entry(step, tid, k))
         return entries
 
     # ------------------------------------------------------------------ health
@@ -381,92 +376,6 @@ class ModelReplica:
 
     def __del__(self):
         shutdown_engine(self)
-
-
-class _Pending:
-    """One choice's output since its last chunk (streaming)."""
-
-    __slots__ = (
-        "called",
-        "calls",
-        "finish",
-        "logprobs",
-        "ntok",
-        "parser",
-        "prompt",
-        "reasoning",
-        "show_reasoning",
-        "stop",
-        "texts",
-    )
-
-    def __init__(self, prompt=None, parser=None, show_reasoning: bool = True):
-        self.texts: list[str] = []
-        self.ntok = 0
-        self.finish: str | None = None
-        self.stop: Any = None
-        self.logprobs: list[tuple[str, float, list[tuple[str, float]]]] | None = None
-        self.prompt = prompt  # the prompt's logprobs, sent with the first chunk
-        self.parser, self.show_reasoning = parser, show_reasoning  # chat output parsing (reasoning, tools)
-        self.reasoning: list[str] = []
-        self.calls: list[dict[str, Any]] = []
-        self.called = False
-
-    def add(self, c, k: int | None) -> None:
-        self.ntok += len(c.token_ids)
-        if self.parser is None:
-            self.texts.append(c.text)
-        else:
-            reasoning, content, calls = self.parser.delta(c.text, c.token_ids, c.finish_reason is not None)
-            self.texts.append(content or "")
-            if reasoning and self.show_reasoning:
-                self.reasoning.append(reasoning)
-            self.calls += calls
-            self.called |= bool(calls)
-        if c.finish_reason is not None:
-            self.finish, self.stop = c.finish_reason, c.stop_reason
-            if self.called and self.finish == "stop":
-                self.finish = "tool_calls"
-        if k is not None:
-            self.logprobs = (self.logprobs or []) + (_token_logprobs(c, k) or [])
-
-    def ready(self) -> bool:
-        return bool(self.ntok or self.finish or any(self.texts) or self.reasoning or self.calls)
-
-    def flush(self, index: int) -> GenerationChunk:
-        chunk = GenerationChunk(
-            "".join(self.texts),
-            self.ntok,
-            self.finish,
-            self.stop,
-            index,
-            self.logprobs,
-            self.prompt,
-            "".join(self.reasoning) or None,
-            self.calls or None,
-        )
-        self.texts, self.ntok, self.logprobs, self.prompt, self.reasoning, self.calls = [], 0, None, None, [], []
-        self.finish = self.stop = None
-        return chunk
-
-
-def _token_logprobs(c, k: int | None):
-    """A completion output's per-token log-probabilities as (token, logprob, top-k
-    alternatives), None unless asked for. -inf is reported as -9999.0 (as vLLM's server)."""
-    if k is None or c.logprobs is None:
-        return None
-    return [_entry(step, tid, k) for tid, step in zip(c.token_ids, c.logprobs)]
-
-
-def _entry(step, tid: int, k: int):
-    """One position: the token, its logprob and the `k` most likely tokens there."""
-    chosen = step[tid]
-    top = sorted(step.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)[:k] if k else []
-    return (
-        chosen.decoded_token or "",
-        max(chosen.logprob, -9999.0),
-        [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for _, lp in top],
-    )
 
 
 def _node_id() -> str | None:

@@ -81,7 +81,7 @@ class PromptTokenizer:
         return await self._run(len(prompt), self._prompt, prompt, max_tokens)
 
     async def encode_classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
-        return await self._run(sum(map(len, texts)), self._classify, texts, labels)
+        return await self._run(sum(map(len, texts)), self.classify_prompts, texts, labels)
 
     # /tokenize and /detokenize (vLLM's shapes; no context-length check, as vLLM's)
 
@@ -198,9 +198,10 @@ class PromptTokenizer:
             ids = list(prompt)
         return self._check_fits(ids, max_tokens, "prompt")
 
-    def _classify(self, texts: list[str], labels: list[str]) -> EncodedClassify:
+    def classify_prompts(self, texts: list[str], labels: list[str]) -> EncodedClassify:
         """Prompts (the shared classification chat format) and each label's answer tokens
-        (label text + end-of-turn), for scoring every label of every text."""
+        (label text + end-of-turn), for scoring every label of every text: the one
+        classification encoder (the service's `encode_classify`, the batch classifier's workers)."""
         eos = self.tokenizer.eos_token_id
         label_ids = [self.tokenizer.encode(label, add_special_tokens=False) + [eos] for label in labels]
         longest = max(len(ids) for ids in label_ids)

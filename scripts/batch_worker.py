@@ -72,26 +72,16 @@ class ShardClassifier:
 
     def _start(self, cfg, model, labels, out, text_field, id_field, batch_size, num_cpus) -> None:
         from deployments.config import resolve_path
-        from deployments.engine import cpu_engine_env, engine_kwargs
+        from deployments.engine.factory import start_engine
         from deployments.tokenizer import PromptTokenizer
 
         self.config = cfg
-        os.environ.update(cfg.engine_env)
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            for key, value in cpu_engine_env(cfg, num_cpus).items():
-                os.environ.setdefault(key, value)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         self.labels, self.out, self.batch_size = list(labels), out, batch_size
         self.text_field, self.id_field = text_field, id_field
         self.tokenizer = PromptTokenizer(cfg)
         self.loop = asyncio.new_event_loop()
-        t0 = time.monotonic()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(cfg, current_platform.is_cpu())))
-        self.engine_start_s = time.monotonic() - t0
+        started = start_engine(cfg, num_cpus)
+        self.engine, self.engine_start_s = started.engine, started.start_s
         self.lora = None
         if model != cfg.model.model_id:
             from vllm.lora.request import LoRARequest
@@ -112,7 +102,7 @@ class ShardClassifier:
         label_ids: list[list[int]] = []  # the labels' token ids (the same for every text)
         for i, text in enumerate(texts):
             try:
-                enc = self.tokenizer._classify([text], self.labels)
+                enc = self.tokenizer.classify_prompts([text], self.labels)
             except APIError as exc:
                 results[i] = f"{exc.code or 'invalid_input'}: {exc.message}"
                 continue

@@ -1,5 +1,5 @@
 """docs/security.md S3: what `POST /v1/load_lora_adapter` may load, checked where the model
-replica checks it (deployments/adapters.py, no Ray): only folders inside `lora.adapter_roots`
+replica checks it (deployments/adapter_paths.py, no Ray): only folders inside `lora.adapter_roots`
 once symlinks and `..` are resolved, only safetensors weights, and 400s that name `lora_path`
 and no server path but the one the client sent."""
 
@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from conftest import LORA_DIR, REPO
-from deployments.adapters import adapter_in_roots, check_adapter, resolve_adapter_roots, validate_adapter_dir
+from deployments.adapter_paths import adapter_in_roots, check_adapter, resolve_adapter_roots, validate_adapter_dir
 from deployments.api.errors import APIError
 from deployments.config import LoraConfig, ServiceConfig
 

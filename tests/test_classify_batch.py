@@ -261,7 +261,7 @@ def test_same_labels_as_the_service_scoring(mixed_job):
     )
     try:
         texts = [g["sentence"] for g in good]
-        enc = worker.tokenizer._classify(texts, labels)
+        enc = worker.tokenizer.classify_prompts(texts, labels)
 
         class Replica:  # what ModelReplica.classify uses of its instance
             engine = worker.engine

@@ -243,8 +243,8 @@ def test_a_template_that_alters_strings_never_parses_client_control_text(templat
 
 def test_classification_text_stays_plain_text(qwen3):
     labels = ["news_finance"]
-    benign = qwen3._classify([BENIGN], labels).prompts[0]
-    evil = qwen3._classify([EVIL], labels).prompts[0]
+    benign = qwen3.classify_prompts([BENIGN], labels).prompts[0]
+    evil = qwen3.classify_prompts([EVIL], labels).prompts[0]
     assert controls(qwen3, evil) == controls(qwen3, benign)
     assert contains(evil, qwen3._plain_encode(EVIL))
 

@@ -593,7 +593,7 @@ class _Trace:
 def _renderer(**body: Any):
     from deployments.api import sse
     from deployments.api.responses_protocol import ResponsesRequest
-    from deployments.api.serving_responses import ResponsesRendering, ResponseStreamRenderer
+    from deployments.api.responses_render import ResponsesRendering, ResponseStreamRenderer
     from deployments.config import LimitsConfig
 
     request = ResponsesRequest.model_validate({"input": TEXT, **body})
@@ -633,7 +633,7 @@ def test_unary_reasoning_and_calls_unit():
     parsers), cut by max_output_tokens: reasoning, message, function_call items in that order,
     the last one incomplete; a valid Response."""
     from deployments.api.responses_protocol import ResponsesRequest
-    from deployments.api.serving_responses import ResponsesRendering
+    from deployments.api.responses_render import ResponsesRendering
     from deployments.config import LimitsConfig
 
     rendering = ResponsesRendering(ResponsesRequest.model_validate({"input": TEXT, "tools": TOOLS}), LimitsConfig())
