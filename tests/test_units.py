@@ -154,7 +154,7 @@ def test_tokenizer_long_inputs_go_to_a_thread_with_the_same_result(tok, monkeypa
     monkeypatch.setattr(tok, "INLINE_CHARS", 100)
     assert run(tok.encode_chat(messages, 10)) == inline
     assert run(tok.encode_classify(["央行宣布降息" * 20], ["news_finance"])).prompts
-    assert threads == ["_chat", "_classify"]
+    assert threads == ["_chat", "classify_prompts"]
 
 
 def test_label_scoring_tokens():
