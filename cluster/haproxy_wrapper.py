@@ -56,7 +56,7 @@ from deployments.admission.client_address import (
     proxy_secret,
 )
 
-FAST_PATH_ENV = Path(__file__).resolve().parents[2] / "configs" / "fast-path.env"
+FAST_PATH_ENV = Path(__file__).resolve().parents[1] / "configs" / "fast-path.env"
 
 SUFFIX = ".client-addr"
 TIMEOUT_ENV = "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S"

@@ -1,4 +1,4 @@
-"""Batch path vs HTTP path: rows/s of ``scripts/classify_batch.py`` and of ``POST /v1/classify``
+"""Batch path vs HTTP path: rows/s of ``batch/classify.py`` and of ``POST /v1/classify``
 through the Serve application, on the same titles, config and engine (one engine each).
 
     python -m scripts.bench_classify --n 400            # first 400 TNEWS titles
@@ -101,7 +101,7 @@ def http_path(titles: list[str], request_size: int, concurrency: int) -> dict[st
 
 
 def batch_path(titles: list[str], extra: list[str]) -> dict[str, Any]:
-    from scripts.batch_io import read_output
+    from batch.dataio import read_output
 
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "titles.jsonl"
@@ -111,7 +111,7 @@ def batch_path(titles: list[str], extra: list[str]) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "scripts.classify_batch",
+                "batch.classify",
                 str(src),
                 "--out",
                 f"{d}/out",

@@ -5,7 +5,7 @@ at temperature 0 with the classification prompt of ``deployments/classification.
 prints accuracy, macro-F1, per-class precision/recall/F1, the confusion matrix and the number
 of invalid labels, with a 95 % (Wilson) interval for the accuracy and the calibration of the
 label probabilities (expected calibration error, 15 equal-width bins of the top probability);
-``--batch-output DIR`` evaluates a batch job's output (``scripts/classify_batch.py``) instead of
+``--batch-output DIR`` evaluates a batch job's output (``batch/classify.py``) instead of
 calling the service, with the same code and figures. Writes an HTML report (and a PNG confusion matrix with ``--png`` when
 matplotlib is installed) and the metrics as JSON.
 
@@ -408,7 +408,7 @@ def batch_predictions(
     out: str, rows: list[dict[str, Any]], id_field: str | None, first_line: int = 1
 ) -> tuple[list[str | None], list[dict | None]]:
     """The batch job's label and scores for each row (None for a row it rejected or lacks)."""
-    from scripts.batch_io import read_output
+    from batch.dataio import read_output
 
     by_id = {str(r["id"]): r for r in read_output(out)[0]}
     keys = [str(r.get(id_field)) if id_field else str(first_line + i) for i, r in enumerate(rows)]
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--batch-output",
         default=None,
-        help="evaluate this batch job's output folder (scripts/classify_batch.py) instead of calling "
+        help="evaluate this batch job's output folder (batch/classify.py) instead of calling "
         "the service: its rows are matched to --data by --id-field, else by line number",
     )
     ap.add_argument("--id-field", default=None, help="with --batch-output: the id field of --data's rows")

@@ -9,7 +9,7 @@
 #   LLM_SERVE_SKIP_LINT=1 scripts/test.sh ...   # pytest only (while iterating)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LINTED=(deployments serve_app.py cluster scripts)
+LINTED=(deployments serve_app.py batch cluster scripts)
 if [ -z "${LLM_SERVE_SKIP_LINT:-}" ]; then
   echo "==> ruff check, ruff format --check, mypy"
   .venv/bin/ruff check "${LINTED[@]}" || exit 1

@@ -1,4 +1,4 @@
-"""The batch classifier (scripts/classify_batch.py): rows in = rows out + rejects on a malformed
+"""The batch classifier (batch/classify.py): rows in = rows out + rejects on a malformed
 file, durable per-shard output written by the workers (atomic files, interruption, a resume that
 redoes nothing written), the same labels as the service's /v1/classify code, the batch output
 evaluated as the HTTP path is; and its RayJob manifest (schema, drift)."""
@@ -17,7 +17,7 @@ import pytest
 from crd_schema import strict
 
 from deployments import classification as clf
-from scripts import batch_io
+from batch import dataio
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1"}
@@ -30,7 +30,7 @@ def _held_out(n: int) -> list[dict]:
 
 def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "scripts.classify_batch", *args],
+        [sys.executable, "-m", "batch.classify", *args],
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -74,11 +74,11 @@ def _write_mixed(path: Path) -> list[dict]:
 def test_shards_cover_every_record_and_rejects_have_reasons(tmp_path):
     src = tmp_path / "in.jsonl"
     good = _write_mixed(src)
-    fs, files, fmt = batch_io.list_inputs(str(src))
+    fs, files, fmt = dataio.list_inputs(str(src))
     for shard_rows in (1, 4, 7, 1000):
-        shards = batch_io.plan_file(fs, files[0], fmt, 0, shard_rows, "")
+        shards = dataio.plan_file(fs, files[0], fmt, 0, shard_rows, "")
         assert sum(s.n_rows for s in shards) == len(good) + len(BAD) + 1
-        parsed = [batch_io.parse_shard(fs, s, "sentence", "id", 2000) for s in shards]
+        parsed = [dataio.parse_shard(fs, s, "sentence", "id", 2000) for s in shards]
         ids = [rid for p in parsed for _, rid, _ in p.rows]
         assert ids == [g["id"] for g in good]
         reasons = sorted(r["reason"] for p in parsed for r in p.rejects)
@@ -93,9 +93,9 @@ def test_csv_records_quoted_newlines_and_bad_rows(tmp_path):
             "\xff".encode(), b"\xff"
         )
     )
-    fs, files, fmt = batch_io.list_inputs(str(src))
-    shards = batch_io.plan_file(fs, files[0], fmt, 0, 2, "")
-    parsed = [batch_io.parse_shard(fs, s, "title", "id", 2000) for s in shards]
+    fs, files, fmt = dataio.list_inputs(str(src))
+    shards = dataio.plan_file(fs, files[0], fmt, 0, 2, "")
+    parsed = [dataio.parse_shard(fs, s, "title", "id", 2000) for s in shards]
     assert [(rid, text) for p in parsed for _, rid, text in p.rows] == [("1", "hello"), ("2", "two\nlines")]
     assert [r["reason"] for p in parsed for r in p.rejects] == [
         "malformed_csv",
@@ -108,12 +108,12 @@ def test_csv_records_quoted_newlines_and_bad_rows(tmp_path):
 def test_output_writes_are_atomic_and_leftovers_ignored(tmp_path):
     """A shard's files land whole (temporary name, then rename), the marker last; what an
     interrupted write leaves behind is invisible to readers and removed once a run is over."""
-    fs, (out,) = batch_io.filesystem(str(tmp_path / "out"))
-    shard = batch_io.Shard(key="0000-000000", path="in.jsonl", fmt="jsonl", start_row=1, n_rows=2)
+    fs, (out,) = dataio.filesystem(str(tmp_path / "out"))
+    shard = dataio.Shard(key="0000-000000", path="in.jsonl", fmt="jsonl", start_row=1, n_rows=2)
     rows = [{"id": 1, "label": "a", "scores": {"a": 0.75, "b": 0.25}}]
     rejects = [{"source": "in.jsonl", "row": 2, "id": 2, "reason": "empty_text", "detail": "", "raw": ""}]
     stats = {"key": shard.key, "rows_in": 2, "rows_out": 1, "rejects": 1}
-    batch_io.write_shard(fs, out, shard, rows, rejects, ["a", "b"], stats)
+    dataio.write_shard(fs, out, shard, rows, rejects, ["a", "b"], stats)
     root = tmp_path / "out"
     assert sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file()) == [
         "done/0000-000000.json",
@@ -130,10 +130,10 @@ def test_output_writes_are_atomic_and_leftovers_ignored(tmp_path):
         ("parts", "0000-000002.jsonl.tmp"),
     ):
         (root / sub / name).write_bytes(b'{"id": 3, "lab')
-    assert batch_io.done_shards(fs, out) == {shard.key: stats}
-    assert batch_io.done_marker(fs, out, shard.key) == stats and batch_io.done_marker(fs, out, "0000-000001") is None
-    assert batch_io.read_output(str(root)) == (rows, rejects)
-    assert batch_io.remove_temp(fs, out) == 4
+    assert dataio.done_shards(fs, out) == {shard.key: stats}
+    assert dataio.done_marker(fs, out, shard.key) == stats and dataio.done_marker(fs, out, "0000-000001") is None
+    assert dataio.read_output(str(root)) == (rows, rejects)
+    assert dataio.remove_temp(fs, out) == 4
     assert len([f for f in root.rglob("*") if f.is_file()]) == 3
 
 
@@ -142,12 +142,12 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
     Ray retries, a second run) is returned from its marker without classifying it again."""
     from types import SimpleNamespace
 
-    from scripts.batch_worker import ShardClassifier, check_output_visible
+    from batch.worker import ShardClassifier, check_output_visible
 
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"sentence": f"text {i}"}) + "\n" for i in range(6)))
-    fs, files, fmt = batch_io.list_inputs(str(src))
-    shards = batch_io.plan_file(fs, files[0], fmt, 0, 3, "")
+    fs, files, fmt = dataio.list_inputs(str(src))
+    shards = dataio.plan_file(fs, files[0], fmt, 0, 3, "")
     calls = []
 
     def classify(texts):
@@ -164,17 +164,17 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
         config=SimpleNamespace(classification=SimpleNamespace(max_input_chars=2000)),
     )
     first = ShardClassifier.process(worker, shards[0].to_json())
-    assert calls == [3] and not first.get("skipped") and batch_io.done_marker(fs, out, shards[0].key) == first
+    assert calls == [3] and not first.get("skipped") and dataio.done_marker(fs, out, shards[0].key) == first
     again = ShardClassifier.process(worker, shards[0].to_json())
     assert calls == [3] and again == {**first, "skipped": True}
     ShardClassifier.process(worker, shards[1].to_json())
-    assert calls == [3, 3] and [x["id"] for x in batch_io.read_output(out)[0]] == list(range(1, 7))
+    assert calls == [3, 3] and [x["id"] for x in dataio.read_output(out)[0]] == list(range(1, 7))
 
     # workers write the output themselves: one that does not see the driver's job there refuses
     job = {"inputs": "x"}
     with pytest.raises(RuntimeError, match="shared by every node"):
         check_output_visible(out, job)
-    batch_io.put(fs, f"{out}/_job.json", json.dumps(job).encode())
+    dataio.put(fs, f"{out}/_job.json", json.dumps(job).encode())
     check_output_visible(out, job)
     with pytest.raises(RuntimeError, match="another job"):
         check_output_visible(out, {"inputs": "y"})
@@ -182,8 +182,8 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
 
 def test_merged_adapter_config(tmp_path, monkeypatch):
     """--merge-adapter: the engine gets the adapter merged into the base, without LoRA."""
-    from scripts.batch_worker import merged_adapter
-    from scripts.classify_batch import DEFAULT_CONFIG, service_config
+    from batch.worker import merged_adapter
+    from batch.classify import DEFAULT_CONFIG, service_config
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
@@ -230,7 +230,7 @@ def mixed_job(tmp_path_factory):
 def test_malformed_file_good_rows_labelled_bad_rows_rejected(mixed_job):
     d, good, r = mixed_job
     assert r.returncode == 2, r.stderr[-3000:]  # finished, with rejects
-    rows, rejects = batch_io.read_output(str(d / "out"))
+    rows, rejects = dataio.read_output(str(d / "out"))
     assert sorted(x["id"] for x in rows) == sorted(g["id"] for g in good)
     labels = clf.load_labels(REPO / "models" / "tiny-qwen3")
     for x in rows:
@@ -249,11 +249,11 @@ def test_same_labels_as_the_service_scoring(mixed_job):
 
     from deployments.api.classify import softmax_rows
     from deployments.model_replica import ModelReplica
-    from scripts.batch_worker import ShardClassifier
-    from scripts.classify_batch import DEFAULT_CONFIG, resolve_labels, service_config
+    from batch.worker import ShardClassifier
+    from batch.classify import DEFAULT_CONFIG, resolve_labels, service_config
 
     d, good, _ = mixed_job
-    batch = {x["id"]: x for x in batch_io.read_output(str(d / "out"))[0]}
+    batch = {x["id"]: x for x in dataio.read_output(str(d / "out"))[0]}
     cfg = service_config(DEFAULT_CONFIG)
     labels = resolve_labels(cfg, None)
     worker = ShardClassifier(
@@ -336,7 +336,7 @@ def _snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
         for sub in ("parts", "rejects", "done")
         if (out / sub).is_dir()
         for f in (out / sub).iterdir()
-        if batch_io.is_output_name(f.name)
+        if dataio.is_output_name(f.name)
     }
 
 
@@ -350,7 +350,7 @@ N_SHARDS = 30  # enough that an interruption after 3 written shards lands mid-ru
 def _interrupted(src: Path, out: Path, common: list[str], sig: int, markers: int) -> tuple[int, str]:
     """Run the job and send it `sig` once `markers` shards are written; (exit status, stderr)."""
     p = subprocess.Popen(
-        [sys.executable, "-m", "scripts.classify_batch", str(src), "--out", str(out), *common],
+        [sys.executable, "-m", "batch.classify", str(src), "--out", str(out), *common],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -417,16 +417,16 @@ def test_interrupted_runs_keep_what_workers_wrote_and_resume_redoes_none_of_it(t
     after = _snapshot(out)
     assert {k: after[k] for k in written} == written
     # complete, nothing left over, the same files as the uninterrupted run, the same labels
-    assert not [f for f in out.rglob("*") if not batch_io.is_output_name(f.name)]
-    got, rejects = batch_io.read_output(str(out))
+    assert not [f for f in out.rglob("*") if not dataio.is_output_name(f.name)]
+    got, rejects = dataio.read_output(str(out))
     assert not rejects and [x["id"] for x in got] == list(range(1, 4 * N_SHARDS + 1))  # each row once, in order
     assert summary["rows_out"] == 4 * N_SHARDS and summary["shards_done"] == N_SHARDS
     if not full:
         return
     assert set(after) == set(_snapshot(ref))
     assert sorted(f.name for f in out.iterdir()) == sorted(f.name for f in ref.iterdir())
-    got, rejects = batch_io.read_output(str(out))
-    want, _ = batch_io.read_output(str(ref))
+    got, rejects = dataio.read_output(str(out))
+    want, _ = dataio.read_output(str(ref))
     assert not rejects and [x["id"] for x in got] == [x["id"] for x in want] == list(range(1, 4 * N_SHARDS + 1))
     assert [x["label"] for x in got] == [x["label"] for x in want]
     for a, b in zip(got, want):
@@ -508,7 +508,7 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
     import yaml
 
     from deployments.config import ServiceConfig
-    from scripts import classify_batch
+    from batch import classify as classify_batch
     from scripts.manifests import rayjob as gen_rayjob
     from scripts.manifests import rayservice as gen
 
@@ -525,7 +525,7 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
     assert json.loads(args) == gen.app_args(gen.serve_config("gpu"))
     ServiceConfig.model_validate(json.loads(args))
     argv = shlex.split(job["entrypoint"])
-    assert argv[:3] == ["python", "-m", "scripts.classify_batch"]
+    assert argv[:3] == ["python", "-m", "batch.classify"]
     parsed = classify_batch.parser().parse_args(argv[3:])
     assert parsed.concurrency == sum(w["maxReplicas"] for w in gpu) and parsed.num_gpus == 1
     for pod in [cluster["headGroupSpec"]["template"]] + [w["template"] for w in cluster["workerGroupSpecs"]]:

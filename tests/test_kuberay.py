@@ -866,6 +866,61 @@ def test_dockerfile_copies_what_exists_and_pins_match_pyproject():
     assert constraints["vllm"] == pins["vllm"] and constraints["ray"] == pins["ray"]
 
 
+def _first_party_closure(entries: list[str]) -> set[Path]:
+    """The files of every first-party module `entries` import, directly or not (imports inside
+    functions too: they run in the image all the same)."""
+    import ast
+
+    def path_of(module: str) -> Path | None:
+        base = REPO.joinpath(*module.split("."))
+        for p in (base.with_suffix(".py"), base / "__init__.py"):
+            if p.is_file():
+                return p
+        return None
+
+    seen: set[Path] = set()
+    todo = list(entries)
+    while todo:
+        module = todo.pop()
+        p = path_of(module)
+        if p is None or p in seen:
+            continue
+        seen.add(p)
+        parts = module.split(".")
+        for parent in range(1, len(parts)):  # a package's __init__ runs before its modules
+            todo.append(".".join(parts[:parent]))
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module)
+                todo += [f"{node.module}.{a.name}" for a in node.names]
+    return seen
+
+
+def test_the_image_holds_every_module_its_entry_points_import():
+    """What the image runs — the Serve app (`serve_app`), the fast path's HAProxy launcher
+    (`llm-serve-haproxy`), the one-box supervisor and the batch RayJob's entrypoint and workers —
+    imports only files the Dockerfile copies (and its .dockerignore lets through)."""
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    ignore = (REPO / "cluster" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [l[1:].rstrip("/") for l in ignore if l.startswith("!")]
+    copied = [s.rstrip("/") for s in re.findall(r"^COPY (?:--\S+ )*(\S+) \S+$", dockerfile, re.M)]
+    script = re.search(r'^llm-serve-haproxy = "([\w.]+):main"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)
+    job = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-classify.yaml").read_text())["spec"]["entrypoint"]
+    job_module = re.match(r"python -m ([\w.]+) ", job).group(1)
+    entries = ["serve_app", script, "cluster.supervise", job_module, "batch.worker"]
+    files = _first_party_closure(entries)
+    assert {REPO / "serve_app.py", REPO / "batch" / "worker.py"} <= files
+    missing = []
+    for f in sorted(files):
+        rel = str(f.relative_to(REPO))
+        inside = lambda srcs: any(rel == s or rel.startswith(s + "/") for s in srcs)  # noqa: E731
+        if not (inside(copied) and inside(allowed)):
+            missing.append(rel)
+    assert not missing, f"imported in the image but not copied into it: {missing}"
+
+
 @pytest.mark.parametrize("variant", sorted(OVERLAYS))
 def test_worker_readiness_probes_use_the_services_readiness(variant):
     """Worker pods take Service traffic only while /health/ready (through the pod's own Serve

@@ -1,5 +1,5 @@
 """Label scoring on a vLLM engine: the ONE implementation behind ``POST /v1/classify`` (the
-model replica) and the batch job (``scripts/classify_batch.py``).
+model replica) and the batch job (``batch/classify.py``).
 
 Each label's answer tokens (after the tokens all labels share) form a trie; one 1-token engine
 step per trie node and prompt returns the log-probabilities of exactly that node's children

@@ -4,7 +4,7 @@
 One source: the job's Ray cluster is the RayService's ``rayClusterConfig`` (head + GPU worker
 group, image, model PVC; ``kuberay/base/rayservice.yaml``) and its service config is the one the
 RayService deploys (``configs/serve_config.yaml`` + ``kuberay/serve-overrides.yaml``, through
-``scripts/manifests/rayservice.py``), passed to ``scripts/classify_batch.py`` as ``LLM_SERVE_BATCH_ARGS``.
+``scripts/manifests/rayservice.py``), passed to ``batch/classify.py`` as ``LLM_SERVE_BATCH_ARGS``.
 What the job adds: every GPU worker pod up for the run (one engine actor per GPU), a
 ReadWriteMany data volume at ``/data`` on every pod (input ``/data/input``, output
 ``/data/output``: the workers write the shards), and retries that resume from the finished
@@ -93,7 +93,7 @@ def rayjob() -> dict[str, Any]:
     entry = [
         "python",
         "-m",
-        "scripts.classify_batch",
+        "batch.classify",
         *JOB_ARGS,
         "--concurrency",
         str(engines),
@@ -130,7 +130,7 @@ def render() -> str:
     header = gen.HEADER.format(
         sources="kuberay/base/rayservice.yaml + configs/serve_config.yaml + kuberay/serve-overrides.yaml"
     ) + (
-        "# Batch classification of an archive (scripts/classify_batch.py) on the RayService's cluster shape:\n"
+        "# Batch classification of an archive (batch/classify.py) on the RayService's cluster shape:\n"
         f"# one vLLM engine per GPU. Needs a ReadWriteMany PVC {DATA_CLAIM!r} holding the input at /data/input;\n"
         "# the output lands in /data/output. Input, fields and paths: edit JOB_ARGS in scripts/manifests/rayjob.py.\n"
         "#   kubectl apply -n llm-serve -f cluster/kuberay/rayjob-classify.yaml\n"

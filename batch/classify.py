@@ -1,7 +1,7 @@
 """Classify a whole archive offline on Ray: the batch counterpart of ``POST /v1/classify``.
 
-    python -m scripts.classify_batch ../shared/data/tnews/test.json --text-field sentence --out out/tnews
-    python -m scripts.classify_batch 's3://bucket/news/*.parquet' --text-field title --id-field id \\
+    python -m batch.classify ../shared/data/tnews/test.json --text-field sentence --out out/tnews
+    python -m batch.classify 's3://bucket/news/*.parquet' --text-field title --id-field id \\
         --model news-lora --out s3://bucket/labels/
 
 Input: JSON lines, CSV or Parquet (a file, a folder or a glob, on any fsspec filesystem). Output,
@@ -24,7 +24,7 @@ writing mode: it would make progress depend on the driver again).
 
 Each worker is a stateful actor holding one vLLM engine (one GPU on a GPU cluster, the CPU
 engine here) built from the service config, fed whole shards; the scoring is the service's own
-(``scripts/batch_worker.py``). With Ray Data installed (``ray[data]``: pandas, pyarrow) the
+(``batch/worker.py``). With Ray Data installed (``ray[data]``: pandas, pyarrow) the
 shards flow through ``ray.data`` ``map_batches`` with an actor pool; without it through a Ray
 ``ActorPool`` of the same actors (``--pool``). ``ray.init()`` joins ``RAY_ADDRESS`` when set
 (a RayJob, ``ray job submit``), else starts a local cluster.
@@ -43,7 +43,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from scripts import batch_io
+from batch import dataio
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "serve_config.yaml"
@@ -80,11 +80,11 @@ def resolve_labels(cfg, spec: str | None) -> list[str]:
     return labels
 
 
-def plan(args, fs, files: list[str], fmt: str) -> list[batch_io.Shard]:
+def plan(args, fs, files: list[str], fmt: str) -> list[dataio.Shard]:
     shards = []
     for i, f in enumerate(files):
         label = "" if len(files) == 1 else f.rsplit("/", 1)[-1]
-        shards += batch_io.plan_file(fs, f, fmt, i, args.shard_rows, label)
+        shards += dataio.plan_file(fs, f, fmt, i, args.shard_rows, label)
     return shards
 
 
@@ -105,7 +105,7 @@ def check_job(out_fs, out: str, job: dict[str, Any], overwrite: bool) -> None:
     if overwrite and out_fs.exists(out):
         out_fs.rm(out, recursive=True)
     out_fs.makedirs(out, exist_ok=True)
-    batch_io.put(out_fs, path, json.dumps(job, indent=1).encode())
+    dataio.put(out_fs, path, json.dumps(job, indent=1).encode())
 
 
 def run_pool(
@@ -114,7 +114,7 @@ def run_pool(
     model: str,
     labels: list[str],
     out: str,
-    pending: list[batch_io.Shard],
+    pending: list[dataio.Shard],
     on_done,
     job: dict[str, Any] | None = None,
 ) -> str:
@@ -123,7 +123,7 @@ def run_pool(
     kind used."""
     import ray
 
-    from scripts.batch_worker import ShardClassifier
+    from batch.worker import ShardClassifier
 
     gpus = ray.cluster_resources().get("GPU", 0)
     num_gpus = (1 if gpus else 0) if args.num_gpus is None else args.num_gpus
@@ -183,7 +183,7 @@ def run_pool(
 
 
 def summarize(
-    shards: list[batch_io.Shard], done: dict[str, dict[str, Any]], run_rows: int, seconds: float, engine_seconds: float
+    shards: list[dataio.Shard], done: dict[str, dict[str, Any]], run_rows: int, seconds: float, engine_seconds: float
 ) -> dict[str, Any]:
     keys = [s.key for s in shards]
     finished = [done[k] for k in keys if k in done]
@@ -229,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder (parts/, rejects/, done/, _summary.json)")
     ap.add_argument(
         "--format",
-        choices=sorted(set(batch_io.FORMATS.values())),
+        choices=sorted(set(dataio.FORMATS.values())),
         default=None,
         help="input format (default: from the file names)",
     )
@@ -280,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or cfg.classification.model or cfg.model.model_id
     model = cfg.model.aliases.get(model, model)
     labels = resolve_labels(cfg, args.labels)
-    fs, files, fmt = batch_io.list_inputs(args.input, args.format)
-    out_fs, (out,) = batch_io.filesystem(args.out)
+    fs, files, fmt = dataio.list_inputs(args.input, args.format)
+    out_fs, (out,) = dataio.filesystem(args.out)
     job = {
-        "inputs": batch_io.fingerprint(fs, files),
+        "inputs": dataio.fingerprint(fs, files),
         "format": fmt,
         "text_field": args.text_field,
         "id_field": args.id_field,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     check_job(out_fs, out, job, args.overwrite)
     shards = plan(args, fs, files, fmt)
-    done = batch_io.done_shards(out_fs, out)
+    done = dataio.done_shards(out_fs, out)
     pending = [s for s in shards if s.key not in done]
     total = sum(s.n_rows for s in shards)
     print(
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             bar.close()
             ray.shutdown()  # this driver's workers stop: what they wrote is all there is
-            written = len(batch_io.done_shards(out_fs, out))  # written by the workers, not what came back
+            written = len(dataio.done_shards(out_fs, out))  # written by the workers, not what came back
             print(
                 f"{'terminated' if signals else 'interrupted'}: {written}/{len(shards)} shards done and "
                 "written; re-run the same command to resume",
@@ -357,12 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if old_term[0] is None else old_term[0])
         bar.close()
         print(f"pool: {kind}", file=sys.stderr)
-    batch_io.remove_temp(out_fs, out)  # no worker writes now: what interrupted writes left
+    dataio.remove_temp(out_fs, out)  # no worker writes now: what interrupted writes left
     seconds = time.monotonic() - t0
     engine_seconds = time.monotonic() - first[0] if first[0] is not None else 0.0
-    done = batch_io.done_shards(out_fs, out)
+    done = dataio.done_shards(out_fs, out)
     summary = summarize(shards, done, run_rows, seconds, engine_seconds)
-    batch_io.put(out_fs, f"{out}/_summary.json", json.dumps(summary, indent=1, ensure_ascii=False).encode())
+    dataio.put(out_fs, f"{out}/_summary.json", json.dumps(summary, indent=1, ensure_ascii=False).encode())
     print(format_summary(summary))
     if summary["shards_done"] != summary["shards"] or summary["rows_out"] + summary["rejects"] != summary["rows_in"]:
         print("INCOMPLETE: not every row is accounted for", file=sys.stderr)

@@ -16,7 +16,7 @@ rounding, and on the CPU engine, whose LoRA kernels dominate a step, several tim
 descriptors, one per row) and also a plain Ray actor (``process``).
 
 Progress is durable per shard, on the worker: ``process`` writes the shard's rows, rejects and
-done marker (``batch_io.write_shard``, each file atomically, the marker last) before it returns,
+done marker (``dataio.write_shard``, each file atomically, the marker last) before it returns,
 so what a worker has computed survives a driver that is interrupted or killed before the result
 reaches it. A shard already marked done is not classified again (a task Ray retries after an
 actor died, a second run): ``process`` returns the marker's statistics with ``skipped``. The
@@ -36,8 +36,8 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from batch import dataio
 from deployments.engine.process import shutdown_engine
-from scripts import batch_io
 
 
 class ShardClassifier:
@@ -118,13 +118,13 @@ class ShardClassifier:
 
     def process(self, shard_json: str) -> dict[str, Any]:
         """Classify one shard and write it (rows, rejects, done marker); its statistics."""
-        shard = batch_io.Shard.from_json(shard_json)
+        shard = dataio.Shard.from_json(shard_json)
         t0 = time.monotonic()
-        fs, _ = batch_io.filesystem(self.out)
-        done = batch_io.done_marker(fs, self.out, shard.key)
+        fs, _ = dataio.filesystem(self.out)
+        done = dataio.done_marker(fs, self.out, shard.key)
         if done is not None:  # written already (a retried task, another run): not redone
             return {**done, "skipped": True}
-        parsed = batch_io.parse_shard(
+        parsed = dataio.parse_shard(
             fs, shard, self.text_field, self.id_field, self.config.classification.max_input_chars
         )
         results = self.classify([text for _, _, text in parsed.rows])
@@ -142,7 +142,7 @@ class ShardClassifier:
                         if "Unicode" in res
                         else "invalid_input",
                         "detail": res,
-                        "raw": text[: batch_io.RAW_CHARS],
+                        "raw": text[: dataio.RAW_CHARS],
                     }
                 )
             else:
@@ -159,7 +159,7 @@ class ShardClassifier:
         }
         if stats["rows_out"] + stats["rejects"] != stats["rows_in"]:  # never silently drop a row
             raise RuntimeError(f"shard {shard.key}: {shard.n_rows} rows in, {len(rows)} out + {len(rejects)} rejects")
-        batch_io.write_shard(fs, self.out, shard, rows, rejects, self.labels, stats)
+        dataio.write_shard(fs, self.out, shard, rows, rejects, self.labels, stats)
         return stats
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
@@ -181,7 +181,7 @@ def check_output_visible(out: str, job: dict[str, Any]) -> None:
     import json
     import socket
 
-    fs, _ = batch_io.filesystem(out)
+    fs, _ = dataio.filesystem(out)
     try:
         with fs.open(f"{out}/_job.json", "rb") as f:
             seen = json.loads(f.read())
