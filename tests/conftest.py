@@ -133,6 +133,38 @@ def base_url(http_port, tmp_path_factory) -> str:
     return url
 
 
+# Own apps shared by several modules (fixture → Serve app name): deployed by the first user,
+# deleted after the last (`pytest_runtest_teardown`); their users run next to each other.
+SHARED_APPS = {"limited_app": "limited"}
+_DEPLOYED: set[str] = set()
+
+
+@pytest.fixture(scope="session")
+def limited_app(http_port) -> str:
+    """A second app on the session cluster (its own model replica) for what the session app
+    leaves off: a rate limit of 10 requests a minute per client address with auth off, behind
+    Serve's Python proxy (tests/test_python_proxy_address.py), and Qwen3's reasoning parser
+    (tests/test_tools.py; the shipped config leaves it off: the classifier answers without
+    thinking). `RATE_LIMIT_PER_MINUTE` in the ingress replica's own environment is ignored (the
+    limits are read where the app is built, tests/test_config_applied.py)."""
+    from ray import serve
+
+    from serve_app import build_app
+
+    replica_env = {"runtime_env": {"env_vars": {"RATE_LIMIT_PER_MINUTE": "1000"}}}
+    args = app_args(
+        rate_limit={"enabled": True, "per_minute": 10, "per_hour": 0},
+        auth={"enabled": False},
+        model={"reasoning_parser": "qwen3"},
+        deployments={"ingress": {"ray_actor_options": replica_env}},
+    )
+    serve.run(build_app(args), name="limited", route_prefix="/limited", blocking=False)
+    _DEPLOYED.add("limited")
+    url = f"http://127.0.0.1:{http_port}/limited"
+    wait_healthy(url)
+    return url
+
+
 @pytest.fixture(scope="session")
 def client(base_url):
     from openai import OpenAI
@@ -232,7 +264,7 @@ LAYERS = ("unit", "app", "e2e")
 
 def layer_of(item: pytest.Item) -> str:
     module = item.module.__name__ if getattr(item, "module", None) is not None else ""
-    if module.rsplit(".", 1)[-1] in E2E_MODULES:
+    if module.rsplit(".", 1)[-1] in E2E_MODULES or set(SHARED_APPS) & set(getattr(item, "fixturenames", ())):
         return "e2e"
     if APP_FIXTURES & set(getattr(item, "fixturenames", ())):
         return "app"
@@ -243,3 +275,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not any(item.get_closest_marker(layer) for layer in LAYERS):
             item.add_marker(getattr(pytest.mark, layer_of(item)))
+    # the users of a shared app run one after the other, where the first of them stood
+    for name in SHARED_APPS:
+        users = [it for it in items if name in getattr(it, "fixturenames", ())]
+        if len(users) > 1:
+            first = items.index(users[0])
+            rest = [it for it in items[first:] if it not in users]
+            items[first:] = users + rest
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """A shared app goes once its last user has run (not at the session's end)."""
+    for name, app in SHARED_APPS.items():
+        uses = name in getattr(item, "fixturenames", ())
+        if uses and (nextitem is None or name not in getattr(nextitem, "fixturenames", ())):
+            if app in _DEPLOYED:
+                _DEPLOYED.discard(app)
+                delete_app(app)

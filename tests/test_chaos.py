@@ -6,9 +6,13 @@ process. For each fault: the answers in flight meanwhile (no 5xx but 503/504, no
 time until every kind of request answers again, and the state afterwards (the adapters and
 their weights, the rate-limit windows, the /stats counters).
 
-CI runs the five fast faults once (`test_chaos_short`); `scripts/test.sh -m soak -k chaos` adds
-HAProxy, the model replica and the engine process, and repeats the round
-(`LLM_SERVE_CHAOS_ROUNDS`, default 2). The table it prints is the one in
+Opt-in (`scripts/test.sh -m soak -k chaos`): `test_chaos_short` runs the five fast faults once,
+`test_chaos_long` adds HAProxy, the model replica and the engine process and repeats the round
+(`LLM_SERVE_CHAOS_ROUNDS`, default 2). CI kills each part on its own: the ingress replica of
+`make run` under load (`test_fast_path.py`), the tokenizer replica, the limiter and the stats
+aggregator (`test_control_plane_state.py`), the adapter registry (`test_adapter_state.py`),
+HAProxy's answers meanwhile (`test_haproxy_errors.py`), the model replica and the engine
+(`test_faults.py`). The table it prints is the one in
 docs/reliability.md.
 """
 
@@ -189,7 +193,7 @@ def chaos_round(service: Service, faults: list[Fault]) -> list[FaultResult]:
     return results
 
 
-@pytest.mark.e2e
+@pytest.mark.soak
 def test_chaos_short(service):
     chaos_round(service, [f for f in FAULTS if not f.long])
 

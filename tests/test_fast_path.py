@@ -24,6 +24,10 @@ import httpx
 import pytest
 import yaml
 
+from chaos import Fault, judge, mixed_kinds, replica_pids, send
+from chaos import Service
+from reliability import kill_pid, wait_gone
+
 from cluster.processes import free_port, kill_sessions, session_processes
 from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
                                                   ClientAddress, disable_uvicorn_forwarding, proxy_secret,
@@ -189,7 +193,7 @@ def make_run(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"make run did not serve: {(tmp / 'make_run.log').read_text()[-3000:]}")
             time.sleep(2)
-        yield url, tmp / "make_run.log"
+        yield Service(url, proc.pid, tmp / "make_run.log")
     finally:
         t0 = time.monotonic()
         try:
@@ -231,7 +235,7 @@ def _chat(url: str, source: str = "127.0.0.1", **headers) -> int:
 
 
 def test_make_run_limits_each_client_by_its_own_address(make_run):
-    url, log = make_run
+    url, log = make_run.url, make_run.log
     assert "fast path" in log.read_text()
     codes = [_chat(url) for _ in range(12)]
     assert codes == [200] * 10 + [429] * 2, codes
@@ -257,7 +261,7 @@ def test_a_direct_connection_to_the_ingress_cannot_name_an_address(make_run):
     """Another process on the node connects to the ingress replica's own port (HAProxy's
     backend) and sets the address header, with a wrong secret or none: not believed — its
     requests count against its own address, which has spent its 10/minute."""
-    url, _ = make_run
+    url = make_run.url
     direct = f"http://127.0.0.1:{_ingress_port(int(url.rsplit(':', 1)[1]))}"
     assert [_chat(url, source="127.0.0.9") for _ in range(10)] == [200] * 10
     named = {CLIENT_ADDR_HEADER: "203.0.113.50"}
@@ -269,7 +273,7 @@ def test_a_direct_connection_to_the_ingress_cannot_name_an_address(make_run):
 def test_make_run_reads_the_environment_max_tokens_over_the_cap_is_clamped(make_run):
     """`LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP=clamp` in `make run`'s environment: a gateway's
     max_tokens 2000 is served with the cap (512), not refused."""
-    url, _ = make_run
+    url = make_run.url
     r = _post(url, source="127.0.0.3", max_tokens=2000, ignore_eos=True, temperature=0)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 512
@@ -288,7 +292,7 @@ def test_slow_clients_get_408_and_one_address_cannot_hold_the_server(make_run):
     most 50 of them (the per-address cap), answers those 408 after the 3 s request timeout and
     closes every one; a normal client is served meanwhile. Latencies are printed, not asserted
     tightly (the machine is shared): the figures go in the note."""
-    url, _ = make_run
+    url = make_run.url
     port = int(url.rsplit(":", 1)[1])
     idle = statistics.median(_latency_ms(url, "127.0.0.7") for _ in range(7))
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -336,7 +340,7 @@ def test_make_run_answers_the_replaced_services_clients(make_run):
     clients and health checks read (../shared/LEGACY_API.md)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    url, _ = make_run
+    url = make_run.url
     titles = ["央行宣布下调存款准备金率", "国足客场战平对手", "新款手机发布会定于下月举行"]
 
     def call(title: str) -> dict:
@@ -355,3 +359,64 @@ def test_make_run_answers_the_replaced_services_clients(make_run):
     assert health["status"] == "healthy" and "gpu" in health
     assert {"max_concurrent_requests", "max_queue_size", "rate_limit"} <= set(health["limits"])
     assert health["limits"]["max_concurrent_requests"] == 3 and health["limits"]["max_queue_size"] == 10
+
+
+def test_an_ingress_replica_killed_under_load_is_replaced_and_nothing_else_is_lost(make_run):
+    """The ingress replica of `make run` (behind HAProxy) killed under a mixed load of chat,
+    completions and classify, streamed and not, from eight clients (each its own address, within
+    its 10 requests a minute): requests in flight on it may see their connection closed, every
+    other answer is a 200 (or 503/504), none hangs, and Serve's replacement serves every kind
+    again. (`-m soak -k chaos`: every part of the service in turn, with the state afterwards.)"""
+    import asyncio
+    import threading
+
+    url = make_run.url
+    kinds = [k for k in mixed_kinds(None)]
+    outcomes: list = []
+    stop = threading.Event()
+
+    async def client(addr: str, start: int) -> None:
+        transport = httpx.AsyncHTTPTransport(local_address=addr)
+        async with httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(70, connect=10)) as c:
+            for i in range(8):  # under the address's 10 a minute
+                if stop.is_set():
+                    return
+                kind = kinds[(start + i) % len(kinds)]
+                outcomes.append((kind.name, await send(c, url, kind, deadline_s=60)))
+                await asyncio.sleep(1.0)
+
+    async def load() -> None:
+        await asyncio.gather(*(client(f"127.0.6.{w + 1}", w) for w in range(8)))
+
+    def answers_every_kind(round_: int) -> bool:
+        async def probe():
+            transport = httpx.AsyncHTTPTransport(local_address=f"127.0.7.{round_ % 250 + 1}")
+            async with httpx.AsyncClient(transport=transport, timeout=60) as c:
+                return await asyncio.gather(*(send(c, url, k, deadline_s=60) for k in kinds))
+
+        return all(o.result == "ok" for o in asyncio.run(probe()))
+
+    old = replica_pids(make_run, "IngressRouter")
+    assert len(old) == 1, old
+    runner = threading.Thread(target=lambda: asyncio.run(load()))
+    runner.start()
+    time.sleep(2)  # requests in flight when it dies
+    t_kill = time.monotonic()
+    kill_pid(old[0])
+    assert not wait_gone(old, 30), "the ingress replica is still alive after SIGKILL"
+    rounds, good, back = 0, 0, None
+    while time.monotonic() - t_kill < 120 and back is None:
+        rounds += 1
+        good = good + 1 if answers_every_kind(rounds) else 0
+        back = time.monotonic() - t_kill if good >= 2 else None
+        time.sleep(0.5)
+    runner.join(timeout=150)
+    stop.set()
+    res = judge(Fault("ingress replica", lambda s: old, frozenset({"conn_closed", "refused"})), outcomes)
+    print(f"\ningress replica killed: back in {back} s; {res.row()}")
+    assert back is not None, "not every kind of request answered again within 120 s"
+    assert res.hung == 0 and res.server_errors == 0 and not res.bad, res.bad[:10]
+    assert res.results.get("ok", 0) >= len(outcomes) // 2, res.results
+    new = replica_pids(make_run, "IngressRouter")
+    assert new and not set(new) & set(old), (old, new)
+

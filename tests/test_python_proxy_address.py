@@ -17,14 +17,12 @@ import os
 
 import httpx
 import pytest
-from conftest import app_args, delete_app, wait_healthy
 
 from deployments.admission.client_address import UVICORN_DEFAULT_FORWARDED_ALLOW_IPS, ClientAddress
 from deployments.admission.middleware import _forwarded_for
 from deployments.admission.client_address import client_key
 
 MODEL = "tiny-qwen3"
-PREFIX = "/forwarded"
 
 
 def through_uvicorn(peer: tuple[str, int], forwarded: list[str], trusted_proxies=(), allow=None) -> str:
@@ -103,33 +101,13 @@ def test_other_trusted_settings():
 # ------------------------------------------------------------------ on the session cluster
 
 
-@pytest.fixture(scope="module")
-def limited(http_port):
-    """An app on the session cluster's Serve Python proxy (tests/conftest.py: serve.start with
-    default http options; FORWARDED_ALLOW_IPS not set), rate limit on, auth off."""
-    from ray import serve
-
-    from serve_app import build_app
-
+@pytest.mark.e2e
+def test_forged_forwarded_for_on_the_python_proxy_is_rate_limited(limited_app):
+    """12 requests from one client on the Python proxy, each with another forged
+    X-Forwarded-For: counted as one client (10 × 200, 2 × 429)."""
     if os.environ.get("FORWARDED_ALLOW_IPS") == "":
         pytest.skip("the cluster was started with FORWARDED_ALLOW_IPS=: Serve's proxy rewrites nothing here")
-    # RATE_LIMIT_PER_MINUTE in the ingress replica's own environment: ignored (the limits are
-    # read where the app is built, tests/test_config_applied.py)
-    replica_env = {"runtime_env": {"env_vars": {"RATE_LIMIT_PER_MINUTE": "1000"}}}
-    args = app_args(
-        rate_limit={"enabled": True, "per_minute": 10, "per_hour": 0},
-        auth={"enabled": False},
-        deployments={"ingress": {"ray_actor_options": replica_env}},
-    )
-    serve.run(build_app(args), name="forwarded", route_prefix=PREFIX, blocking=False)
-    url = f"http://127.0.0.1:{http_port}{PREFIX}"
-    wait_healthy(url)
-    yield url
-    delete_app("forwarded")
-
-
-@pytest.mark.e2e
-def test_forged_forwarded_for_on_the_python_proxy_is_rate_limited(limited):
+    limited = limited_app
     limits = httpx.get(f"{limited}/health", timeout=30).json()["limits"]
     assert limits["rate_limit"].startswith("10 requests/minute"), limits  # not the replica's 1000
     statuses = []

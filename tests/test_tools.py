@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -299,25 +300,14 @@ def test_parsers_on_a_stream(parsers, hf_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def thinking(http_port):
-    """The app with Qwen3's reasoning parser (the shipped config leaves it off: the classifier
-    answers without thinking)."""
-    from conftest import app_args, delete_app, wait_healthy
+def thinking(limited_app):
+    """An OpenAI client of the app with Qwen3's reasoning parser (conftest's `limited_app`), from
+    a client address of its own (that app limits each address to 10 requests a minute)."""
     from openai import OpenAI
-    from ray import serve
 
-    from serve_app import build_app
-
-    serve.run(
-        build_app(app_args(model={"reasoning_parser": "qwen3"})),
-        name="thinking",
-        route_prefix="/thinking",
-        blocking=False,
-    )
-    url = f"http://127.0.0.1:{http_port}/thinking"
-    wait_healthy(url)
-    yield OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-    delete_app("thinking")
+    http = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.21"), timeout=60)
+    yield OpenAI(base_url=f"{limited_app}/v1", api_key="unused", max_retries=0, timeout=60, http_client=http)
+    http.close()
 
 
 def test_reasoning_parser(thinking, hf_tokenizer):
