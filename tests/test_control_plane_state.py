@@ -287,7 +287,12 @@ def test_stats_restart_keeps_counters_histograms_and_settings(ray_cluster):
 
         async def after():
             serve(live, 1, "x")
-            assert await live.flush()
+            # the GCS says ALIVE a moment before this process's handle reaches the new
+            # incarnation (a push meanwhile: ActorUnavailableError, kept for the next push)
+            deadline = time.monotonic() + 30
+            while not await live.flush():
+                assert time.monotonic() < deadline, "no push reached the restarted aggregator within 30 s"
+                await asyncio.sleep(0.5)
             return await live.stats(), await live.metrics_json(), await live.prometheus_text()
 
         stats1, metrics1, text1 = _run(after())
