@@ -23,6 +23,7 @@ the app's GET /health. The pieces are cluster/autoscale_demo.py's (the interacti
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -113,23 +114,27 @@ def _log_tails(state: dict, lines: int = 40) -> str:
     return "\n".join(out)
 
 
+@contextlib.contextmanager
+def _logs_on_failure(state: dict):
+    """Print the local cluster's Serve logs when the block fails."""
+    try:
+        yield
+    except BaseException:
+        print("\nServe logs of the local cluster:\n" + _log_tails(state), flush=True)
+        raise
+
+
 def test_model_scales_out_across_gpus(gpu_cluster, deployed):
     """CI: at rest on one GPU, under load a 2nd replica on the other node's GPU, every request
     served. The 3rd replica left pending and the scale-in: `-m soak`."""
-    try:
+    with _logs_on_failure(gpu_cluster):
         _scenario(gpu_cluster, *deployed, full=False)
-    except BaseException:
-        print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
-        raise
 
 
 @pytest.mark.soak
 def test_model_scales_across_gpus_and_back(gpu_cluster, deployed):
-    try:
+    with _logs_on_failure(gpu_cluster):
         _scenario(gpu_cluster, *deployed, full=True)
-    except BaseException:
-        print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
-        raise
 
 
 def _at_rest(w) -> dict:
@@ -232,21 +237,15 @@ def test_long_requests_ask_for_a_second_replica_on_kv_pressure(gpu_cluster, depl
     default policy asks for 1 replica), but they fill the engine's KV cache: the LLM-aware
     policy asks for 2 (the controller's decision; the policy's arithmetic is in CI:
     tests/test_autoscaling_policy.py). The next test runs the whole scale-out and back."""
-    try:
+    with _logs_on_failure(gpu_cluster):
         _long_scenario(gpu_cluster, *deployed, full=False)
-    except BaseException:
-        print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
-        raise
 
 
 @pytest.mark.soak
 def test_long_requests_scale_out_on_kv_pressure_and_back(gpu_cluster, deployed):
     """As above, to the end: 2 replicas running, then back to 1 after the load."""
-    try:
+    with _logs_on_failure(gpu_cluster):
         _long_scenario(gpu_cluster, *deployed, full=True)
-    except BaseException:
-        print("\nServe logs of the local cluster:\n" + _log_tails(gpu_cluster), flush=True)
-        raise
 
 
 DECISION = re.compile(r"llm-autoscaling: ModelReplica wants (\d+) replicas \(running (\d+), target (\d+); "
