@@ -68,7 +68,9 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
       `limits.request_timeout_s` + `SHUTDOWN_MARGIN_S`: a replica stopping on redeploy or
       downscale lets every request it holds reach its own deadline instead of being killed;
     - with `autoscaling.policy: llm`, the model deployment's `autoscaling_config.policy` is the
-      LLM-aware policy (deployments/autoscaling.py), unless that config names a policy itself.
+      LLM-aware policy (deployments/autoscaling.py), unless that config names a policy itself;
+    - the model deployment's `request_router_config` is `routing.policy`'s router
+      (deployments/routing), unless `deployments.model` sets one itself.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, cls in DEPLOYMENTS.items():
@@ -80,6 +82,9 @@ def app_options(config: ServiceConfig, accelerator: str = "cpu") -> dict[str, di
     model_auto = out["model"].get("autoscaling_config")
     if policy is not None and model_auto and "policy" not in model_auto:
         model_auto["policy"] = policy
+    router = config.routing.request_router_config()
+    if router is not None:
+        out["model"].setdefault("request_router_config", router)
     actor = out["model"].setdefault("ray_actor_options", {})
     actor["num_gpus"] = 1 if accelerator == "gpu" else 0
     return out

@@ -97,9 +97,14 @@ def signal_pids(pids: Iterable[int], sig: int) -> None:
             pass
 
 
+KILL_WAIT_S = 10.0  # SIGKILL is delivered when the process next runs: a loaded machine takes a while
+
+
 def terminate(find: Callable[[], Iterable[int]], grace_s: float, poll_s: float = 0.5) -> int:
     """SIGTERM every pid `find()` returns; wait up to `grace_s` until they (and whatever `find()`
-    still returns) are gone; SIGKILL what is left. Returns the number of processes killed."""
+    still returns) are gone; SIGKILL what is left, and wait (up to `KILL_WAIT_S`) until the killed
+    are gone too, so that a caller that returns has nothing left running. Returns the number of
+    processes killed."""
     pids = set(find())
     if not pids:
         return 0
@@ -111,14 +116,17 @@ def terminate(find: Callable[[], Iterable[int]], grace_s: float, poll_s: float =
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline and left():
         time.sleep(poll_s)
-    killed = 0
+    killed: set[int] = set()
     for pid in left():
         try:
             os.kill(pid, signal.SIGKILL)
-            killed += 1
+            killed.add(pid)
         except (ProcessLookupError, PermissionError):
             pass
-    return killed
+    deadline = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < deadline and any(pid_alive(p) for p in killed):
+        time.sleep(0.05)
+    return len(killed)
 
 
 def kill_sessions(sids: set[int], grace_s: float) -> int:

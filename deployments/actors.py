@@ -150,6 +150,7 @@ class ActorState:
         self.saved_at = 0.0
         self.saves = 0
         self.errors = 0
+        self.interval_s: float | None = None  # between snapshots, once started
         self._stop = threading.Event()
         try:
             import ray
@@ -213,19 +214,29 @@ class ActorState:
         self.saved_at, self.saves = now, self.saves + 1
         return True
 
+    # A snapshot takes at most about this share of the actor's time: a state large enough that
+    # exporting it takes longer than this share of `interval_s` is saved less often.
+    SNAPSHOT_SHARE = 0.1
+
     def start(self, export: Callable[[], dict[str, Any] | None], interval_s: float) -> None:
-        """Save ``export()`` every ``interval_s`` on a daemon thread (when it is not None)."""
+        """Save ``export()`` every ``interval_s`` on a daemon thread (when it is not None), or
+        less often when exporting and saving take more than `SNAPSHOT_SHARE` of the time (the
+        export holds the actor's lock): the interval used is in `report()`."""
         if self.key is None:
             return
+        self.interval_s = interval_s
 
         def loop() -> None:
-            while not self._stop.wait(interval_s):
+            while not self._stop.wait(self.interval_s):
+                t0 = time.monotonic()
                 try:
                     snapshot = export()
                 except Exception as exc:  # pragma: no cover - never kill the actor over a snapshot
                     logger.warning("%s: state export failed: %s", self.kind, exc)
                     continue
                 self.save_now(snapshot)
+                took = time.monotonic() - t0
+                self.interval_s = max(interval_s, took * (1 - self.SNAPSHOT_SHARE) / self.SNAPSHOT_SHARE)
 
         threading.Thread(target=loop, name=f"{self.kind}-state", daemon=True).start()
 
@@ -241,4 +252,5 @@ class ActorState:
             "saved_at": self.saved_at,
             "saves": self.saves,
             "errors": self.errors,
+            "interval_s": self.interval_s,
         }

@@ -18,6 +18,7 @@ from deployments.admission.limits import RateLimitConfig
 from deployments.autoscaling import DEFAULTS as _AUTOSCALING_DEFAULTS
 from deployments.autoscaling import POLICY_FUNCTION as _POLICY_FUNCTION
 from deployments.observability.config import ObservabilityConfig
+from deployments.routing.config import RoutingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,6 +421,11 @@ class ServiceConfig(_Strict):
     )
     health: HealthConfig = Field(
         default_factory=HealthConfig, description="/health, liveness and readiness: what is checked, how often."
+    )
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig,
+        description="How the ingress picks a model replica: session and prefix-cache affinity, or "
+        "Serve's power of two.",
     )
     autoscaling: AutoscalingPolicyConfig = Field(
         default_factory=AutoscalingPolicyConfig,

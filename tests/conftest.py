@@ -135,8 +135,32 @@ def base_url(http_port, tmp_path_factory) -> str:
 
 # Own apps shared by several modules (fixture → Serve app name): deployed by the first user,
 # deleted after the last (`pytest_runtest_teardown`); their users run next to each other.
-SHARED_APPS = {"limited_app": "limited"}
+SHARED_APPS = {"limited_app": "limited", "faults_app": "faults"}
 _DEPLOYED: set[str] = set()
+
+
+def _deploy_shared(app: str, args: dict[str, Any], http_port: int) -> str:
+    """Deploy shared app `app` at /`app` and wait until it is healthy; its URL."""
+    from ray import serve
+
+    from serve_app import build_app
+
+    serve.run(build_app(args), name=app, route_prefix=f"/{app}", blocking=False)
+    _DEPLOYED.add(app)
+    url = f"http://127.0.0.1:{http_port}/{app}"
+    wait_healthy(url)
+    return url
+
+
+def _delete_shared(app: str) -> None:
+    """Delete shared app `app` (without waiting) and its detached limiter and stats actors,
+    which would outlive it."""
+    from deployments.actors import kill_actor
+
+    _DEPLOYED.discard(app)
+    delete_app(app)
+    for actor in (f"rate_limiter.{app}", f"service_stats.{app}"):
+        kill_actor(actor)
 
 
 @pytest.fixture(scope="session")
@@ -147,10 +171,6 @@ def limited_app(http_port) -> str:
     (tests/test_tools.py; the shipped config leaves it off: the classifier answers without
     thinking). `RATE_LIMIT_PER_MINUTE` in the ingress replica's own environment is ignored (the
     limits are read where the app is built, tests/test_config_applied.py)."""
-    from ray import serve
-
-    from serve_app import build_app
-
     replica_env = {"runtime_env": {"env_vars": {"RATE_LIMIT_PER_MINUTE": "1000"}}}
     args = app_args(
         rate_limit={"enabled": True, "per_minute": 10, "per_hour": 0},
@@ -158,11 +178,40 @@ def limited_app(http_port) -> str:
         model={"reasoning_parser": "qwen3"},
         deployments={"ingress": {"ray_actor_options": replica_env}},
     )
-    serve.run(build_app(args), name="limited", route_prefix="/limited", blocking=False)
-    _DEPLOYED.add("limited")
-    url = f"http://127.0.0.1:{http_port}/limited"
-    wait_healthy(url)
-    return url
+    return _deploy_shared("limited", args, http_port)
+
+
+# The faults app: what tests/test_control_plane_state.py and tests/test_faults.py kill.
+FAULTS_LONG = 2000  # max_tokens of a "long" generation (its cap)
+FAULTS_TIMEOUT_S = 60  # its limits.request_timeout_s
+FAULTS_LIMITER_TIMEOUT_S = 1.0  # its rate_limit.timeout_s
+
+
+@pytest.fixture(scope="session")
+def faults_app(http_port) -> str:
+    """An own app on the session cluster for the tests that kill its parts: the tokenizer
+    replica, the limiter and stats actors, the adapter registry's entries
+    (tests/test_control_plane_state.py), the model replica and its engine process
+    (tests/test_faults.py). As shipped, model-less requests go to news-lora; the limiter fails
+    closed (an outage is a 503, visible) with a 1-s call timeout and a budget no test reaches;
+    /health is cached 2 s as by default (conftest's other apps check on every call). Long
+    generations: max_model_len 2048 and a 2000-token cap, so a `max_tokens: 2000, ignore_eos`
+    request runs for many seconds; Serve checks the model replica every 2 s (10 s by default)."""
+    args = app_args(
+        model={"default_model": "news-lora"},
+        engine={"max_model_len": 2048},
+        limits={"max_tokens_cap": FAULTS_LONG, "request_timeout_s": FAULTS_TIMEOUT_S},
+        rate_limit={
+            "enabled": True,
+            "per_minute": 100_000,
+            "per_hour": 0,
+            "fail_open": False,
+            "timeout_s": FAULTS_LIMITER_TIMEOUT_S,
+        },
+        health={"cache_s": 2.0},
+        deployments={"model": {"health_check_period_s": 2, "health_check_timeout_s": 10}},
+    )
+    return _deploy_shared("faults", args, http_port)
 
 
 @pytest.fixture(scope="session")
@@ -271,10 +320,63 @@ def layer_of(item: pytest.Item) -> str:
     return "unit"
 
 
+# `scripts/test.sh` runs two pytest-xdist workers: every module with a test on the session's Ray
+# cluster (its app, the trained adapter, vLLM's own server) runs on one worker, in file order
+# (one cluster, one session app); every other module is a unit of its own for the other worker
+# (its module fixtures start once). The controller sees node ids only, so the modules are named
+# here; collection fails if a test uses the session's fixtures outside them.
+SESSION_FIXTURES = {"ray_cluster", "trained_adapter", "vllm_server"}
+SESSION_MODULES = {
+    "test_adapter_state",
+    "test_admission",
+    "test_api",
+    "test_backpressure",
+    "test_bad_input",
+    "test_benchmark",
+    "test_control_plane_state",
+    "test_control_tokens",
+    "test_engine_metrics",
+    "test_fairness",
+    "test_faults",
+    "test_fuzz",
+    "test_legacy_clients",
+    "test_lora_classify",
+    "test_openai_fidelity",
+    "test_openai_schema",
+    "test_python_proxy_address",
+    "test_redeploy",
+    "test_responses_api",
+    "test_soak",
+    "test_stream_abandoned",
+    "test_tokenize",
+    "test_tools",
+    "test_training",
+    "test_vllm_differential",
+}
+
+
+def _module_of(nodeid: str) -> str:
+    return Path(nodeid.split("::", 1)[0]).stem
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SessionClusterOnOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = _module_of(nodeid)
+            return "session-cluster" if module in SESSION_MODULES else module
+
+    return SessionClusterOnOneWorker(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if not any(item.get_closest_marker(layer) for layer in LAYERS):
             item.add_marker(getattr(pytest.mark, layer_of(item)))
+        if SESSION_FIXTURES & set(getattr(item, "fixturenames", ())) and _module_of(item.nodeid) not in SESSION_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses the session cluster: add its module to conftest.SESSION_MODULES")
     # the users of a shared app run one after the other, where the first of them stood
     for name in SHARED_APPS:
         users = [it for it in items if name in getattr(it, "fixturenames", ())]
@@ -290,5 +392,4 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         uses = name in getattr(item, "fixturenames", ())
         if uses and (nextitem is None or name not in getattr(nextitem, "fixturenames", ())):
             if app in _DEPLOYED:
-                _DEPLOYED.discard(app)
-                delete_app(app)
+                _delete_shared(app)

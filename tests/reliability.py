@@ -24,6 +24,7 @@ import signal
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -234,16 +235,29 @@ def running_requests(url: str) -> dict[str, Any]:
     return {"running": m["num_running_requests"], "waiting": m["num_waiting_requests"]}
 
 
-def engine_unfinished(url: str) -> int | None:
+def engine_unfinished(url: str, deadline_s: float = 20.0) -> int | None:
     """vLLM's own count of unfinished requests on the (single) model replica, via /health
-    (this needs a free model slot; None when the replica did not answer)."""
+    (this needs a free model slot; None when the replica did not answer in time).
+
+    Only a reading taken after this call began counts: /health answers from a check up to
+    `health.cache_s` old (2 s on the faults app), and a cached count from before an abort or a
+    request would make a wait pass or fail on a past state. A cached answer is retried once
+    the cache has expired."""
     from conftest import ADMIN  # /health's details need an admin key
 
-    try:
-        h = httpx.get(f"{url}/health", headers=ADMIN, timeout=15).json()
-    except (httpx.HTTPError, ValueError):
-        return None
-    return (h.get("replica") or {}).get("num_unfinished_requests")
+    end = time.monotonic() + deadline_s
+    while True:
+        asked = time.time()
+        try:
+            h = httpx.get(f"{url}/health", headers=ADMIN, timeout=max(1.0, end - time.monotonic())).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        # a check that finished after we asked (callers here ask one at a time: one we started)
+        if h.get("checked_at", 0) >= asked:
+            return (h.get("replica") or {}).get("num_unfinished_requests")
+        if time.monotonic() >= end:
+            return None
+        time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- Ray processes
@@ -261,6 +275,18 @@ def replica_actors(app: str, deployment: str, state: str = "ALIVE") -> list[dict
 
 def replica_pids(app: str, deployment: str) -> list[int]:
     return sorted(int(r["Pid"]) for r in replica_actors(app, deployment) if r.get("Pid"))
+
+
+def controller_log(app: str, deployment: str, last: int = 40) -> str:
+    """The Serve controller's last `last` log lines about one deployment (replicas started,
+    failed health checks, constructor errors): what a failed recovery assertion shows."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_name()) / "logs" / "serve"
+    needle = f"deployment='{deployment}', app='{app}'"
+    lines = [line[:300] for f in sorted(logs.glob("controller_*.log"))
+             for line in f.read_text(errors="replace").splitlines() if needle in line or f"name='{deployment}', app='{app}'" in line]
+    return "\n".join(lines[-last:])
 
 
 def descendant_pids(pid: int) -> list[int]:

@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,6 +150,54 @@ def _at_rest(w) -> dict:
     return snap
 
 
+def _finished_by_replica(w) -> dict[str, int]:
+    """vLLM's finished-request counter of each model replica (its engine's own, via /metrics),
+    once two reads 1.5 s apart agree (the replicas push once a second)."""
+    def read() -> dict[str, int]:
+        m = httpx.get(f"{w.base_url}/metrics", timeout=30).json()
+        return {rid: int(e.get("requests_finished") or 0) for rid, e in m["engine"]["replicas"].items()}
+
+    last, deadline = None, time.monotonic() + 60
+    while True:
+        now = demo.retry(read)
+        if now == last and len(now) == 2:
+            return now
+        assert time.monotonic() < deadline, f"replicas' engine counters not settled: {now}"
+        last = now
+        time.sleep(1.5)
+
+
+def _check_session_affinity(w) -> None:
+    """The load stopped, two model replicas still run (scale-in waits 30 s): requests with a
+    session key (`prompt_cache_key`) land on the replica that rendezvous hashing over the
+    replicas' ids names (routing.policy `cache_affinity`, the default) — every turn of a
+    conversation on one replica, whichever ingress replica routes it — as the replicas' own
+    engine counters show."""
+    from deployments.routing.router import rendezvous_score
+
+    before = _finished_by_replica(w)
+    keys: dict[str, list[str]] = {rid: [] for rid in before}  # three conversations for each replica
+    for key in (f"conversation-{i}" for i in range(1000)):
+        target = keys[max(before, key=lambda rid: rendezvous_score(key, rid))]
+        if len(target) < 3:
+            target.append(key)
+        if all(len(v) == 3 for v in keys.values()):
+            break
+    with httpx.Client(timeout=60) as client:
+        for rid, group in keys.items():  # one replica's conversations, then the other's
+            for key in group:
+                for turn in range(3):  # one at a time: no queue, so no imbalance fallback
+                    r = client.post(f"{w.base_url}/v1/chat/completions", json={
+                        "model": "tiny-qwen3", "max_tokens": 4, "temperature": 0, "prompt_cache_key": key,
+                        "messages": [{"role": "user", "content": f"第{turn}轮：{key}"}]})
+                    assert r.status_code == 200, r.text
+            after = _finished_by_replica(w)
+            got = {r: after[r] - before[r] for r in before}
+            w.note(f"session affinity: 3 conversations x 3 turns for replica {rid[:8]}: finished per replica {got}")
+            assert got == {r: 9 if r == rid else 0 for r in before}
+            before = after
+
+
 def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
     nodes = local_cluster.alive_nodes(gpu_cluster["gcs_address"])
     gpu_nodes = {n["node_id"] for n in nodes if n["resources"].get("GPU")}
@@ -210,6 +259,7 @@ def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
         assert sorted(w.gpu_of_node.values()) == [str(i) for i in range(WORKERS)]
         w.note(f"summary: 1->2 replicas {t_two - t_load:.0f}s after the load started; {sum(counts.values())} "
                f"requests {dict(counts)}; GPU id by node: " + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()}))
+        _check_session_affinity(w)
         return
     lat = load.latencies()
     w.note(f"load stopped: {sum(counts.values())} requests {dict(counts)}; "

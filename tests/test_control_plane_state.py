@@ -12,8 +12,9 @@ honest (issue 24: deliverables 1 — the limiter and the stats aggregator —, 3
 * `/health/live`, `/health/ready` and `/health`: one cached check shared by concurrent calls,
   readiness failing while the default model's adapter is gone.
 
-The actor tests use the session's Ray cluster and actors of their own; the HTTP tests deploy
-their own app (`ctlstate`, route prefix /ctlstate) with a fail-closed limiter.
+The actor tests use the session's Ray cluster and actors of their own; the HTTP tests run on
+conftest's `faults_app` (route prefix /faults, shared with tests/test_faults.py: a fail-closed
+limiter).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import uuid
 
 import httpx
 import pytest
-from conftest import ADMIN, app_args, wait_healthy
+from conftest import ADMIN, FAULTS_LIMITER_TIMEOUT_S
 from reliability import replica_actors, wait_until
 
 from deployments.actors import kill_actor
@@ -36,10 +37,9 @@ from deployments.observability import ObservabilityConfig, StatsRecorder
 
 pytestmark = pytest.mark.e2e  # its own app and actors, and it kills them
 
-APP = "ctlstate"
-PREFIX = "/ctlstate"
+APP = "faults"  # conftest.faults_app, shared with tests/test_faults.py
 MODEL = "tiny-qwen3"
-LIMITER_TIMEOUT_S = 1.0
+LIMITER_TIMEOUT_S = FAULTS_LIMITER_TIMEOUT_S
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -377,29 +377,10 @@ def test_a_dead_dependency_is_a_503_with_retry_after_not_a_500():
 
 
 @pytest.fixture(scope="module")
-def url(http_port):
-    from ray import serve
-
-    from serve_app import build_app
-
-    args = app_args(
-        model={"default_model": "news-lora"},  # the shipped default: model-less requests → the adapter
-        rate_limit={
-            "enabled": True,
-            "per_minute": 100_000,
-            "per_hour": 0,
-            "fail_open": False,  # fail closed: an outage is a 503, visible here
-            "timeout_s": LIMITER_TIMEOUT_S,
-        },
-        health={"cache_s": 2.0},  # the default (conftest's test apps check on every call)
-    )
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
-    base = f"http://127.0.0.1:{http_port}{PREFIX}"
-    wait_healthy(base)
-    yield base
-    serve.delete(APP)
-    for actor in (f"rate_limiter.{APP}", f"service_stats.{APP}"):
-        kill_actor(actor)
+def url(faults_app):
+    """conftest's `faults_app`: model-less requests → news-lora as shipped, the limiter fails
+    closed with a 1-s timeout, /health cached 2 s (shared with tests/test_faults.py)."""
+    return faults_app
 
 
 def _check_503(r: httpx.Response) -> None:

@@ -3,10 +3,10 @@ vLLM's engine-core process killed inside a live replica. Every request must end 
 one well-formed answer (a result, an OpenAI error, or an SSE error event + [DONE]), none may
 hang, engine requests of gone clients are aborted, and Serve heals the service.
 
-The module deploys its own app (`faults`, route prefix /faults) so the faults never touch the
-shared app other modules use. Long generations: max_model_len 2048 and a 2000-token cap, so
-a `max_tokens: 2000, ignore_eos` request runs for many seconds on the tiny model. Serve checks
-the model replica's health every 2 s here (10 s by default).
+On conftest's `faults_app` (route prefix /faults, shared with tests/test_control_plane_state.py),
+so the faults never touch the session app other modules use. Long generations: max_model_len
+2048 and a 2000-token cap, so a `max_tokens: 2000, ignore_eos` request runs for many seconds on
+the tiny model. Serve checks the model replica's health every 2 s there (10 s by default).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import time
 import httpx
 import pytest
 
-from conftest import ADMIN, app_args, delete_app, wait_healthy
+from conftest import ADMIN, FAULTS_LONG, FAULTS_TIMEOUT_S, wait_healthy
 from deployments.engine import engine_core_pids
 from reliability import (
     chat_body,
+    controller_log,
     descendant_pids,
     engine_unfinished,
     kill_pid,
@@ -32,30 +33,19 @@ from reliability import (
     wait_gone,
 )
 
-APP = "faults"
-PREFIX = "/faults"
-LONG = 2000            # max_tokens of a "long" generation (cap of this app)
-TIMEOUT_S = 60         # the app's request_timeout_s
-RECOVERY_S = 60        # replica killed: answers 200 again within this
-ENGINE_RECOVERY_S = 90  # engine killed: health check (2 s) + replacement
+APP = "faults"  # conftest.faults_app, shared with tests/test_control_plane_state.py
+LONG = FAULTS_LONG  # max_tokens of a "long" generation (cap of this app)
+TIMEOUT_S = FAULTS_TIMEOUT_S  # the app's request_timeout_s
+# Liveness bounds, not performance targets: a replacement replica imports vLLM in a new Ray
+# worker and starts a new engine process (15-35 s here, more on a loaded 2-core CI machine while
+# the other test worker starts engines of its own); the figures measured are printed.
+RECOVERY_S = 150  # replica killed: answers 200 again within this
+ENGINE_RECOVERY_S = 150  # engine killed: health check (2 s) + replacement
 
 
 @pytest.fixture(scope="module")
-def url(http_port):
-    from ray import serve
-
-    from serve_app import build_app
-
-    args = app_args(
-        engine={"max_model_len": 2048},
-        limits={"max_tokens_cap": LONG, "request_timeout_s": TIMEOUT_S},
-        deployments={"model": {"health_check_period_s": 2, "health_check_timeout_s": 10}},
-    )
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
-    base = f"http://127.0.0.1:{http_port}{PREFIX}"
-    wait_healthy(base)
-    yield base
-    delete_app(APP)
+def url(faults_app):
+    return faults_app
 
 
 def long_stream(i: int, **extra) -> dict:
@@ -132,34 +122,40 @@ async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_the_slot(url):
-    """Three long streams fill the replica's three slots; one client goes away: its engine
-    request is aborted and the freed slot serves a new request while the other two still run."""
+    """Three long streams fill the replica's three slots; one client goes away: vLLM's own count
+    of unfinished requests drops to 2 while the other two still stream (so the drop is the abort,
+    not a natural end), and the freed slot serves a new request.
+
+    The survivors' state is taken when the drop is seen, not later: on a loaded 2-core machine
+    the drop took 5 s and the survivors (2000 tokens each) ended naturally soon after."""
 
     async def run():
         async with new_client() as c:
-            tasks = await fill_slots(c, url, chunks_before_event=3)
+            tasks = await fill_slots(c, url)
             await wait_running(url, lambda r: r["running"] == 3, 15, "3 engine requests running")
             t_cut = time.monotonic()
             await cancel(tasks[0])  # client 0 disconnects mid-stream
-            _, drop_s = await wait_unfinished(url, lambda n: n == 2, 15, "disconnected request aborted")
+            _, drop_s = await wait_unfinished(url, lambda n: n == 2, 30, "disconnected request aborted")
+            still = [not t.done() for t in tasks[1:]]
+            ended = [t.result() for t in tasks[1:] if t.done()]
             short = await request(c, url, chat_body(99, 8), label="short", deadline_s=60)
             short_s = time.monotonic() - t_cut
-            still = [not t.done() for t in tasks[1:]]
-            # rate of the survivors, to show how long the aborted one would have run
-            await asyncio.sleep(1.0)
             for t in tasks[1:]:
                 await cancel(t)
-            _, idle_s = await wait_unfinished(url, lambda n: n == 0, 15, "all aborted")
-            return drop_s, short, short_s, still, idle_s
+            _, idle_s = await wait_unfinished(url, lambda n: n == 0, 30, "all aborted")
+            return drop_s, short, short_s, still, ended, idle_s
 
-    drop_s, short, short_s, still, idle_s = asyncio.run(run())
+    drop_s, short, short_s, still, ended, idle_s = asyncio.run(run())
     unfinished = engine_unfinished(url)
     summarize("disconnect mid-stream: freed slot", [short])
-    print(f"    vLLM unfinished 3 -> 2 within {drop_s:.2f} s of the disconnect; new request answered "
-          f"{short.status} {short_s:.2f} s after it; others still streaming: {still}; "
+    print(f"    vLLM unfinished 3 -> 2 within {drop_s:.2f} s of the disconnect, the other two still "
+          f"streaming then: {still}; new request answered {short.status} {short_s:.2f} s after it; "
           f"all aborted -> vLLM unfinished 0 within {idle_s:.2f} s; at the end: {unfinished}")
+    for o in ended:
+        print(f"    a survivor had ended when the drop was seen: {o.result} {o.tokens} tokens "
+              f"in {o.latency:.2f} s")
+    assert all(still), "a survivor ended before the drop was seen: the drop need not be the abort"
     assert short.result == "ok"
-    assert all(still), "the other two streams should still have been running"
     assert unfinished == 0
 
 
@@ -244,20 +240,35 @@ def test_per_request_timeout_non_streaming_is_504_and_aborted(url):
 
 
 def test_per_request_timeout_streaming_is_error_event_and_aborted(url):
+    """A stream whose deadline passes mid-generation ends with an SSE error event (`timeout`)
+    and [DONE], and the engine request is aborted. A deadline that passes before the first
+    chunk (a loaded machine) is a plain 504 `timeout`, as for a non-streaming request: then the
+    next try gives twice the time, until the stream starts before its deadline."""
+
     async def run():
+        tries = []
         async with new_client() as c:
             await wait_unfinished(url, lambda n: n == 0, 60, "idle before the test")
-            out = await request(c, url, long_stream(2, timeout=1), label="stream-timeout")
-            _, s = await wait_unfinished(url, lambda n: n == 0, 30, "timed-out stream aborted")
-            return out, s
+            for timeout in (1, 2, 4, 8):
+                out = await request(c, url, long_stream(2, timeout=timeout), label=f"stream-timeout={timeout}")
+                _, s = await wait_unfinished(url, lambda n: n == 0, 30, "timed-out stream aborted")
+                tries.append((timeout, out, s))
+                if out.status != 504:
+                    break
+        return tries
 
-    out, s = asyncio.run(run())
-    summarize("timeout: streaming, timeout=1, max_tokens=2000", [out])
-    print(f"    {out.tokens} tokens streamed before the deadline; vLLM unfinished back to 0 {s:.2f} s "
-          f"after the error event")
-    assert out.status == 200 and out.result == "sse_error" and out.code == "timeout"
+    tries = asyncio.run(run())
+    summarize("timeout: streaming, max_tokens=2000", [out for _, out, _ in tries])
+    for timeout, out, s in tries:
+        print(f"    timeout={timeout}: {out.status} {out.result} {out.code}, {out.tokens} tokens streamed before the "
+              f"deadline; vLLM unfinished back to 0 {s:.2f} s after the end")
+    for timeout, out, _ in tries[:-1]:  # the deadline passed before the stream started
+        assert out.result == "http_error" and out.code == "timeout" and out.chunks == 0, out
+        assert out.latency < timeout + 9
+    timeout, out, s = tries[-1]
+    assert out.status == 200 and out.result == "sse_error" and out.code == "timeout", tries
     assert 0 < out.tokens < LONG
-    assert out.latency < 10
+    assert out.latency < timeout + 9
     assert s < 3
 
 
@@ -348,7 +359,7 @@ def test_model_replica_killed_under_load(url):
     assert all(o.well_formed for o in outs + probes), "a request hung or got a malformed answer"
     assert all(o.result in ("sse_error", "conn_closed") for o in in_flight), in_flight
     assert not any(o.status == 500 for o in outs + probes)
-    assert recovered is not None and recovered <= RECOVERY_S
+    assert recovered is not None and recovered <= RECOVERY_S, controller_log(APP, "ModelReplica")
     assert new_pids and old_pid not in new_pids
     assert not leaked, f"processes {leaked} outlived their killed replica"
 
@@ -426,6 +437,6 @@ def test_engine_core_killed_inside_live_replica(url):
     t_503 = t_kill + first_unhealthy
     healthy_while_dead = [round(t - t_kill, 1) for t, s, _, p in samples if s == 200 and t > t_503 and p == pid]
     assert not healthy_while_dead, f"/health said healthy at {healthy_while_dead} s with the engine dead"
-    assert recovered is not None and recovered <= ENGINE_RECOVERY_S
+    assert recovered is not None and recovered <= ENGINE_RECOVERY_S, controller_log(APP, "ModelReplica")
     assert new_pids and pid not in new_pids
     assert not leaked, f"processes {leaked} of the replaced replica are still alive"

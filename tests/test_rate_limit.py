@@ -178,6 +178,133 @@ def test_unreachable_limiter_fails_open_or_closed(monkeypatch):
     assert rate_limited_error(closed).status == 503
 
 
+def test_a_concurrent_burst_is_batched_and_exact(ray_local):
+    """40 requests of one client at once through two limiter clients (two ingress replicas):
+    the admits of a moment travel together (fewer actor calls than requests) and the budget
+    holds exactly as with one call each: 10 allowed, remaining 9..0 once each, 30 refused."""
+    import ray
+
+    name = _name()
+    windows = make_windows(10, 100)
+    a = RateLimiter(windows, actor_name=name)
+    b = RateLimiter(windows, actor_name=name)
+    key = _key()
+
+    async def go():
+        await asyncio.gather(a.ready(), b.ready())
+        return await asyncio.gather(*(c.check(key) for c in (a, b) for _ in range(20)))
+
+    actor = ray.get_actor(name, namespace=a.namespace)
+    before = ray.get(actor.counters.remote())
+    decisions = _run(go())
+    after = ray.get(actor.counters.remote())
+    allowed = [d for d in decisions if d.allowed]
+    assert not any(d.degraded for d in decisions)
+    assert sorted(d.remaining for d in allowed) == list(range(10))
+    assert len(decisions) - len(allowed) == 30
+    assert all(not d.allowed and d.retry_after_s >= 1 for d in decisions if not d.allowed)
+    assert after["allowed"] - before["allowed"] == 10 and after["rejected"] - before["rejected"] == 30
+    assert a.rpcs + b.rpcs < 20, (a.rpcs, b.rpcs)  # 40 admits
+
+
+def test_batched_releases_give_every_lease_back(ray_local):
+    """A concurrency budget of 3: of 10 requests at once 3 are admitted; their releases ride
+    the client's next batch (or go alone) and every lease comes back, then 3 more fit."""
+    import ray
+
+    name = _name()
+    limiter = RateLimiter([], actor_name=name, max_concurrent=3)
+    key = _key()
+
+    async def go():
+        first = await asyncio.gather(*(limiter.check(key) for _ in range(10)))
+        for d in first:
+            limiter.release(d.lease, 1)
+        deadline = time.monotonic() + 10
+        while ray.get(actor.usage.remote(key))["in_flight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second = await asyncio.gather(*(limiter.check(key) for _ in range(4)))
+        for d in second:
+            limiter.release(d.lease, 1)
+        assert await limiter.drain()
+        return first, second
+
+    _run(limiter.ready())
+    actor = ray.get_actor(name, namespace=limiter.namespace)
+    first, second = _run(go())
+    assert [d.allowed for d in first].count(True) == 3
+    assert {d.reason for d in first if not d.allowed} == {"concurrency"}
+    assert [d.allowed for d in second].count(True) == 3
+    assert ray.get(actor.usage.remote(key))["in_flight"] == 0
+
+
+def test_settle_decides_as_single_calls():
+    """`settle` (a batch: releases, then admits) gives the decisions that the same releases and
+    admits, one call each in that order, give."""
+    w = (RateWindow(3, 60),)
+    specs = [AdmitSpec(k, w, max_concurrent=2) for k in "aabaaabb"]
+    one, batched = RateLimiterActor([]), RateLimiterActor([])
+    singles = [one.admit(s) for s in specs]
+    together = batched.settle(specs, [])
+    fields = ("allowed", "remaining", "reason", "limit", "concurrency_limit")
+    assert [[getattr(d, f) for f in fields] for d in together] == [[getattr(d, f) for f in fields] for d in singles]
+    # the leases of the first two "a" requests come back in the next batch: two more "a" fit
+    leases = [d.lease for d in together if d.allowed and d.lease][:2]
+    again = batched.settle([specs[0]] * 2, [(lease, 1) for lease in leases])
+    singles_again = [one.release(d.lease, 1) for d in singles if d.allowed and d.lease][:2]
+    assert singles_again == [True, True]
+    assert [d.allowed for d in again] == [one.admit(specs[0]).allowed for _ in range(2)]
+
+
+def test_a_failed_or_late_batch_loses_no_lease(monkeypatch):
+    """The batch call fails: each of its admits gets the decision its own failed call would
+    (fail open here, degraded). A batch answered after the admits' deadline: the leases it
+    carries are given back at once (the requests went on without them)."""
+
+    class Method:  # an actor method: `.remote()` submits at once and returns an awaitable
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            return asyncio.ensure_future(self.fn(*args))
+
+    released: list[str] = []
+    mode = {"settle": "fail"}
+
+    async def settle(specs, releases):
+        released.extend(lease for lease, _ in releases)
+        if mode["settle"] == "fail":
+            raise RuntimeError("actor gone")
+        await asyncio.sleep(0.5)  # later than the client's deadline (0.2 s)
+        return [RateDecision(allowed=True, lease=f"lease-{i}") for i, _ in enumerate(specs)]
+
+    async def release(lease, tokens):
+        released.append(lease)
+
+    async def nothing(*args):
+        return None
+
+    class Handle:
+        def __init__(self):
+            self.settle, self.release = Method(settle), Method(release)
+            self.epoch, self.configure = Method(nothing), Method(nothing)
+
+    monkeypatch.setattr(RateLimiter, "_resolve", lambda self: Handle())
+    limiter = RateLimiter(make_windows(5, 0), timeout_s=0.2)
+
+    async def go():
+        failed = await asyncio.gather(*(limiter.check("k") for _ in range(3)))
+        mode["settle"] = "late"
+        late = await asyncio.gather(*(limiter.check("k") for _ in range(3)))
+        await asyncio.sleep(0.8)  # the late answer arrives
+        return failed, late
+
+    failed, late = _run(go())
+    assert all(d.allowed and d.degraded for d in failed)  # fail open: the configured outcome
+    assert all(d.allowed and d.degraded for d in late)
+    assert sorted(released) == ["lease-0", "lease-1", "lease-2"]
+
+
 async def _hits(limiter: RateLimiter, key: str, n: int) -> list[RateDecision]:
     return [await limiter.check(key) for _ in range(n)]
 
@@ -242,3 +369,41 @@ def test_client_key_forwarded_for_trust_rules():
     # Empty header or unknown peer.
     assert client_key(None, "10.1.2.3", "", trusted) == "ip:10.1.2.3"
     assert client_key(None, None, None, []) == "ip:unknown"
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_control_plane_bench_short(ray_local, batch):
+    """The control-plane benchmark's short version (scripts/bench/control_plane.py): two
+    simulated ingress replicas for a second through the limiter, batched or one call each. No
+    decision degraded, the actor admitted exactly what the replicas counted, every lease back."""
+    import argparse
+
+    from scripts.bench.control_plane import measure
+
+    row = measure("limiter", 2, batch, argparse.Namespace(concurrency=8, duration=1.0))
+    assert row["requests"] > 0 and row["degraded"] == 0
+    assert row["limiter_admitted"] == row["requests"]
+    assert row["limiter_in_flight_after"] == 0
+
+
+def test_expired_entries_are_swept_a_slice_at_a_time(monkeypatch):
+    """The limiter's storage drops entries out of their window when the actor sweeps (the
+    library's per-hit timer thread is off), a bounded number of keys per sweep; decisions never
+    depend on it. Guards the pinned `limits` internals the storage relies on."""
+    from limits.storage import MemoryStorage
+
+    assert hasattr(MemoryStorage, "_MemoryStorage__schedule_expiry")  # what the storage turns off
+    a = RateLimiterActor([])
+    a._next_sweep = float("inf")  # this test sweeps by hand (the actor does it once a second)
+    w = (RateWindow(1, 1),)
+    t = [1000.0]
+    monkeypatch.setattr(time, "time", lambda: t[0])
+    for i in range(10):
+        assert a.admit(AdmitSpec(f"c{i}", w)).allowed
+    assert not a.admit(AdmitSpec("c0", w)).allowed  # 1 per second
+    assert len(a._storage.events) == 10
+    t[0] += 2  # every entry out of its 1-s window: allowed again before any sweep
+    assert a.admit(AdmitSpec("c1", w)).allowed
+    assert a._storage.sweep(4) == 4  # a slice of the keys
+    assert a._storage.sweep(100) == 6  # the rest of the pass
+    assert set(a._storage.events) == {next(k for k in a._storage.events if "c1" in k)}  # c1's new entry only

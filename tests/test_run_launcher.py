@@ -44,7 +44,7 @@ def test_leftovers_of_an_exited_serve_run_are_stopped(tmp_path):
     _, err = proc.communicate(timeout=60)
     worker = int((tmp_path / "worker.pid").read_text())
     assert proc.returncode == 3                              # serve run's status
-    assert not pid_alive(worker), "the orphan is still running"
+    assert not pid_alive(worker), f"the orphan is still running; the launcher said: {err}"
     assert "stopped 1 process" in err, err
 
 

@@ -3,7 +3,8 @@ says why it is detached, CPU-less and head-pinned) holds every client's budgets 
 windows (the `limits` package's `MovingWindowRateLimiter` over `MemoryStorage`), tokens per
 minute, requests in flight — and the cluster's. Its methods run one at a time under one lock,
 so test-then-take is atomic across all ingress replicas: a request over any budget is refused
-and takes nothing."""
+and takes nothing. `settle` takes a batch (a client's admits and releases of one moment) in one
+call, deciding each as the single calls would: batching changes the cost, not the decisions."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def _locked(method: Callable) -> Callable:
     return wrapper
 
 
+def _sweep_on_demand_storage() -> Any:
+    """`limits`' MemoryStorage whose expired entries are removed a slice of keys at a time when
+    the actor says (`sweep`, from `_reap`) instead of by the library's timer thread, which every
+    hit re-arms for 10 ms later and which walks every key each time: with many clients that
+    thread took most of the actor's CPU (docs/performance.md, "The admission control plane").
+    Decisions do not depend on the sweep: the moving window compares entry times with now."""
+    import bisect
+
+    from limits.storage import MemoryStorage
+
+    class SweepOnDemandStorage(MemoryStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self._pending: list[str] = []  # keys still to visit in this pass over the storage
+
+        def _MemoryStorage__schedule_expiry(self) -> None:  # the library's per-hit re-arm: off
+            pass
+
+        def sweep(self, max_keys: int) -> int:
+            """Drop the expired entries of up to `max_keys` keys (a pass over every key goes
+            on where the last call stopped) and the keys left empty; returns the keys visited."""
+            if not self._pending:
+                self._pending = list(self.events)
+            batch, self._pending = self._pending[-max_keys:], self._pending[:-max_keys]
+            now = time.time()
+            for key in batch:
+                with self.locks[key]:
+                    events = self.events.get(key)
+                    if events:  # newest first: keep those not yet expired
+                        keep = bisect.bisect_left(events, -now, key=lambda e: -e.expiry)
+                        if keep < len(events):
+                            self.events[key] = events[:keep]
+                    if not self.events.get(key):
+                        self.events.pop(key, None)
+                        self.locks.pop(key, None)
+            return len(batch)
+
+    return SweepOnDemandStorage()
+
+
 # --------------------------------------------------------------------------- the actor
 
 
@@ -59,24 +100,25 @@ class RateLimiterActor:
 
     Survives its own restart (``max_restarts=-1``): its configuration, windows, token logs,
     leases and counters are saved to Ray's GCS KV store (`ActorState`) at once on
-    `configure` and otherwise every `SNAPSHOT_INTERVAL_S` while they change, and a restarted
+    `configure` and otherwise every `SNAPSHOT_INTERVAL_S` while they change (less often when a
+    large state takes longer to export: `ActorState.SNAPSHOT_SHARE`), and a restarted
     incarnation loads them (what changed in the last interval before the crash is lost: a
     few requests less counted, leases taken then expire). Lease ids carry the incarnation's
     random id, so a release of a lease the crash lost matches nothing."""
 
     SNAPSHOT_INTERVAL_S = 1.0
+    SWEEP_KEYS = 5_000  # clients' expired entries looked at per second (under the lock)
 
     def __init__(
         self, windows: Iterable[RateWindow | tuple[int, int]] | None = None, snapshot_interval_s: float | None = None
     ):
-        from limits.storage import MemoryStorage
         from limits.strategies import MovingWindowRateLimiter
 
         self._mutex = threading.RLock()
         self._mutations = 0  # state changes so far (the snapshot thread saves when it moved)
         self._exported = 0
         self._state = ActorState("rate_limiter")
-        self._storage = MemoryStorage()
+        self._storage = _sweep_on_demand_storage()
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._windows: list[RateWindow] = []
         self._items: list[Any] = []
@@ -91,7 +133,7 @@ class RateLimiterActor:
         self._leases: dict[str, _Lease] = {}
         self._weights: dict[str, int] = {}
         self._lease_seq = 0
-        self._next_reap = 0.0
+        self._next_reap = self._next_sweep = 0.0
         self.configure(list(windows) if windows is not None else make_windows(10, 100), _save=False)
         saved = self._state.load()
         if saved is not None:
@@ -221,6 +263,9 @@ class RateLimiterActor:
         return now + 1
 
     def _reap(self, now: float) -> None:
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1
+            self._storage.sweep(self.SWEEP_KEYS)  # entries out of their window: memory only
         if now < self._next_reap:
             return
         self._next_reap = now + 5
@@ -403,6 +448,17 @@ class RateLimiterActor:
                     self._tokens_used(key, now)  # creates / prunes the log
                     self._token_log[key].append((now, charge))
         return True
+
+    @_locked
+    def settle(self, specs: list[AdmitSpec], releases: list[tuple[str, int | None]]) -> list[RateDecision]:
+        """What a batching client sends (`RateLimiter`, one call per batch): the `releases`
+        (lease, tokens), then the `admits`, in the order given, exactly as that many `release`
+        and `admit` calls arriving in that order would decide them, under one hold of the lock.
+        Releases go first: their requests had ended when the batch was sent, so the admits
+        of the batch find those slots free (as they would had each release gone alone)."""
+        for lease, tokens in releases:
+            self.release(lease, tokens)
+        return [self.admit(spec) for spec in specs]
 
     def usage(self, key: str) -> dict[str, int]:
         """In-flight requests, reserved and counted tokens of `key` (tests, debugging)."""

@@ -10,6 +10,13 @@ failing open or closed as configured, never raising for limiter trouble.
     limiter.release(decision.lease, tokens_used)
 
 With `rate_limit.enabled: false`, or every budget off, no actor call is made at all.
+
+Batching (issue 27): one actor call carries every admit and release this replica has at that
+moment (`RateLimiterActor.settle`, decided in arrival order exactly as single calls would be).
+At most one batch is in flight per replica; what arrives meanwhile goes in the next one, so an
+idle service pays nothing (a batch of one, sent in the same event-loop turn) and a loaded one
+makes far fewer calls than requests: the actor's cost per request falls as load and the number
+of ingress replicas grow (docs/performance.md, "The admission control plane").
 """
 
 from __future__ import annotations
@@ -41,7 +48,10 @@ logger = logging.getLogger("ray.serve")
 
 class RateLimiter:
     """What an ingress replica holds: resolves (get-or-create) the shared actor lazily and
-    asks it once per request. Cheap to construct; no Ray call until the first `check`."""
+    asks it for every request, batching the admits and releases of one moment into one call
+    (`batch`, see the module). Cheap to construct; no Ray call until the first `check`."""
+
+    MAX_BATCH = 256  # admits per call (releases ride along, all of them)
 
     def __init__(
         self,
@@ -77,6 +87,17 @@ class RateLimiter:
         self._epoch: str | None = None  # the actor incarnation configured
         self._late_calls: set[asyncio.Future] = set()  # admits answered past their deadline
         self._last_warning = 0.0
+        # batching: admits waiting for the next call (each with the future its caller awaits),
+        # releases waiting to ride along, and the batch in flight (its id and deadline)
+        self.batch = True
+        self._queued: list[tuple[AdmitSpec, asyncio.Future]] = []
+        self._releases: list[tuple[str, int | None]] = []
+        self._batch_handle: Any = None
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._in_flight: tuple[int, float] | None = None
+        self._batch_seq = 0
+        self.rpcs = 0  # admit/settle calls made (figures, tests)
 
     @classmethod
     def from_config(
@@ -232,13 +253,22 @@ class RateLimiter:
         call: asyncio.Future | None = None
         try:
             handle = await asyncio.wait_for(self._actor(), self.timeout_s)
-            call = asyncio.ensure_future(_aw(handle.admit.remote(spec)))
+            if self._batches(handle):
+                call = self._enqueue(handle, spec)
+            else:
+                self.rpcs += 1
+                call = asyncio.ensure_future(_aw(handle.admit.remote(spec)))
             decision = await asyncio.wait_for(asyncio.shield(call), max(0.0, deadline - loop.time()))
         except TimeoutError as exc:
             if call is not None:
                 self._late_calls.add(call)
                 call.add_done_callback(functools.partial(self._release_late, handle))
             return self._degraded(exc)
+        except asyncio.CancelledError:  # the request went away while waiting: nothing may keep its lease
+            if call is not None:
+                self._late_calls.add(call)
+                call.add_done_callback(functools.partial(self._release_late, handle))
+            raise
         except actor_failure_types() as exc:
             self._handle, self._configured = None, False  # re-resolve next time (restarted actor)
             return self._degraded(exc)
@@ -253,7 +283,8 @@ class RateLimiter:
         return decision
 
     def _release_late(self, handle: Any, call: asyncio.Future) -> None:
-        """An admit answered after its deadline: give its lease back to the actor that took it."""
+        """An admit answered after its deadline, or after its request went away: give its lease
+        back to the actor that took it."""
         self._late_calls.discard(call)
         if call.cancelled() or call.exception() is not None:
             return
@@ -265,14 +296,99 @@ class RateLimiter:
                 logger.debug("rate limiter release failed: %s", exc)
 
     def release(self, lease: str | None, tokens: int | None) -> None:
-        """Give a lease back (fire and forget: the response is not held for it). A lost call
-        is repaired by the lease's expiry (`lease_ttl_s`)."""
+        """Give a lease back (fire and forget: the response is not held for it; batched with
+        the next admits). A lost call is repaired by the lease's expiry (`lease_ttl_s`)."""
         if not lease or self._handle is None:
+            return
+        if self._batches(self._handle) and _loop_running():
+            self._releases.append((lease, tokens))
+            self._schedule(self._handle)
             return
         try:
             self._handle.release.remote(lease, tokens)
         except Exception as exc:  # the actor restarting: its leases are gone with it
             logger.debug("rate limiter release failed: %s", exc)
+
+    # ------------------------------------------------------------------ batching
+
+    def _batches(self, handle: Any) -> bool:
+        """Batching is on and the actor takes batches (one of an older release, kept through
+        an in-place upgrade, has no `settle`: one call each then)."""
+        return self.batch and getattr(handle, "settle", None) is not None
+
+    async def drain(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued admit and release has been sent and answered (a replica
+        stopping, tests); False if that took longer than `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while self._queued or self._releases or self._in_flight is not None or self._flush_scheduled:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def _enqueue(self, handle: Any, spec: AdmitSpec) -> asyncio.Future:
+        """Queue one admit for the next batch; its future gets the decision (or the call's
+        exception, which `admit` handles as it would its own call's)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._queued.append((spec, fut))
+        self._schedule(handle)
+        return fut
+
+    def _schedule(self, handle: Any) -> None:
+        """Send a batch at the end of this event-loop turn (so the admits and releases of the
+        turn go together) unless one is already due."""
+        loop = asyncio.get_running_loop()
+        if self._batch_loop is not loop:  # a new event loop (tests): what the old one held is gone
+            self._batch_loop, self._flush_scheduled, self._in_flight = loop, False, None
+            self._queued = [(spec, fut) for spec, fut in self._queued if fut.get_loop() is loop]
+        self._batch_handle = handle
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        loop = asyncio.get_running_loop()
+        if not (self._queued or self._releases):
+            return
+        if self._in_flight is not None and loop.time() < self._in_flight[1]:
+            return  # sent when the batch in flight comes back (or once it is overdue)
+        batch, self._queued = self._queued[: self.MAX_BATCH], self._queued[self.MAX_BATCH :]
+        releases, self._releases = self._releases, []
+        self._batch_seq += 1
+        self._in_flight = (self._batch_seq, loop.time() + self.timeout_s)
+        task = loop.create_task(self._send(self._batch_handle, self._batch_seq, batch, releases))
+        task.add_done_callback(_retrieve)
+
+    async def _send(
+        self,
+        handle: Any,
+        seq: int,
+        batch: list[tuple[AdmitSpec, asyncio.Future]],
+        releases: list[tuple[str, int | None]],
+    ) -> None:
+        try:
+            self.rpcs += 1
+            decisions = await _aw(handle.settle.remote([spec for spec, _ in batch], releases))
+        except Exception as exc:  # every admit of the batch sees what its own call would have
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if releases:
+                logger.debug("rate limiter releases lost (%s); their leases expire", type(exc).__name__)
+        except BaseException:  # cancelled (the replica stopping)
+            for _, fut in batch:
+                fut.cancel()
+            raise
+        else:
+            for (_, fut), decision in zip(batch, decisions, strict=True):
+                if not fut.done():
+                    fut.set_result(decision)
+        finally:
+            if self._in_flight is not None and self._in_flight[0] == seq:
+                self._in_flight = None
+            if self._queued or self._releases:
+                self._schedule(self._batch_handle)
 
     def _degraded(self, exc: BaseException) -> RateDecision:
         now = time.monotonic()
@@ -285,6 +401,14 @@ class RateLimiter:
                 "open" if self.fail_open else "closed",
             )
         return RateDecision(allowed=self.fail_open, degraded=True, retry_after_s=0 if self.fail_open else 1)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 async def _aw(ref):

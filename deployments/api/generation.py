@@ -255,6 +255,7 @@ class ServingGeneration:
                     mux,
                     parse,
                     engine_priority(body.priority, who),
+                    body.session_key(),
                 )
                 trace.dispatched()
                 if not body.stream:

@@ -9,7 +9,9 @@ for vLLM work unchanged. A field is honoured or refused, never dropped:
 - OpenAI fields this service does not implement are declared and refused with a 400 naming
   them (`unsupported_parameter`) when a client sets them (`UNSUPPORTED`);
 - bookkeeping fields that change no output (`user`, `metadata`, `store`, `service_tier`, …,
-  `NO_OPS`) are accepted and ignored.
+  `NO_OPS`) are accepted and change no output; `prompt_cache_key` (else `user`) is the request
+  router's session key (`deployments/routing`), as OpenAI uses it to bucket requests for its
+  prompt cache.
 
 Responses are plain dicts in OpenAI's shape, built in `responses.py`.
 
@@ -165,7 +167,8 @@ def _json_or_text(arguments: str) -> Any:
         return arguments
 
 
-# Bookkeeping fields of OpenAI's requests that change no output: accepted, ignored.
+# Bookkeeping fields of OpenAI's requests that change no output: accepted (`prompt_cache_key`
+# and `user` also route: `SamplingFields.session_key`).
 NO_OPS = (
     "user",
     "metadata",
@@ -197,12 +200,15 @@ class SamplingFields(_Strict):
         None, max_length=1024, description="Token id (as a string) → bias added to its logit."
     )
     # bookkeeping (NO_OPS)
-    user: str | None = Field(None, description="End-user id (not used).")
+    user: str | None = Field(None, description="End-user id: the routing session key when `prompt_cache_key` is unset.")
     metadata: dict[str, str] | None = Field(None, description="Stored-completion metadata (not used).")
     store: bool | None = Field(None, description="Store the completion (nothing is stored here).")
     service_tier: str | None = Field(None, description="Processing tier (one tier here).")
     safety_identifier: str | None = Field(None, description="End-user id for abuse detection (not used).")
-    prompt_cache_key: str | None = Field(None, description="Cache hint (prefix caching is automatic here).")
+    prompt_cache_key: str | None = Field(
+        None, description="Session key: requests with the same key go to the same model replica (routing.policy)."
+    )
+
     prompt_cache_retention: str | None = Field(None, description="Cache hint (not used).")
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=_INT32_MAX, description="vLLM: top-k (-1 or 0: off).")
@@ -247,6 +253,11 @@ class SamplingFields(_Strict):
             if not key.isdigit() or int(key) > _INT32_MAX:
                 raise ValueError(f"logit_bias keys are token ids; {key!r} is not one")
         return v
+
+    def session_key(self) -> str | None:
+        """What the request router keeps together (`deployments.routing`): OpenAI's cache key,
+        else the end-user id, as OpenAI documents `user` for cache bucketing."""
+        return self.prompt_cache_key or self.user or None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -392,6 +403,9 @@ class UnloadLoraRequest(_Strict):
 
 # ------------------------------------------------------------------- internal messages
 
+# above the surrogates: every token id of a vocabulary under ~1 M maps to a valid code point
+_TOKEN_CODE_POINT_BASE = 0x10000
+
 
 @dataclass
 class GenerationRequest:
@@ -405,6 +419,16 @@ class GenerationRequest:
     parse: dict[str, Any] | None = None
     # vLLM's scheduling priority (lower first; `admission.capacity.engine_priority`)
     priority: int = 0
+    # the request's session key (`prompt_cache_key`, else `user`): the request router's
+    # affinity key (deployments/routing); the engine never sees it
+    session: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The token ids as a string, one code point per token, for Ray Serve LLM's
+        `PrefixCacheAffinityRouter` (`routing.policy: ray_prefix`), which matches prefixes of a
+        `prompt` string: a character prefix here is exactly a token prefix."""
+        return "".join(map(chr, (_TOKEN_CODE_POINT_BASE + t for t in self.prompt_token_ids)))
 
 
 @dataclass

@@ -209,6 +209,7 @@ def to_chat(body: ResponsesRequest, limits: LimitsConfig) -> ChatCompletionReque
         | ({"json_schema": fmt.model_dump(by_alias=True, exclude={"type"})} if fmt.type == "json_schema" else {}),
         "logprobs": body.wants_logprobs(),
         "top_logprobs": body.top_logprobs if body.wants_logprobs() else None,
+        "prompt_cache_key": body.prompt_cache_key,  # the routing session key
     }
     for name in (
         "temperature",

@@ -29,12 +29,24 @@ ROLES: list[tuple[str, str]] = [
     ("dashboard", "ray system"),
     ("log_monitor", "ray system"),
     ("monitor.py", "ray system"),
-    ("RateLimiterActor", "ray actors"),
-    ("StatsAggregator", "ray actors"),
+    # our singleton actors, one row each (the process title is `ray::<class>[.<method>]`)
+    ("RateLimiterActor", "limiter actor"),
+    ("ServiceStatsActor", "stats actor"),
+    ("AdapterRegistryActor", "registry actor"),
+    ("ray::IDLE", "ray idle workers"),
     ("ray::", "ray actors"),
 ]
 ENGINE_ROLES = {"engine"}
-SYSTEM_ROLES = {"ray system", "serve controller", "ray actors", "other"}
+SYSTEM_ROLES = {
+    "ray system",
+    "serve controller",
+    "limiter actor",
+    "stats actor",
+    "registry actor",
+    "ray idle workers",
+    "ray actors",
+    "other",
+}
 
 
 def role_of(cmdline: str) -> str:

@@ -1,0 +1,70 @@
+"""The `routing` section: which request router the model deployment's handles use, and the
+Serve `request_router_config` it becomes. A leaf (the service config imports it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ROUTER_CLASS = "deployments.routing.router:CacheAffinityRouter"
+RAY_PREFIX_ROUTER_CLASS = "ray.serve.llm.request_router:PrefixCacheAffinityRouter"
+
+Policy = Literal["power_of_two", "cache_affinity", "ray_prefix"]
+
+
+class RoutingConfig(BaseModel):
+    """How the ingress picks among the model deployment's replicas (docs/performance.md,
+    "Cache-aware routing"). With one replica every policy picks it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Policy = Field(
+        "cache_affinity",
+        description="`cache_affinity`: `deployments.routing.router.CacheAffinityRouter` — a request "
+        "with a session key (`prompt_cache_key`, else `user`) goes to the replica the key hashes to "
+        "(the same in every ingress replica), one without to the replica that was sent the longest "
+        "prefix of its token ids, either only while that replica's queue is within "
+        "`imbalance_threshold` of the least loaded one; adapters keep Serve's preference for replicas "
+        "that hold them. `power_of_two`: Serve's default (two random replicas, the shorter queue). "
+        "`ray_prefix`: Ray Serve LLM's `PrefixCacheAffinityRouter` as it is (a prefix tree in one "
+        "shared actor, asked on every request).",
+    )
+    block_tokens: int = Field(
+        64,
+        ge=1,
+        description="`cache_affinity`: prompt tokens per hashed block (the matching granularity; "
+        "vLLM caches whole blocks of its own block size).",
+    )
+    max_blocks: int = Field(
+        200_000,
+        ge=1,
+        description="`cache_affinity`: blocks the router remembers per ingress replica (least "
+        "recently used first out; ~100 bytes each).",
+    )
+    imbalance_threshold: int = Field(
+        2,
+        ge=0,
+        description="`cache_affinity` and `ray_prefix`: affinity holds while the preferred "
+        "replica has at most this many more requests in flight than the least loaded candidate; "
+        "above it the request goes by load alone (power of two).",
+    )
+    session_affinity: bool = Field(
+        True,
+        description="`cache_affinity`: route by the request's `prompt_cache_key` (else `user`) when "
+        "it has one. false: by prefix alone.",
+    )
+
+    def request_router_config(self) -> dict[str, Any] | None:
+        """The model deployment's Serve `request_router_config`; None: Serve's default."""
+        if self.policy == "power_of_two":
+            return None
+        if self.policy == "ray_prefix":
+            return {
+                "request_router_class": RAY_PREFIX_ROUTER_CLASS,
+                "request_router_kwargs": {"imbalanced_threshold": self.imbalance_threshold},
+            }
+        return {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": self.model_dump(exclude={"policy"}),
+        }

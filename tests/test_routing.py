@@ -1,0 +1,321 @@
+"""The model deployment's request router (deployments/routing): token-block hashes, the prefix
+table, and `CacheAffinityRouter`'s choices on Serve's request-router API, with fake replicas
+(the routing logic touches no engine; the real router runs in every app of the suite, as
+`routing.policy` defaults to it, and is measured in scripts/bench/routing.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID
+
+from deployments.api.protocol import GenerationRequest
+from deployments.config import ServiceConfig
+from deployments.routing.blocks import PrefixTable, block_hashes
+from deployments.routing.router import CacheAffinityRouter, rendezvous_score
+from scripts.bench.routing import FakeReplica
+from serve_app import app_options
+
+DEPLOYMENT = "ModelReplica"
+
+
+def replica(name: str, **kw) -> FakeReplica:
+    from ray.serve._private.common import DeploymentID
+
+    return FakeReplica(ReplicaID(unique_id=name, deployment_id=DeploymentID(name=DEPLOYMENT, app_name="llm")), **kw)
+
+
+def make_router(replicas, **state) -> CacheAffinityRouter:
+    from ray.serve._private.common import DeploymentID
+
+    r = CacheAffinityRouter(
+        deployment_id=DeploymentID(name=DEPLOYMENT, app_name="llm"),
+        handle_source=DeploymentHandleSource.REPLICA,
+        use_replica_queue_len_cache=True,
+    )
+    r.initialize_state(**state)
+    r.update_replicas(replicas)
+    return r
+
+
+def pending(tokens: list[int], session: str | None = None, mux: str = "", rid: str = "r") -> PendingRequest:
+    meta = RequestMetadata(request_id=rid, internal_request_id=rid, multiplexed_model_id=mux)
+    return PendingRequest(args=[GenerationRequest(rid, tokens, {}, session=session)], kwargs={}, metadata=meta)
+
+
+def ids(ranks) -> list[list[str]]:
+    return [sorted(r.replica_id.unique_id for r in rank) for rank in ranks]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def test_block_hashes_chain_full_blocks_only():
+    a = list(range(100))
+    b = list(range(64)) + [7] * 36
+    ha, hb = block_hashes(a, 16), block_hashes(b, 16)
+    assert len(ha) == 6  # 96 of 100 tokens: the partial last block is not hashed
+    assert ha[:4] == hb[:4] and ha[4] != hb[4]  # the same prefix up to token 64, then not
+    assert all(x != y for x, y in zip(block_hashes([1, 2] * 8, 16), block_hashes([2, 1] * 8, 16), strict=True))
+    # a block's hash depends on everything before it, not just its own tokens
+    assert block_hashes([5] * 16 + [9] * 16, 16)[1] != block_hashes([6] * 16 + [9] * 16, 16)[1]
+    assert block_hashes(a[:15], 16) == []
+
+
+def test_block_hashes_are_the_same_in_every_process():
+    """Every ingress replica must compute the same keys: no per-process hash salt."""
+    code = "from deployments.routing.blocks import block_hashes; print(block_hashes(list(range(200)), 64))"
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "random")
+    }
+    assert len(outs) == 1 and outs.pop().strip() == str(block_hashes(list(range(200)), 64))
+    assert rendezvous_score("s", "r") == rendezvous_score("s", "r") != rendezvous_score("s", "q")
+
+
+def test_prefix_table_longest_match_lru_and_removal():
+    t = PrefixTable(max_blocks=8)
+    x, y = block_hashes(list(range(256)), 64), block_hashes(list(range(128)) + [1] * 128, 64)
+    t.insert(x, "A")
+    t.insert(y[:3], "B")  # shares x's first 2 blocks
+    both = t.mask(["A", "B"])
+    depth, holders = t.match(x, both)
+    assert (depth, t.replicas(holders)) == (4, ["A"])
+    depth, holders = t.match(y, both)
+    assert (depth, t.replicas(holders)) == (3, ["B"])
+    depth, holders = t.match(x[:2], both)
+    assert depth == 2 and sorted(t.replicas(holders)) == ["A", "B"]
+    assert t.match(x, t.mask(["C"])) == (0, 0)  # only candidates count
+    t.remove("A")
+    depth, holders = t.match(x, t.mask(["B"]))
+    assert (depth, t.replicas(holders)) == (2, ["B"])
+    assert t.mask(["D"]) == 1 << 0  # A's bit went free and is reused
+    t.insert(block_hashes(list(range(1000, 1000 + 64 * 8)), 64), "D")
+    assert len(t) == 8  # bounded: the least recently used blocks left
+    assert t.match(y, t.mask(["B"])) == (0, 0)
+
+
+# ----------------------------------------------------------------------------- router
+
+
+@pytest.fixture
+def three():
+    return [replica("a"), replica("b"), replica("c")]
+
+
+def test_session_key_goes_to_the_same_replica_in_every_router(three):
+    async def go():
+        r1, r2 = make_router(three), make_router(list(reversed(three)))
+        chosen = set()
+        for key in ("alice", "bob", "carol", "dave", "erin", "frank"):
+            a = ids(await r1.choose_replicas(three, pending([1] * 10, session=key)))[0]
+            b = ids(await r2.choose_replicas(three, pending([2] * 10, session=key)))[0]
+            assert a == b and len(a) == 1  # two ingress replicas, no shared state: the same answer
+            chosen.add(a[0])
+        assert len(chosen) > 1  # the keys spread
+        # a replica leaving moves only its own keys
+        before = {k: ids(await r1.choose_replicas(three, pending([1], session=k)))[0][0] for k in "pqrstuvwxyz"}
+        after = {k: ids(await r1.choose_replicas(three[:2], pending([1], session=k)))[0][0] for k in "pqrstuvwxyz"}
+        assert all(after[k] == v for k, v in before.items() if v != "c")
+        return r1.stats()
+
+    stats = run(go())
+    assert stats["decisions"]["session"] >= 12
+
+
+def test_prefix_follows_the_longest_match_and_load_decides_otherwise(three):
+    async def go():
+        r = make_router(three, block_tokens=4)
+        system = list(range(100, 116))  # 4 blocks shared by every conversation
+        p = pending(system + [1, 2, 3, 4, 5, 6, 7, 8], rid="t1")
+        first = await r.choose_replicas(three, p)
+        assert len(first) == 1 and len(first[0]) == 2  # nothing known yet: two random, by load
+        target = first[0][0]
+        r.on_request_routed(p, target.replica_id, None)
+        other = next(x for x in three if x is not target)
+        r.on_request_routed(pending(system + [9] * 8, rid="o"), other.replica_id, None)
+        # the conversation's next turn: its whole earlier prompt is a prefix of this one
+        ranks = await r.choose_replicas(three, pending(system + [1, 2, 3, 4, 5, 6, 7, 8, 50, 51, 52, 53], rid="t2"))
+        assert ids(ranks)[0] == [target.replica_id.unique_id]
+        assert target not in ranks[1]  # the load-based pair comes second, without it
+        # only the shared system prompt matches: both replicas that saw it are preferred
+        ranks = await r.choose_replicas(three, pending(system + [70] * 8, rid="t3"))
+        assert ids(ranks)[0] == sorted([target.replica_id.unique_id, other.replica_id.unique_id])
+        return r.stats()
+
+    stats = run(go())
+    assert stats["decisions"] == {"load": 1, "prefix": 2}
+    assert stats["cpu_us_per_request"] is not None
+
+
+def test_imbalance_falls_back_to_load(three):
+    async def go():
+        r = make_router(three, imbalance_threshold=1)
+        a, b, _ = three
+        r.on_new_queue_len_info(a.replica_id, 3)
+        r.on_new_queue_len_info(b.replica_id, 1)
+        key = next(
+            k
+            for k in map(str, range(100))
+            if max(three, key=lambda x: rendezvous_score(k, x.replica_id.unique_id)) is a
+        )
+        ranks = await r.choose_replicas(three, pending([1], session=key))
+        assert len(ranks) == 1 and len(ranks[0]) == 2  # 3 - 1 > 1: by load
+        r.on_new_queue_len_info(a.replica_id, 2)
+        ranks = await r.choose_replicas(three, pending([1], session=key))
+        assert ids(ranks)[0] == ["a"]  # 2 - 1 <= 1: affinity holds
+        return r.stats()
+
+    assert run(go())["decisions"] == {"imbalanced": 1, "session": 1}
+
+
+def test_adapters_keep_serves_multiplex_preference():
+    async def go():
+        reps = [replica("a", multiplexed_model_ids={"news@1"}), replica("b"), replica("c")]
+        r = make_router(reps)
+        # whatever the session key says, an adapter request goes among the replicas holding it
+        for key in map(str, range(20)):
+            ranks = await r.choose_replicas(reps, pending([1], session=key, mux="news@1"))
+            assert ids(ranks) == [["a"]]
+        ranks = await r.choose_replicas(reps, pending([1], session="x"))
+        assert len(ranks[0]) == 1  # base model requests use every replica
+
+    run(go())
+
+
+def test_other_calls_go_by_load(three):
+    async def go():
+        r = make_router(three)
+        meta = RequestMetadata(request_id="h", internal_request_id="h")
+        ranks = await r.choose_replicas(three, PendingRequest(args=[], kwargs={}, metadata=meta))
+        assert len(ranks) == 1 and len(ranks[0]) == 2
+        ranks = await r.choose_replicas(three, PendingRequest(args=[[[1, 2]], [[3]]], kwargs={}, metadata=meta))
+        assert len(ranks[0]) == 2  # classify: a batch of prompts, by load
+
+    run(go())
+
+
+def test_replica_leaving_is_forgotten(three):
+    async def go():
+        r = make_router(three, block_tokens=4)
+        p = pending(list(range(16)), rid="x")
+        r.on_request_routed(p, three[0].replica_id, None)
+        assert len(r.table) == 4
+        r.update_replicas(three[1:])
+        assert len(r.table) == 0
+
+    run(go())
+
+
+def test_config_selects_the_router():
+    opts = app_options(ServiceConfig())["model"]
+    assert opts["request_router_config"]["request_router_class"] == "deployments.routing.router:CacheAffinityRouter"
+    assert (
+        app_options(ServiceConfig.model_validate({"routing": {"policy": "power_of_two"}}))["model"].get(
+            "request_router_config"
+        )
+        is None
+    )
+    ray_prefix = app_options(ServiceConfig.model_validate({"routing": {"policy": "ray_prefix"}}))["model"]
+    assert ray_prefix["request_router_config"]["request_router_class"].endswith("PrefixCacheAffinityRouter")
+    own = {"request_router_class": "x:Y"}
+    assert (
+        app_options(ServiceConfig.model_validate({"deployments": {"model": {"request_router_config": own}}}))["model"][
+            "request_router_config"
+        ]
+        == own
+    )
+    # Ray's router reads a `prompt` string: one code point per token, so a character prefix is a token prefix
+    g = GenerationRequest("r", [0, 5, 151_000], {})
+    assert [ord(c) - 0x10000 for c in g.prompt] == [0, 5, 151_000]
+
+
+def test_bench_workloads_grow_as_conversations_and_the_router_follows_them():
+    """scripts/bench/routing.py's own pieces, on the embedded model's tokenizer (the bench
+    model's): each turn's prompt extends the previous turn's (what a prefix cache can reuse),
+    and the in-process router measurement routes the later turns by prefix."""
+    from scripts.bench import routing
+
+    opts = routing.parse_args(["--quick", "--model", "models/tiny-qwen3"])
+    prompts, keys = routing.token_ids_of(opts)
+    turns = opts.turns
+    conv = [p for p, k in zip(prompts["multiturn"], keys["multiturn"], strict=True) if k == keys["multiturn"][0]]
+    assert len(conv) == turns
+    for a, b in zip(conv, conv[1:], strict=False):
+        assert b[: len(a) - 8] == a[: len(a) - 8]  # the next turn starts with this one (bar the generation prompt)
+    assert len(set(keys["retrieval"])) == 1 and keys["retrieval"][0] is None  # no session key there
+    stats = routing.router_cpu(prompts, 2, keys)
+    later = stats["multiturn"]["decisions"].get("prefix", 0)
+    assert later >= len(prompts["multiturn"]) - opts.sessions  # every turn after the first follows its prefix
+    assert all(s["cpu_us_per_request"] is not None for s in stats.values())
+
+
+def test_bench_report_renders_every_policy_and_workload():
+    from scripts.bench import routing
+
+    row = {"prefix_hit_rate": 0.5, "ttft_p50_ms": 100.0, "ttft_p95_ms": 200.0, "requests_per_s": 3.0,
+           "output_tokens_per_s": 90.0, "requests_per_replica": [5.0, 4.0], "max_over_mean_load": 1.11}
+    report = {"options": {}, "router_cpu": {}, "policies": {
+        "power_of_two": {"multiturn": row}, "cache_affinity": {"multiturn": {**row, "ttft_p50_ms": 60.0}}}}
+    page = routing.html_report(report, "python -m scripts.bench.routing")
+    assert page.count("<svg") == 3 and "cache_affinity" in page and "1.11" in page
+    assert "0.60x" in routing.text_report(report)  # TTFT p50 against power of two, in one run
+
+
+def test_a_conversation_stays_together_across_ingress_replicas(three):
+    """Two ingress replicas (two routers, no shared state), a conversation's turns reaching them
+    alternately, behind a system prompt every conversation shares: with its session key every
+    turn lands on one replica; other conversations' first turns do not follow the system prompt
+    to whichever replica happened to see it first."""
+
+    async def go():
+        routers = [make_router(three, block_tokens=4), make_router(three, block_tokens=4)]
+        system = list(range(100, 116))
+        # other conversations went through router 0 and taught it where the system prompt is
+        for i in range(2):
+            p = pending(system + [200 + i] * 8, rid=f"other{i}")
+            ranks = await routers[0].choose_replicas(three, p)
+            routers[0].on_request_routed(p, ranks[0][0].replica_id, None)
+        history, chosen = list(system), []
+        for turn in range(6):
+            history += [10 + turn] * 6  # this turn's question (and the previous answer)
+            router = routers[turn % 2]
+            p = pending(list(history), session="conv-1", rid=f"t{turn}")
+            ranks = await router.choose_replicas(three, p)
+            assert len(ranks[0]) == 1, ids(ranks)
+            router.on_request_routed(p, ranks[0][0].replica_id, None)
+            chosen.append(ranks[0][0].replica_id.unique_id)
+        assert len(set(chosen)) == 1, chosen
+        expected = max(three, key=lambda r: rendezvous_score("conv-1", r.replica_id.unique_id)).replica_id.unique_id
+        assert chosen[0] == expected
+        return routers[0].stats(), routers[1].stats()
+
+    first, second = run(go())
+    assert first["decisions"].get("prefix", 0) >= 2  # its own earlier turns, past the shared prompt
+    assert second["decisions"].get("session", 0) >= 1
+
+
+def test_shared_prefix_ends_where_prompts_branch():
+    t = PrefixTable(max_blocks=100)
+    trunk = [1, 2, 3]
+    t.insert(trunk + [10, 11], "A")
+    assert t.shared(trunk + [10, 11], 5) == 0  # one prompt: nothing shared yet
+    t.insert(trunk + [20], "B")
+    assert t.shared(trunk + [10, 11], 5) == 3  # the two went on differently after block 3
+    assert t.shared(trunk + [20], 4) == 3
+    assert t.shared(trunk, 2) == 0
