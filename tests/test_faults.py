@@ -427,9 +427,12 @@ def test_engine_core_killed_inside_live_replica(url):
     assert all(o.well_formed for o in outs + between), "a request hung or got a malformed answer"
     assert all(o.result in ("sse_error", "conn_closed") for o in outs), outs
     assert not any(o.status == 500 for o in outs + between)
+    # a 503 names its cause: the engine (dead or restarting), the full queue, or, on a machine
+    # the new engine's start-up saturates, this app's limiter missing its 1-s call timeout (it
+    # fails closed by design: conftest.faults_app; seen once on CI)
     for o in between:
         if o.status == 503:
-            assert o.code in ("engine_unavailable", "queue_full"), o
+            assert o.code in ("engine_unavailable", "queue_full", "rate_limiter_unavailable"), o
     assert first_unhealthy is not None and first_unhealthy < 5, "/health did not report the dead engine"
     # never "healthy" while dead: once /health saw the dead engine, every 200 comes from the new
     # replica (/health names the replica's pid; a probe sent in the same instant as the kill may
