@@ -77,8 +77,18 @@ def _texts(n: int, seed: int) -> list[str]:
 
 
 def multiturn(
-    sessions: int, turns: int, system_titles: int, question_titles: int, keys: bool, seed: int
+    sessions: int,
+    turns: int,
+    system_titles: int,
+    question_titles: int,
+    keys: bool,
+    seed: int,
+    context_titles: int = 0,
 ) -> list[Conversation]:
+    """`sessions` conversations of `turns` turns after one shared system prompt; each turn asks
+    about `question_titles` new titles. With `context_titles`, each conversation's first message
+    also carries a context of its own (a user's pasted notes or retrieved document), so that a
+    conversation's prefix is long from its first turn on, as in a chat over a document."""
     system = "你是新闻编辑助手。以下是今天的新闻摘要，回答时请参考：\n" + "\n".join(_texts(system_titles, seed))
     rng = random.Random(seed + 1)
     out = []
@@ -87,6 +97,8 @@ def multiturn(
             "\n".join(_texts(question_titles, rng.randrange(1 << 30))) + "\n这几条新闻属于哪一类？"
             for _ in range(turns)
         ]
+        if context_titles:
+            qs[0] = "我的资料：\n" + "\n".join(_texts(context_titles, rng.randrange(1 << 30))) + "\n" + qs[0]
         out.append(Conversation(f"session-{seed}-{s}", system, qs, keys))
     return out
 
@@ -277,6 +289,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--system-titles", type=int, default=24, help="news titles in the shared system prompt")
     p.add_argument("--question-titles", type=int, default=6, help="news titles per question")
+    p.add_argument(
+        "--context-titles", type=int, default=0, help="news titles of each conversation's own context (first turn)"
+    )
     p.add_argument("--documents", type=int, default=4)
     p.add_argument("--doc-titles", type=int, default=40)
     p.add_argument("--questions", type=int, default=48)
@@ -308,7 +323,13 @@ def make_workloads(opts: argparse.Namespace) -> dict[str, list[Conversation]]:
     out: dict[str, list[Conversation]] = {}
     if "multiturn" in wanted:
         out["multiturn"] = multiturn(
-            opts.sessions, opts.turns, opts.system_titles, opts.question_titles, not opts.no_session_keys, opts.seed
+            opts.sessions,
+            opts.turns,
+            opts.system_titles,
+            opts.question_titles,
+            not opts.no_session_keys,
+            opts.seed,
+            opts.context_titles,
         )
     if "retrieval" in wanted:
         out["retrieval"] = retrieval(opts.documents, opts.questions, opts.doc_titles, opts.seed)
