@@ -259,6 +259,10 @@ def test_bench_workloads_grow_as_conversations_and_the_router_follows_them():
     for a, b in zip(conv, conv[1:], strict=False):
         assert b[: len(a) - 8] == a[: len(a) - 8]  # the next turn starts with this one (bar the generation prompt)
     assert len(set(keys["retrieval"])) == 1 and keys["retrieval"][0] is None  # no session key there
+    # --context-titles: each conversation's own context, in its first turn only
+    convs = routing.multiturn(2, 3, 2, 1, True, 0, context_titles=5)
+    assert all(c.questions[0].startswith("我的资料") and not c.questions[1].startswith("我的资料") for c in convs)
+    assert convs[0].questions[0].split("\n")[1:6] != convs[1].questions[0].split("\n")[1:6]
     stats = routing.router_cpu(prompts, 2, keys)
     later = stats["multiturn"]["decisions"].get("prefix", 0)
     assert later >= len(prompts["multiturn"]) - opts.sessions  # every turn after the first follows its prefix
