@@ -208,7 +208,6 @@ class SamplingFields(_Strict):
     prompt_cache_key: str | None = Field(
         None, description="Session key: requests with the same key go to the same model replica (routing.policy)."
     )
-
     prompt_cache_retention: str | None = Field(None, description="Cache hint (not used).")
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, le=_INT32_MAX, description="vLLM: top-k (-1 or 0: off).")

@@ -22,11 +22,12 @@ class RoutingConfig(BaseModel):
     policy: Policy = Field(
         "cache_affinity",
         description="`cache_affinity`: `deployments.routing.router.CacheAffinityRouter` — a request "
-        "with a session key (`prompt_cache_key`, else `user`) goes to the replica the key hashes to "
-        "(the same in every ingress replica), one without to the replica that was sent the longest "
-        "prefix of its token ids, either only while that replica's queue is within "
-        "`imbalance_threshold` of the least loaded one; adapters keep Serve's preference for replicas "
-        "that hold them. `power_of_two`: Serve's default (two random replicas, the shorter queue). "
+        "goes to the replica that was sent the longest prefix of its token ids where that prefix is "
+        "its own (a conversation's earlier turn); else, with a session key (`prompt_cache_key`, else "
+        "`user`), to the replica the key hashes to (the same in every ingress replica); else to the "
+        "replicas that were sent its longest shared prefix (a system prompt); each only while that "
+        "replica's queue is within `imbalance_threshold` of the least loaded one; adapters keep "
+        "Serve's preference for replicas that hold them. `power_of_two`: Serve's default (two random replicas, the shorter queue). "
         "`ray_prefix`: Ray Serve LLM's `PrefixCacheAffinityRouter` as it is (a prefix tree in one "
         "shared actor, asked on every request).",
     )
