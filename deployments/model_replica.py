@@ -25,7 +25,7 @@ from deployments.engine.factory import start_engine
 from deployments.engine.gpu_memory import gpu_memory_gb
 from deployments.engine.label_scoring import score_labels
 from deployments.engine.outputs import PendingChunk, logprob_entry, token_logprobs
-from deployments.engine.process import shutdown_engine
+from deployments.engine.process import exit_on_engine_death, shutdown_engine
 from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
 from deployments.observability.tracing import engine_span
@@ -241,7 +241,8 @@ class ModelReplica:
                         trace.output(sum(len(o.token_ids) for o in out.outputs))
                     yield out
                 span.set("llm.completion_tokens", trace.tokens)
-        except EngineDeadError:
+        except EngineDeadError as exc:
+            exit_on_engine_death(f"generate: {exc}")
             raise engine_unavailable("The model engine died; this replica is being replaced.") from None
         except EngineGenerateError as exc:
             # vLLM wraps what failed before the engine core saw the request (e.g. a value that
@@ -334,11 +335,16 @@ class ModelReplica:
     # ------------------------------------------------------------------ health
 
     async def check_health(self) -> None:
-        """Serve's periodic health check: fails when the engine is dead, so Serve replaces us."""
+        """Serve's periodic health check: fails when the engine is dead, and the replica then
+        ends itself (`exit_on_engine_death`) so that Serve replaces it at once."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         try:
             await self.engine.check_health()
-        except Exception:
+        except Exception as exc:
             self.stats.set_healthy(False)
+            if isinstance(exc, EngineDeadError):
+                exit_on_engine_death(f"health check: {type(exc).__name__}")
             raise
         self.stats.set_healthy(True)
 
@@ -356,11 +362,15 @@ class ModelReplica:
 
     async def health(self) -> dict[str, Any]:
         """Deep health for GET /health: engine state, pinning and accelerator memory."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         state = "ok"
         try:
             await self.engine.check_health()
         except Exception as exc:  # EngineDeadError
             state = f"dead: {type(exc).__name__}"
+            if isinstance(exc, EngineDeadError):
+                exit_on_engine_death(f"/health: {type(exc).__name__}")
         return {
             "engine": state,
             "platform": "cpu" if self.on_cpu else "gpu",

@@ -196,6 +196,14 @@ def load(url: str, name: str, path: Path | str, headers=None) -> httpx.Response:
     )
 
 
+def load_after_restart(url: str, name: str, path: Path | str, headers=None) -> httpx.Response:
+    """`load`, retried while the registry is being (re)created: its 503 (`registry_unavailable`,
+    `Retry-After`) is the right answer meanwhile, as a client retrying would see it; the first
+    other answer within RECOVERY_S is returned."""
+    return poll(lambda: (r := load(url, name, path, headers)).status_code != 503 and r, RECOVERY_S,
+                f"the registry takes the load of {name}")
+
+
 def unload(url: str, name: str, headers=None) -> httpx.Response:
     return httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, headers=headers, timeout=60)
 
@@ -325,11 +333,7 @@ def test_an_adapter_loaded_after_a_restart_gets_its_own_weights(url, admin, root
     base, news = scores(url, BASE), scores(url, ADAPTER)  # news-lora is in the engine now
     assert max_diff(base, news) > 0.05
     crash_registry()
-    r = poll(
-        lambda: (r := load(url, "zero-lora", roots / "zero", admin)).status_code != 503 and r,
-        RECOVERY_S,
-        "the restarted registry takes a load",
-    )
+    r = load_after_restart(url, "zero-lora", roots / "zero", admin)
     assert r.status_code == 200, r.text
     try:
         zero = scores(url, "zero-lora")
@@ -357,8 +361,8 @@ def test_engine_lora_ids_are_never_reused_even_when_registry_versions_are(url, a
     _kv_del()  # its stored state too: the next registry starts over
     try:
         for i in range(1, news_version):  # fill the versions below news-lora's, if any
-            assert load(url, f"filler-{i}", roots / "copy", admin).status_code == 200
-        r = load(url, "zero2-lora", roots / "zero", admin)
+            assert load_after_restart(url, f"filler-{i}", roots / "copy", admin).status_code == 200
+        r = load_after_restart(url, "zero2-lora", roots / "zero", admin)
         assert r.status_code == 200, r.text
         assert dict((n, v) for n, _, v in registry_state())["zero2-lora"] == news_version  # the same version
         zero = scores(url, "zero2-lora")

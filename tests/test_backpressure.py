@@ -232,3 +232,41 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
     with pytest.raises(TimeoutError):
         asyncio.run(with_deadline())
     assert len(sent) == 1 and sent[0].cancelled
+
+
+def test_health_tells_a_dead_model_replica_from_a_busy_one():
+    """A /health call to the model that times out is "busy" (healthy: long generations hold
+    every slot) unless a call found a model replica dead and none has answered since (Serve's
+    router holds calls while no replica runs): then the service is unhealthy."""
+    import pytest
+    from ray.exceptions import ActorDiedError
+
+    from deployments.api.errors import APIError
+    from deployments.api.health import replica_state
+
+    calls, _ = _router_with_gate(13)
+    timeout = asyncio.TimeoutError()
+    assert not calls.replica_lost() and replica_state(timeout, calls.replica_lost())[1] is True
+
+    async def raise_(exc):
+        raise exc
+
+    async def answer():
+        return "ok"
+
+    with pytest.raises(APIError) as exc:
+        asyncio.run(calls.call(raise_(ActorDiedError())))
+    assert exc.value.status == 503 and exc.value.code == "engine_unavailable"
+    assert calls.replica_lost()
+    entry, ok = replica_state(timeout, calls.replica_lost())
+    assert ok is False and "died" in entry["engine"]
+    # the dying replica's own 503 is not an answer from a live one; a client error is
+    with pytest.raises(APIError):
+        asyncio.run(calls.call(raise_(APIError(503, "engine died", code="engine_unavailable"))))
+    assert calls.replica_lost()
+    with pytest.raises(APIError):
+        asyncio.run(calls.call(raise_(APIError(400, "bad", code="invalid_value"))))
+    assert not calls.replica_lost()
+    calls.lost()
+    assert asyncio.run(calls.call(answer())) == "ok" and not calls.replica_lost()
+    assert replica_state(RuntimeError("x"), False)[1] is False  # anything else: unavailable

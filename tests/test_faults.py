@@ -15,6 +15,7 @@ import asyncio
 import time
 
 import httpx
+import psutil
 import pytest
 
 from conftest import ADMIN, FAULTS_LONG, FAULTS_TIMEOUT_S, wait_healthy
@@ -40,7 +41,8 @@ TIMEOUT_S = FAULTS_TIMEOUT_S  # the app's request_timeout_s
 # worker and starts a new engine process (15-35 s here, more on a loaded 2-core CI machine while
 # the other test worker starts engines of its own); the figures measured are printed.
 RECOVERY_S = 150  # replica killed: answers 200 again within this
-ENGINE_RECOVERY_S = 150  # engine killed: health check (2 s) + replacement
+ENGINE_RECOVERY_S = 150  # engine killed: the replica exits (ENGINE_EXIT_S) + replacement
+ENGINE_EXIT_S = 20  # engine killed: the replica sees it (a request, /health, the 2-s health check), exits 1 s on
 
 
 @pytest.fixture(scope="module")
@@ -393,29 +395,47 @@ def test_engine_core_killed_inside_live_replica(url):
             for e in engines:
                 kill_pid(e)
             t_kill = time.monotonic()
-            samples, between = [], []
-            recovered = first_unhealthy = None
-            while time.monotonic() - t_kill < ENGINE_RECOVERY_S + 30:
-                h = await health(c)
-                samples.append(h)
-                if h[1] == 503 and first_unhealthy is None:
-                    first_unhealthy = h[0] - t_kill
+            samples, between, gone = [], [], {}
+            recovered = None
+            end = t_kill + ENGINE_RECOVERY_S + 30
+
+            async def probe_health():  # /health every 0.5 s until recovery, on its own
+                while recovered is None and time.monotonic() < end:
+                    samples.append(await health(c))
+                    await asyncio.sleep(0.5)
+
+            async def watch_exit():  # when the old replica's process ended (it ends itself)
+                while time.monotonic() < end and "t" not in gone:
+                    try:
+                        ended = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+                    except psutil.NoSuchProcess:
+                        ended = True
+                    if ended:
+                        gone["t"] = time.monotonic() - t_kill
+                    await asyncio.sleep(0.2)
+
+            watchers = [asyncio.create_task(probe_health()), asyncio.create_task(watch_exit())]
+            while time.monotonic() < end:
                 b = await request(c, url, chat_body(200 + len(between), 4, timeout=10),
                                   label=f"between{len(between)}", deadline_s=40)
                 between.append(b)
-                if b.result == "ok" and first_unhealthy is not None:
+                if b.result == "ok" and b.t_start > t_kill + 1 and "t" in gone:
                     recovered = b.t_end - t_kill
                     break
                 await asyncio.sleep(0.5)
+            await asyncio.gather(*watchers)
             outs = await asyncio.gather(*streams)
-            return outs, samples, between, recovered, first_unhealthy, t_kill
+            unhealthy = [t - t_kill for t, s, _, _ in samples if s == 503]
+            first_unhealthy = unhealthy[0] if unhealthy else None
+            return outs, samples, between, recovered, first_unhealthy, t_kill, gone.get("t")
 
-    outs, samples, between, recovered, first_unhealthy, t_kill = asyncio.run(run())
+    outs, samples, between, recovered, first_unhealthy, t_kill, exited = asyncio.run(run())
     summarize("engine killed: streams in flight", outs)
     summarize("engine killed: requests until recovery", between)
     trail = [(round(t - t_kill, 1), s, e) for t, s, e, _ in samples]
     print(f"    /health after the kill (s, status, engine): {trail}")
-    print(f"    first 503 from /health {first_unhealthy} s after the kill; first 200 "
+    print(f"    first 503 from /health {first_unhealthy} s after the kill; the replica's process ended "
+          f"{exited if exited is None else round(exited, 1)} s after it; first 200 "
           f"{recovered if recovered is None else round(recovered, 1)} s after it")
     new = wait_healthy(url, 60)
     new_pids = replica_pids(APP, "ModelReplica")
@@ -434,6 +454,9 @@ def test_engine_core_killed_inside_live_replica(url):
         if o.status == 503:
             assert o.code in ("engine_unavailable", "queue_full", "rate_limiter_unavailable"), o
     assert first_unhealthy is not None and first_unhealthy < 5, "/health did not report the dead engine"
+    # the replica ends itself once it sees the engine dead (deployments/engine/process.py): not
+    # three failed health checks and a drain while its router keeps sending it requests (CI: 140 s)
+    assert exited is not None and exited < ENGINE_EXIT_S, f"the replica with a dead engine lived on: {exited}"
     # never "healthy" while dead: once /health saw the dead engine, every 200 comes from the new
     # replica (/health names the replica's pid; a probe sent in the same instant as the kill may
     # still have seen the engine alive)

@@ -382,6 +382,22 @@ class ModelCalls:
     def __init__(self, capacity: ModelCapacity, retry_after_s: float):
         self.capacity = capacity
         self.retry_after_s = retry_after_s
+        self._lost_m = float("-inf")  # when a call last found its model replica dead
+        self._answered_m = float("-inf")  # when a model replica last answered a call
+
+    def answered(self) -> None:
+        """A model replica answered a call (a request's, /health's)."""
+        self._answered_m = time.monotonic()
+
+    def lost(self) -> None:
+        """A call found its model replica dead (the replica ended itself on engine death, or was killed)."""
+        self._lost_m = time.monotonic()
+
+    def replica_lost(self) -> bool:
+        """A model replica died under a call and none has answered since. Serve's router holds
+        a call while no replica runs, so a call that times out then is not "busy": /health
+        reads this (the controller's replica count lags the death by seconds to minutes)."""
+        return self._lost_m > self._answered_m
 
     def admit(self, who: Tenant, weight: int = 1, priority: int = 0) -> Slot:
         """A place in the gate for `weight` engine sequences of `who`, or the 503 at once."""
@@ -424,8 +440,10 @@ class ModelCalls:
     async def call(self, awaitable):
         """Await a model-replica call, mapping Serve/Ray failures to OpenAI errors."""
         try:
-            return await awaitable
-        except APIError:
+            result = await awaitable
+        except APIError as exc:
+            if exc.code != "engine_unavailable":  # the replica answered, with the client's error
+                self.answered()
             raise
         except _backpressure_types() as exc:
             # BackPressureError(num_queued_requests, max_queued_requests, ...): its args
@@ -436,10 +454,13 @@ class ModelCalls:
                 queue_size=queued if isinstance(queued, int) else None,
             ) from None
         except unavailable_types() as exc:
+            self.lost()
             logger.warning("model replica unavailable: %s", exc)
             raise errors.engine_unavailable(
                 "The model replica failed while serving this request; it is being replaced. Retry."
             ) from None
+        self.answered()
+        return result
 
     def report(self) -> dict[str, Any]:
         """For /health: the gate's limit and this ingress replica's requests in flight."""

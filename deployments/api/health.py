@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.admission.capacity import ModelCalls, deployment_states
 from deployments.admission.rate_limit import RateLimiter
+from deployments.api.errors import is_unavailable
 from deployments.config import ServiceConfig
 
 logger = logging.getLogger("ray.serve")
@@ -140,6 +141,9 @@ class ServingHealth:
             checks[f"{what}_replicas"] = running
             if running == 0:
                 reasons.append(f"no running {what} replica")
+                if what == "model" and str(replica.get("engine", "")).startswith("busy"):
+                    # the call waited for a replica, not behind busy ones
+                    replica["engine"] = checks["engine"] = "no running replica"
         wanted = self.required_adapters()
         if wanted:
             if isinstance(registered, str):
@@ -167,8 +171,12 @@ class ServingHealth:
         try:
             report = dict(await asyncio.wait_for(self.model.health.remote(), timeout=self.timeout_s))
             report["_ok"] = report.get("engine") == "ok"
+            if report["_ok"]:
+                self.calls.answered()
         except Exception as exc:
-            report, ok = replica_state(exc)
+            if is_unavailable(exc):
+                self.calls.lost()
+            report, ok = replica_state(exc, self.calls.replica_lost())
             report["_ok"] = ok
         return report
 
@@ -235,12 +243,17 @@ def _public_gpu(gpu: Any) -> Any:
     return {k: gpu.get(k) for k in ("allocated_gb", "reserved_gb", "free_gb")}
 
 
-def replica_state(exc: Exception) -> tuple[dict[str, Any], bool]:
-    """/health's `replica` entry when the model replica's deep health call did not answer."""
+def replica_state(exc: Exception, replica_lost: bool = False) -> tuple[dict[str, Any], bool]:
+    """/health's `replica` entry when the model replica's deep health call did not answer.
+    No answer in time is "busy" (healthy: every slot taken by long generations), unless a model
+    replica died under a call and none has answered since (`replica_lost`): Serve's router then
+    holds the call because no replica runs."""
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
         return {"engine": "busy (all slots and queue places taken)"}, True
     if isinstance(exc, asyncio.TimeoutError):
-        return {"engine": "busy (no answer within 5 s)"}, True
+        if replica_lost:
+            return {"engine": "unavailable (a model replica died; none has answered since)"}, False
+        return {"engine": "busy (no answer within the check's timeout)"}, True
     return {"engine": f"unavailable: {type(exc).__name__}"}, False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -55,3 +56,35 @@ def shutdown_engine(owner: Any) -> None:
             engine.shutdown()
         except Exception:
             pass
+
+
+ENGINE_DEATH_EXIT_DELAY_S = 1.0
+_exit_scheduled = False
+
+
+def exit_on_engine_death(reason: str, delay_s: float = ENGINE_DEATH_EXIT_DELAY_S) -> None:
+    """The engine core of this process died: end the process `delay_s` from now (once, however
+    often called), as vLLM's own server exits on engine death. vLLM cannot start a new engine
+    core inside a live `AsyncLLM`, so the replica is useless from here on; a Ray actor that died
+    is replaced on the Serve controller's next pass, whereas a live replica failing its health
+    check waits three failed checks and a graceful drain (up to `graceful_shutdown_timeout_s`)
+    while its router keeps sending it requests — under load on CI that took 140 s. The delay
+    lets the answers already given (503 `engine_unavailable`, a stream's error event) go out;
+    what reaches the replica after it is answered by the ingress as `engine_unavailable` too.
+    Must be called on the replica's event loop."""
+    global _exit_scheduled
+    if _exit_scheduled:
+        return
+    _exit_scheduled = True
+    logger.error("the engine core died (%s): this replica exits in %.1f s so that Serve replaces it", reason, delay_s)
+    asyncio.get_running_loop().call_later(delay_s, _exit_now)
+
+
+def _exit_now() -> None:
+    for log in (logger, logging.getLogger()):  # os._exit skips the handlers' own flush
+        for handler in log.handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+    os._exit(1)
