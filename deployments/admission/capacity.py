@@ -390,13 +390,14 @@ class ModelCalls:
         self._answered_m = time.monotonic()
 
     def lost(self) -> None:
-        """A call found its model replica dead (the replica ended itself on engine death, or was killed)."""
+        """A call found its model replica dead, or its engine dead (such a replica ends itself)."""
         self._lost_m = time.monotonic()
 
     def replica_lost(self) -> bool:
-        """A model replica died under a call and none has answered since. Serve's router holds
-        a call while no replica runs, so a call that times out then is not "busy": /health
-        reads this (the controller's replica count lags the death by seconds to minutes)."""
+        """A model replica (or its engine) died under a call and none has answered since. Serve's
+        router holds a call while no replica runs (it may learn of the death from its own probe,
+        with no call failing), so a call that times out then is not "busy": /health reads this
+        (the controller's replica count lags the death by seconds, on a loaded machine minutes)."""
         return self._lost_m > self._answered_m
 
     def admit(self, who: Tenant, weight: int = 1, priority: int = 0) -> Slot:
@@ -442,7 +443,9 @@ class ModelCalls:
         try:
             result = await awaitable
         except APIError as exc:
-            if exc.code != "engine_unavailable":  # the replica answered, with the client's error
+            if exc.code == "engine_unavailable":  # its engine died: the replica is ending itself
+                self.lost()
+            else:  # the replica answered, with the client's error
                 self.answered()
             raise
         except _backpressure_types() as exc:

@@ -173,6 +173,8 @@ class ServingHealth:
             report["_ok"] = report.get("engine") == "ok"
             if report["_ok"]:
                 self.calls.answered()
+            elif str(report.get("engine", "")).startswith("dead"):
+                self.calls.lost()  # that replica ends itself: what answers next is not "busy"
         except Exception as exc:
             if is_unavailable(exc):
                 self.calls.lost()
