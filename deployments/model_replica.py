@@ -334,19 +334,26 @@ class ModelReplica:
 
     # ------------------------------------------------------------------ health
 
-    async def check_health(self) -> None:
-        """Serve's periodic health check: fails when the engine is dead, and the replica then
-        ends itself (`exit_on_engine_death`) so that Serve replaces it at once."""
+    async def _engine_error(self, where: str) -> Exception | None:
+        """The engine's own check: None while it runs, else what failed. A dead engine ends this
+        replica (`exit_on_engine_death`: vLLM cannot start a new engine core in a live
+        `AsyncLLM`), so that Serve replaces it at once."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         try:
             await self.engine.check_health()
         except Exception as exc:
-            self.stats.set_healthy(False)
             if isinstance(exc, EngineDeadError):
-                exit_on_engine_death(f"health check: {type(exc).__name__}")
-            raise
-        self.stats.set_healthy(True)
+                exit_on_engine_death(f"{where}: {type(exc).__name__}")
+            return exc
+        return None
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check: fails when the engine is dead."""
+        error = await self._engine_error("health check")
+        self.stats.set_healthy(error is None)
+        if error is not None:
+            raise error
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics hook: the engine's KV-cache usage, running and
@@ -362,17 +369,9 @@ class ModelReplica:
 
     async def health(self) -> dict[str, Any]:
         """Deep health for GET /health: engine state, pinning and accelerator memory."""
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        state = "ok"
-        try:
-            await self.engine.check_health()
-        except Exception as exc:  # EngineDeadError
-            state = f"dead: {type(exc).__name__}"
-            if isinstance(exc, EngineDeadError):
-                exit_on_engine_death(f"/health: {type(exc).__name__}")
+        error = await self._engine_error("/health")
         return {
-            "engine": state,
+            "engine": "ok" if error is None else f"dead: {type(error).__name__}",
             "platform": "cpu" if self.on_cpu else "gpu",
             "ray_gpu_ids": [str(g) for g in self.gpu_ids],
             "node_id": _node_id(),
