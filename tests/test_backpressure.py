@@ -16,8 +16,14 @@ CAPACITY = 3 + 10  # max_ongoing_requests + max_queued_requests of the model rep
 
 
 async def _one(client: httpx.AsyncClient, url: str, i: int, stream: bool):
-    body = {"model": MODEL, "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": stream,
-            "messages": [{"role": "user", "content": f"第{i}条新闻"}]}
+    body = {
+        "model": MODEL,
+        "max_tokens": 500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+        "messages": [{"role": "user", "content": f"第{i}条新闻"}],
+    }
     t0 = time.monotonic()
     if stream:
         async with client.stream("POST", url, json=body) as r:
@@ -39,8 +45,10 @@ def _check(results, label: str):
     worst = max(r[3] for r in results)
     rejected = [r for r in results if r[0] == 503]
     reject_latency = max((r[3] for r in rejected), default=0.0)
-    print(f"\n[{label}] sent={len(results)} by_status={dict(by_status)} "
-          f"max_latency={worst:.2f}s max_503_latency={reject_latency * 1000:.0f}ms")
+    print(
+        f"\n[{label}] sent={len(results)} by_status={dict(by_status)} "
+        f"max_latency={worst:.2f}s max_503_latency={reject_latency * 1000:.0f}ms"
+    )
     assert set(by_status) <= {200, 503}, by_status
     # Admitted = the configured capacity: the ingress gate lets exactly 13 through to Serve,
     # which holds 3 running + 10 queued.
@@ -76,16 +84,18 @@ def test_burst_over_capacity_non_streaming(base_url, client):
     results = asyncio.run(_burst(base_url, stream=False))
     _check(results, "non-streaming")
     # and the service is still there
-    assert client.chat.completions.create(model=MODEL, max_tokens=2,
-                                          messages=[{"role": "user", "content": "hi"}]).choices
+    assert client.chat.completions.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    ).choices
 
 
 def test_burst_over_capacity_streaming(base_url, client):
     _wait_idle(base_url)
     results = asyncio.run(_burst(base_url, stream=True))
     _check(results, "streaming")
-    assert client.chat.completions.create(model=MODEL, max_tokens=2,
-                                          messages=[{"role": "user", "content": "hi"}]).choices
+    assert client.chat.completions.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    ).choices
 
 
 def test_model_capacity_gate():
@@ -101,8 +111,9 @@ def test_model_capacity_gate():
     def model_options(cfg):
         return app_options(cfg)["model"]
 
-    cfg = ServiceConfig.model_validate({"deployments": {"model": {
-        "max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 2}}})
+    cfg = ServiceConfig.model_validate(
+        {"deployments": {"model": {"max_ongoing_requests": 3, "max_queued_requests": 10, "num_replicas": 2}}}
+    )
     gate = ModelCapacity.from_options(model_options(cfg))
     assert gate.limit == 16
     slots = [gate.acquire(1) for _ in range(16)]
@@ -113,13 +124,15 @@ def test_model_capacity_gate():
     slots[0].release()  # idempotent
     assert gate.in_flight == 15
     gate.acquire(1)
-    auto = ServiceConfig.model_validate({"deployments": {"model": {
-        "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}})
+    auto = ServiceConfig.model_validate(
+        {"deployments": {"model": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}}}
+    )
     assert ModelCapacity.from_options(model_options(auto)).limit == 3 * 3 + 10  # the most Serve could admit
     assert ModelCapacity.from_options(model_options(auto)).assured == 1 * 3 + 10  # the least (min_replicas)
     assert gate.assured == gate.limit == 16
-    to_zero = ServiceConfig.model_validate({"deployments": {"model": {
-        "autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}})
+    to_zero = ServiceConfig.model_validate(
+        {"deployments": {"model": {"autoscaling_config": {"min_replicas": 0, "max_replicas": 2}}}}
+    )
     assert ModelCapacity.from_options(model_options(to_zero)).assured == 10  # no replica yet: the queue only
     # a request for n choices takes n places (its n engine sequences)
     weighted = ModelCapacity(13)
@@ -148,6 +161,7 @@ class _FakeResponse:
             if isinstance(self.outcome, BaseException):
                 raise self.outcome
             return self.outcome
+
         return result().__await__()
 
     def cancel(self):
@@ -180,6 +194,7 @@ def test_router_refusal_within_capacity_is_sent_again(monkeypatch):
         def one():
             sent.append(_FakeResponse(outcomes.pop(0) if outcomes else refused))
             return sent[-1]
+
         return one
 
     router, slot = _router_with_gate(13, position=13)
@@ -258,8 +273,8 @@ def test_health_tells_a_dead_model_replica_from_a_busy_one():
         asyncio.run(calls.call(raise_(ActorDiedError())))
     assert exc.value.status == 503 and exc.value.code == "engine_unavailable"
     assert calls.replica_lost()
-    entry, ok = replica_state(timeout, calls.replica_lost())
-    assert ok is False and "died" in entry["engine"]
+    state = replica_state(timeout, calls.replica_lost())
+    assert state.ok is False and state.busy is False and "died" in state.entry["engine"]
     # the dying replica's own 503 (its engine died; it ends itself) is a loss too; a client error
     # is an answer from a live replica
     calls.answered()
@@ -272,3 +287,61 @@ def test_health_tells_a_dead_model_replica_from_a_busy_one():
     calls.lost()
     assert asyncio.run(calls.call(answer())) == "ok" and not calls.replica_lost()
     assert replica_state(RuntimeError("x"), False)[1] is False  # anything else: unavailable
+    assert replica_state(timeout, False).busy is True
+
+
+class _StreamTrace:
+    def chunk(self, n: int) -> None:
+        pass
+
+    def finished(self, *args, **kwargs) -> None:
+        pass
+
+
+def _stream_failing_with(exc: BaseException) -> tuple[bytes, list[str]]:
+    """The body `sse.stream_events` sends for a stream whose model call fails with `exc` after
+    the first chunk, and what it told its hooks."""
+    from deployments.api import sse
+    from deployments.api.protocol import GenerationChunk
+
+    class Stream:
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            raise exc
+
+        def cancel(self) -> None:
+            told.append("cancel")
+
+    told: list[str] = []
+    ctx = sse.StreamContext(True, "chatcmpl-unit", "m", 1, 3, False, False, time.monotonic() + 60, 60)
+
+    async def body() -> bytes:
+        events = sse.stream_events(
+            ctx,
+            GenerationChunk("a", 1),
+            Stream(),
+            _StreamTrace(),
+            lambda: told.append("release"),
+            (ConnectionError,),
+            lost=lambda: told.append("lost"),
+        )
+        return b"".join([part async for part in events])
+
+    return asyncio.run(body()), told
+
+
+def test_a_stream_whose_model_replica_dies_tells_health_and_the_client():
+    """A streamed request whose model replica (or its engine) dies after the first chunk ends
+    with an `engine_unavailable` error event, frees its slot, and counts as a lost replica for
+    /health (`ModelCalls.lost`), as a failed unary call does; a client's error mid-stream
+    (the replica answered) does not."""
+    from deployments.api.errors import APIError, engine_unavailable
+
+    for exc in (ConnectionError("replica gone"), engine_unavailable("The model engine died.")):
+        data, told = _stream_failing_with(exc)
+        assert data.index(b'"content":"a"') < data.index(b'"engine_unavailable"'), data
+        assert told.count("lost") == 1 and "release" in told and "cancel" in told, told
+    data, told = _stream_failing_with(APIError(400, "bad", code="invalid_value"))
+    assert b'"invalid_value"' in data and "lost" not in told and "release" in told, (data, told)

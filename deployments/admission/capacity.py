@@ -443,7 +443,7 @@ class ModelCalls:
         try:
             result = await awaitable
         except APIError as exc:
-            if exc.code == "engine_unavailable":  # its engine died: the replica is ending itself
+            if errors.is_engine_loss(exc):  # its engine died: the replica is ending itself
                 self.lost()
             else:  # the replica answered, with the client's error
                 self.answered()

@@ -106,7 +106,13 @@ def overloaded(
 
 
 def engine_unavailable(message: str = "The model engine is not available.") -> APIError:
+    """The model replica serving the call, or its engine, died (such a replica ends itself)."""
     return APIError(503, message, code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def is_engine_loss(exc: APIError) -> bool:
+    """`exc` is `engine_unavailable`'s: the call lost its model replica (`ModelCalls.lost`)."""
+    return exc.code == "engine_unavailable"
 
 
 def dependency_unavailable(what: str = "service", retry_after_s: int = 1) -> APIError:

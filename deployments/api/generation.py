@@ -296,7 +296,7 @@ class ServingGeneration:
             body.tool_choice if isinstance(body, ChatCompletionRequest) and tools.forced(body.tool_choice) else None,
         )
         out = rendering.stream(ctx, trace) if rendering else None
-        events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable, out)
+        events = sse.stream_events(ctx, first, stream, trace, slot.release, self.unavailable, out, self.calls.lost)
         # also when the response is never sent at all (its task cancelled before it was called)
         weakref.finalize(events, _abandon, slot, stream, trace)
         return _ModelStream(events, slot, stream, trace)

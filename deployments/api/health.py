@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi.responses import JSONResponse
 
@@ -127,7 +127,7 @@ class ServingHealth:
         )
         checks: dict[str, Any] = {}
         reasons: list[str] = []
-        engine_ok = replica.pop("_ok")
+        engine_ok, busy = replica.pop("_ok"), replica.pop("_busy")
         checks["engine"] = replica.get("engine")
         if not engine_ok:
             reasons.append(f"model engine {replica.get('engine')}")
@@ -141,7 +141,7 @@ class ServingHealth:
             checks[f"{what}_replicas"] = running
             if running == 0:
                 reasons.append(f"no running {what} replica")
-                if what == "model" and str(replica.get("engine", "")).startswith("busy"):
+                if what == "model" and busy:
                     # the call waited for a replica, not behind busy ones
                     replica["engine"] = checks["engine"] = "no running replica"
         wanted = self.required_adapters()
@@ -170,16 +170,17 @@ class ServingHealth:
     async def _replica(self) -> dict[str, Any]:
         try:
             report = dict(await asyncio.wait_for(self.model.health.remote(), timeout=self.timeout_s))
-            report["_ok"] = report.get("engine") == "ok"
+            # the replica's engine is "ok" or "dead: …" (model_replica.health)
+            report["_ok"], report["_busy"] = report.get("engine") == "ok", False
             if report["_ok"]:
                 self.calls.answered()
-            elif str(report.get("engine", "")).startswith("dead"):
+            else:
                 self.calls.lost()  # that replica ends itself: what answers next is not "busy"
         except Exception as exc:
             if is_unavailable(exc):
                 self.calls.lost()
-            report, ok = replica_state(exc, self.calls.replica_lost())
-            report["_ok"] = ok
+            state = replica_state(exc, self.calls.replica_lost())
+            report = {**state.entry, "_ok": state.ok, "_busy": state.busy}
         return report
 
     async def _deployment_states(self) -> dict[str, Any]:
@@ -245,7 +246,15 @@ def _public_gpu(gpu: Any) -> Any:
     return {k: gpu.get(k) for k in ("allocated_gb", "reserved_gb", "free_gb")}
 
 
-def replica_state(exc: Exception, replica_lost: bool = False) -> tuple[dict[str, Any], bool]:
+class ReplicaState(NamedTuple):
+    """The model replica's state when its deep health call did not answer."""
+
+    entry: dict[str, Any]  # /health's `replica` entry
+    ok: bool  # healthy
+    busy: bool  # no answer because every slot is taken, as far as this replica can tell
+
+
+def replica_state(exc: Exception, replica_lost: bool = False) -> ReplicaState:
     """/health's `replica` entry when the model replica's deep health call did not answer.
     No answer in time is "busy" (healthy: every slot taken by long generations), unless a model
     replica died under a call and none has answered since (`replica_lost`): Serve's router then
@@ -253,9 +262,9 @@ def replica_state(exc: Exception, replica_lost: bool = False) -> tuple[dict[str,
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, BackPressureError):
-        return {"engine": "busy (all slots and queue places taken)"}, True
+        return ReplicaState({"engine": "busy (all slots and queue places taken)"}, True, True)
     if isinstance(exc, asyncio.TimeoutError):
         if replica_lost:
-            return {"engine": "unavailable (a model replica died; none has answered since)"}, False
-        return {"engine": "busy (no answer within the check's timeout)"}, True
-    return {"engine": f"unavailable: {type(exc).__name__}"}, False
+            return ReplicaState({"engine": "unavailable (a model replica died; none has answered since)"}, False, False)
+        return ReplicaState({"engine": "busy (no answer within the check's timeout)"}, True, True)
+    return ReplicaState({"engine": f"unavailable: {type(exc).__name__}"}, False, False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +146,7 @@ async def stream_events(
     release,
     unavailable: tuple[type[BaseException], ...],
     out: ChunkRenderer | None = None,
+    lost: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[bytes]:
     """The response body of a streamed completion. `first` is the chunk already received (the
     call's admission), `stream` the rest; `release()` frees the request's admission slot when
@@ -153,7 +154,8 @@ async def stream_events(
     the engine request). Fewer, larger writes (each costs a send through the ASGI stack and a
     syscall): the role chunk goes out with the first content, the last content with usage and
     [DONE]. `out` renders the chunks (default: chat or completions chunks; the Responses API
-    passes its own)."""
+    passes its own). `lost()` is told when the stream ends because its model replica or engine
+    died (`ModelCalls.lost`: /health reads it), as a failed unary call tells it."""
     out = out or ChunkRenderer(ctx, trace)
     done = False
     held = out.role()
@@ -177,9 +179,12 @@ async def stream_events(
             yield held + out.fail(errors.timed_out(ctx.timeout_s))
             return
         except APIError as exc:
+            if errors.is_engine_loss(exc):
+                lost()
             yield held + out.fail(exc)
             return
         except unavailable:
+            lost()
             yield held + out.fail(errors.engine_unavailable("The model replica failed mid-stream."))
             return
         done = True
