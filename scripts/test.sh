@@ -11,7 +11,7 @@
 #                                               # session cluster's modules on one of them
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LINTED=(deployments serve_app.py batch cluster scripts)
+LINTED=(deployments serve_app.py batch cluster scripts tests)
 # The tests read the TNEWS data set from ../shared beside the repository (nothing is downloaded).
 if [ ! -f ../shared/data/tnews/test.json ]; then
   echo "error: the tests need ../shared/data/tnews/ beside this repository ($(cd .. && pwd)/shared);" \

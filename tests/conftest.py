@@ -8,9 +8,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -59,7 +60,10 @@ def app_args(**overrides: Any) -> dict[str, Any]:
             "tokenizer": {"autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}},
             "ingress": {
                 "autoscaling_config": None,
-                "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": {"LLM_SERVE_ADMIN_KEYS": ADMIN_KEY}}},
+                "ray_actor_options": {
+                    "num_cpus": 0.1,
+                    "runtime_env": {"env_vars": {"LLM_SERVE_ADMIN_KEYS": ADMIN_KEY}},
+                },
             },
         },
     }
@@ -96,8 +100,13 @@ def ray_cluster() -> Iterator[None]:
         pytest.fail("embedded model missing: run scripts/setup.sh (make test does)")
     import ray
 
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}})
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "VLLM_NO_USAGE_STATS": "1"}},
+    )
     try:
         yield
     finally:
@@ -234,9 +243,31 @@ def trained_adapter(tmp_path_factory) -> Path:
     if not MODEL_DIR.is_dir():
         pytest.fail("embedded model missing: run scripts/setup.sh (make test does)")
     out = tmp_path_factory.mktemp("lora") / "adapter"
-    cmd = [sys.executable, str(REPO / "scripts" / "train_lora.py"), "--base", str(MODEL_DIR), "--out", str(out),
-           "--preset", "tiny", "--r", "8", "--alpha", "16", "--max-steps", "4", "--limit", "48", "--batch-size", "8",
-           "--lr", "5e-2", "--threads", "1", "--no-progress"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "train_lora.py"),
+        "--base",
+        str(MODEL_DIR),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--r",
+        "8",
+        "--alpha",
+        "16",
+        "--max-steps",
+        "4",
+        "--limit",
+        "48",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-2",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -264,13 +295,28 @@ def vllm_server(tmp_path_factory) -> Any:
     args = app_args()
     kwargs, engine_env = engine_kwargs_for(args, on_cpu=True)
     port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", HOST, "--port", str(port),
-            *vllm_cli_args(kwargs), *server_flags(ServiceConfig.model_validate(args))]
+    argv = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        *vllm_cli_args(kwargs),
+        *server_flags(ServiceConfig.model_validate(args)),
+    ]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(engine_env)
-    env.update({"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1",
-                "LLM_TEST_VLLM_SERVER": uuid.uuid4().hex})  # finds its processes at the end
+    env.update(
+        {
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",
+            "LLM_TEST_VLLM_SERVER": uuid.uuid4().hex,
+        }
+    )  # finds its processes at the end
     log = tmp_path_factory.mktemp("vllm_server") / "vllm_server.log"
     proc = ManagedProcess("vllm-server", argv, env, log, cwd=REPO, marker_env="LLM_TEST_VLLM_SERVER")
     try:
@@ -376,7 +422,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if not any(item.get_closest_marker(layer) for layer in LAYERS):
             item.add_marker(getattr(pytest.mark, layer_of(item)))
         if SESSION_FIXTURES & set(getattr(item, "fixturenames", ())) and _module_of(item.nodeid) not in SESSION_MODULES:
-            raise pytest.UsageError(f"{item.nodeid} uses the session cluster: add its module to conftest.SESSION_MODULES")
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the session cluster: add its module to conftest.SESSION_MODULES"
+            )
     # the users of a shared app run one after the other, where the first of them stood
     for name in SHARED_APPS:
         users = [it for it in items if name in getattr(it, "fixturenames", ())]

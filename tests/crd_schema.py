@@ -22,7 +22,10 @@ def strict(schema: Any) -> Any:
         out["additionalProperties"] = strict(schema["additionalProperties"])
     if schema.get("nullable") and "type" in schema:
         out["type"] = [schema["type"], "null"]
-    if (schema.get("type") == "object" and "additionalProperties" not in schema
-            and not schema.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        schema.get("type") == "object"
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out

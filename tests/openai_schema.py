@@ -62,8 +62,7 @@ def _nullable(node: Any) -> Any:
             node["allOf"] = members
     if not nullable:
         return node
-    annotations = {k: node.pop(k) for k in ("description", "title", "default", "example", "deprecated")
-                   if k in node}
+    annotations = {k: node.pop(k) for k in ("description", "title", "default", "example", "deprecated") if k in node}
     return {**annotations, "anyOf": [node, {"type": "null"}]}
 
 
@@ -75,10 +74,11 @@ def _errata(doc: dict[str, Any]) -> None:
     if "CreateCompletionStreamResponse" not in schemas:
         stream = copy.deepcopy(schemas["CreateCompletionResponse"])
         choice = stream["properties"]["choices"]["items"]
-        choice["properties"]["finish_reason"] = {
-            "anyOf": [choice["properties"]["finish_reason"], {"type": "null"}]}
-        stream["description"] = ("Erratum (tests/openai_schema.py): CreateCompletionResponse with "
-                                 "finish_reason nullable, as streamed chunks carry it.")
+        choice["properties"]["finish_reason"] = {"anyOf": [choice["properties"]["finish_reason"], {"type": "null"}]}
+        stream["description"] = (
+            "Erratum (tests/openai_schema.py): CreateCompletionResponse with "
+            "finish_reason nullable, as streamed chunks carry it."
+        )
         schemas["CreateCompletionStreamResponse"] = stream
 
 
@@ -88,12 +88,12 @@ def load_document(path: Path | str = DOCUMENT) -> dict[str, Any]:
     return doc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _registry(path: str) -> Registry:
     return Registry().with_resource(URI, DRAFT202012.create_resource(load_document(path)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def validator(name: str, path: str = str(DOCUMENT)) -> Draft202012Validator:
     """A validator for `components/schemas/<name>`; an unknown name is a KeyError."""
     registry = _registry(path)
@@ -119,5 +119,6 @@ def assert_valid(name: str, instance: Any, what: str = "") -> None:
     problems = schema_errors(name, instance)
     if problems:
         shown = json.dumps(instance, ensure_ascii=False)[:1500]
-        raise AssertionError(f"{what or 'instance'} does not match OpenAI's {name}:\n  "
-                             + "\n  ".join(problems) + f"\ninstance: {shown}")
+        raise AssertionError(
+            f"{what or 'instance'} does not match OpenAI's {name}:\n  " + "\n  ".join(problems) + f"\ninstance: {shown}"
+        )

@@ -16,13 +16,13 @@ provides the binary (`scripts/install_test_deps.sh`).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import httpx
 import yaml
@@ -48,8 +48,7 @@ def ensure_prometheus_tools() -> str | None:
         return find_promtool()
     script = REPO / "scripts" / "install_test_deps.sh"
     try:
-        subprocess.run(["bash", str(script)], check=True, timeout=900,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.run(["bash", str(script)], check=True, timeout=900, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     except (subprocess.SubprocessError, OSError):
         return None
     return find_promtool() if find_prometheus() else None
@@ -58,10 +57,20 @@ def ensure_prometheus_tools() -> str | None:
 class PromServer:
     """One Prometheus process. Use as a context manager, or `start()` / `stop()`."""
 
-    def __init__(self, targets: Sequence[str], *, metrics_path: str = "/metrics/prometheus",
-                 scrape_interval: str = "1s", job: str = "llm-serve", rule_files: Sequence[str | Path] = (),
-                 bearer_token: str | None = None, extra_scrape_configs: Sequence[dict] = (),
-                 port: int | None = None, binary: str | None = None, workdir: str | Path | None = None):
+    def __init__(
+        self,
+        targets: Sequence[str],
+        *,
+        metrics_path: str = "/metrics/prometheus",
+        scrape_interval: str = "1s",
+        job: str = "llm-serve",
+        rule_files: Sequence[str | Path] = (),
+        bearer_token: str | None = None,
+        extra_scrape_configs: Sequence[dict] = (),
+        port: int | None = None,
+        binary: str | None = None,
+        workdir: str | Path | None = None,
+    ):
         self.targets = list(targets)
         self.metrics_path = metrics_path
         self.scrape_interval = scrape_interval
@@ -94,18 +103,26 @@ class PromServer:
             "scrape_configs": [job, *self.extra_scrape_configs],
         }
 
-    def start(self, timeout_s: float = 60.0) -> "PromServer":
+    def start(self, timeout_s: float = 60.0) -> PromServer:
         if not self.binary:
             raise FileNotFoundError("prometheus binary not found (run scripts/install_test_deps.sh)")
         cfg = self.workdir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(self.config(), sort_keys=False))
         self.log_path = self.workdir / "prometheus.log"
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "wb")  # noqa: SIM115  (the child keeps writing to it; closed below)
         self.proc = subprocess.Popen(
-            [self.binary, f"--config.file={cfg}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",
-             "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+            [
+                self.binary,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -134,7 +151,7 @@ class PromServer:
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> "PromServer":
+    def __enter__(self) -> PromServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -171,8 +188,9 @@ class PromServer:
             raise ValueError(f"{promql!r} returned {len(rows)} series; aggregate it")
         return float(rows[0]["value"][1])
 
-    def wait_for_value(self, promql: str, predicate: Callable[[float], bool] = lambda v: True,
-                       timeout_s: float = 30.0) -> float:
+    def wait_for_value(
+        self, promql: str, predicate: Callable[[float], bool] = lambda v: True, timeout_s: float = 30.0
+    ) -> float:
         deadline = time.monotonic() + timeout_s
         last: Any = None
         while time.monotonic() < deadline:
@@ -187,8 +205,10 @@ class PromServer:
 
     def targets_health(self) -> list[dict[str, Any]]:
         try:
-            return [{"url": t.get("scrapeUrl"), "health": t.get("health"), "error": t.get("lastError")}
-                    for t in self.api("targets")["activeTargets"]]
+            return [
+                {"url": t.get("scrapeUrl"), "health": t.get("health"), "error": t.get("lastError")}
+                for t in self.api("targets")["activeTargets"]
+            ]
         except Exception as exc:
             return [{"error": repr(exc)}]
 

@@ -10,7 +10,7 @@ modules of this kind share one start-up.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,7 +27,7 @@ def _keep_for_next_module(request) -> bool:
     last = max((i for i, it in enumerate(items) if it.module is getattr(module, "obj", None)), default=None)
     if last is None:
         return False
-    for it in items[last + 1:]:
+    for it in items[last + 1 :]:
         names = getattr(it, "fixturenames", ())
         if "ray_local" in names:
             return True
@@ -41,8 +41,13 @@ def ray_local(request) -> Iterator[None]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}},
+        )
         _state["ours"] = True
     yield
     if _state["ours"] and not _keep_for_next_module(request):

@@ -284,8 +284,12 @@ def controller_log(app: str, deployment: str, last: int = 40) -> str:
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
     needle = f"deployment='{deployment}', app='{app}'"
-    lines = [line[:300] for f in sorted(logs.glob("controller_*.log"))
-             for line in f.read_text(errors="replace").splitlines() if needle in line or f"name='{deployment}', app='{app}'" in line]
+    lines = [
+        line[:300]
+        for f in sorted(logs.glob("controller_*.log"))
+        for line in f.read_text(errors="replace").splitlines()
+        if needle in line or f"name='{deployment}', app='{app}'" in line
+    ]
     return "\n".join(lines[-last:])
 
 

@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import LORA_DIR, REPO
 from pydantic import ValidationError
 
-from conftest import LORA_DIR, REPO
 from deployments.adapter_paths import adapter_in_roots, check_adapter, resolve_adapter_roots, validate_adapter_dir
 from deployments.api.errors import APIError
 from deployments.config import LoraConfig, ServiceConfig
@@ -57,7 +57,8 @@ def test_default_root_is_the_models_folder_and_one_is_required():
     with pytest.raises(ValidationError):
         LoraConfig(adapter_roots=[])
     assert ServiceConfig.model_validate({"lora": {"adapter_roots": ["/models/adapters"]}}).lora.adapter_roots == [
-        "/models/adapters"]
+        "/models/adapters"
+    ]
 
 
 def test_adapter_inside_the_root_is_accepted_resolved(tree):
@@ -71,56 +72,81 @@ def test_adapter_inside_the_root_is_accepted_resolved(tree):
     assert check_adapter(str(root / "alias"), lora(root), "x")[0] == os.path.realpath(root / "good")
 
 
-@pytest.mark.parametrize("make_path", [
-    lambda t: t / "outside" / "secret",                               # plainly outside
-    lambda t: t / "adapters" / ".." / "outside" / "secret",           # `..` escape
-    lambda t: t / "adapters",                                         # the root itself is no adapter
-    lambda t: Path("/etc"),
-])
+@pytest.mark.parametrize(
+    "make_path",
+    [
+        lambda t: t / "outside" / "secret",  # plainly outside
+        lambda t: t / "adapters" / ".." / "outside" / "secret",  # `..` escape
+        lambda t: t / "adapters",  # the root itself is no adapter
+        lambda t: Path("/etc"),
+    ],
+)
 def test_paths_outside_the_root_are_refused(tree, make_path):
     path = str(make_path(tree))
-    refused(lambda: check_adapter(path, lora(tree / "adapters"), f"LoRA adapter path {path!r}"),
-            "lora_path_not_allowed", path, tree)
+    refused(
+        lambda: check_adapter(path, lora(tree / "adapters"), f"LoRA adapter path {path!r}"),
+        "lora_path_not_allowed",
+        path,
+        tree,
+    )
 
 
 def test_a_sibling_sharing_the_roots_name_is_outside(tree):
     make_adapter(tree / "adapters-evil" / "x")
     path = str(tree / "adapters-evil" / "x")
-    refused(lambda: check_adapter(path, lora(tree / "adapters"), f"LoRA adapter path {path!r}"),
-            "lora_path_not_allowed", path, tree)
+    refused(
+        lambda: check_adapter(path, lora(tree / "adapters"), f"LoRA adapter path {path!r}"),
+        "lora_path_not_allowed",
+        path,
+        tree,
+    )
 
 
 def test_symlinks_pointing_out_of_the_root_are_refused(tree):
     root = tree / "adapters"
     (root / "link").symlink_to(tree / "outside" / "secret")
     shown = "link"  # the client sent a relative path: the message shows only that
-    refused(lambda: check_adapter(str(root / "link"), lora(root), f"LoRA adapter path {shown!r}"),
-            "lora_path_not_allowed", shown, tree)
+    refused(
+        lambda: check_adapter(str(root / "link"), lora(root), f"LoRA adapter path {shown!r}"),
+        "lora_path_not_allowed",
+        shown,
+        tree,
+    )
     # a folder inside whose weight file links out
     inner = make_adapter(root / "inner", weights=())
     (inner / "adapter_model.safetensors").symlink_to(tree / "outside" / "secret" / "adapter_model.safetensors")
-    refused(lambda: check_adapter(str(inner), lora(root), "LoRA adapter path 'inner'"),
-            "lora_path_not_allowed", "inner", tree)
+    refused(
+        lambda: check_adapter(str(inner), lora(root), "LoRA adapter path 'inner'"),
+        "lora_path_not_allowed",
+        "inner",
+        tree,
+    )
     # a root that is itself a symlink works (a PVC mount point, say)
     (tree / "root-link").symlink_to(root)
-    assert check_adapter(str(tree / "root-link" / "good"), lora(tree / "root-link"), "x")[0] == \
-        os.path.realpath(root / "good")
+    assert check_adapter(str(tree / "root-link" / "good"), lora(tree / "root-link"), "x")[0] == os.path.realpath(
+        root / "good"
+    )
 
 
-@pytest.mark.parametrize("weights", [("adapter_model.bin",), ("adapter_model.pt",),
-                                     ("adapter_model.safetensors", "adapter_model.bin")])
+@pytest.mark.parametrize(
+    "weights", [("adapter_model.bin",), ("adapter_model.pt",), ("adapter_model.safetensors", "adapter_model.bin")]
+)
 def test_pickled_weights_are_refused(tree, weights):
     root = tree / "adapters"
     make_adapter(root / "pickled", weights=weights)
-    err = refused(lambda: check_adapter(str(root / "pickled"), lora(root), "LoRA adapter path 'pickled'"),
-                  "lora_weights_not_safetensors", "pickled", tree)
+    err = refused(
+        lambda: check_adapter(str(root / "pickled"), lora(root), "LoRA adapter path 'pickled'"),
+        "lora_weights_not_safetensors",
+        "pickled",
+        tree,
+    )
     assert "safetensors" in err.message and weights[-1] in err.message
 
 
 def test_missing_pieces_and_bad_configs_are_400_without_server_paths(tree):
     root = tree / "adapters"
     cases = {
-        "none": make_adapter(root / "none", weights=()),                      # no weights at all
+        "none": make_adapter(root / "none", weights=()),  # no weights at all
         "notjson": make_adapter(root / "notjson"),
         "dora": make_adapter(root / "dora"),
         "rank": make_adapter(root / "rank", rank=512),
@@ -134,12 +160,24 @@ def test_missing_pieces_and_bad_configs_are_400_without_server_paths(tree):
         assert err.status == 400 and err.param == "lora_path", err.message
         assert str(tree) not in err.message, err.message
     (cases["none"] / "adapter_config.json").unlink()  # not a peft adapter
-    refused(lambda: check_adapter(str(cases["none"]), lora(root), "LoRA adapter path 'none'"),
-            "invalid_lora_path", "none", tree)
-    refused(lambda: check_adapter(str(root / "missing"), lora(root), "LoRA adapter path 'missing'"),
-            "invalid_lora_path", "missing", tree)
-    refused(lambda: check_adapter(str(root) + "/a\x00b", lora(root), "LoRA adapter path 'a'"),
-            "invalid_lora_path", "a", tree)
+    refused(
+        lambda: check_adapter(str(cases["none"]), lora(root), "LoRA adapter path 'none'"),
+        "invalid_lora_path",
+        "none",
+        tree,
+    )
+    refused(
+        lambda: check_adapter(str(root / "missing"), lora(root), "LoRA adapter path 'missing'"),
+        "invalid_lora_path",
+        "missing",
+        tree,
+    )
+    refused(
+        lambda: check_adapter(str(root) + "/a\x00b", lora(root), "LoRA adapter path 'a'"),
+        "invalid_lora_path",
+        "a",
+        tree,
+    )
 
 
 def test_unreadable_config_names_no_file(tree):
@@ -149,8 +187,12 @@ def test_unreadable_config_names_no_file(tree):
     folder = make_adapter(root / "locked")
     (folder / "adapter_config.json").chmod(0)
     try:
-        err = refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'locked'"),
-                      "invalid_lora_path", "locked", tree)
+        err = refused(
+            lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'locked'"),
+            "invalid_lora_path",
+            "locked",
+            tree,
+        )
         assert "Permission denied" in err.message
     finally:
         (folder / "adapter_config.json").chmod(0o644)
@@ -189,24 +231,39 @@ def test_an_adapter_folder_with_the_usual_files_is_accepted(tree):
     weights as safetensors, JSON configs, tokenizer files, a model card, a chat template."""
     root = tree / "adapters"
     folder = root / "good"
-    for name in ("README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                 "merges.txt", "added_tokens.json", "chat_template.jinja", "tokenizer.model", "labels.json",
-                 "training.json", "new_embeddings.safetensors", ".gitattributes"):
+    for name in (
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "labels.json",
+        "training.json",
+        "new_embeddings.safetensors",
+        ".gitattributes",
+    ):
         (folder / name).write_text("x")
     (folder / "checkpoint-100").mkdir()  # subfolders are never read
     (folder / "checkpoint-100" / "optimizer.pt").write_bytes(b"\0")
     assert check_adapter(str(folder), lora(root), "x")[1]["r"] == 8
 
 
-@pytest.mark.parametrize("name,code", [
-    ("training_args.bin", "lora_weights_not_safetensors"),   # HF Trainer's pickle beside the adapter
-    ("model.pth", "lora_weights_not_safetensors"),
-    ("weights.pkl", "lora_weights_not_safetensors"),
-    ("modeling_evil.py", "lora_file_not_allowed"),           # code a trust_remote_code loader would run
-    ("libpayload.so", "lora_file_not_allowed"),
-    ("model.onnx", "lora_file_not_allowed"),
-    ("tokenizer.zip", "lora_file_not_allowed"),
-])
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("training_args.bin", "lora_weights_not_safetensors"),  # HF Trainer's pickle beside the adapter
+        ("model.pth", "lora_weights_not_safetensors"),
+        ("weights.pkl", "lora_weights_not_safetensors"),
+        ("modeling_evil.py", "lora_file_not_allowed"),  # code a trust_remote_code loader would run
+        ("libpayload.so", "lora_file_not_allowed"),
+        ("model.onnx", "lora_file_not_allowed"),
+        ("tokenizer.zip", "lora_file_not_allowed"),
+    ],
+)
 def test_files_outside_the_allow_list_are_refused(tree, name, code):
     """The folder check is an allow-list, not a deny-list of two pickle names: any other file is a
     400 naming it (the configured adapters too)."""
@@ -224,12 +281,20 @@ def test_special_files_are_refused(tree):
     root = tree / "adapters"
     folder = make_adapter(root / "fifo")
     os.mkfifo(folder / "README.md")  # an allowed name, but a reader would block on it
-    refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'fifo'"),
-            "lora_file_not_allowed", "fifo", tree)
+    refused(
+        lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'fifo'"),
+        "lora_file_not_allowed",
+        "fifo",
+        tree,
+    )
     dangling = make_adapter(root / "dangling")
     (dangling / "tokenizer.json").symlink_to(root / "nowhere.json")
-    refused(lambda: check_adapter(str(dangling), lora(root), "LoRA adapter path 'dangling'"),
-            "lora_file_not_allowed", "dangling", tree)
+    refused(
+        lambda: check_adapter(str(dangling), lora(root), "LoRA adapter path 'dangling'"),
+        "lora_file_not_allowed",
+        "dangling",
+        tree,
+    )
 
 
 def test_every_file_must_resolve_inside_the_root(tree):
@@ -239,8 +304,12 @@ def test_every_file_must_resolve_inside_the_root(tree):
     (tree / "outside" / "tokenizer.json").write_text("{}")
     folder = make_adapter(root / "leaky")
     (folder / "tokenizer.json").symlink_to(tree / "outside" / "tokenizer.json")
-    err = refused(lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'leaky'"),
-                  "lora_path_not_allowed", "leaky", tree)
+    err = refused(
+        lambda: check_adapter(str(folder), lora(root), "LoRA adapter path 'leaky'"),
+        "lora_path_not_allowed",
+        "leaky",
+        tree,
+    )
     assert "tokenizer.json" in err.message
     # a symlink to a file inside the roots is fine
     (folder / "tokenizer.json").unlink()

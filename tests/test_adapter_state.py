@@ -200,8 +200,11 @@ def load_after_restart(url: str, name: str, path: Path | str, headers=None) -> h
     """`load`, retried while the registry is being (re)created: its 503 (`registry_unavailable`,
     `Retry-After`) is the right answer meanwhile, as a client retrying would see it; the first
     other answer within RECOVERY_S is returned."""
-    return poll(lambda: (r := load(url, name, path, headers)).status_code != 503 and r, RECOVERY_S,
-                f"the registry takes the load of {name}")
+    return poll(
+        lambda: (r := load(url, name, path, headers)).status_code != 503 and r,
+        RECOVERY_S,
+        f"the registry takes the load of {name}",
+    )
 
 
 def unload(url: str, name: str, headers=None) -> httpx.Response:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prom_server import PromServer, ensure_prometheus_tools, find_prometheus
 
 from deployments.observability import PROMETHEUS_CONTENT_TYPE, ServiceStatsActor, StatsRecorder
-from prom_server import PromServer, ensure_prometheus_tools, find_prometheus
 
 REPO = Path(__file__).resolve().parents[1]
 MON = REPO / "monitoring"
@@ -26,8 +26,10 @@ MON = REPO / "monitoring"
 def promtool() -> str:
     path = ensure_prometheus_tools()
     if not path:
-        pytest.skip("promtool/prometheus not installed and scripts/install_test_deps.sh could not install "
-                    "Debian's `prometheus` package (needs root or passwordless sudo and apt)")
+        pytest.skip(
+            "promtool/prometheus not installed and scripts/install_test_deps.sh could not install "
+            "Debian's `prometheus` package (needs root or passwordless sudo and apt)"
+        )
     return path
 
 
@@ -90,8 +92,11 @@ def test_dashboard_queries_are_valid_promql_over_exposed_families(promtool, tmp_
             assert metric in names, f"dashboard uses {metric}, which the service does not expose"
     # promtool parses PromQL in rule files: the queries become recording rules.
     concrete = [e.replace("$__rate_interval", "1m").replace("$job", ".*") for e in exprs]
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(concrete)]}]}
+    rules = {
+        "groups": [
+            {"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(concrete)]}
+        ]
+    }
     (tmp_path / "dash.yaml").write_text(yaml.safe_dump(rules))
     r = _run(promtool, "check", "rules", str(tmp_path / "dash.yaml"), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -105,7 +110,7 @@ def test_dashboard_queries_are_valid_promql_over_exposed_families(promtool, tmp_
 class _Exposition(BaseHTTPRequestHandler):
     text = ""
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = self.text
         if self.path == "/ray-metrics":  # what Ray's port shows: the same families, ray_-prefixed
             body = re.sub(r"^(# (?:HELP|TYPE) )?llm_", lambda m: (m.group(1) or "") + "ray_llm_", body, flags=re.M)
@@ -145,10 +150,16 @@ def test_real_prometheus_scrapes_exposition_and_loads_rules(promtool):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Exposition)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     target = f"127.0.0.1:{server.server_address[1]}"
-    ray_job = next(j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"]
-                   if j["job_name"] == "ray")
-    ray_job = {**ray_job, "metrics_path": "/ray-metrics", "scrape_interval": "1s", "scrape_timeout": "1s",
-               "static_configs": [{"targets": [target]}]}
+    ray_job = next(
+        j for j in yaml.safe_load((MON / "prometheus.yml").read_text())["scrape_configs"] if j["job_name"] == "ray"
+    )
+    ray_job = {
+        **ray_job,
+        "metrics_path": "/ray-metrics",
+        "scrape_interval": "1s",
+        "scrape_timeout": "1s",
+        "static_configs": [{"targets": [target]}],
+    }
     try:
         with PromServer([target], rule_files=[MON / "alerts.yaml"], extra_scrape_configs=[ray_job]) as prom:
             prom.wait_for_scrape()
@@ -159,10 +170,14 @@ def test_real_prometheus_scrapes_exposition_and_loads_rules(promtool):
             assert prom.query_value('count(llm_time_to_first_token_seconds_bucket{job="llm-serve"})') == 20
             # Ray's port, relabelled by the example config: the same families under llm_*
             assert prom.wait_for_value('sum(llm_requests_total{job="ray"})', lambda v: v == 4) == 4
-            assert prom.query_value('count(ray_llm_requests_total)') is None
+            assert prom.query_value("count(ray_llm_requests_total)") is None
             rules = prom.rules()
-            assert {r["name"] for r in rules} == {"HighQueueLength", "HighTTFT", "HighErrorRate",
-                                                  "NoHealthyModelReplica"}
+            assert {r["name"] for r in rules} == {
+                "HighQueueLength",
+                "HighTTFT",
+                "HighErrorRate",
+                "NoHealthyModelReplica",
+            }
             assert all(r["health"] != "err" for r in rules)
             pid = prom.proc.pid
         import os

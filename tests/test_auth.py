@@ -25,9 +25,15 @@ def test_env_keys_right_wrong_missing():
     assert auth.num_keys == 3
     assert auth.check("Bearer sk-two") == "sk-two"
     assert auth.check("bearer   sk-three ") == "sk-three"
-    for header, code in ((None, "missing_api_key"), ("", "missing_api_key"), ("Bearer", "invalid_authorization_header"),
-                         ("Basic c2stb25lOg==", "invalid_authorization_header"), ("Bearer sk-four", "invalid_api_key"),
-                         ("Bearer sk-one2", "invalid_api_key"), ("Bearer SK-ONE", "invalid_api_key")):
+    for header, code in (
+        (None, "missing_api_key"),
+        ("", "missing_api_key"),
+        ("Bearer", "invalid_authorization_header"),
+        ("Basic c2stb25lOg==", "invalid_authorization_header"),
+        ("Bearer sk-four", "invalid_api_key"),
+        ("Bearer sk-one2", "invalid_api_key"),
+        ("Bearer SK-ONE", "invalid_api_key"),
+    ):
         with pytest.raises(APIError) as ei:
             auth.check(header)
         err = ei.value
@@ -168,8 +174,9 @@ def test_admin_guard_403_and_message():
     level, line = plain.startup_summary()
     assert level >= 30 and "no admin key" in line and "sk-plain" not in line
     # plain_keys_role: admin restores the pre-tenant behaviour
-    legacy = ApiKeyAuth.from_config(AuthConfig(enabled=True, plain_keys_role="admin", env_var="K"),
-                                    env={"K": "sk-plain"})
+    legacy = ApiKeyAuth.from_config(
+        AuthConfig(enabled=True, plain_keys_role="admin", env_var="K"), env={"K": "sk-plain"}
+    )
     legacy.require_admin(legacy.identify("Bearer sk-plain"), "/v1/load_lora_adapter")
     # an admin key beside the client keys: a client key gets admin_key_required
     mixed = ApiKeyAuth(True, ["sk-plain"], admin_keys=["sk-admin"])
@@ -269,8 +276,13 @@ def test_the_middleware_refuses_admin_routes_with_the_shipped_config(monkeypatch
         app.post("/v1/unload_lora_adapter")(lambda: ran.append(1) or {"ok": True})
         app.post("/v1/completions")(lambda: {"ok": True})
         app.get("/health")(_health_route(auth))
-        app.state.admission = Admission(auth=auth, limiter=RateLimiter([]), trusted_proxies=[],
-                                        max_request_bytes=1 << 20, public_paths=frozenset(auth.public_paths))
+        app.state.admission = Admission(
+            auth=auth,
+            limiter=RateLimiter([]),
+            trusted_proxies=[],
+            max_request_bytes=1 << 20,
+            public_paths=frozenset(auth.public_paths),
+        )
         with TestClient(app) as http:
             r = http.post("/v1/unload_lora_adapter", json={"lora_name": "news-lora"})
             err = r.json()["error"]
@@ -279,8 +291,9 @@ def test_the_middleware_refuses_admin_routes_with_the_shipped_config(monkeypatch
                 assert err["type"] == "permission_error" and "LLM_SERVE_ADMIN_KEYS" in err["message"]
             else:
                 assert r.status_code == 401 and err["code"] == "missing_api_key", r.text
-                ok = http.post("/v1/unload_lora_adapter", json={"lora_name": "x"},
-                               headers={"Authorization": "Bearer sk-admin"})
+                ok = http.post(
+                    "/v1/unload_lora_adapter", json={"lora_name": "x"}, headers={"Authorization": "Bearer sk-admin"}
+                )
                 assert ok.status_code == 200 and ran == [1]
             assert http.post("/v1/completions", json={}).status_code == 200  # client routes: open
             assert http.get("/health").json() == {"details": False}

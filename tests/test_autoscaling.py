@@ -41,8 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
-WORKERS = 2                      # logical GPUs in the cluster
-USERS = 6                        # concurrent clients: 2 replicas x 3 slots
+WORKERS = 2  # logical GPUs in the cluster
+USERS = 6  # concurrent clients: 2 replicas x 3 slots
 # Long requests, back to back: ongoing 1 = half of target_ongoing_requests. (Two such clients
 # are target_ongoing_requests exactly, but on the loaded machine Serve's handle-side count of
 # back-to-back requests overlapped and averaged up to 1.15 x target: no margin for the claim
@@ -72,8 +72,9 @@ def gpu_cluster():
     # Not under pytest's tmp_path: concurrent pytest sessions prune each other's old basetemps.
     state_dir = Path(tempfile.mkdtemp(prefix="llmserve-lc-"))
     try:
-        state = local_cluster.start(workers=WORKERS, head_cpus=2, worker_cpus=2, gpus_per_worker=1,
-                                    dashboard=True, state_dir=state_dir)
+        state = local_cluster.start(
+            workers=WORKERS, head_cpus=2, worker_cpus=2, gpus_per_worker=1, dashboard=True, state_dir=state_dir
+        )
     except BaseException:  # start() already stopped what it had started
         shutil.rmtree(state_dir, ignore_errors=True)
         raise
@@ -93,14 +94,20 @@ def deployed(gpu_cluster):
     # there are GPUs, so that one must stay pending. Scale-in waits 30 s (the demo: 6 s): on
     # the loaded 2-core machine a window of slow clients otherwise drops the target for a moment
     # and Serve stops the replica whose engine is still starting (seen: minutes lost).
-    autoscaling = {"min_replicas": 1, "max_replicas": WORKERS + 1, "target_ongoing_requests": 2,
-                   "downscale_delay_s": 30}
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": WORKERS + 1,
+        "target_ongoing_requests": 2,
+        "downscale_delay_s": 30,
+    }
     cfg = demo.demo_serve_config(http_port, autoscaling, args=demo.LLM_POLICY_ARGS)
     w = demo.Watcher(gpu_cluster["dashboard_url"], f"http://127.0.0.1:{http_port}")
     demo.deploy(gpu_cluster["dashboard_url"], cfg)
     model = cfg["applications"][0]["args"]["deployments"]["model"]
-    w.note(f"deployed (PUT {gpu_cluster['dashboard_url']}/api/serve/applications/) model autoscaling="
-           f"{model['autoscaling_config']}, policy {cfg['applications'][0]['args']['autoscaling']}")
+    w.note(
+        f"deployed (PUT {gpu_cluster['dashboard_url']}/api/serve/applications/) model autoscaling="
+        f"{model['autoscaling_config']}, policy {cfg['applications'][0]['args']['autoscaling']}"
+    )
     return cfg, w
 
 
@@ -140,9 +147,13 @@ def test_model_scales_across_gpus_and_back(gpu_cluster, deployed):
 
 def _at_rest(w) -> dict:
     """1 model replica RUNNING (and nothing else), the application RUNNING."""
-    snap = w.wait_for("1 model replica RUNNING",
-                      lambda s: len(s["running"]) == 1 and s["target"] == 1 and not s["pending_actors"]
-                      and set(s["states"]) == {"RUNNING"}, START_TIMEOUT_S)
+    snap = w.wait_for(
+        "1 model replica RUNNING",
+        lambda s: (
+            len(s["running"]) == 1 and s["target"] == 1 and not s["pending_actors"] and set(s["states"]) == {"RUNNING"}
+        ),
+        START_TIMEOUT_S,
+    )
     deadline = time.monotonic() + 120
     while demo.retry(w.app_status) != "RUNNING":
         assert time.monotonic() < deadline, "application not RUNNING"
@@ -153,6 +164,7 @@ def _at_rest(w) -> dict:
 def _finished_by_replica(w) -> dict[str, int]:
     """vLLM's finished-request counter of each model replica (its engine's own, via /metrics),
     once two reads 1.5 s apart agree (the replicas push once a second)."""
+
     def read() -> dict[str, int]:
         m = httpx.get(f"{w.base_url}/metrics", timeout=30).json()
         return {rid: int(e.get("requests_finished") or 0) for rid, e in m["engine"]["replicas"].items()}
@@ -187,9 +199,16 @@ def _check_session_affinity(w) -> None:
         for rid, group in keys.items():  # one replica's conversations, then the other's
             for key in group:
                 for turn in range(3):  # one at a time: no queue, so no imbalance fallback
-                    r = client.post(f"{w.base_url}/v1/chat/completions", json={
-                        "model": "tiny-qwen3", "max_tokens": 4, "temperature": 0, "prompt_cache_key": key,
-                        "messages": [{"role": "user", "content": f"第{turn}轮：{key}"}]})
+                    r = client.post(
+                        f"{w.base_url}/v1/chat/completions",
+                        json={
+                            "model": "tiny-qwen3",
+                            "max_tokens": 4,
+                            "temperature": 0,
+                            "prompt_cache_key": key,
+                            "messages": [{"role": "user", "content": f"第{turn}轮：{key}"}],
+                        },
+                    )
                     assert r.status_code == 200, r.text
             after = _finished_by_replica(w)
             got = {r: after[r] - before[r] for r in before}
@@ -217,8 +236,10 @@ def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
     assert first_node in gpu_nodes
     assert len(first["ray_gpu_ids"]) == 1 and first["cuda_visible_devices"] == first["ray_gpu_ids"][0]
     w.gpu_of_node[first_node] = first["ray_gpu_ids"][0]
-    w.note(f"at rest: replica on node {first_node[:8]}: ray.get_gpu_ids()={first['ray_gpu_ids']} "
-           f"CUDA_VISIBLE_DEVICES={first['cuda_visible_devices']}")
+    w.note(
+        f"at rest: replica on node {first_node[:8]}: ray.get_gpu_ids()={first['ray_gpu_ids']} "
+        f"CUDA_VISIBLE_DEVICES={first['cuda_visible_devices']}"
+    )
 
     with demo.Load(base_url, USERS) as load:
         t_load = time.monotonic()
@@ -236,8 +257,11 @@ def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
         (w.gpu_of_node[other_node],) = set(seen) - {first["ray_gpu_ids"][0]}
         if full:
             # --- it asks for a 3rd, but no GPU is free: pending, and the service goes on
-            snap = w.wait_for("a 3rd replica pending (no free GPU)",
-                              lambda s: (s["target"] or 0) > 2 and len(s["pending_actors"]) >= 1, 90)
+            snap = w.wait_for(
+                "a 3rd replica pending (no free GPU)",
+                lambda s: (s["target"] or 0) > 2 and len(s["pending_actors"]) >= 1,
+                90,
+            )
             t_pending = time.monotonic()
             time.sleep(8)
             snap = demo.retry(w.snapshot)
@@ -247,9 +271,12 @@ def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
             w.note(f"served while the 3rd replica was pending: {dict(served_while_pending)}")
             assert served_while_pending[200] > 0
 
-            status_cli = subprocess.run([str(Path(sys.executable).parent / "serve"), "status",
-                                         "-a", gpu_cluster["dashboard_url"]],
-                                        capture_output=True, text=True, timeout=120)
+            status_cli = subprocess.run(
+                [str(Path(sys.executable).parent / "serve"), "status", "-a", gpu_cluster["dashboard_url"]],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             print("`serve status` at peak:\n" + status_cli.stdout, flush=True)
             assert "ModelReplica" in status_cli.stdout, status_cli.stderr
     t_stop = time.monotonic()
@@ -257,24 +284,34 @@ def _scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
     if not full:
         assert set(counts) == {200}, f"every request must succeed while scaling: {counts}"
         assert sorted(w.gpu_of_node.values()) == [str(i) for i in range(WORKERS)]
-        w.note(f"summary: 1->2 replicas {t_two - t_load:.0f}s after the load started; {sum(counts.values())} "
-               f"requests {dict(counts)}; GPU id by node: " + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()}))
+        w.note(
+            f"summary: 1->2 replicas {t_two - t_load:.0f}s after the load started; {sum(counts.values())} "
+            f"requests {dict(counts)}; GPU id by node: " + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()})
+        )
         _check_session_affinity(w)
         return
     lat = load.latencies()
-    w.note(f"load stopped: {sum(counts.values())} requests {dict(counts)}; "
-           f"latency p50={lat[len(lat) // 2]:.2f}s max={lat[-1]:.2f}s")
+    w.note(
+        f"load stopped: {sum(counts.values())} requests {dict(counts)}; "
+        f"latency p50={lat[len(lat) // 2]:.2f}s max={lat[-1]:.2f}s"
+    )
     assert set(counts) == {200}, f"every request must succeed while scaling: {counts}"
 
     # --- and back to 1 (the pending one is dropped too)
-    w.wait_for("back to 1 replica",
-               lambda s: s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"]
-               and set(s["states"]) == {"RUNNING"}, 180)
+    w.wait_for(
+        "back to 1 replica",
+        lambda s: (
+            s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"] and set(s["states"]) == {"RUNNING"}
+        ),
+        180,
+    )
     t_down = time.monotonic()
     assert demo.retry(w.health)["status"] == "healthy"
-    w.note(f"summary: 1->2 replicas {t_two - t_load:.0f}s after the load started; back to 1 "
-           f"{t_down - t_stop:.0f}s after it stopped; GPU id by node: "
-           + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()}))
+    w.note(
+        f"summary: 1->2 replicas {t_two - t_load:.0f}s after the load started; back to 1 "
+        f"{t_down - t_stop:.0f}s after it stopped; GPU id by node: "
+        + json.dumps({k[:8]: v for k, v in w.gpu_of_node.items()})
+    )
     assert sorted(w.gpu_of_node.values()) == [str(i) for i in range(WORKERS)]
 
 
@@ -298,8 +335,10 @@ def test_long_requests_scale_out_on_kv_pressure_and_back(gpu_cluster, deployed):
         _long_scenario(gpu_cluster, *deployed, full=True)
 
 
-DECISION = re.compile(r"llm-autoscaling: ModelReplica wants (\d+) replicas \(running (\d+), target (\d+); "
-                      r"lead (\w+); (.*?)\)")
+DECISION = re.compile(
+    r"llm-autoscaling: ModelReplica wants (\d+) replicas \(running (\d+), target (\d+); "
+    r"lead (\w+); (.*?)\)"
+)
 
 
 def _controller_logs(state: dict) -> dict[Path, int]:
@@ -316,10 +355,20 @@ def _decisions(state: dict, since: dict[Path, int]) -> list[dict]:
             fh.seek(since.get(f, 0))
             text = fh.read().decode(errors="replace")
         for m in DECISION.finditer(text):
-            signals = {k: (None if v == "-" else float(v.rstrip("s")))
-                       for k, v in re.findall(r"(\w+)=([\d.]+s?|-)", m.group(5))}
-            out.append({"wants": int(m.group(1)), "running": int(m.group(2)), "target": int(m.group(3)),
-                        "lead": m.group(4), **signals, "line": m.group(0)})
+            signals = {
+                k: (None if v == "-" else float(v.rstrip("s")))
+                for k, v in re.findall(r"(\w+)=([\d.]+s?|-)", m.group(5))
+            }
+            out.append(
+                {
+                    "wants": int(m.group(1)),
+                    "running": int(m.group(2)),
+                    "target": int(m.group(3)),
+                    "lead": m.group(4),
+                    **signals,
+                    "line": m.group(0),
+                }
+            )
     return out
 
 
@@ -337,26 +386,32 @@ def _wait_decision(gpu_cluster: dict, since: dict[Path, int], timeout_s: float) 
 def _long_scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
     policy = cfg["applications"][0]["args"]["autoscaling"]
     target_ongoing = cfg["applications"][0]["args"]["deployments"]["model"]["autoscaling_config"][
-        "target_ongoing_requests"]
-    assert policy["policy"] == "llm" and LONG_USERS < target_ongoing
+        "target_ongoing_requests"
+    ]
+    assert policy["policy"] == "llm" and target_ongoing > LONG_USERS
     _at_rest(w)
     since = _controller_logs(gpu_cluster)
     with demo.Load(w.base_url, LONG_USERS, max_tokens=demo.LONG_MAX_TOKENS, prompt=demo.long_prompt) as load:
         t_load = time.monotonic()
-        w.note(f"long load: {LONG_USERS} client(s), ~380 prompt tokens + {demo.LONG_MAX_TOKENS} "
-               f"generated each (target_ongoing_requests={target_ongoing}, kv_cache_target="
-               f"{policy['kv_cache_target']})")
+        w.note(
+            f"long load: {LONG_USERS} client(s), ~380 prompt tokens + {demo.LONG_MAX_TOKENS} "
+            f"generated each (target_ongoing_requests={target_ongoing}, kv_cache_target="
+            f"{policy['kv_cache_target']})"
+        )
         if full:
-            w.wait_for("2 model replicas RUNNING (long requests)", lambda s: len(s["running"]) >= 2,
-                       START_TIMEOUT_S)
+            w.wait_for("2 model replicas RUNNING (long requests)", lambda s: len(s["running"]) >= 2, START_TIMEOUT_S)
         else:
             _wait_decision(gpu_cluster, since, START_TIMEOUT_S)
         t_two = time.monotonic()
     t_stop = time.monotonic()
     counts = load.statuses()
     lat = load.latencies()
-    w.note(f"long load stopped: {sum(counts.values())} requests {dict(counts)}; "
-           f"latency p50={lat[len(lat) // 2]:.2f}s max={lat[-1]:.2f}s" if lat else f"{dict(counts)}")
+    w.note(
+        f"long load stopped: {sum(counts.values())} requests {dict(counts)}; "
+        f"latency p50={lat[len(lat) // 2]:.2f}s max={lat[-1]:.2f}s"
+        if lat
+        else f"{dict(counts)}"
+    )
     assert counts[200] > 0 and set(counts) == {200}, f"every request must succeed: {counts}"
 
     decisions = _decisions(gpu_cluster, since)
@@ -369,16 +424,24 @@ def _long_scenario(gpu_cluster: dict, cfg: dict, w, full: bool) -> None:
     assert up["lead"] in ("kv", "waiting") and max(up["kv"] or 0, up["waiting"] or 0) >= 1.0, up
     assert all(d["requests"] <= 1.0 for d in decisions), "few requests in flight throughout"
     if not full:
-        w.note(f"summary (long requests): a 2nd replica asked for {t_two - t_load:.0f}s after the load "
-               f"started (decided on {up['lead']}: requests={up['requests']:.2f}, kv={up['kv']})")
+        w.note(
+            f"summary (long requests): a 2nd replica asked for {t_two - t_load:.0f}s after the load "
+            f"started (decided on {up['lead']}: requests={up['requests']:.2f}, kv={up['kv']})"
+        )
         return
 
-    w.wait_for("back to 1 replica after the long load",
-               lambda s: s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"]
-               and set(s["states"]) == {"RUNNING"}, 180)
+    w.wait_for(
+        "back to 1 replica after the long load",
+        lambda s: (
+            s["target"] == 1 and len(s["running"]) == 1 and not s["pending_actors"] and set(s["states"]) == {"RUNNING"}
+        ),
+        180,
+    )
     t_down = time.monotonic()
-    for d in _decisions(gpu_cluster, since)[len(decisions):]:
+    for d in _decisions(gpu_cluster, since)[len(decisions) :]:
         w.note("controller: " + d["line"])
-    w.note(f"summary (long requests): 1->2 replicas {t_two - t_load:.0f}s after the load started "
-           f"(decided on {up['lead']}: requests={up['requests']:.2f}, kv={up['kv']}); back to 1 "
-           f"{t_down - t_stop:.0f}s after it stopped")
+    w.note(
+        f"summary (long requests): 1->2 replicas {t_two - t_load:.0f}s after the load started "
+        f"(decided on {up['lead']}: requests={up['requests']:.2f}, kv={up['kv']}); back to 1 "
+        f"{t_down - t_stop:.0f}s after it stopped"
+    )

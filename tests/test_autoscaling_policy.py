@@ -46,21 +46,24 @@ def test_engine_waiting_requests():
     desired, signals = decide(1, 3.0, 2, kv={"r1": 0.5}, waiting={"r1": 2.0}, running={"r1": 3.0})
     assert signals["waiting"] == pytest.approx(5 / 3) and desired == 2
     # under the tolerance (0.5 per replica on average): no opinion
-    _, signals = decide(2, 3.0, 2, kv={"r1": 0.1, "r2": 0.1}, waiting={"r1": 0.4, "r2": 0.4},
-                        running={"r1": 1.0, "r2": 1.0})
+    _, signals = decide(
+        2, 3.0, 2, kv={"r1": 0.1, "r2": 0.1}, waiting={"r1": 0.4, "r2": 0.4}, running={"r1": 1.0, "r2": 1.0}
+    )
     assert signals["waiting"] is None
     # waiting while nothing runs (a stalled engine): one more
-    assert decide(1, 1.0, 2, kv={"r1": 0.0}, waiting={"r1": 1.0}, running={"r1": 0.0}) == \
-        (2, {"requests": 0.5, "kv": 0.0, "waiting": 2, "ttft": None})
+    assert decide(1, 1.0, 2, kv={"r1": 0.0}, waiting={"r1": 1.0}, running={"r1": 0.0}) == (
+        2,
+        {"requests": 0.5, "kv": 0.0, "waiting": 2, "ttft": None},
+    )
 
 
 def test_ttft_target_adds_one_and_holds_near_target():
     t = DEFAULTS["ttft_target_s"]
-    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 1.5)[0] == 3       # above: +1
-    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 0.8)[0] == 2       # close: hold
-    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 0.2)[0] == 1       # far below
-    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=None)[0] == 1          # no first token
-    assert decide(2, 1.0, 2, ttft_s=10.0, ttft_target_s=None)[0] == 1                 # TTFT off
+    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 1.5)[0] == 3  # above: +1
+    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 0.8)[0] == 2  # close: hold
+    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=t * 0.2)[0] == 1  # far below
+    assert decide(2, 1.0, 2, kv={"r1": 0.1, "r2": 0.1}, ttft_s=None)[0] == 1  # no first token
+    assert decide(2, 1.0, 2, ttft_s=10.0, ttft_target_s=None)[0] == 1  # TTFT off
     assert decide(2, 1.0, 2, ttft_s=0.9, ttft_target_s=1.0, ttft_scale_in_ratio=1.0)[0] == 1
 
 
@@ -71,19 +74,33 @@ def test_windowed_mean_ttft_from_cumulative_totals():
     assert a.windowed_mean_ttft([[(0, 1.0), (1, 1.0)]], [[(0, 3), (1, 3)]]) is None
 
 
-def _ctx(current=1, target=1, total=2.0, kv=None, waiting=None, running=None, ttft=None, state=None,
-         target_ongoing=2.0):
+def _ctx(
+    current=1, target=1, total=2.0, kv=None, waiting=None, running=None, ttft=None, state=None, target_ongoing=2.0
+):
     """A stand-in for Serve's AutoscalingContext (the attributes the policy reads)."""
     replicas = list(kv or {})
     tsv = lambda pts: [SimpleNamespace(timestamp=t, value=v) for t, v in pts]  # noqa: E731
-    raw = {a.TTFT_SUM: {r: tsv(ttft[r][0]) for r in ttft}, a.TTFT_COUNT: {r: tsv(ttft[r][1]) for r in ttft}} \
-        if ttft else {}
+    raw = (
+        {a.TTFT_SUM: {r: tsv(ttft[r][0]) for r in ttft}, a.TTFT_COUNT: {r: tsv(ttft[r][1]) for r in ttft}}
+        if ttft
+        else {}
+    )
     return SimpleNamespace(
-        deployment_name="ModelReplica", current_num_replicas=current, target_num_replicas=target,
-        total_num_requests=total, policy_state=state or {}, raw_metrics=raw,
-        aggregated_metrics={a.KV: kv or {}, a.WAITING: waiting or {r: 0.0 for r in replicas},
-                            a.RUNNING: running or {r: 0.0 for r in replicas}} if kv else {},
-        config=SimpleNamespace(get_target_ongoing_requests=lambda: target_ongoing))
+        deployment_name="ModelReplica",
+        current_num_replicas=current,
+        target_num_replicas=target,
+        total_num_requests=total,
+        policy_state=state or {},
+        raw_metrics=raw,
+        aggregated_metrics={
+            a.KV: kv or {},
+            a.WAITING: waiting or {r: 0.0 for r in replicas},
+            a.RUNNING: running or {r: 0.0 for r in replicas},
+        }
+        if kv
+        else {},
+        config=SimpleNamespace(get_target_ongoing_requests=lambda: target_ongoing),
+    )
 
 
 def test_policy_object_reads_serves_context_and_logs_changes(caplog):
@@ -116,19 +133,31 @@ def test_serves_wrapper_applies_bounds_and_delays_to_the_policy():
     from ray.serve.autoscaling_policy import _apply_autoscaling_config
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-    cfg = AutoscalingConfig(min_replicas=1, max_replicas=3, target_ongoing_requests=2,
-                            upscale_delay_s=3600, downscale_delay_s=0)
+    cfg = AutoscalingConfig(
+        min_replicas=1, max_replicas=3, target_ongoing_requests=2, upscale_delay_s=3600, downscale_delay_s=0
+    )
     wrapped = _apply_autoscaling_config(LLMAutoscalingPolicy(kv_cache_target=0.5))
 
     def ctx(kv, state):
         return AutoscalingContext(
-            deployment_id=DeploymentID(name="ModelReplica", app_name="llm"), deployment_name="ModelReplica",
-            app_name="llm", current_num_replicas=1, target_num_replicas=1, running_replicas=["r1"],
-            total_num_requests=2.0, total_queued_requests=0.0,
+            deployment_id=DeploymentID(name="ModelReplica", app_name="llm"),
+            deployment_name="ModelReplica",
+            app_name="llm",
+            current_num_replicas=1,
+            target_num_replicas=1,
+            running_replicas=["r1"],
+            total_num_requests=2.0,
+            total_queued_requests=0.0,
             aggregated_metrics={a.KV: {"r1": kv}, a.WAITING: {"r1": 0.0}, a.RUNNING: {"r1": 2.0}},
-            raw_metrics={}, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=3,
-            policy_state=state, last_scale_up_time=None, last_scale_down_time=None, current_time=None,
-            config=cfg)
+            raw_metrics={},
+            capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=3,
+            policy_state=state,
+            last_scale_up_time=None,
+            last_scale_down_time=None,
+            current_time=None,
+            config=cfg,
+        )
 
     n, state = wrapped(ctx(0.9, {}))
     assert n == 1 and state["llm_desired"] == 2  # wants 2, but the upscale delay has not passed
@@ -139,11 +168,20 @@ def test_serves_wrapper_applies_bounds_and_delays_to_the_policy():
 
 def test_replica_reports_vllm_figures():
     M = SimpleNamespace
-    snap = [M(name="vllm:kv_cache_usage_perc", value=0.6), M(name="vllm:num_requests_waiting", value=1.0),
-            M(name="vllm:num_requests_running", value=3.0), M(name="vllm:prompt_tokens", value=99.0),
-            M(name="vllm:time_to_first_token_seconds", count=4, sum=0.8)]
-    assert a.engine_autoscaling_stats(snap) == {a.KV: 0.6, a.WAITING: 1.0, a.RUNNING: 3.0,
-                                                a.TTFT_SUM: 0.8, a.TTFT_COUNT: 4.0}
+    snap = [
+        M(name="vllm:kv_cache_usage_perc", value=0.6),
+        M(name="vllm:num_requests_waiting", value=1.0),
+        M(name="vllm:num_requests_running", value=3.0),
+        M(name="vllm:prompt_tokens", value=99.0),
+        M(name="vllm:time_to_first_token_seconds", count=4, sum=0.8),
+    ]
+    assert a.engine_autoscaling_stats(snap) == {
+        a.KV: 0.6,
+        a.WAITING: 1.0,
+        a.RUNNING: 3.0,
+        a.TTFT_SUM: 0.8,
+        a.TTFT_COUNT: 4.0,
+    }
     # every value a number (Serve disables custom metrics that are not)
     assert all(isinstance(v, float) for v in a.engine_autoscaling_stats([]).values())
 
@@ -157,12 +195,12 @@ def test_config_selects_the_policy():
     assert "policy" not in default["model"]["autoscaling_config"]
     assert not a.uses_llm_policy(default["model"]["autoscaling_config"])
 
-    cfg = ServiceConfig(autoscaling={"policy": "llm", "kv_cache_target": 0.6},
-                        deployments={"model": {"autoscaling_config": auto}})
+    cfg = ServiceConfig(
+        autoscaling={"policy": "llm", "kv_cache_target": 0.6}, deployments={"model": {"autoscaling_config": auto}}
+    )
     opts = serve_app.app_options(cfg)
     policy = opts["model"]["autoscaling_config"]["policy"]
-    assert policy == {"policy_function": a.POLICY_FUNCTION,
-                      "policy_kwargs": {**DEFAULTS, "kv_cache_target": 0.6}}
+    assert policy == {"policy_function": a.POLICY_FUNCTION, "policy_kwargs": {**DEFAULTS, "kv_cache_target": 0.6}}
     assert a.uses_llm_policy(opts["model"]["autoscaling_config"])
     # what serve.deployment builds from it: Serve imports and pickles the class, and the
     # controller instantiates it with the kwargs
@@ -173,8 +211,9 @@ def test_config_selects_the_policy():
     assert _resolve_policy_callable(built.policy).params["kv_cache_target"] == 0.6
     # a policy named in the deployment's own autoscaling_config wins; no autoscaling: nothing
     own = {**auto, "policy": {"policy_function": "ray.serve.autoscaling_policy:default_autoscaling_policy"}}
-    opts = serve_app.app_options(ServiceConfig(autoscaling={"policy": "llm"},
-                                               deployments={"model": {"autoscaling_config": own}}))
+    opts = serve_app.app_options(
+        ServiceConfig(autoscaling={"policy": "llm"}, deployments={"model": {"autoscaling_config": own}})
+    )
     assert opts["model"]["autoscaling_config"]["policy"] == own["policy"]
     assert not a.uses_llm_policy(opts["model"]["autoscaling_config"])
     assert "autoscaling_config" not in serve_app.app_options(ServiceConfig(autoscaling={"policy": "llm"}))["model"]

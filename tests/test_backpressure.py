@@ -7,7 +7,6 @@ import collections
 import time
 
 import httpx
-
 from conftest import ADMIN
 
 MODEL = "tiny-qwen3"
@@ -103,9 +102,9 @@ def test_model_capacity_gate():
     this ingress, the next one is refused before the tokenizer hop, like Serve would."""
     import pytest
 
-    from deployments.config import ServiceConfig
-    from deployments.api.errors import APIError
     from deployments.admission.capacity import ModelCapacity
+    from deployments.api.errors import APIError
+    from deployments.config import ServiceConfig
     from serve_app import app_options
 
     def model_options(cfg):
@@ -260,7 +259,7 @@ def test_health_tells_a_dead_model_replica_from_a_busy_one():
     from deployments.api.health import replica_state
 
     calls, _ = _router_with_gate(13)
-    timeout = asyncio.TimeoutError()
+    timeout = TimeoutError()
     assert not calls.replica_lost() and replica_state(timeout, calls.replica_lost())[1] is True
 
     async def raise_(exc):

@@ -44,12 +44,27 @@ CHAT_CASES = [
     ("top_p zero", {"json": {"model": MODEL, "messages": OK_MSG, "top_p": 0}}, 400, "top_p"),
     ("n over the cap", {"json": {"model": MODEL, "messages": OK_MSG, "n": 5}}, 400, "n"),
     ("stream wrong type", {"json": {"model": MODEL, "messages": OK_MSG, "stream": "yes please"}}, 400, "stream"),
-    ("nan temperature", {"content": b'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'}, 400, "temperature"),
+    (
+        "nan temperature",
+        {"content": b'{"model": "tiny-qwen3", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'},
+        400,
+        "temperature",
+    ),
     ("too many stops", {"json": {"model": MODEL, "messages": OK_MSG, "stop": list("abcdefghij")}}, 400, "stop"),
-    ("min_tokens over max", {"json": {"model": MODEL, "messages": OK_MSG, "max_tokens": 2, "min_tokens": 5}}, 400, "min_tokens"),
+    (
+        "min_tokens over max",
+        {"json": {"model": MODEL, "messages": OK_MSG, "max_tokens": 2, "min_tokens": 5}},
+        400,
+        "min_tokens",
+    ),
     # beyond 64 bits an integer cannot reach the engine core (msgpack): found by the fuzz test
     ("top_k beyond int64", {"json": {"model": MODEL, "messages": OK_MSG, "top_k": 2**70}}, 400, "top_k"),
-    ("stop_token_ids beyond int64", {"json": {"model": MODEL, "messages": OK_MSG, "stop_token_ids": [2**70]}}, 400, "__any__"),
+    (
+        "stop_token_ids beyond int64",
+        {"json": {"model": MODEL, "messages": OK_MSG, "stop_token_ids": [2**70]}},
+        400,
+        "__any__",
+    ),
     ("negative stop_token_id", {"json": {"model": MODEL, "messages": OK_MSG, "stop_token_ids": [-5]}}, 400, "__any__"),
 ]
 
@@ -70,8 +85,11 @@ def test_unknown_model_is_404(base_url):
 
 def test_prompt_over_context_is_400(base_url):
     long_text = "央行宣布降息，" * 2000  # far more than 1024 tokens
-    r = post(base_url, "/v1/chat/completions",
-             json={"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 10})
+    r = post(
+        base_url,
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": long_text}], "max_tokens": 10},
+    )
     err = assert_openai_error(r, 400, "messages", "context_length_exceeded")
     assert "maximum context length is 1024" in err["message"]
     r = post(base_url, "/v1/completions", json={"model": MODEL, "prompt": long_text, "max_tokens": 10})
@@ -117,8 +135,10 @@ def test_a_stalled_body_gets_a_408_and_the_connection_closes(base_url):
 
     u = urlparse(base_url)
     s = socket.create_connection((u.hostname, u.port), timeout=5)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 100\r\n\r\n{\"messages\": [")
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"messages": ['
+    )
     t0 = time.monotonic()
     s.settimeout(60)
     data = b""
@@ -131,8 +151,11 @@ def test_a_stalled_body_gets_a_408_and_the_connection_closes(base_url):
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.split(b"\r\n", 1)[0].split()[1] == b"408", data[:300]
     assert 8 <= waited <= 40, waited
-    err = json.loads(body[body.index(b"{"):body.rindex(b"}") + 1])["error"]
+    err = json.loads(body[body.index(b"{") : body.rindex(b"}") + 1])["error"]
     assert err["code"] == "request_timeout" and "10 s" in err["message"], err
-    r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60,
-                   json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1})
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1},
+    )
     assert r.status_code == 200, r.text

@@ -21,8 +21,17 @@ def bench():
 
 
 def ok_result(bench, ttft, e2e, tokens, itl=(), start=0.0):
-    return bench.RequestResult(start=start, status=200, outcome="ok", ttft=ttft, e2e=e2e, itl=list(itl),
-                               output_tokens=tokens, prompt_tokens=10, n_events=max(1, len(itl) + 1))
+    return bench.RequestResult(
+        start=start,
+        status=200,
+        outcome="ok",
+        ttft=ttft,
+        e2e=e2e,
+        itl=list(itl),
+        output_tokens=tokens,
+        prompt_tokens=10,
+        n_events=max(1, len(itl) + 1),
+    )
 
 
 def test_percentile_matches_numpy_linear(bench):
@@ -42,8 +51,8 @@ def test_summarize_scales_and_skips_none(bench):
 
 def test_compute_stats_throughput_latency_goodput_and_status_counts(bench):
     res = [ok_result(bench, 0.010, 0.110, 11, itl=[0.01] * 10) for _ in range(8)]
-    res.append(ok_result(bench, 0.900, 1.000, 11, itl=[0.01] * 10))           # TTFT above the SLO
-    res.append(ok_result(bench, 0.010, 0.510, 11, itl=[0.05] * 10))           # TPOT 50 ms above the SLO
+    res.append(ok_result(bench, 0.900, 1.000, 11, itl=[0.01] * 10))  # TTFT above the SLO
+    res.append(ok_result(bench, 0.010, 0.510, 11, itl=[0.05] * 10))  # TPOT 50 ms above the SLO
     res.append(bench.RequestResult(status=503, outcome="http_error", e2e=0.004))
     res.append(bench.RequestResult(status=503, outcome="http_error", e2e=0.006))
     res.append(bench.RequestResult(status=429, outcome="http_error", e2e=0.002))
@@ -54,15 +63,23 @@ def test_compute_stats_throughput_latency_goodput_and_status_counts(bench):
     res.append(bench.RequestResult(status=200, outcome="stream_error", e2e=0.1))
     s = bench.compute_stats(res, duration_s=2.0, slo=bench.SLO(ttft_ms=500, tpot_ms=20))
     assert s["num_requests"] == 18 and s["num_ok"] == 10
-    assert s["status_counts"] == {"200": 10, "429": 1, "503": 2, "5xx": 1, "4xx": 1, "timeout": 1,
-                                  "conn_error": 1, "stream_error": 1}
+    assert s["status_counts"] == {
+        "200": 10,
+        "429": 1,
+        "503": 2,
+        "5xx": 1,
+        "4xx": 1,
+        "timeout": 1,
+        "conn_error": 1,
+        "stream_error": 1,
+    }
     assert s["status_codes"]["503"] == 2 and s["status_codes"]["timeout"] == 1
     assert s["request_throughput"] == pytest.approx(5.0)
     assert s["output_throughput"] == pytest.approx(110 / 2.0)
     assert s["goodput_rps"] == pytest.approx(8 / 2.0)
     assert s["goodput_fraction"] == pytest.approx(8 / 18)
     assert s["ttft_ms"]["p50"] == pytest.approx(10.0)
-    assert s["tpot_ms"]["p50"] == pytest.approx(10.0)      # (110 - 10) ms / 10 tokens
+    assert s["tpot_ms"]["p50"] == pytest.approx(10.0)  # (110 - 10) ms / 10 tokens
     assert s["itl_ms"]["max"] == pytest.approx(50.0)
     assert s["latency_503_ms"]["n"] == 2 and s["latency_503_ms"]["mean"] == pytest.approx(5.0)
     assert s["tokens_per_event"] == pytest.approx(110 / 110)
@@ -78,7 +95,7 @@ def test_sse_parsing_chat_and_completions(bench):
     r = bench.RequestResult()
     state = {"last": 0.0, "error": False}
     lines = [
-        b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n',   # role chunk: not a token
+        b'data: {"choices":[{"delta":{"role":"assistant","content":""}}]}\n',  # role chunk: not a token
         b"\n",
         b'data: {"choices":[{"delta":{"content":"a"}}]}\n',
         b'data: {"choices":[{"delta":{"content":"b"},"finish_reason":"length"}]}\n',
@@ -121,10 +138,17 @@ def test_max_ongoing_mapping_and_points(bench):
     assert [bench.max_ongoing_for(c, [3, 32]) for c in (1, 3, 8, 16, 32, 64)] == [3, 3, 32, 32, 32, 32]
     assert bench.max_ongoing_for(None, [3, 32]) == 3
     opts = bench.parse_args(["--compare", "--concurrency", "1,32", "--rate", "2.5"])
-    pts = bench.build_points(opts)   # --compare: both clients; vLLM's only where it can (it streams)
-    assert [p.key for p in pts] == ["stream c=1", "stream c=1 [vLLM client]", "stream c=32",
-                                    "stream c=32 [vLLM client]", "stream rate=2.5/s",
-                                    "nostream c=1", "nostream c=32", "nostream rate=2.5/s"]
+    pts = bench.build_points(opts)  # --compare: both clients; vLLM's only where it can (it streams)
+    assert [p.key for p in pts] == [
+        "stream c=1",
+        "stream c=1 [vLLM client]",
+        "stream c=32",
+        "stream c=32 [vLLM client]",
+        "stream rate=2.5/s",
+        "nostream c=1",
+        "nostream c=32",
+        "nostream rate=2.5/s",
+    ]
     assert [p.max_ongoing for p in pts][:4] == [3, 3, 32, 32]
     assert bench.requests_for(pts[2], opts) == 320
     opts = bench.parse_args(["--compare", "--client", "ours", "--concurrency", "3", "--stream", "on"])
@@ -145,12 +169,14 @@ def _stats(bench, rps, tps, ttft_p50, n=10):
 
 
 def test_compare_rows_and_targets(bench):
-    pts = [bench.Point("closed", True, concurrency=3, max_ongoing=3),
-           bench.Point("closed", True, concurrency=32, max_ongoing=32),
-           bench.Point("closed", False, concurrency=3, max_ongoing=3)]
+    pts = [
+        bench.Point("closed", True, concurrency=3, max_ongoing=3),
+        bench.Point("closed", True, concurrency=32, max_ongoing=32),
+        bench.Point("closed", False, concurrency=3, max_ongoing=3),
+    ]
     agg = {
         ("vllm", "stream c=3"): _stats(bench, 20, 1500, 9.0),
-        ("ours", "stream c=3"): _stats(bench, 19, 1440, 12.0),   # 0.96x, +3 ms: pass
+        ("ours", "stream c=3"): _stats(bench, 19, 1440, 12.0),  # 0.96x, +3 ms: pass
         ("vllm", "stream c=32"): _stats(bench, 80, 5100, 20.0),
         ("ours", "stream c=32"): _stats(bench, 60, 4000, 30.0),  # 0.78x: fail
         ("vllm", "nostream c=3"): _stats(bench, 20, 1500, 9.0),
@@ -206,10 +232,22 @@ def test_front_end_cpu_target(bench):
 def test_vllm_client_result_maps_to_our_figures():
     from scripts.bench.vllm_client import to_stats
 
-    result = {"duration": 2.0, "completed": 9, "failed": 1, "total_input_tokens": 90, "total_output_tokens": 576,
-              "mean_ttft_ms": 21.0, "median_ttft_ms": 20.0, "p50_ttft_ms": 20.0, "p90_ttft_ms": 30.0,
-              "p99_ttft_ms": 40.0, "mean_tpot_ms": 5.0, "p50_tpot_ms": 5.0, "p50_e2el_ms": 340.0,
-              "errors": ["", "boom"]}
+    result = {
+        "duration": 2.0,
+        "completed": 9,
+        "failed": 1,
+        "total_input_tokens": 90,
+        "total_output_tokens": 576,
+        "mean_ttft_ms": 21.0,
+        "median_ttft_ms": 20.0,
+        "p50_ttft_ms": 20.0,
+        "p90_ttft_ms": 30.0,
+        "p99_ttft_ms": 40.0,
+        "mean_tpot_ms": 5.0,
+        "p50_tpot_ms": 5.0,
+        "p50_e2el_ms": 340.0,
+        "errors": ["", "boom"],
+    }
     s = to_stats(result, 10)
     assert (s["num_ok"], s["request_throughput"], s["output_throughput"]) == (9, 4.5, 288.0)
     assert s["ttft_ms"] == {"mean": 21.0, "p50": 20.0, "p90": 30.0, "p99": 40.0}
@@ -224,10 +262,18 @@ def test_vllm_client_drives_a_real_server(vllm_server, tmp_path):
 
     from scripts.bench.vllm_client import run_point
 
-    opts = argparse.Namespace(served_model_name_resolved="tiny-qwen3", model=str(REPO / "models" / "tiny-qwen3"),
-                              output_len=16, ignore_eos=True, temperature=0.0, api_key="unused", max_duration=120)
-    stats = run_point(vllm_server.url, ["体育新闻", "央行宣布降息", "新款手机发布", "球队夺冠"], 2, opts, tmp_path, "t",
-                      warmups=1)
+    opts = argparse.Namespace(
+        served_model_name_resolved="tiny-qwen3",
+        model=str(REPO / "models" / "tiny-qwen3"),
+        output_len=16,
+        ignore_eos=True,
+        temperature=0.0,
+        api_key="unused",
+        max_duration=120,
+    )
+    stats = run_point(
+        vllm_server.url, ["体育新闻", "央行宣布降息", "新款手机发布", "球队夺冠"], 2, opts, tmp_path, "t", warmups=1
+    )
     assert stats["num_ok"] == 4 and stats["total_output_tokens"] == 64, stats
     assert stats["ttft_ms"]["p50"] > 0 and stats["output_throughput"] > 0
     assert (tmp_path / "vllm_client" / "t.json").is_file()
@@ -249,8 +295,11 @@ def test_overload_checks(bench):
     res = [ok_result(bench, 0.01, 0.1, 11) for _ in range(29)]
     res += [bench.RequestResult(status=503, outcome="http_error", e2e=0.003) for _ in range(60)]
     over = bench.compute_stats(res, 10.0)
-    burst = bench.compute_stats([ok_result(bench, 0.01, 0.1, 11)] * 13
-                                + [bench.RequestResult(status=503, outcome="http_error", e2e=0.002)] * 13, 1.0)
+    burst = bench.compute_stats(
+        [ok_result(bench, 0.01, 0.1, 11)] * 13
+        + [bench.RequestResult(status=503, outcome="http_error", e2e=0.002)] * 13,
+        1.0,
+    )
     checks = {c["check"]: c["pass"] for c in bench.overload_checks(3.0, over, burst, expected_admitted=13)}
     assert all(checks.values()), checks
     res.append(bench.RequestResult(status=None, outcome="timeout", e2e=130))
@@ -259,8 +308,15 @@ def test_overload_checks(bench):
 
 
 def test_vllm_cli_args_mirror_engine_kwargs(bench):
-    args = bench.service_args({"applications": [{"args": {"engine": {"enable_prefix_caching": True}}}]},
-                              "models/tiny-qwen3", "tiny-qwen3", 3, -1, None, None)
+    args = bench.service_args(
+        {"applications": [{"args": {"engine": {"enable_prefix_caching": True}}}]},
+        "models/tiny-qwen3",
+        "tiny-qwen3",
+        3,
+        -1,
+        None,
+        None,
+    )
     assert args["deployments"]["model"] == {"max_ongoing_requests": 3, "max_queued_requests": -1, "num_replicas": 1}
     kwargs, env = bench.engine_kwargs_for(args, on_cpu=True)
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
@@ -298,16 +354,35 @@ def test_html_report_renders_with_plots(bench, tmp_path):
     for p in pts:
         for t, f in (("vllm", 1.0), ("ours", 0.9)):
             agg[(t, p.key)] = _stats(bench, 10 * f * p.concurrency, 600 * f * p.concurrency, 10.0 / f)
-    report = {"meta": {"started": "now", "command": "benchmark.py --compare"}, "options": {}, "servers": {},
-              "points": [{"target": t, "point": k, "mode": "closed", "stream": k.startswith("stream"),
-                          "concurrency": int(k.split("=")[1]), "rate": None, "max_ongoing": 3, "stats": s}
-                         for (t, k), s in agg.items()]}
+    report = {
+        "meta": {"started": "now", "command": "benchmark.py --compare"},
+        "options": {},
+        "servers": {},
+        "points": [
+            {
+                "target": t,
+                "point": k,
+                "mode": "closed",
+                "stream": k.startswith("stream"),
+                "concurrency": int(k.split("=")[1]),
+                "rate": None,
+                "max_ongoing": 3,
+                "stats": s,
+            }
+            for (t, k), s in agg.items()
+        ],
+    }
     report["compare"] = bench.compare_rows(pts, agg)
     report["targets_check"] = bench.check_targets(report["compare"])
-    report["overload"] = {"capacity": {"concurrency": 3, "request_throughput": 3.0, "output_throughput": 190.0},
-                          "factor": 3, "offered_rps": 9.0, "duration_s": 10,
-                          "overload": _stats(bench, 3, 190, 10.0), "burst": None,
-                          "checks": bench.overload_checks(3.0, _stats(bench, 3, 190, 10.0), None, None)}
+    report["overload"] = {
+        "capacity": {"concurrency": 3, "request_throughput": 3.0, "output_throughput": 190.0},
+        "factor": 3,
+        "offered_rps": 9.0,
+        "duration_s": 10,
+        "overload": _stats(bench, 3, 190, 10.0),
+        "burst": None,
+        "checks": bench.overload_checks(3.0, _stats(bench, 3, 190, 10.0), None, None),
+    }
     page = bench.render_html(report)
     assert page.startswith("<!doctype html>") and "Side by side" in page and "Overload" in page
     assert "stream c=3" in page and "FAIL" in page
@@ -321,9 +396,21 @@ def test_html_report_renders_with_plots(bench, tmp_path):
 
 
 def test_fixed_replicas_replace_autoscaling(bench):
-    yaml_doc = {"applications": [{"args": {"deployments": {
-        "model": {"max_ongoing_requests": 3, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}},
-        "tokenizer": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 4}}}}}]}
+    yaml_doc = {
+        "applications": [
+            {
+                "args": {
+                    "deployments": {
+                        "model": {
+                            "max_ongoing_requests": 3,
+                            "autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                        },
+                        "tokenizer": {"autoscaling_config": {"min_replicas": 2, "max_replicas": 4}},
+                    }
+                }
+            }
+        ]
+    }
     args = bench.service_args(yaml_doc, "models/tiny-qwen3", "m", 32, -1, None, None)
     dep = args["deployments"]
     assert dep["model"]["num_replicas"] == 1 and dep["model"]["autoscaling_config"] is None
@@ -341,8 +428,8 @@ def test_fixed_replicas_replace_autoscaling(bench):
 
 
 def test_window_stats_leave_out_the_drain(bench):
-    res = [ok_result(bench, 0.01, 0.5, 11, start=t) for t in (0.0, 1.0, 2.0, 9.8)]   # last ends at 10.3
-    res[0].e2e = 0.1   # the only one within the TPOT target (20 ms)
+    res = [ok_result(bench, 0.01, 0.5, 11, start=t) for t in (0.0, 1.0, 2.0, 9.8)]  # last ends at 10.3
+    res[0].e2e = 0.1  # the only one within the TPOT target (20 ms)
     res.append(bench.RequestResult(start=3.0, status=503, outcome="http_error", e2e=0.002))
     w = bench.window_stats(res, 10.0, bench.SLO())
     assert w["ok_rps"] == pytest.approx(0.3) and w["goodput_rps"] == pytest.approx(0.1)

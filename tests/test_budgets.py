@@ -9,10 +9,10 @@ import json
 import pytest
 
 from deployments.admission.auth import Identity, TenantConfig
-from deployments.admission.middleware import _reservation, _UsageMeter
-from deployments.admission.limit_responses import openai_duration, rate_limited_error, rate_limit_headers
+from deployments.admission.limit_responses import openai_duration, rate_limit_headers, rate_limited_error
 from deployments.admission.limiter_actor import RateLimiterActor
 from deployments.admission.limits import AdmitSpec, ClusterBudget, RateLimitConfig, RateWindow, make_windows
+from deployments.admission.middleware import _reservation, _UsageMeter
 from deployments.admission.rate_limit import RateLimiter
 
 
@@ -115,8 +115,7 @@ def test_request_windows_per_tenant_and_cluster_take_nothing_when_refused():
 
 def test_openai_headers_on_success():
     a = actor({"tokens_per_minute": 1000})
-    d = a.admit(AdmitSpec("tenant:t", windows=tuple(make_windows(10, 100)), tokens_per_minute=300,
-                          reserve_tokens=100))
+    d = a.admit(AdmitSpec("tenant:t", windows=tuple(make_windows(10, 100)), tokens_per_minute=300, reserve_tokens=100))
     h = rate_limit_headers(d)
     assert h["x-ratelimit-limit-requests"] == "10" and h["x-ratelimit-remaining-requests"] == "9"
     assert h["x-ratelimit-reset-requests"].endswith("s")
@@ -130,8 +129,12 @@ def test_spec_from_identity_and_defaults():
     assert lim.enabled and not lim.counts_tokens(None)
     anon = lim.spec("ip:203.0.113.9")  # key-less: the replaced service's 10/min, 100/h per address
     assert anon.key == "ip:203.0.113.9" and [(w.limit, w.period_s) for w in anon.windows] == [(10, 60), (100, 3600)]
-    acme = Identity("acme", "client", "ab" * 16, TenantConfig(requests_per_minute=600, requests_per_hour=0,
-                                                              tokens_per_minute=5000, max_concurrent=4))
+    acme = Identity(
+        "acme",
+        "client",
+        "ab" * 16,
+        TenantConfig(requests_per_minute=600, requests_per_hour=0, tokens_per_minute=5000, max_concurrent=4),
+    )
     spec = lim.spec("ignored", acme, reserve_tokens=64)
     assert spec.key == "tenant:acme" and [(w.limit, w.period_s) for w in spec.windows] == [(600, 60)]
     assert (spec.tokens_per_minute, spec.max_concurrent, spec.reserve_tokens) == (5000, 4, 64)
@@ -151,7 +154,7 @@ def test_reservation_from_the_body():
     assert _reservation(b'{"max_tokens": 40, "n": 2}', 100) == 80
     assert _reservation(b'{"max_completion_tokens": 7, "max_tokens": 40}', 100) == 7
     assert _reservation(b'{"messages": []}', 100) == 100
-    assert _reservation(b'not json', 16) == 16
+    assert _reservation(b"not json", 16) == 16
     assert _reservation(b'{"max_tokens": true, "n": "x"}', 16) == 16
     assert _reservation(b"[" * 5000 + b"]" * 5000, 16) == 16
 
@@ -165,11 +168,13 @@ def test_usage_meter_json_sse_and_errors():
     assert m.tokens() == 17
     s = _UsageMeter()
     s.start({"status": 200, "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-    stream = (b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
-              b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}\n\n'
-              b"data: [DONE]\n\n")
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}\n\n'
+        b"data: [DONE]\n\n"
+    )
     for i in range(0, len(stream), 7):  # cut anywhere
-        s.body(stream[i:i + 7])
+        s.body(stream[i : i + 7])
     assert s.tokens() == 12
     n = _UsageMeter()
     n.start({"status": 200, "headers": [(b"content-type", b"text/event-stream")]})
@@ -189,8 +194,9 @@ def test_new_config_fields_documented(field):
 # --------------------------------------------------------------------------- fair shares under overload
 
 
-def _simulate(fair: float, heavy_rate: float, light_rate: float, seconds: int = 400, slots: int = 12,
-              seed: int = 7) -> dict[str, float]:
+def _simulate(
+    fair: float, heavy_rate: float, light_rate: float, seconds: int = 400, slots: int = 12, seed: int = 7
+) -> dict[str, float]:
     """Discrete simulation of the admission decisions: each second Poisson arrivals of two
     tenants in random order, every admitted request holds a slot for one second; slots =
     `cluster.max_concurrent` (the model's capacity). Returns each tenant's success rate."""
@@ -227,8 +233,10 @@ def test_light_tenant_keeps_its_success_rate_at_3x_capacity():
     fcfs = _simulate(0.0, 33.0, 3.3)
     fair = _simulate(0.6, 33.0, 3.3)
     heavy_alone = _simulate(0.6, 33.0, 0.0)["heavy"]
-    print(f"\nlight alone {alone:.1%}; at 3x capacity FCFS light {fcfs['light']:.1%} heavy {fcfs['heavy']:.1%}; "
-          f"fair shares light {fair['light']:.1%} heavy {fair['heavy']:.1%}; heavy alone {heavy_alone:.1%}")
+    print(
+        f"\nlight alone {alone:.1%}; at 3x capacity FCFS light {fcfs['light']:.1%} heavy {fcfs['heavy']:.1%}; "
+        f"fair shares light {fair['light']:.1%} heavy {fair['heavy']:.1%}; heavy alone {heavy_alone:.1%}"
+    )
     assert alone > 0.99
     assert fcfs["light"] < 0.5
     assert fair["light"] >= 0.9 * alone

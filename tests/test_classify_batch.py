@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from crd_schema import strict
 
-from deployments import classification as clf
 from batch import dataio
+from deployments import classification as clf
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1"}
@@ -182,8 +182,8 @@ def test_worker_does_not_redo_a_written_shard(tmp_path):
 
 def test_merged_adapter_config(tmp_path, monkeypatch):
     """--merge-adapter: the engine gets the adapter merged into the base, without LoRA."""
-    from batch.worker import merged_adapter
     from batch.classify import DEFAULT_CONFIG, service_config
+    from batch.worker import merged_adapter
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
@@ -247,10 +247,10 @@ def test_same_labels_as_the_service_scoring(mixed_job):
     the tokenizer deployment's encoding, the model replica's `classify`, the ingress's softmax."""
     import contextlib
 
+    from batch.classify import DEFAULT_CONFIG, resolve_labels, service_config
+    from batch.worker import ShardClassifier
     from deployments.api.classify import softmax_rows
     from deployments.model_replica import ModelReplica
-    from batch.worker import ShardClassifier
-    from batch.classify import DEFAULT_CONFIG, resolve_labels, service_config
 
     d, good, _ = mixed_job
     batch = {x["id"]: x for x in dataio.read_output(str(d / "out"))[0]}
@@ -507,8 +507,8 @@ def test_rayjob_runs_the_rayservice_cluster_and_config():
 
     import yaml
 
-    from deployments.config import ServiceConfig
     from batch import classify as classify_batch
+    from deployments.config import ServiceConfig
     from scripts.manifests import rayjob as gen_rayjob
     from scripts.manifests import rayservice as gen
 

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from deployments.admission.auth import ApiKeyAuth
-from deployments.admission.middleware import Admission, AdmissionMiddleware
 from deployments.admission.limits import RateDecision
+from deployments.admission.middleware import Admission, AdmissionMiddleware
 from deployments.admission.rate_limit import RateLimiter
 from deployments.api.errors import APIError
 from deployments.config import ServiceConfig

@@ -14,16 +14,20 @@ from scripts import gen_config_docs
 
 def test_every_schema_field_has_a_description():
     schema = ServiceConfig.model_json_schema()
-    missing = [f"{model}.{name}" for model, node in [("ServiceConfig", schema), *schema["$defs"].items()]
-               for name, prop in node.get("properties", {}).items()
-               if not str(prop.get("description", "")).strip()]
+    missing = [
+        f"{model}.{name}"
+        for model, node in [("ServiceConfig", schema), *schema["$defs"].items()]
+        for name, prop in node.get("properties", {}).items()
+        if not str(prop.get("description", "")).strip()
+    ]
     assert not missing, f"fields without a description: {missing}"
 
 
 def test_configuration_doc_is_up_to_date():
     committed = gen_config_docs.OUT.read_text() if gen_config_docs.OUT.exists() else ""
     assert committed == gen_config_docs.render(), (
-        "docs/configuration.md is stale: run `python scripts/gen_config_docs.py`")
+        "docs/configuration.md is stale: run `python scripts/gen_config_docs.py`"
+    )
 
 
 def test_every_field_is_in_the_doc():
@@ -43,8 +47,12 @@ def test_every_field_is_in_the_doc():
 
 
 def test_check_mode_cli(tmp_path, monkeypatch):
-    r = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "gen_config_docs.py"), "--check"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "gen_config_docs.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     stale = tmp_path / "configuration.md"
     stale.write_text(gen_config_docs.render().replace("| `512` |", "| `256` |"))

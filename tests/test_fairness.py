@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import app_args, delete_app, wait_healthy
+
 from scripts.bench.client import run_async
 from scripts.bench.fairness import TNEWS, FairnessSpec, experiment, one_line
 from scripts.bench.prompts import load_tnews
@@ -27,8 +27,8 @@ tenants:
   light: {{requests_per_minute: 0, requests_per_hour: 0}}
   heavy: {{requests_per_minute: 0, requests_per_hour: 0}}
 keys:
-  - {{key: {KEYS['light']}, tenant: light}}
-  - {{key: {KEYS['heavy']}, tenant: heavy}}
+  - {{key: {KEYS["light"]}, tenant: light}}
+  - {{key: {KEYS["heavy"]}, tenant: heavy}}
 """
 
 
@@ -68,13 +68,18 @@ def test_the_light_tenant_keeps_its_success_rate_and_the_heavy_one_takes_the_503
     assert report["alone"]["light"]["success_rate"] >= 0.95, report["alone"]
     assert r["light_success_ratio"] >= 0.8, report
     assert heavy["statuses"].get("503", 0) > 0 and r["heavy_share_of_refusals"] >= 0.9, report
-    assert set(heavy["statuses"]) <= {"200", "503"}, heavy       # only 200/503 under overload
+    assert set(heavy["statuses"]) <= {"200", "503"}, heavy  # only 200/503 under overload
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("label,limits", [("first come first served", {"fair_queue": False}),
-                                          ("fair queue", {}),
-                                          ("fair queue, 1 reserved slot", {"fair_queue_reserve": 1})])
+@pytest.mark.parametrize(
+    "label,limits",
+    [
+        ("first come first served", {"fair_queue": False}),
+        ("fair queue", {}),
+        ("fair queue, 1 reserved slot", {"fair_queue_reserve": 1}),
+    ],
+)
 def test_fairness_long(deploy, label, limits):
     report = _run(deploy(limits), 60.0, label)
     assert report["together"]["light"]["sent"] > 0

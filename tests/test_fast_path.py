@@ -23,19 +23,31 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
-from chaos import Fault, judge, mixed_kinds, replica_pids, send
-from chaos import Service
+from chaos import Fault, Service, judge, mixed_kinds, replica_pids, send
 from reliability import kill_pid, wait_gone
 
+from cluster.haproxy_wrapper import (
+    MAX_CONNS_ENV,
+    SUFFIX,
+    TIMEOUT_ENV,
+    add_rules,
+    fast_path_env,
+    real_binary,
+    rewrite_args,
+    rules,
+)
 from cluster.processes import free_port, kill_sessions, session_processes
-from deployments.admission.client_address import (CLIENT_ADDR_HEADER, PROXY_SECRET_ENV, PROXY_SECRET_HEADER,
-                                                  ClientAddress, disable_uvicorn_forwarding, proxy_secret,
-                                                  startup_report)
-from cluster.haproxy_wrapper import (MAX_CONNS_ENV, SUFFIX, TIMEOUT_ENV, add_rules, fast_path_env,
-                                                   real_binary, rewrite_args, rules)
+from deployments.admission.client_address import (
+    CLIENT_ADDR_HEADER,
+    PROXY_SECRET_ENV,
+    PROXY_SECRET_HEADER,
+    ClientAddress,
+    client_key,
+    disable_uvicorn_forwarding,
+    proxy_secret,
+    startup_report,
+)
 from deployments.admission.middleware import _forwarded_for
-from deployments.admission.client_address import client_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +71,9 @@ def test_the_rules_go_into_the_http_frontend_only():
     out = add_rules(RAY_CONFIG, added)
     lines = out.splitlines()
     bind = lines.index("    bind 127.0.0.1:8000")
-    assert f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]" in lines[bind + 1: bind + 5]
+    assert f"    http-request set-header {CLIENT_ADDR_HEADER} %[src]" in lines[bind + 1 : bind + 5]
     assert out.replace(added, "") == RAY_CONFIG and out.index(added) > out.index("frontend http_frontend")
-    assert "timeout http-request 10s" in added and "sc0_conn_cur gt 100" in added   # the defaults
+    assert "timeout http-request 10s" in added and "sc0_conn_cur gt 100" in added  # the defaults
     with pytest.raises(ValueError):
         add_rules(RAY_CONFIG.replace("frontend http_frontend", "frontend other"), added)
 
@@ -72,8 +84,8 @@ SECRET = "s" * 40
 def test_the_secret_is_passed_by_reference_and_checked():
     added = rules({PROXY_SECRET_ENV: SECRET})
     assert f'http-request set-header {PROXY_SECRET_HEADER} "${{{PROXY_SECRET_ENV}}}"' in added
-    assert SECRET not in added                                   # HAProxy reads it from its environment
-    assert f"http-request del-header {PROXY_SECRET_HEADER}" in rules({})   # none: a client's copy removed
+    assert SECRET not in added  # HAProxy reads it from its environment
+    assert f"http-request del-header {PROXY_SECRET_HEADER}" in rules({})  # none: a client's copy removed
     for bad in ("short", "x" * 40 + '"; evil', "x" * 40 + " y"):
         with pytest.raises(SystemExit, match=PROXY_SECRET_ENV):
             rules({PROXY_SECRET_ENV: bad})
@@ -82,7 +94,7 @@ def test_the_secret_is_passed_by_reference_and_checked():
 
 def test_slow_client_settings():
     added = rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "0"})
-    assert "timeout http-request 3s" in added and "stick-table" not in added   # 0: no cap
+    assert "timeout http-request 3s" in added and "stick-table" not in added  # 0: no cap
     for bad in ({TIMEOUT_ENV: "0"}, {TIMEOUT_ENV: "soon"}, {MAX_CONNS_ENV: "-1"}):
         with pytest.raises(SystemExit, match=next(iter(bad))):
             rules(bad)
@@ -91,10 +103,19 @@ def test_slow_client_settings():
 def test_haproxy_accepts_the_rewritten_config(tmp_path):
     """The real HAProxy binary (`haproxy -c`) checks the config with our rules in it."""
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(add_rules(RAY_CONFIG.replace(":9101", f":{free_port()}").replace(":8000", f":{free_port()}"),
-                             rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "50", PROXY_SECRET_ENV: SECRET})))
-    r = subprocess.run([real_binary(), "-c", "-f", str(cfg)], capture_output=True, text=True, timeout=30,
-                       env={**os.environ, PROXY_SECRET_ENV: SECRET})
+    cfg.write_text(
+        add_rules(
+            RAY_CONFIG.replace(":9101", f":{free_port()}").replace(":8000", f":{free_port()}"),
+            rules({TIMEOUT_ENV: "3", MAX_CONNS_ENV: "50", PROXY_SECRET_ENV: SECRET}),
+        )
+    )
+    r = subprocess.run(
+        [real_binary(), "-c", "-f", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, PROXY_SECRET_ENV: SECRET},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -105,8 +126,8 @@ def test_rewrite_args_writes_beside_rays_file_and_keeps_the_rest(tmp_path, capsy
     out = rewrite_args(args)
     assert out == ["-db", "-f", str(cfg) + SUFFIX, "-dR", "-sf", "123"]
     assert CLIENT_ADDR_HEADER in Path(out[2]).read_text() and cfg.read_text() == RAY_CONFIG
-    assert rewrite_args(out) == out                      # a reload of our own file: unchanged
-    cfg.write_text("global\n")                           # another shape: HAProxy on Ray's file, said so
+    assert rewrite_args(out) == out  # a reload of our own file: unchanged
+    cfg.write_text("global\n")  # another shape: HAProxy on Ray's file, said so
     assert rewrite_args(args) == args and "unchanged" in capsys.readouterr().err
 
 
@@ -115,7 +136,7 @@ def test_fast_path_env_names_our_binary():
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["FORWARDED_ALLOW_IPS"] == ""
     binary = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"])
     assert binary.name == "llm-serve-haproxy" and binary.is_absolute() and os.access(binary, os.X_OK)
-    assert proxy_secret(env) and env[PROXY_SECRET_ENV] != fast_path_env()[PROXY_SECRET_ENV]   # a new one each
+    assert proxy_secret(env) and env[PROXY_SECRET_ENV] != fast_path_env()[PROXY_SECRET_ENV]  # a new one each
     out = subprocess.run([str(binary), "--new-secret"], capture_output=True, text=True, check=True).stdout.strip()
     assert proxy_secret({PROXY_SECRET_ENV: out}) == out
 
@@ -123,16 +144,16 @@ def test_fast_path_env_names_our_binary():
 def test_the_client_address_decision():
     hdr = {CLIENT_ADDR_HEADER.lower(): "198.51.100.7"}
     python_proxy = ClientAddress(fast_path=False)
-    assert python_proxy.peer("127.0.0.1", hdr) == "127.0.0.1"        # nobody sets it there: ignored
+    assert python_proxy.peer("127.0.0.1", hdr) == "127.0.0.1"  # nobody sets it there: ignored
     fast = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"], secret=SECRET)
     vouched = {**hdr, PROXY_SECRET_HEADER.lower(): SECRET}
-    assert fast.peer("127.0.0.1", vouched) == "198.51.100.7"         # HAProxy on this node
-    assert fast.peer("::ffff:10.0.0.5", vouched) == "198.51.100.7"   # HAProxy on another node
-    assert fast.peer("10.0.0.9", vouched) == "10.0.0.9"              # not a Ray node
-    assert fast.peer("127.0.0.1", hdr) == "127.0.0.1"                # a local process, no secret
+    assert fast.peer("127.0.0.1", vouched) == "198.51.100.7"  # HAProxy on this node
+    assert fast.peer("::ffff:10.0.0.5", vouched) == "198.51.100.7"  # HAProxy on another node
+    assert fast.peer("10.0.0.9", vouched) == "10.0.0.9"  # not a Ray node
+    assert fast.peer("127.0.0.1", hdr) == "127.0.0.1"  # a local process, no secret
     assert fast.peer("127.0.0.1", {**hdr, PROXY_SECRET_HEADER.lower(): SECRET[:-1] + "t"}) == "127.0.0.1"
     assert fast.peer("127.0.0.1", {}) == "127.0.0.1"
-    no_secret = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"])   # never believed
+    no_secret = ClientAddress(fast_path=True, cluster_addresses=["10.0.0.5"])  # never believed
     assert no_secret.peer("127.0.0.1", vouched) == "127.0.0.1"
     # then ours: X-Forwarded-For only from a configured proxy, read right to left
     assert client_key(None, "198.51.100.7", "203.0.113.9", ["10.0.0.0/8"]) == "ip:198.51.100.7"
@@ -150,13 +171,15 @@ def test_uvicorn_forwarding_is_switched_off_and_reported():
     level, line = startup_report({}, inherited_forwarding=None)
     assert level == logging.WARNING and "Python proxy" in line and "make run" in line and "FORWARDED_ALLOW_IPS" in line
     level, line = startup_report({"RAY_SERVE_ENABLE_HA_PROXY": "1"}, inherited_forwarding="")
-    assert level == logging.WARNING and "llm-serve-haproxy" in line          # fast path, Ray's own HAProxy
+    assert level == logging.WARNING and "llm-serve-haproxy" in line  # fast path, Ray's own HAProxy
     fast = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_BINARY_PATH": "/x/bin/llm-serve-haproxy"}
     level, line = startup_report(fast, inherited_forwarding="")
-    assert level == logging.WARNING and PROXY_SECRET_ENV in line                  # no secret: said so
+    assert level == logging.WARNING and PROXY_SECRET_ENV in line  # no secret: said so
     fast[PROXY_SECRET_ENV] = SECRET
     assert startup_report(fast, inherited_forwarding="") == (
-        logging.INFO, "request path: Serve's fast path (HAProxy direct ingress, configs/fast-path.env)")
+        logging.INFO,
+        "request path: Serve's fast path (HAProxy direct ingress, configs/fast-path.env)",
+    )
 
 
 # ----------------------------------------------------------------------------- `make run`
@@ -173,14 +196,26 @@ def make_run(tmp_path_factory):
     cfg = tmp / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RATE_LIMIT_", "LLM_SERVE__"))}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                # a gateway's fixed max_tokens above the cap is served at the cap (issue 15)
-                "LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP": "clamp",
-                # slow clients: 408 after 3 s, at most 50 connections per address
-                "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S": "3", "LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT": "50"})
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # a gateway's fixed max_tokens above the cap is served at the cap (issue 15)
+            "LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP": "clamp",
+            # slow clients: 408 after 3 s, at most 50 connections per address
+            "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S": "3",
+            "LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT": "50",
+        }
+    )
     log = (tmp / "make_run.log").open("wb")
-    proc = subprocess.Popen(["make", "--no-print-directory", "run", f"CONFIG={cfg}"], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "run", f"CONFIG={cfg}"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -197,8 +232,8 @@ def make_run(tmp_path_factory):
     finally:
         t0 = time.monotonic()
         try:
-            os.killpg(proc.pid, signal.SIGINT)   # Ctrl-C, as a user stops it
-            proc.wait(timeout=180)               # Serve drains and stops Ray (slow on a loaded machine)
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user stops it
+            proc.wait(timeout=180)  # Serve drains and stops Ray (slow on a loaded machine)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         waited = time.monotonic() - t0
@@ -206,14 +241,17 @@ def make_run(tmp_path_factory):
         while (left := session_processes({proc.pid})) and time.monotonic() < deadline:
             time.sleep(2)
         names = sorted({_name(pid) for pid in left})
-        kill_sessions({proc.pid}, grace_s=20)   # whatever is left of it, by pid
+        kill_sessions({proc.pid}, grace_s=20)  # whatever is left of it, by pid
         log.close()
         print(f"\nmake run after Ctrl-C: exited in {waited:.0f} s; {len(left)} process(es) left 60 s later {names}")
-        if left:   # seen in fresh-clone runs after the module's 3,000-connection flood: open finding
+        if left:  # seen in fresh-clone runs after the module's 3,000-connection flood: open finding
             import warnings
 
-            warnings.warn(f"{len(left)} process(es) of `make run` still running 60 s after it exited "
-                          f"({waited:.0f} s after Ctrl-C): {names}; killed by pid")
+            warnings.warn(
+                f"{len(left)} process(es) of `make run` still running 60 s after it exited "
+                f"({waited:.0f} s after Ctrl-C): {names}; killed by pid",
+                stacklevel=1,
+            )
 
 
 def _name(pid: int) -> str:
@@ -226,8 +264,11 @@ def _name(pid: int) -> str:
 def _post(url: str, source: str = "127.0.0.1", headers=None, **body) -> httpx.Response:
     transport = httpx.HTTPTransport(local_address=source)
     with httpx.Client(transport=transport, timeout=120) as c:
-        return c.post(url + "/v1/chat/completions", headers=headers or {},
-                      json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1, **body})
+        return c.post(
+            url + "/v1/chat/completions",
+            headers=headers or {},
+            json={"messages": [{"role": "user", "content": "体育新闻"}], "max_tokens": 1, **body},
+        )
 
 
 def _chat(url: str, source: str = "127.0.0.1", **headers) -> int:
@@ -241,7 +282,7 @@ def test_make_run_limits_each_client_by_its_own_address(make_run):
     assert codes == [200] * 10 + [429] * 2, codes
     forged = {"X-Forwarded-For": "203.0.113.9", CLIENT_ADDR_HEADER: "203.0.113.10"}
     assert [_chat(url, **forged) for _ in range(2)] == [429, 429]
-    assert [_chat(url, source="127.0.0.2") for _ in range(2)] == [200, 200]   # a second client
+    assert [_chat(url, source="127.0.0.2") for _ in range(2)] == [200, 200]  # a second client
 
 
 def _ingress_port(haproxy_port: int) -> int:
@@ -267,7 +308,7 @@ def test_a_direct_connection_to_the_ingress_cannot_name_an_address(make_run):
     named = {CLIENT_ADDR_HEADER: "203.0.113.50"}
     assert _chat(direct, source="127.0.0.9", **named) == 429
     assert _chat(direct, source="127.0.0.9", **named, **{PROXY_SECRET_HEADER: "x" * 43}) == 429
-    assert _chat(url, source="127.0.0.9", **named, **{PROXY_SECRET_HEADER: "x" * 43}) == 429   # via HAProxy
+    assert _chat(url, source="127.0.0.9", **named, **{PROXY_SECRET_HEADER: "x" * 43}) == 429  # via HAProxy
 
 
 def test_make_run_reads_the_environment_max_tokens_over_the_cap_is_clamped(make_run):
@@ -295,8 +336,10 @@ def test_slow_clients_get_408_and_one_address_cannot_hold_the_server(make_run):
     url = make_run.url
     port = int(url.rsplit(":", 1)[1])
     idle = statistics.median(_latency_ms(url, "127.0.0.7") for _ in range(7))
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{\"messages\": [")
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"messages": ['
+    )
     socks, refused = [], 0
     t0 = time.monotonic()
     try:
@@ -313,21 +356,23 @@ def test_slow_clients_get_408_and_one_address_cannot_hold_the_server(make_run):
                 s.close()
         during = statistics.median(_latency_ms(url, "127.0.0.7") for _ in range(7))
         answers: dict[str, int] = {}
-        for s in socks:   # every connection ends by itself: 408, or closed at once (over the cap)
+        for s in socks:  # every connection ends by itself: 408, or closed at once (over the cap)
             s.settimeout(max(1.0, 3 + 15 - (time.monotonic() - t0)))
             try:
                 data = s.recv(64)
                 key = data.split(b"\r\n", 1)[0].decode() if data else "closed"
             except ConnectionResetError:
                 key = "reset"
-            except socket.timeout:
+            except TimeoutError:
                 key = "still open"
             answers[key] = answers.get(key, 0) + 1
     finally:
         for s in socks:
             s.close()
-    print(f"\nslow clients: idle {idle:.1f} ms, during the flood {during:.1f} ms "
-          f"({during / idle:.2f}x); connections: {answers}, refused at connect {refused}")
+    print(
+        f"\nslow clients: idle {idle:.1f} ms, during the flood {during:.1f} ms "
+        f"({during / idle:.2f}x); connections: {answers}, refused at connect {refused}"
+    )
     assert "still open" not in answers, answers
     got_408 = sum(n for k, n in answers.items() if " 408" in k)
     assert 1 <= got_408 <= 50, answers
@@ -345,14 +390,20 @@ def test_make_run_answers_the_replaced_services_clients(make_run):
 
     def call(title: str) -> dict:
         with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.8"), timeout=30) as c:
-            r = c.post(url + "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": f"分类：{title}"}], "max_tokens": 50, "temperature": 0.3})
+            r = c.post(
+                url + "/v1/chat/completions",
+                json={
+                    "messages": [{"role": "user", "content": f"分类：{title}"}],
+                    "max_tokens": 50,
+                    "temperature": 0.3,
+                },
+            )
         assert r.status_code == 200, r.text
         return r.json()
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         bodies = list(pool.map(call, titles))
-    for body in bodies:   # the shipped config answers a model-less request with the fine-tuned adapter
+    for body in bodies:  # the shipped config answers a model-less request with the fine-tuned adapter
         assert body["model"] == "news-lora" and isinstance(body["choices"][0]["message"]["content"], str)
         assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["total_tokens"] > 0
     health = httpx.get(url + "/health", timeout=30).json()
@@ -419,4 +470,3 @@ def test_an_ingress_replica_killed_under_load_is_replaced_and_nothing_else_is_lo
     assert res.results.get("ok", 0) >= len(outcomes) // 2, res.results
     new = replica_pids(make_run, "IngressRouter")
     assert new and not set(new) & set(old), (old, new)
-

@@ -17,9 +17,7 @@ import time
 import httpx
 import psutil
 import pytest
-
 from conftest import ADMIN, FAULTS_LONG, FAULTS_TIMEOUT_S, wait_healthy
-from deployments.engine import engine_core_pids
 from reliability import (
     chat_body,
     controller_log,
@@ -33,6 +31,8 @@ from reliability import (
     summarize,
     wait_gone,
 )
+
+from deployments.engine import engine_core_pids
 
 APP = "faults"  # conftest.faults_app, shared with tests/test_control_plane_state.py
 LONG = FAULTS_LONG  # max_tokens of a "long" generation (cap of this app)
@@ -51,8 +51,9 @@ def url(faults_app):
 
 
 def long_stream(i: int, **extra) -> dict:
-    return chat_body(i, LONG, True, ignore_eos=True,
-                     stream_options={"include_usage": True, "continuous_usage_stats": True}, **extra)
+    return chat_body(
+        i, LONG, True, ignore_eos=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **extra
+    )
 
 
 async def running(url: str) -> dict:
@@ -98,8 +99,9 @@ async def assert_stays_idle(url: str, seconds: float) -> None:
     while time.monotonic() < t_end:
         n = await unfinished(url)
         r = await running(url)
-        assert n == 0 and r["running"] == 0 and r["waiting"] == 0, \
+        assert n == 0 and r["running"] == 0 and r["waiting"] == 0, (
             f"an aborted request came back to life: vLLM unfinished={n}, /metrics {r}"
+        )
         await asyncio.sleep(0.5)
 
 
@@ -117,8 +119,10 @@ async def cancel(task: asyncio.Task) -> None:
 async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
     """Three long streams (every model slot busy), returned once each has sent its first chunks."""
     events = [asyncio.Event() for _ in range(3)]
-    tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i], **kw))
-             for i in range(3)]
+    tasks = [
+        asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i], **kw))
+        for i in range(3)
+    ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
     return tasks
 
@@ -150,12 +154,13 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_slot(url):
     drop_s, short, short_s, still, ended, idle_s = asyncio.run(run())
     unfinished = engine_unfinished(url)
     summarize("disconnect mid-stream: freed slot", [short])
-    print(f"    vLLM unfinished 3 -> 2 within {drop_s:.2f} s of the disconnect, the other two still "
-          f"streaming then: {still}; new request answered {short.status} {short_s:.2f} s after it; "
-          f"all aborted -> vLLM unfinished 0 within {idle_s:.2f} s; at the end: {unfinished}")
+    print(
+        f"    vLLM unfinished 3 -> 2 within {drop_s:.2f} s of the disconnect, the other two still "
+        f"streaming then: {still}; new request answered {short.status} {short_s:.2f} s after it; "
+        f"all aborted -> vLLM unfinished 0 within {idle_s:.2f} s; at the end: {unfinished}"
+    )
     for o in ended:
-        print(f"    a survivor had ended when the drop was seen: {o.result} {o.tokens} tokens "
-              f"in {o.latency:.2f} s")
+        print(f"    a survivor had ended when the drop was seen: {o.result} {o.tokens} tokens in {o.latency:.2f} s")
     assert all(still), "a survivor ended before the drop was seen: the drop need not be the abort"
     assert short.result == "ok"
     assert unfinished == 0
@@ -169,8 +174,9 @@ def test_client_disconnect_mid_queue_never_runs(url):
         async with new_client() as c:
             tasks = await fill_slots(c, url)
             queued = asyncio.create_task(request(c, url, long_stream(50), label="queued"))
-            q, q_s = await wait_running(url, lambda r: r["running"] == 3 and r["waiting"] >= 1, 15,
-                                        "4th request waiting")
+            q, q_s = await wait_running(
+                url, lambda r: r["running"] == 3 and r["waiting"] >= 1, 15, "4th request waiting"
+            )
             await cancel(queued)  # client of the queued request disconnects
             left, left_s = await wait_running(url, lambda r: r["waiting"] == 0, 15, "queue emptied")
             assert left["running"] == 3
@@ -184,8 +190,10 @@ def test_client_disconnect_mid_queue_never_runs(url):
     after = asyncio.run(_one(url, chat_body(7, 8)))
     unfinished = engine_unfinished(url)
     summarize("disconnect mid-queue: next request", [after])
-    print(f"    queued seen after {q_s:.2f} s ({q}); left the queue {left_s:.2f} s after the disconnect; "
-          f"vLLM unfinished 0 within {idle_s:.2f} s and stayed 0 for 3 s; at the end: {unfinished}")
+    print(
+        f"    queued seen after {q_s:.2f} s ({q}); left the queue {left_s:.2f} s after the disconnect; "
+        f"vLLM unfinished 0 within {idle_s:.2f} s and stayed 0 for 3 s; at the end: {unfinished}"
+    )
     assert after.result == "ok"
     assert unfinished == 0
 
@@ -199,8 +207,11 @@ def test_disconnect_does_not_abort_another_request_with_the_same_client_request_
             c.headers["X-Request-Id"] = "same-id-from-two-clients"
             got = asyncio.Event()
             a = asyncio.create_task(request(c, url, long_stream(1), label="a", on_chunk=got))
-            b = asyncio.create_task(request(c, url, chat_body(2, 600, True, ignore_eos=True,
-                                                              stream_options={"include_usage": True}), label="b"))
+            b = asyncio.create_task(
+                request(
+                    c, url, chat_body(2, 600, True, ignore_eos=True, stream_options={"include_usage": True}), label="b"
+                )
+            )
             await asyncio.wait_for(got.wait(), 60)
             await cancel(a)
             out_b = await b
@@ -234,8 +245,10 @@ def test_per_request_timeout_non_streaming_is_504_and_aborted(url):
 
     out, aborted_s, leaked_s = asyncio.run(run())
     summarize("timeout: non-streaming, timeout=1, max_tokens=2000", [out])
-    print(f"    vLLM unfinished back to 0 {aborted_s if aborted_s is not None else leaked_s:.2f} s after the 504 "
-          f"({'aborted' if aborted_s is not None else 'NOT aborted: the engine generated on'})")
+    print(
+        f"    vLLM unfinished back to 0 {aborted_s if aborted_s is not None else leaked_s:.2f} s after the 504 "
+        f"({'aborted' if aborted_s is not None else 'NOT aborted: the engine generated on'})"
+    )
     assert out.status == 504 and out.code == "timeout" and out.result == "http_error"
     assert out.latency < 10
     assert aborted_s is not None, f"the engine kept generating for {leaked_s:.1f} s after the 504"
@@ -262,8 +275,10 @@ def test_per_request_timeout_streaming_is_error_event_and_aborted(url):
     tries = asyncio.run(run())
     summarize("timeout: streaming, max_tokens=2000", [out for _, out, _ in tries])
     for timeout, out, s in tries:
-        print(f"    timeout={timeout}: {out.status} {out.result} {out.code}, {out.tokens} tokens streamed before the "
-              f"deadline; vLLM unfinished back to 0 {s:.2f} s after the end")
+        print(
+            f"    timeout={timeout}: {out.status} {out.result} {out.code}, {out.tokens} tokens streamed before the "
+            f"deadline; vLLM unfinished back to 0 {s:.2f} s after the end"
+        )
     for timeout, out, _ in tries[:-1]:  # the deadline passed before the stream started
         assert out.result == "http_error" and out.code == "timeout" and out.chunks == 0, out
         assert out.latency < timeout + 9
@@ -282,7 +297,8 @@ def test_deadline_passes_while_queued(url):
             tasks = await fill_slots(c, url)
             outs = await asyncio.gather(
                 request(c, url, chat_body(60, LONG, ignore_eos=True, timeout=2), label="queued-unary"),
-                request(c, url, long_stream(61, timeout=2), label="queued-stream"))
+                request(c, url, long_stream(61, timeout=2), label="queued-stream"),
+            )
             for t in tasks:
                 await cancel(t)
             _, idle_s = await wait_unfinished(url, lambda n: n == 0, 15, "idle")
@@ -312,8 +328,12 @@ def test_model_replica_killed_under_load(url):
     async def run():
         async with new_client() as c:
             events = [asyncio.Event() for _ in range(n)]
-            tasks = [asyncio.create_task(request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i],
-                                                 deadline_s=TIMEOUT_S + 30)) for i in range(n)]
+            tasks = [
+                asyncio.create_task(
+                    request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i], deadline_s=TIMEOUT_S + 30)
+                )
+                for i in range(n)
+            ]
             # Serve admits in arrival order, not index order: wait until any 3 streams have
             # produced a chunk (the 3 slots are busy), then let them run a little longer.
             t0 = time.monotonic()
@@ -327,8 +347,9 @@ def test_model_replica_killed_under_load(url):
             probes = []
             recovered = None
             while time.monotonic() - t_kill < RECOVERY_S + 30:
-                p = await request(c, url, chat_body(100 + len(probes), 4, timeout=10), label=f"probe{len(probes)}",
-                                  deadline_s=40)
+                p = await request(
+                    c, url, chat_body(100 + len(probes), 4, timeout=10), label=f"probe{len(probes)}", deadline_s=40
+                )
                 probes.append(p)
                 if p.result == "ok":
                     recovered = p.t_end - t_kill
@@ -348,14 +369,20 @@ def test_model_replica_killed_under_load(url):
     summarize(f"replica killed: {len(queued)} requests queued at the kill", queued)
     summarize("replica killed: probes until the first 200", probes)
     for o in in_flight:
-        print(f"    {o.label}: {o.result} code={o.code} tokens={o.tokens} ended {o.t_end - t_kill:+.2f} s after the kill")
-    print(f"    old replica pid {old_pid} (engine cores {old_engines}); service answered 200 "
-          f"{recovered if recovered is None else round(recovered, 1)} s after the kill")
+        print(
+            f"    {o.label}: {o.result} code={o.code} tokens={o.tokens} ended {o.t_end - t_kill:+.2f} s after the kill"
+        )
+    print(
+        f"    old replica pid {old_pid} (engine cores {old_engines}); service answered 200 "
+        f"{recovered if recovered is None else round(recovered, 1)} s after the kill"
+    )
     new = wait_healthy(url, 60)
     new_pids = replica_pids(APP, "ModelReplica")
     leaked = wait_gone(old_children, 30)
-    print(f"    new replica pids {new_pids}; /health {new['status']}; old replica's child processes "
-          f"{old_children} (engine cores {old_engines}) still alive 30 s on: {leaked}")
+    print(
+        f"    new replica pids {new_pids}; /health {new['status']}; old replica's child processes "
+        f"{old_children} (engine cores {old_engines}) still alive 30 s on: {leaked}"
+    )
     for p in leaked:  # don't leave an orphan engine behind on a shared machine
         kill_pid(p)
     assert all(o.well_formed for o in outs + probes), "a request hung or got a malformed answer"
@@ -389,8 +416,12 @@ def test_engine_core_killed_inside_live_replica(url):
     async def run():
         async with new_client() as c:
             events = [asyncio.Event() for _ in range(2)]
-            streams = [asyncio.create_task(request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i],
-                                                   deadline_s=TIMEOUT_S + 30)) for i in range(2)]
+            streams = [
+                asyncio.create_task(
+                    request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i], deadline_s=TIMEOUT_S + 30)
+                )
+                for i in range(2)
+            ]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
             for e in engines:
                 kill_pid(e)
@@ -416,8 +447,9 @@ def test_engine_core_killed_inside_live_replica(url):
 
             watchers = [asyncio.create_task(probe_health()), asyncio.create_task(watch_exit())]
             while time.monotonic() < end:
-                b = await request(c, url, chat_body(200 + len(between), 4, timeout=10),
-                                  label=f"between{len(between)}", deadline_s=40)
+                b = await request(
+                    c, url, chat_body(200 + len(between), 4, timeout=10), label=f"between{len(between)}", deadline_s=40
+                )
                 between.append(b)
                 if b.result == "ok" and b.t_start > t_kill + 1 and "t" in gone:
                     recovered = b.t_end - t_kill
@@ -434,14 +466,18 @@ def test_engine_core_killed_inside_live_replica(url):
     summarize("engine killed: requests until recovery", between)
     trail = [(round(t - t_kill, 1), s, e) for t, s, e, _ in samples]
     print(f"    /health after the kill (s, status, engine): {trail}")
-    print(f"    first 503 from /health {first_unhealthy} s after the kill; the replica's process ended "
-          f"{exited if exited is None else round(exited, 1)} s after it; first 200 "
-          f"{recovered if recovered is None else round(recovered, 1)} s after it")
+    print(
+        f"    first 503 from /health {first_unhealthy} s after the kill; the replica's process ended "
+        f"{exited if exited is None else round(exited, 1)} s after it; first 200 "
+        f"{recovered if recovered is None else round(recovered, 1)} s after it"
+    )
     new = wait_healthy(url, 60)
     new_pids = replica_pids(APP, "ModelReplica")
     leaked = wait_gone([pid] + children, 30)
-    print(f"    replica pid {pid} -> {new_pids}; /health {new['status']}; old replica and its child processes "
-          f"{[pid] + children} still alive 30 s on: {leaked}")
+    print(
+        f"    replica pid {pid} -> {new_pids}; /health {new['status']}; old replica and its child processes "
+        f"{[pid] + children} still alive 30 s on: {leaked}"
+    )
     for p in leaked:
         kill_pid(p)
     assert all(o.well_formed for o in outs + between), "a request hung or got a malformed answer"

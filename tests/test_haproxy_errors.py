@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.processes import free_port
 from cluster.haproxy_wrapper import add_rules, openai_errors, real_binary, rules
+from cluster.processes import free_port
 
 # The shapes Ray Serve 2.60 writes (ray/serve/_private/haproxy_templates.py), abridged: before the
 # routes are known (no use_backend) and with one application routed to a backend.

@@ -26,15 +26,15 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-
 from crd_schema import strict
+
 from scripts import gen_kuberay as driver
 from scripts.manifests import rayservice as gen
 
@@ -99,7 +99,7 @@ def _kind_schema(group_version: str, kind: str, spec: dict[str, Any] | None) -> 
     return {"type": "object", "properties": props, "required": ["apiVersion", "kind", "metadata"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> openAPIV3Schema."""
     if not CRD_DIR.is_dir():
@@ -120,8 +120,9 @@ def schemas() -> dict[tuple[str, str], dict[str, Any]]:
     # Core kinds, from the Kubernetes types the RayService CRD embeds.
     cluster = rayservice["properties"]["spec"]["properties"]["rayClusterConfig"]["properties"]
     pod = cluster["headGroupSpec"]["properties"]["template"]["properties"]["spec"]["properties"]
-    pvc_spec = pod["volumes"]["items"]["properties"]["ephemeral"]["properties"]["volumeClaimTemplate"][
-        "properties"]["spec"]
+    pvc_spec = pod["volumes"]["items"]["properties"]["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"][
+        "spec"
+    ]
     out[("v1", "PersistentVolumeClaim")] = _kind_schema("v1", "PersistentVolumeClaim", pvc_spec)
     rules = cluster["networkPolicy"]["properties"]["head"]["properties"]
     peer = rules["ingressRules"]["items"]["properties"]["from"]["items"]
@@ -140,25 +141,60 @@ def schemas() -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-KUSTOMIZATION_SCHEMA = strict({
-    "type": "object",
-    "properties": {
-        "apiVersion": {"type": "string", "enum": ["kustomize.config.k8s.io/v1beta1", "kustomize.config.k8s.io/v1alpha1"]},
-        "kind": {"type": "string", "enum": ["Kustomization", "Component"]},
-        "namespace": {"type": "string"},
-        "resources": {"type": "array", "items": {"type": "string"}},
-        "components": {"type": "array", "items": {"type": "string"}},
-        "images": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string"}, "newName": {"type": "string"}, "newTag": {"type": "string"},
-            "digest": {"type": "string"}}, "required": ["name"]}},
-        "patches": {"type": "array", "items": {"type": "object", "properties": {
-            "path": {"type": "string"}, "patch": {"type": "string"},
-            "target": {"type": "object", "properties": {k: {"type": "string"} for k in (
-                "group", "version", "kind", "name", "namespace", "labelSelector", "annotationSelector")}},
-        }}},
-    },
-    "required": ["apiVersion", "kind"],
-})
+KUSTOMIZATION_SCHEMA = strict(
+    {
+        "type": "object",
+        "properties": {
+            "apiVersion": {
+                "type": "string",
+                "enum": ["kustomize.config.k8s.io/v1beta1", "kustomize.config.k8s.io/v1alpha1"],
+            },
+            "kind": {"type": "string", "enum": ["Kustomization", "Component"]},
+            "namespace": {"type": "string"},
+            "resources": {"type": "array", "items": {"type": "string"}},
+            "components": {"type": "array", "items": {"type": "string"}},
+            "images": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "newName": {"type": "string"},
+                        "newTag": {"type": "string"},
+                        "digest": {"type": "string"},
+                    },
+                    "required": ["name"],
+                },
+            },
+            "patches": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "path": {"type": "string"},
+                        "patch": {"type": "string"},
+                        "target": {
+                            "type": "object",
+                            "properties": {
+                                k: {"type": "string"}
+                                for k in (
+                                    "group",
+                                    "version",
+                                    "kind",
+                                    "name",
+                                    "namespace",
+                                    "labelSelector",
+                                    "annotationSelector",
+                                )
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "required": ["apiVersion", "kind"],
+    }
+)
 
 
 def validate(doc: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +206,8 @@ def validate(doc: dict[str, Any]) -> dict[str, Any]:
     apply_defaults(doc, schema)
     errors = sorted(jsonschema.Draft7Validator(strict(schema)).iter_errors(doc), key=lambda e: list(e.path))
     assert not errors, f"{key[1]}/{doc['metadata'].get('name')}:\n" + "\n".join(
-        f"  {'/'.join(map(str, e.path)) or '<root>'}: {e.message[:300]}" for e in errors[:20])
+        f"  {'/'.join(map(str, e.path)) or '<root>'}: {e.message[:300]}" for e in errors[:20]
+    )
     return doc
 
 
@@ -182,19 +219,21 @@ NAMESPACED_EXEMPT = {"Namespace"}
 
 def _matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
     group, _, version = doc["apiVersion"].rpartition("/")
-    return all([
-        target.get("kind") in (None, doc["kind"]),
-        target.get("name") in (None, doc["metadata"]["name"]),
-        target.get("group") in (None, group),
-        target.get("version") in (None, version),
-    ])
+    return all(
+        [
+            target.get("kind") in (None, doc["kind"]),
+            target.get("name") in (None, doc["metadata"]["name"]),
+            target.get("group") in (None, group),
+            target.get("version") in (None, version),
+        ]
+    )
 
 
 def split_image(ref: str) -> tuple[str, str | None, str | None]:
     """(name, tag, digest) of an image reference; a registry's :port is part of the name."""
     ref, _, digest = ref.partition("@")
     slash = ref.rfind("/")
-    name, colon, tag = ref[slash + 1:].partition(":")
+    name, colon, tag = ref[slash + 1 :].partition(":")
     return ref[: slash + 1] + name, (tag if colon else None), (digest or None)
 
 
@@ -257,7 +296,7 @@ def render(directory: Path) -> list[dict[str, Any]]:
     return docs
 
 
-@lru_cache(maxsize=None)
+@cache
 def rendered(variant: str) -> tuple[dict[str, Any], ...]:
     return tuple(render(OVERLAYS[variant]))
 
@@ -363,19 +402,23 @@ def test_embedded_serve_config_parses_and_matches_the_generator(variant):
     if variant == "gpu":
         assert args.model.model_source.startswith("/models/")
         assert args.engine.dtype == "bfloat16" and args.engine.max_model_len >= 2048
-        assert args.deployments["model"]["autoscaling_config"] == src_args["deployments"]["model"][
-            "autoscaling_config"]
+        assert args.deployments["model"]["autoscaling_config"] == src_args["deployments"]["model"]["autoscaling_config"]
 
 
 def test_committed_manifests_match_the_generator():
     diffs = driver.stale()
-    assert not diffs, ("generated manifests are stale; run `python scripts/gen_kuberay.py`:\n"
-                       + "\n".join(diffs.values())[:6000])
+    assert not diffs, (
+        "generated manifests are stale; run `python scripts/gen_kuberay.py`:\n" + "\n".join(diffs.values())[:6000]
+    )
 
 
 def test_generator_check_mode_cli():
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_kuberay.py"), "--check"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_kuberay.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -442,7 +485,9 @@ def test_cpu_overlay_has_no_gpu_and_no_pvc():
     rs = one(docs, "RayService")
     assert "nvidia.com/gpu" not in yaml.safe_dump(rs)
     assert "persistentVolumeClaim" not in yaml.safe_dump(rs)
-    assert all(w["rayStartParams"].get("num-gpus", "0") == "0" for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    assert all(
+        w["rayStartParams"].get("num-gpus", "0") == "0" for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    )
     serve = yaml.safe_load(rs["spec"]["serveConfigV2"])
     assert serve["applications"][0]["args"]["accelerator"] == "cpu"
     images = {c["image"] for _, t in pod_templates(rs) for c in t["spec"]["containers"]}
@@ -525,13 +570,16 @@ def test_ray_internal_ports_are_not_exposed(variant):
         ports = {p["port"] for p in rule.get("ports", [])}
         peers = rule.get("from", [])
         assert peers, "a rule without `from` admits everyone"
-        only_own = all(p.get("podSelector", {}).get("matchLabels") == own and "namespaceSelector" not in p
-                       for p in peers)
+        only_own = all(
+            p.get("podSelector", {}).get("matchLabels") == own and "namespaceSelector" not in p for p in peers
+        )
         if not ports:  # all ports: only our own pods
             assert only_own, rule
         elif ports & internal:
-            operator = all(p.get("podSelector", {}).get("matchLabels") == {
-                "app.kubernetes.io/name": "kuberay-operator"} for p in peers)
+            operator = all(
+                p.get("podSelector", {}).get("matchLabels") == {"app.kubernetes.io/name": "kuberay-operator"}
+                for p in peers
+            )
             assert only_own or (operator and ports & internal == {8265}), rule
 
 
@@ -551,8 +599,11 @@ def test_monitoring_targets_and_alert_rules():
     assert [e["path"] for e in sm["endpoints"]] == ["/metrics/prometheus"]
 
     rule = one(docs, "PrometheusRule")["spec"]
-    groups = [g for f in ("alerts.yaml", "engine_alerts.yaml")
-              for g in yaml.safe_load((REPO / "monitoring" / f).read_text())["groups"]]
+    groups = [
+        g
+        for f in ("alerts.yaml", "engine_alerts.yaml")
+        for g in yaml.safe_load((REPO / "monitoring" / f).read_text())["groups"]
+    ]
     assert rule["groups"] == groups
     by_name = {r["alert"]: r for g in rule["groups"] for r in g["rules"] if "alert" in r}
     assert by_name["HighQueueLength"]["for"] == "1m" and "> 5" in by_name["HighQueueLength"]["expr"]
@@ -565,9 +616,9 @@ def test_serve_config_autoscaling_knobs():
     from ray.serve.config import AutoscalingConfig
 
     from deployments.config import ServiceConfig
-    from deployments.options import deployment_options
     from deployments.ingress import IngressRouter
     from deployments.model_replica import ModelReplica
+    from deployments.options import deployment_options
     from deployments.tokenizer import PromptTokenizer
 
     source = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
@@ -594,8 +645,11 @@ def all_pod_templates() -> list[tuple[str, dict[str, Any]]]:
     the batch RayJob (cluster/kuberay/rayjob-classify.yaml: its cluster and its submitter)."""
     from scripts.manifests import rayjob as gen_rayjob
 
-    out = [(f"{variant}/{name}", t) for variant in sorted(OVERLAYS)
-           for name, t in pod_templates(one(rendered(variant), "RayService"))]
+    out = [
+        (f"{variant}/{name}", t)
+        for variant in sorted(OVERLAYS)
+        for name, t in pod_templates(one(rendered(variant), "RayService"))
+    ]
     job = yaml.safe_load(gen_rayjob.RAYJOB.read_text())["spec"]
     cluster = job["rayClusterSpec"]
     out += [("rayjob/head", cluster["headGroupSpec"]["template"])]
@@ -631,8 +685,11 @@ def test_every_container_has_a_read_only_root_filesystem():
         for mount in auto["volumeMounts"]:
             assert "emptyDir" in head_volumes[mount["name"]], mount
         # KubeRay mounts the head's volume named `ray-logs` at /tmp/ray in the sidecar
-        head_mounts = {m["mountPath"]: m["name"] for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]
-                       for m in c["volumeMounts"]}
+        head_mounts = {
+            m["mountPath"]: m["name"]
+            for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]
+            for m in c["volumeMounts"]
+        }
         assert head_mounts["/tmp/ray"] == "ray-logs"
 
 
@@ -662,8 +719,9 @@ def test_the_generator_refuses_a_writable_root_or_a_missing_write_volume():
     bad = copy.deepcopy(rs)
     worker = bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
     del worker["containers"][0]["securityContext"]["readOnlyRootFilesystem"]
-    worker["containers"][0]["volumeMounts"] = [m for m in worker["containers"][0]["volumeMounts"]
-                                               if m["mountPath"] != "/home/ray/.cache"]
+    worker["containers"][0]["volumeMounts"] = [
+        m for m in worker["containers"][0]["volumeMounts"] if m["mountPath"] != "/home/ray/.cache"
+    ]
     with pytest.raises(gen.ConfigError, match="readOnlyRootFilesystem") as info:
         gen.check_consistency(bad, cfg, "gpu")
     assert "/home/ray/.cache is not a writable emptyDir mount" in str(info.value)
@@ -705,16 +763,33 @@ def test_libraries_write_only_into_the_mounted_volumes():
     themselves, with a Ray container's HOME and environment, all lie under a writable mount."""
     rs = one(rendered("gpu"), "RayService")
     container = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("VLLM_", "XDG_", "TRITON_", "HF_", "TORCHINDUCTOR_", "RAY_SERVE_HAPROXY_",
-                                "CUDA_CACHE", "TMPDIR", "RAY_TMPDIR", "HUGGINGFACE_", "TRANSFORMERS_CACHE"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(
+            (
+                "VLLM_",
+                "XDG_",
+                "TRITON_",
+                "HF_",
+                "TORCHINDUCTOR_",
+                "RAY_SERVE_HAPROXY_",
+                "CUDA_CACHE",
+                "TMPDIR",
+                "RAY_TMPDIR",
+                "HUGGINGFACE_",
+                "TRANSFORMERS_CACHE",
+            )
+        )
+    }
     env.update({e["name"]: e["value"] for e in container["env"] if "value" in e})
     env.update({"HOME": gen.RAY_HOME, "USER": "ray", "LOGNAME": "ray"})
-    r = subprocess.run([sys.executable, "-c", WRITE_PATH_PROBE], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-c", WRITE_PATH_PROBE], env=env, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     line = next((l for l in r.stdout.splitlines() if l.startswith("PROBE")), None)
     assert r.returncode == 0 and line, r.stderr[-3000:]
-    found = json.loads(line[len("PROBE"):])
+    found = json.loads(line[len("PROBE") :])
     mounts = [m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")]
     for what, path in found.items():
         path = os.path.normpath(path)
@@ -733,8 +808,11 @@ def test_pinned_overlay_pins_every_image_by_digest():
     assert pin_image.release_errors() == []  # one entry, llm-serve, sha256:<64 hex>, a newName
     (entry,) = pin_image.pinned()
     pinned_docs, gpu_docs = rendered("pinned"), rendered("gpu")
-    images = [c["image"] for _, t in pod_templates(one(pinned_docs, "RayService"))
-              for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]]
+    images = [
+        c["image"]
+        for _, t in pod_templates(one(pinned_docs, "RayService"))
+        for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]
+    ]
     assert images and all(re.fullmatch(r"[a-z0-9.\-/:]+@sha256:[0-9a-f]{64}", i) for i in images), images
     assert set(images) == {f"{entry['newName']}@{entry['digest']}"}
     gpu_images = {c["image"] for _, t in pod_templates(one(gpu_docs, "RayService")) for c in t["spec"]["containers"]}
@@ -748,22 +826,31 @@ def test_pinned_overlay_pins_every_image_by_digest():
     assert without_images(pinned_docs) == without_images(gpu_docs)
 
 
-@pytest.mark.parametrize("digest,ok", [
-    ("sha256:" + "a1" * 32, True),
-    ("sha256:" + "0" * 64, True),              # the placeholder has the shape (the release gate refuses it)
-    ("sha256:" + "A1" * 32, False),            # uppercase
-    ("sha256:" + "a1" * 31, False),            # short
-    ("sha512:" + "a1" * 64, False),
-    ("0.1.0-gpu", False),                      # a tag
-    ("", False),
-])
+@pytest.mark.parametrize(
+    "digest,ok",
+    [
+        ("sha256:" + "a1" * 32, True),
+        ("sha256:" + "0" * 64, True),  # the placeholder has the shape (the release gate refuses it)
+        ("sha256:" + "A1" * 32, False),  # uppercase
+        ("sha256:" + "a1" * 31, False),  # short
+        ("sha512:" + "a1" * 64, False),
+        ("0.1.0-gpu", False),  # a tag
+        ("", False),
+    ],
+)
 def test_digest_shape_is_enforced(tmp_path, digest, ok):
     from scripts import pin_image
 
     release = tmp_path / "kustomization.yaml"
-    release.write_text(yaml.safe_dump({"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
-                                       "images": [{"name": "llm-serve", "newName": "r.example/llm-serve",
-                                                   "digest": digest}]}))
+    release.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1alpha1",
+                "kind": "Component",
+                "images": [{"name": "llm-serve", "newName": "r.example/llm-serve", "digest": digest}],
+            }
+        )
+    )
     assert (pin_image.release_errors(release) == []) is ok
     tagged = yaml.safe_load(release.read_text())
     tagged["images"][0]["newTag"] = "0.1.0-gpu"
@@ -779,8 +866,10 @@ def test_pin_image_writes_the_digest_the_push_printed(tmp_path):
     assert pin_image.main(["--check", "--file", str(release)]) == 1  # the placeholder is no release
     digest = "sha256:" + "3f" * 32  # test data, not an image
     push = tmp_path / "push.log"
-    push.write_text("The push refers to repository [r.example/llm-serve]\n5f70bf18a086: Pushed\n"
-                    f"0.1.0-gpu: digest: {digest} size: 4321\n")
+    push.write_text(
+        "The push refers to repository [r.example/llm-serve]\n5f70bf18a086: Pushed\n"
+        f"0.1.0-gpu: digest: {digest} size: 4321\n"
+    )
     assert pin_image.main(["--from-push", str(push), "--file", str(release)]) == 0
     assert pin_image.pinned(release)[0]["digest"] == digest
     assert pin_image.pinned(release)[0]["newName"] == pin_image.production_repository()
@@ -800,7 +889,9 @@ def test_renderer_agrees_with_kubectl_kustomize():
         if r.returncode != 0 and "unknown command" in r.stderr:
             pytest.skip("kubectl without kustomize")
         assert r.returncode == 0, r.stderr
-        theirs = sorted((d for d in yaml.safe_load_all(r.stdout) if d), key=lambda d: (d["kind"], d["metadata"]["name"]))
+        theirs = sorted(
+            (d for d in yaml.safe_load_all(r.stdout) if d), key=lambda d: (d["kind"], d["metadata"]["name"])
+        )
         ours = sorted(rendered(variant), key=lambda d: (d["kind"], d["metadata"]["name"]))
         assert theirs == ours, variant
 
@@ -857,12 +948,16 @@ def test_dockerfile_copies_what_exists_and_pins_match_pyproject():
         assert any(src == a or src.startswith(a + "/") for a in allowed), f"COPY {src}: excluded by dockerignore"
     pyproject = (REPO / "pyproject.toml").read_text()
     pins = dict(re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^"]+)"', pyproject))
-    constraints = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "cluster" / "constraints-gpu.txt").read_text(), re.M))
+    constraints = dict(
+        re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "cluster" / "constraints-gpu.txt").read_text(), re.M)
+    )
     norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
     constraints = {norm(k): v for k, v in constraints.items()}
     for name, version in pins.items():
         if norm(name) in constraints:
-            assert constraints[norm(name)] == version, f"{name}: pyproject {version}, constraints-gpu {constraints[norm(name)]}"
+            assert constraints[norm(name)] == version, (
+                f"{name}: pyproject {version}, constraints-gpu {constraints[norm(name)]}"
+            )
     assert constraints["vllm"] == pins["vllm"] and constraints["ray"] == pins["ray"]
 
 
@@ -915,7 +1010,7 @@ def test_the_image_holds_every_module_its_entry_points_import():
     missing = []
     for f in sorted(files):
         rel = str(f.relative_to(REPO))
-        inside = lambda srcs: any(rel == s or rel.startswith(s + "/") for s in srcs)  # noqa: E731
+        inside = lambda srcs, rel=rel: any(rel == s or rel.startswith(s + "/") for s in srcs)  # noqa: E731
         if not (inside(copied) and inside(allowed)):
             missing.append(rel)
     assert not missing, f"imported in the image but not copied into it: {missing}"

@@ -16,26 +16,44 @@ REPO = Path(__file__).resolve().parents[1]
 MONITOR = REPO / "scripts" / "monitor.py"
 
 METRICS = {
-    "num_waiting_requests": 4, "num_running_requests": 3, "total_requests": 120,
-    "total_tokens_generated": 5000, "num_model_replicas": 1,
-    "slo": {"ttft_mean": 0.2, "ttft_p50": 0.123, "ttft_p95": 2.5, "ttft_p99": 3.0,
-            "decoding_throughput_mean": 40.0, "decoding_throughput_p50": 41.5,
-            "decoding_throughput_p95": 55.0, "total_throughput": 88.8, "sample_size": 100},
+    "num_waiting_requests": 4,
+    "num_running_requests": 3,
+    "total_requests": 120,
+    "total_tokens_generated": 5000,
+    "num_model_replicas": 1,
+    "slo": {
+        "ttft_mean": 0.2,
+        "ttft_p50": 0.123,
+        "ttft_p95": 2.5,
+        "ttft_p99": 3.0,
+        "decoding_throughput_mean": 40.0,
+        "decoding_throughput_p50": 41.5,
+        "decoding_throughput_p95": 55.0,
+        "total_throughput": 88.8,
+        "sample_size": 100,
+    },
 }
 STATS = {
-    "total_requests": 120, "successful_requests": 110, "failed_requests": 10, "queue_full_count": 3,
-    "current_queue_size": 4, "peak_queue_size": 9, "available_slots": 0, "model_replicas": 1,
-    "rejections": {"queue_full": 3, "rate_limited": 5, "invalid": 2, "timeout": 0, "unauthorized": 0,
-                   "unavailable": 0},
+    "total_requests": 120,
+    "successful_requests": 110,
+    "failed_requests": 10,
+    "queue_full_count": 3,
+    "current_queue_size": 4,
+    "peak_queue_size": 9,
+    "available_slots": 0,
+    "model_replicas": 1,
+    "rejections": {"queue_full": 3, "rate_limited": 5, "invalid": 2, "timeout": 0, "unauthorized": 0, "unavailable": 0},
 }
 
 
 class _Service(BaseHTTPRequestHandler):
     key: str | None = None
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         if self.key and self.headers.get("Authorization") != f"Bearer {self.key}":
-            return self._send(401, {"error": {"message": "Incorrect API key provided.", "type": "authentication_error"}})
+            return self._send(
+                401, {"error": {"message": "Incorrect API key provided.", "type": "authentication_error"}}
+            )
         body = {"/metrics": METRICS, "/stats": STATS}.get(self.path)
         self._send(200 if body else 404, body or {"error": {"message": "Not found."}})
 
@@ -97,8 +115,9 @@ def test_live_rates_and_rich_render():
     from scripts import monitor
 
     prev = monitor.Snapshot("u", at=100.0, metrics=dict(METRICS), stats=STATS)
-    cur = monitor.Snapshot("u", at=105.0, metrics={**METRICS, "total_tokens_generated": 5500,
-                                                   "total_requests": 130}, stats=STATS)
+    cur = monitor.Snapshot(
+        "u", at=105.0, metrics={**METRICS, "total_tokens_generated": 5500, "total_requests": 130}, stats=STATS
+    )
     assert monitor.rates(cur, prev) == {"tokens_per_s": 100.0, "requests_per_s": 2.0}
     assert "now 100.0" in monitor.render_plain(cur, prev)
     from rich.console import Console

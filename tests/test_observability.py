@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from ray_helpers import ray_local  # noqa: F401  (fixture)
 
 from deployments.observability import (
     ObservabilityConfig,
@@ -20,7 +21,6 @@ from deployments.observability import (
     rejection_reason,
     traces,
 )
-from ray_helpers import ray_local  # noqa: F401  (fixture)
 
 EP = "/v1/chat/completions"
 
@@ -89,22 +89,22 @@ def test_two_ingress_two_model_sources_aggregate(clock):
             stream = i % 2 == 0
             t = ing[i % 2].request_started(EP, request_id=f"r{i}", stream=stream)
             clock.advance(0.01)
-            t.tokenized(7)                       # tokenize 10 ms
+            t.tokenized(7)  # tokenize 10 ms
             t.dispatched()
-            clock.advance(0.02)                  # queue 20 ms
+            clock.advance(0.02)  # queue 20 ms
             e = mod[i % 2].engine_started(f"r{i}", 7)
-            clock.advance(ttft - 0.03)           # engine prefill
-            for _ in range(4):                   # 4 tokens, 50 ms apart
+            clock.advance(ttft - 0.03)  # engine prefill
+            for _ in range(4):  # 4 tokens, 50 ms apart
                 e.output(1)
                 if stream:
                     t.chunk(1)
                 clock.advance(0.05)
             e.finished()
             t.finished(200, completion_tokens=4)
-        ing[0].record_rejection(EP, 429)          # rate limited before dispatch
+        ing[0].record_rejection(EP, 429)  # rate limited before dispatch
         q = ing[1].request_started(EP, request_id="rq")
         q.dispatched()
-        q.finished(503, "queue_full")            # Serve backpressure
+        q.finished(503, "queue_full")  # Serve backpressure
         await _flush(*ing, *mod)
 
     asyncio.run(go())
@@ -156,7 +156,9 @@ def test_two_ingress_two_model_sources_aggregate(clock):
     assert _sample(fams, "llm_engine_time_seconds", "llm_engine_time_seconds_count") == 5
     # 5 requests x 3 gaps of 50 ms (stream: ingress chunks; non-stream: engine outputs)
     assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_count") == 15
-    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_sum") == pytest.approx(0.75)
+    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_sum") == pytest.approx(
+        0.75
+    )
     for name in ("llm_requests_waiting", "llm_requests_running", "llm_available_slots"):
         assert fams[name].type == "gauge"
 
@@ -260,16 +262,22 @@ def test_exactly_once_over_failed_and_repeated_pushes(clock):
             t = rec.request_started(EP, request_id=f"x{i}")
             clock.advance(0.1)
             t.finished(200)
-        assert not await rec.flush()           # lost: nothing acknowledged, all kept
+        assert not await rec.flush()  # lost: nothing acknowledged, all kept
         sink.fail = False
         assert await rec.flush()
         payload, _ = rec._payload()
-        assert payload["events"] == []          # acknowledged events are dropped
+        assert payload["events"] == []  # acknowledged events are dropped
         actor.push("s", "ingress", {**payload, "events": []})
         # a duplicate delivery of old events (retry after a lost ack) is ignored
-        actor.push("s", "ingress", {"counters": payload["counters"], "gauges": payload["gauges"],
-                                    "events": [(1, "req", {"rid": "x0", "status": 200, "arrival": 0, "end": 1,
-                                                           "endpoint": EP})]})
+        actor.push(
+            "s",
+            "ingress",
+            {
+                "counters": payload["counters"],
+                "gauges": payload["gauges"],
+                "events": [(1, "req", {"rid": "x0", "status": 200, "arrival": 0, "end": 1, "endpoint": EP})],
+            },
+        )
 
     asyncio.run(go())
     fams = _families(actor.prometheus_text())
@@ -296,8 +304,9 @@ def test_join_waits_then_finishes_without_engine_record(clock):
         t.finished(504, "timeout")
         await _flush(rec)
         text = actor.prometheus_text()
-        assert _sample(_families(text), "llm_e2e_request_latency_seconds",
-                       "llm_e2e_request_latency_seconds_count") == 0  # still waiting for a partner
+        assert (
+            _sample(_families(text), "llm_e2e_request_latency_seconds", "llm_e2e_request_latency_seconds_count") == 0
+        )  # still waiting for a partner
         clock.advance(4)
         fams = _families(actor.prometheus_text())
         assert _sample(fams, "llm_queue_time_seconds", "llm_queue_time_seconds_count") == 0
@@ -332,6 +341,7 @@ def _nonstream_request(clock, engine_outputs, after_engine_s: float = 0.0):
 def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
     """The model replica's record may arrive first; non-streaming TTFT comes from the engine's
     first output."""
+
     def outputs(e):
         clock.advance(0.2)
         e.output(1)
@@ -349,6 +359,7 @@ def test_engine_record_first_then_ingress_and_nonstream_ttft(clock):
 def test_nonstream_final_only_output_keeps_ttft_and_itl(clock):
     """A non-streaming request's engine sends one final output; the engine's own timings
     (first-token latency, decode time) give TTFT and the mean gap between tokens."""
+
     def outputs(e):
         clock.advance(0.3)
         e.completed(5, first_token_s=0.2, decode_s=0.1)
@@ -362,11 +373,10 @@ def test_nonstream_final_only_output_keeps_ttft_and_itl(clock):
 
     asyncio.run(untimed())
     m = actor.metrics_json()
-    assert m["slo"]["ttft_p50"] == pytest.approx(0.3)      # 0.1 before the engine + 0.2
+    assert m["slo"]["ttft_p50"] == pytest.approx(0.3)  # 0.1 before the engine + 0.2
     fams = _families(actor.prometheus_text())
     assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_count") == 4
-    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_sum") == \
-        pytest.approx(0.1)
+    assert _sample(fams, "llm_inter_token_latency_seconds", "llm_inter_token_latency_seconds_sum") == pytest.approx(0.1)
     assert _sample(fams, "llm_generation_tokens", "llm_generation_tokens_total") == 7
 
 
@@ -382,8 +392,8 @@ def test_percentile_window_and_bound(clock):
             t.finished(200)
         await _flush(ing)
         slo = actor.metrics_json()["slo"]
-        assert slo["sample_size"] == 4                       # bounded
-        assert slo["ttft_p50"] == pytest.approx(0.45)        # of 0.3..0.6
+        assert slo["sample_size"] == 4  # bounded
+        assert slo["ttft_p50"] == pytest.approx(0.45)  # of 0.3..0.6
         clock.advance(61)
         slo = actor.metrics_json()["slo"]
         assert slo["sample_size"] == 0 and slo["ttft_p50"] is None and slo["ttft_mean"] is None
@@ -409,8 +419,11 @@ def test_engine_request_context_marks_outcomes(clock):
         await _flush(mod)
 
     asyncio.run(go())
-    assert {k[1][0]: v for k, v in mod._counters.items() if k[0] == "engine_requests"} == \
-        {"aborted": 1, "error": 1, "ok": 1}
+    assert {k[1][0]: v for k, v in mod._counters.items() if k[0] == "engine_requests"} == {
+        "aborted": 1,
+        "error": 1,
+        "ok": 1,
+    }
     assert actor.metrics_json()["total_tokens_generated"] == 6
 
 
@@ -506,8 +519,7 @@ def test_named_actor_with_background_flush(ray_local):
         deadline = asyncio.get_running_loop().time() + 30
         while True:  # no explicit flush: the background tasks push
             stats = await ing[1].stats()
-            if stats["total_requests"] == 5 and stats["successful_requests"] == 4 \
-                    and stats["model_replicas"] == 1:
+            if stats["total_requests"] == 5 and stats["successful_requests"] == 4 and stats["model_replicas"] == 1:
                 break
             assert asyncio.get_running_loop().time() < deadline, stats
             await asyncio.sleep(0.2)

@@ -18,9 +18,8 @@ import os
 import httpx
 import pytest
 
-from deployments.admission.client_address import UVICORN_DEFAULT_FORWARDED_ALLOW_IPS, ClientAddress
+from deployments.admission.client_address import UVICORN_DEFAULT_FORWARDED_ALLOW_IPS, ClientAddress, client_key
 from deployments.admission.middleware import _forwarded_for
-from deployments.admission.client_address import client_key
 
 MODEL = "tiny-qwen3"
 

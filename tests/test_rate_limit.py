@@ -8,14 +8,20 @@ import time
 import uuid
 
 import pytest
-
-from deployments.admission.client_address import client_key
-from deployments.admission.limit_responses import rate_limited_error, rate_limit_headers
-from deployments.admission.limiter_actor import RateLimiterActor
-from deployments.admission.limits import AdmitSpec, RateDecision, RateLimitConfig, RateWindow, effective_limits, make_windows
-from deployments.admission.rate_limit import RateLimiter
 from ray_helpers import ray_local  # noqa: F401  (fixture)
 
+from deployments.admission.client_address import client_key
+from deployments.admission.limit_responses import rate_limit_headers, rate_limited_error
+from deployments.admission.limiter_actor import RateLimiterActor
+from deployments.admission.limits import (
+    AdmitSpec,
+    RateDecision,
+    RateLimitConfig,
+    RateWindow,
+    effective_limits,
+    make_windows,
+)
+from deployments.admission.rate_limit import RateLimiter
 
 # One limiter actor for the module (each actor is a worker process: slow to start on 2 cores);
 # each test reconfigures it through its own clients and uses fresh keys, as redeploys would.
@@ -134,7 +140,7 @@ def test_any_full_window_rejects_without_consuming(ray_local):
     d = _run(_hits(limiter, _key(), 3))
     assert [x.allowed for x in d] == [True, True, False]
     assert d[-1].window == "minute"
-    short = [w for w in d[-1].windows if w["period_s"] == 2][0]
+    (short,) = [w for w in d[-1].windows if w["period_s"] == 2]
     assert short["remaining"] == 1
 
 

@@ -30,14 +30,25 @@ ALIAS = "qwen-news-classifier"  # → news-lora (configs/serve_config.yaml)
 PATH = "/v1/responses"
 TEXT = "央行宣布降息25个基点"
 LABELS = ["news_finance", "news_sports", "news_tech"]
-WEATHER = {"type": "object",
-           "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-                          "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-           "required": ["unit", "days"], "additionalProperties": False}
-NEWS = {"type": "object", "properties": {"label": {"type": "string", "enum": LABELS}},
-        "required": ["label"], "additionalProperties": False}
-TOOLS = [{"type": "function", "name": "get_weather", "description": "天气", "parameters": WEATHER, "strict": True},
-         {"type": "function", "name": "classify", "description": "新闻分类", "parameters": NEWS, "strict": True}]
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["unit", "days"],
+    "additionalProperties": False,
+}
+NEWS = {
+    "type": "object",
+    "properties": {"label": {"type": "string", "enum": LABELS}},
+    "required": ["label"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "name": "get_weather", "description": "天气", "parameters": WEATHER, "strict": True},
+    {"type": "function", "name": "classify", "description": "新闻分类", "parameters": NEWS, "strict": True},
+]
 SCHEMAS = {"get_weather": WEATHER, "classify": NEWS}
 CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in TOOLS]
 FORCED_MAX_TOKENS = 128  # bounded schemas in compact JSON: any forced call ends well before this
@@ -93,8 +104,8 @@ def parse_sse(raw: str) -> list[dict[str, Any]]:
     for block in raw.strip().split("\n\n"):
         lines = block.split("\n")
         assert len(lines) == 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "), block
-        event = json.loads(lines[1][len("data: "):])
-        assert lines[0][len("event: "):] == event["type"], block
+        event = json.loads(lines[1][len("data: ") :])
+        assert lines[0][len("event: ") :] == event["type"], block
         assert event["type"] in EVENT_SCHEMAS, event["type"]
         assert_valid(EVENT_SCHEMAS[event["type"]], event, f"event {event['sequence_number']} {event['type']}")
         assert_valid("ResponseStreamEvent", event, f"event {event['sequence_number']}")
@@ -164,15 +175,21 @@ def check_sequence(events: list[dict[str, Any]]) -> dict[str, Any]:
     assert i == len(events) - 1, f"unexpected event {events[i]['type']} at {i}: {types}"
     final = events[-1]["response"]
     assert final["output"] == done_items
-    status = {"response.completed": "completed", "response.incomplete": "incomplete",
-              "response.failed": "failed"}[events[-1]["type"]]
+    status = {"response.completed": "completed", "response.incomplete": "incomplete", "response.failed": "failed"}[
+        events[-1]["type"]
+    ]
     assert final["status"] == status
     return final
 
 
 def output_text(resp: dict[str, Any]) -> str:
-    return "".join(part["text"] for item in resp["output"] if item["type"] == "message"
-                   for part in item["content"] if part["type"] == "output_text")
+    return "".join(
+        part["text"]
+        for item in resp["output"]
+        if item["type"] == "message"
+        for part in item["content"]
+        if part["type"] == "output_text"
+    )
 
 
 def calls(resp: dict[str, Any]) -> list[dict[str, Any]]:
@@ -186,7 +203,10 @@ def assert_same_as_chat(resp: dict[str, Any], completion: dict[str, Any]) -> Non
     assert output_text(resp) == (choice["message"]["content"] or ""), (resp, completion)
     u, cu = resp["usage"], completion["usage"]
     assert (u["input_tokens"], u["output_tokens"], u["total_tokens"]) == (
-        cu["prompt_tokens"], cu["completion_tokens"], cu["total_tokens"])
+        cu["prompt_tokens"],
+        cu["completion_tokens"],
+        cu["total_tokens"],
+    )
     truncated = choice["finish_reason"] == "length"
     assert resp["status"] == ("incomplete" if truncated else "completed")
     assert resp["incomplete_details"] == ({"reason": "max_output_tokens"} if truncated else None)
@@ -200,8 +220,13 @@ def assert_same_as_chat(resp: dict[str, Any], completion: dict[str, Any]) -> Non
 def test_create_is_the_chat_completion(base_url, model):
     """`input` as a string, with `instructions`: the chat completion of [system, user]."""
     resp = create(base_url, model=model, input=TEXT, instructions="你是新闻编辑。", max_output_tokens=12, **GREEDY)
-    completion = chat(base_url, model=model, messages=[{"role": "system", "content": "你是新闻编辑。"},
-                                                       {"role": "user", "content": TEXT}], max_tokens=12, **GREEDY)
+    completion = chat(
+        base_url,
+        model=model,
+        messages=[{"role": "system", "content": "你是新闻编辑。"}, {"role": "user", "content": TEXT}],
+        max_tokens=12,
+        **GREEDY,
+    )
     assert_same_as_chat(resp, completion)
     assert resp["id"].startswith("resp_") and resp["object"] == "response" and resp["model"] == model
     assert resp["instructions"] == "你是新闻编辑。" and resp["max_output_tokens"] == 12
@@ -215,18 +240,34 @@ def test_sdk_create_and_input_items(client, base_url):
     previous response returns it, a developer message): the chat completion of the same messages."""
     items = [
         {"role": "developer", "content": "只输出类别。"},
-        {"role": "user", "content": [{"type": "input_text", "text": "体育新闻："}, {"type": "input_text", "text": TEXT}]},
-        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
-         "content": [{"type": "output_text", "text": "news_finance", "annotations": [], "logprobs": []}]},
+        {
+            "role": "user",
+            "content": [{"type": "input_text", "text": "体育新闻："}, {"type": "input_text", "text": TEXT}],
+        },
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_1",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "news_finance", "annotations": [], "logprobs": []}],
+        },
         {"role": "user", "content": "再说一遍"},
     ]
-    resp = client.responses.create(model=ADAPTER, input=items, max_output_tokens=10, temperature=0,
-                                   metadata={"run": "test"}, user="u-1")
-    completion = chat(base_url, model=ADAPTER, max_tokens=10, **GREEDY, messages=[
-        {"role": "developer", "content": "只输出类别。"},
-        {"role": "user", "content": [{"type": "text", "text": "体育新闻："}, {"type": "text", "text": TEXT}]},
-        {"role": "assistant", "content": "news_finance"},
-        {"role": "user", "content": "再说一遍"}])
+    resp = client.responses.create(
+        model=ADAPTER, input=items, max_output_tokens=10, temperature=0, metadata={"run": "test"}, user="u-1"
+    )
+    completion = chat(
+        base_url,
+        model=ADAPTER,
+        max_tokens=10,
+        **GREEDY,
+        messages=[
+            {"role": "developer", "content": "只输出类别。"},
+            {"role": "user", "content": [{"type": "text", "text": "体育新闻："}, {"type": "text", "text": TEXT}]},
+            {"role": "assistant", "content": "news_finance"},
+            {"role": "user", "content": "再说一遍"},
+        ],
+    )
     as_json = resp.model_dump(mode="json", exclude_unset=True)
     assert_valid("Response", as_json, "SDK Response")
     assert_same_as_chat(as_json, completion)
@@ -264,14 +305,17 @@ def test_stream_events(base_url, max_output_tokens):
 def test_sdk_stream(client):
     """The SDK's event stream (typed events) and its `responses.stream` helper, which checks
     item identities across the events and assembles the final Response."""
-    events = list(client.responses.create(model=ADAPTER, input=TEXT, max_output_tokens=6, temperature=0,
-                                          stream=True))
+    events = list(client.responses.create(model=ADAPTER, input=TEXT, max_output_tokens=6, temperature=0, stream=True))
     assert events[0].type == "response.created" and events[-1].type in TERMINAL
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == events[-1].response.output_text
-    with client.responses.stream(model=ADAPTER, input=TEXT, max_output_tokens=64, temperature=0,
-                                 text={"format": {"type": "json_schema", "name": "label", "schema": NEWS,
-                                                  "strict": True}}) as s:
+    with client.responses.stream(
+        model=ADAPTER,
+        input=TEXT,
+        max_output_tokens=64,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "label", "schema": NEWS, "strict": True}},
+    ) as s:
         texts = [e.delta for e in s if e.type == "response.output_text.delta"]
         final = s.get_final_response()
     assert final.status == "completed" and final.output_text == "".join(texts)
@@ -312,27 +356,43 @@ class Label(BaseModel):
 def test_sdk_parse_pydantic(client, base_url):
     """`responses.parse` with a pydantic model: text.format json_schema, constrained decoding, the
     parsed object; the same output as chat's response_format json_schema."""
-    resp = client.responses.parse(model=ADAPTER, input=TEXT, text_format=Label, max_output_tokens=64,
-                                  temperature=0)
+    resp = client.responses.parse(model=ADAPTER, input=TEXT, text_format=Label, max_output_tokens=64, temperature=0)
     assert resp.status == "completed"
     assert isinstance(resp.output_parsed, Label)
-    completion = chat(base_url, model=ADAPTER, messages=[{"role": "user", "content": TEXT}], max_tokens=64,
-                      **GREEDY, response_format={"type": "json_schema", "json_schema": {
-                          "name": "Label", "schema": resp.text.format.schema_, "strict": True}})
+    completion = chat(
+        base_url,
+        model=ADAPTER,
+        messages=[{"role": "user", "content": TEXT}],
+        max_tokens=64,
+        **GREEDY,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "Label", "schema": resp.text.format.schema_, "strict": True},
+        },
+    )
     assert resp.output_text == completion["choices"][0]["message"]["content"]
 
 
 def test_json_object_and_logprobs(base_url):
     """text.format json_object (JSON whenever the output ended), and include
     message.output_text.logprobs with top_logprobs: chat's logprobs, token for token."""
-    resp = create(base_url, model=MODEL, input=TEXT, max_output_tokens=48, text={"format": {"type": "json_object"}},
-                  **GREEDY)
+    resp = create(
+        base_url, model=MODEL, input=TEXT, max_output_tokens=48, text={"format": {"type": "json_object"}}, **GREEDY
+    )
     if resp["status"] == "completed":
         assert isinstance(json.loads(output_text(resp)), dict)
     body = {"model": MODEL, "input": TEXT, "max_output_tokens": 5, "ignore_eos": True, **GREEDY}
     resp = create(base_url, **body, include=["message.output_text.logprobs"], top_logprobs=2)
-    completion = chat(base_url, model=MODEL, messages=[{"role": "user", "content": TEXT}], max_tokens=5,
-                      ignore_eos=True, logprobs=True, top_logprobs=2, **GREEDY)
+    completion = chat(
+        base_url,
+        model=MODEL,
+        messages=[{"role": "user", "content": TEXT}],
+        max_tokens=5,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=2,
+        **GREEDY,
+    )
     [item] = resp["output"]
     assert item["content"][0]["logprobs"] == completion["choices"][0]["logprobs"]["content"]
     assert resp["top_logprobs"] == 2
@@ -343,14 +403,22 @@ def test_json_object_and_logprobs(base_url):
 # ----------------------------------------------------------------------------- tools
 
 
-@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "name": "get_weather"}],
-                         ids=["required", "named"])
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "name": "get_weather"}], ids=["required", "named"]
+)
 def test_forced_tool_call(base_url, client, tool_choice):
     """A forced call (required, or a named function): function_call items whose arguments are
     valid against the function's schema (constrained decoding), the chat path's call; streamed,
     the argument deltas add up to the same call."""
-    body = {"model": MODEL, "input": "北京明天天气怎么样？", "tools": TOOLS, "tool_choice": tool_choice,
-            "max_output_tokens": FORCED_MAX_TOKENS, "parallel_tool_calls": False, **GREEDY}
+    body = {
+        "model": MODEL,
+        "input": "北京明天天气怎么样？",
+        "tools": TOOLS,
+        "tool_choice": tool_choice,
+        "max_output_tokens": FORCED_MAX_TOKENS,
+        "parallel_tool_calls": False,
+        **GREEDY,
+    }
     resp = create(base_url, **body)
     assert resp["status"] == "completed" and output_text(resp) == ""
     [call] = calls(resp)
@@ -360,10 +428,18 @@ def test_forced_tool_call(base_url, client, tool_choice):
     jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
     assert resp["tool_choice"] == tool_choice and resp["parallel_tool_calls"] is False
     assert [t["name"] for t in resp["tools"]] == ["get_weather", "classify"]
-    completion = chat(base_url, model=MODEL, messages=[{"role": "user", "content": body["input"]}],
-                      tools=CHAT_TOOLS, max_tokens=FORCED_MAX_TOKENS, parallel_tool_calls=False, **GREEDY,
-                      tool_choice=tool_choice if isinstance(tool_choice, str) else
-                      {"type": "function", "function": {"name": "get_weather"}})
+    completion = chat(
+        base_url,
+        model=MODEL,
+        messages=[{"role": "user", "content": body["input"]}],
+        tools=CHAT_TOOLS,
+        max_tokens=FORCED_MAX_TOKENS,
+        parallel_tool_calls=False,
+        **GREEDY,
+        tool_choice=tool_choice
+        if isinstance(tool_choice, str)
+        else {"type": "function", "function": {"name": "get_weather"}},
+    )
     [chat_call] = completion["choices"][0]["message"]["tool_calls"]
     assert (call["name"], call["arguments"]) == (chat_call["function"]["name"], chat_call["function"]["arguments"])
     final = check_sequence(stream(base_url, **body))
@@ -379,17 +455,41 @@ def test_tool_conversation(base_url):
     """A conversation with a function call and its output (the items the SDK sends back after
     running a tool): the chat completion of the same messages (assistant tool call, tool
     result), prompt tokens included. tool_choice none and auto both answer valid Responses."""
-    items = [{"role": "user", "content": "北京明天天气怎么样？"},
-             {"type": "function_call", "call_id": "call_1", "name": "get_weather",
-              "arguments": '{"unit":"celsius","days":1}'},
-             {"type": "function_call_output", "call_id": "call_1", "output": "晴，25度"}]
+    items = [
+        {"role": "user", "content": "北京明天天气怎么样？"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"unit":"celsius","days":1}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "晴，25度"},
+    ]
     body = {"model": MODEL, "input": items, "tools": TOOLS, "max_output_tokens": 8, **GREEDY}
     resp = create(base_url, **body, tool_choice="none")
-    completion = chat(base_url, model=MODEL, tools=CHAT_TOOLS, tool_choice="none", max_tokens=8, **GREEDY, messages=[
-        {"role": "user", "content": "北京明天天气怎么样？"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": '{"unit":"celsius","days":1}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "晴，25度"}])
+    completion = chat(
+        base_url,
+        model=MODEL,
+        tools=CHAT_TOOLS,
+        tool_choice="none",
+        max_tokens=8,
+        **GREEDY,
+        messages=[
+            {"role": "user", "content": "北京明天天气怎么样？"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"unit":"celsius","days":1}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "晴，25度"},
+        ],
+    )
     assert_same_as_chat(resp, completion)
     auto = create(base_url, **body)  # tool_choice auto (hermes parser): a message and/or calls
     assert auto["tool_choice"] == "auto"
@@ -421,21 +521,45 @@ REFUSED = [
     ("tool-no-name", {"tools": [{"type": "function", "parameters": {}}]}, 400, "tools.0.name"),
     ("named-not-in-tools", {"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, 400, "tool_choice"),
     ("required-without-tools", {"tool_choice": "required"}, 400, "tool_choice"),
-    ("allowed-tools", {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, 400,
-     "tool_choice"),
-    ("image-part", {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400,
-     "input.0.content.0"),
+    (
+        "allowed-tools",
+        {"tools": TOOLS, "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}},
+        400,
+        "tool_choice",
+    ),
+    (
+        "image-part",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        400,
+        "input.0.content.0",
+    ),
     ("item-reference", {"input": [{"type": "item_reference", "id": "msg_1"}]}, 400, "input.0.type"),
     ("item-not-object", {"input": ["hi"]}, 400, "input.0"),
-    ("encrypted-reasoning", {"input": [{"type": "reasoning", "summary": [], "encrypted_content": "x"}]}, 400,
-     "input.0.encrypted_content"),
+    (
+        "encrypted-reasoning",
+        {"input": [{"type": "reasoning", "summary": [], "encrypted_content": "x"}]},
+        400,
+        "input.0.encrypted_content",
+    ),
     ("empty-input", {"input": []}, 400, "input"),
-    ("json_schema-without-schema", {"text": {"format": {"type": "json_schema", "name": "x"}}}, 400,
-     "text.format.json_schema.schema"),
-    ("format-and-structured_outputs", {"text": {"format": {"type": "json_object"}},
-                                       "structured_outputs": {"regex": "a+"}}, 400, "structured_outputs"),
-    ("bad-schema", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, 400,
-     "text.format"),
+    (
+        "json_schema-without-schema",
+        {"text": {"format": {"type": "json_schema", "name": "x"}}},
+        400,
+        "text.format.json_schema.schema",
+    ),
+    (
+        "format-and-structured_outputs",
+        {"text": {"format": {"type": "json_object"}}, "structured_outputs": {"regex": "a+"}},
+        400,
+        "structured_outputs",
+    ),
+    (
+        "bad-schema",
+        {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}},
+        400,
+        "text.format",
+    ),
     ("over-context", {"input": TEXT * 400}, 400, "input"),
     ("unknown-model", {"model": "no-such-model"}, 404, "model"),
 ]
@@ -451,8 +575,12 @@ def test_refused_naming_the_field(base_url, changes, status, param):
 
 def test_stored_response_routes_are_404(base_url):
     """Nothing is stored: retrieve, delete, cancel and input_items answer 404 saying so."""
-    for method, path in [("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
-                         ("POST", "/v1/responses/resp_1/cancel"), ("GET", "/v1/responses/resp_1/input_items")]:
+    for method, path in [
+        ("GET", "/v1/responses/resp_1"),
+        ("DELETE", "/v1/responses/resp_1"),
+        ("POST", "/v1/responses/resp_1/cancel"),
+        ("GET", "/v1/responses/resp_1/input_items"),
+    ]:
         r = httpx.request(method, base_url + path, timeout=30)
         assert r.status_code == 404, (method, path, r.text)
         assert_valid("ErrorResponse", r.json(), f"{method} {path}")
@@ -461,33 +589,96 @@ def test_stored_response_routes_are_404(base_url):
 
 def test_store_false_and_bookkeeping_accepted(base_url):
     """store false (or unset), and bookkeeping fields that change no output, are accepted."""
-    resp = create(base_url, **BASE, store=False, background=False, truncation="disabled", service_tier="auto",
-                  safety_identifier="s", prompt_cache_key="k", reasoning={"effort": None},
-                  stream_options={"include_obfuscation": False}, max_tool_calls=3)
+    resp = create(
+        base_url,
+        **BASE,
+        store=False,
+        background=False,
+        truncation="disabled",
+        service_tier="auto",
+        safety_identifier="s",
+        prompt_cache_key="k",
+        reasoning={"effort": None},
+        stream_options={"include_obfuscation": False},
+        max_tool_calls=3,
+    )
     assert resp["safety_identifier"] == "s" and resp["prompt_cache_key"] == "k" and resp["max_tool_calls"] == 3
     assert resp["truncation"] == "disabled" and resp["background"] is False
 
 
 def _mutations(rng: random.Random) -> dict[str, Any]:
-    values = [None, True, False, -1, 0, 1, 0.5, 2**70, 1.5, float("1e308"), "", "auto", "none", "x" * 300, [], {},
-              [None], {"type": None},
-              [{"type": "function"}], {"format": {"type": "nope"}}, [{"role": "user"}], ["a", 1],
-              [{"type": "message", "role": "tool", "content": "x"}], {"a": {"b": [1]}}]
-    fields = ["model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "tools", "tool_choice",
-              "parallel_tool_calls", "text", "include", "top_logprobs", "metadata", "store", "background",
-              "truncation", "reasoning", "user", "stream_options", "seed", "stop", "logit_bias", "top_k",
-              "structured_outputs", "chat_template_kwargs", "priority", "timeout", "max_tool_calls"]
+    values = [
+        None,
+        True,
+        False,
+        -1,
+        0,
+        1,
+        0.5,
+        2**70,
+        1.5,
+        float("1e308"),
+        "",
+        "auto",
+        "none",
+        "x" * 300,
+        [],
+        {},
+        [None],
+        {"type": None},
+        [{"type": "function"}],
+        {"format": {"type": "nope"}},
+        [{"role": "user"}],
+        ["a", 1],
+        [{"type": "message", "role": "tool", "content": "x"}],
+        {"a": {"b": [1]}},
+    ]
+    fields = [
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "include",
+        "top_logprobs",
+        "metadata",
+        "store",
+        "background",
+        "truncation",
+        "reasoning",
+        "user",
+        "stream_options",
+        "seed",
+        "stop",
+        "logit_bias",
+        "top_k",
+        "structured_outputs",
+        "chat_template_kwargs",
+        "priority",
+        "timeout",
+        "max_tool_calls",
+    ]
     body: dict[str, Any] = {"model": rng.choice([MODEL, ADAPTER]), "input": TEXT, "max_output_tokens": 2}
     if rng.random() < 0.5:
         body["tools"] = TOOLS
     if rng.random() < 0.4:
-        body["input"] = [rng.choice([
-            {"role": "user", "content": TEXT},
-            {"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{"},
-            {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "ok"}]},
-            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}]},
-            {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
-        ]) for _ in range(rng.randint(1, 4))]
+        body["input"] = [
+            rng.choice(
+                [
+                    {"role": "user", "content": TEXT},
+                    {"type": "function_call", "call_id": "c", "name": "get_weather", "arguments": "{"},
+                    {"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": "ok"}]},
+                    {"type": "reasoning", "summary": [{"type": "summary_text", "text": "s"}]},
+                    {"role": "assistant", "content": [{"type": "output_text", "text": "a"}]},
+                ]
+            )
+            for _ in range(rng.randint(1, 4))
+        ]
     for _ in range(rng.choice([0, 1, 1, 2, 3])):  # 0: a valid body (random items, tools)
         name = rng.choice(fields)
         if isinstance(body.get("input"), list) and rng.random() < 0.3:
@@ -541,8 +732,16 @@ def test_schemathesis_fuzz(base_url):
     bad: list[str] = []
 
     for mode, n in ((GenerationMode.POSITIVE, 60), (GenerationMode.NEGATIVE, 60)):
-        @settings(max_examples=n, deadline=None, database=None, derandomize=True, print_blob=False,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            print_blob=False,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode))
         def fuzz(case):
             if isinstance(case.body, dict):
@@ -609,14 +808,34 @@ def test_stream_reasoning_text_and_auto_calls_unit():
 
     out = _renderer(tools=TOOLS)
     data = out.role()
-    for chunk in [C("", 1, reasoning="想"), C("", 1, reasoning="一想"), C("北京", 1), C("晴", 1),
-                  C("", 1, tool_calls=[{"index": 0, "id": "call_a", "type": "function",
-                                        "function": {"name": "get_weather", "arguments": ""}}]),
-                  C("", 1, tool_calls=[{"index": 0, "function": {"arguments": '{"unit":"celsius",'}}]),
-                  C("", 1, tool_calls=[{"index": 0, "function": {"arguments": '"days":2}'}}]),
-                  C("", 1, tool_calls=[{"index": 1, "id": "call_b", "type": "function",
-                                        "function": {"name": "classify", "arguments": '{"label":"news_tech"}'}}],
-                    finish_reason="stop")]:
+    for chunk in [
+        C("", 1, reasoning="想"),
+        C("", 1, reasoning="一想"),
+        C("北京", 1),
+        C("晴", 1),
+        C(
+            "",
+            1,
+            tool_calls=[
+                {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+            ],
+        ),
+        C("", 1, tool_calls=[{"index": 0, "function": {"arguments": '{"unit":"celsius",'}}]),
+        C("", 1, tool_calls=[{"index": 0, "function": {"arguments": '"days":2}'}}]),
+        C(
+            "",
+            1,
+            tool_calls=[
+                {
+                    "index": 1,
+                    "id": "call_b",
+                    "type": "function",
+                    "function": {"name": "classify", "arguments": '{"label":"news_tech"}'},
+                }
+            ],
+            finish_reason="stop",
+        ),
+    ]:
         data += out.chunk(chunk) or b""
     data += out.end()
     final = check_sequence(parse_sse(data.decode()))
@@ -637,16 +856,39 @@ def test_unary_reasoning_and_calls_unit():
     from deployments.config import LimitsConfig
 
     rendering = ResponsesRendering(ResponsesRequest.model_validate({"input": TEXT, "tools": TOOLS}), LimitsConfig())
-    completion = {"id": "resp_unit", "object": "chat.completion", "created": 1, "model": MODEL,
-                  "choices": [{"index": 0, "finish_reason": "length", "logprobs": None, "message": {
-                      "role": "assistant", "content": "北京", "reasoning_content": "想一想", "tool_calls": [
-                          {"id": "call_a", "type": "function",
-                           "function": {"name": "get_weather", "arguments": '{"unit":'}}]}}],
-                  "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}}
+    completion = {
+        "id": "resp_unit",
+        "object": "chat.completion",
+        "created": 1,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "length",
+                "logprobs": None,
+                "message": {
+                    "role": "assistant",
+                    "content": "北京",
+                    "reasoning_content": "想一想",
+                    "tool_calls": [
+                        {
+                            "id": "call_a",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"unit":'},
+                        }
+                    ],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16},
+    }
     resp = rendering.unary(completion)
     assert_valid("Response", resp, "Response")
     assert [(i["type"], i["status"]) for i in resp["output"]] == [
-        ("reasoning", "completed"), ("message", "completed"), ("function_call", "incomplete")]
+        ("reasoning", "completed"),
+        ("message", "completed"),
+        ("function_call", "incomplete"),
+    ]
     assert resp["output"][0]["content"] == [{"type": "reasoning_text", "text": "想一想"}]
     assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
     assert resp["usage"]["total_tokens"] == 16 and resp["tool_choice"] == "auto"
@@ -707,9 +949,14 @@ def test_agents_sdk_agent_with_a_function_tool(base_url):
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
     model = agents.OpenAIResponsesModel(model=ADAPTER, openai_client=client)
     assert isinstance(model, agents.OpenAIResponsesModel)
-    agent = agents.Agent(name="weather", instructions="Answer with the tool.", tools=[get_weather], model=model,
-                         model_settings=agents.ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=128),
-                         tool_use_behavior="stop_on_first_tool")
+    agent = agents.Agent(
+        name="weather",
+        instructions="Answer with the tool.",
+        tools=[get_weather],
+        model=model,
+        model_settings=agents.ModelSettings(tool_choice="get_weather", temperature=0, max_tokens=128),
+        tool_use_behavior="stop_on_first_tool",
+    )
     config = agents.RunConfig(tracing_disabled=True)
 
     async def run():
@@ -750,34 +997,75 @@ def test_agents_sdk_agent_with_a_function_tool(base_url):
 #  9. Error objects: OpenAI's string codes and types (vLLM: the status as an int), as on chat.
 
 # Top-level Response fields only one side sends (3.)
-OURS_ONLY = {"completed_at", "safety_identifier", "prompt_cache_key",
-             "error"}  # OpenAI's document requires it; vLLM's Response lacks it
-VLLM_ONLY = {"presence_penalty", "frequency_penalty", "prompt", "kv_transfer_params", "ec_transfer_params",
-             "input_messages", "output_messages", "metrics",
-             "user"}  # ours only when set (OpenAI's document: a string, not nullable); vLLM: null
+OURS_ONLY = {
+    "completed_at",
+    "safety_identifier",
+    "prompt_cache_key",
+    "error",
+}  # OpenAI's document requires it; vLLM's Response lacks it
+VLLM_ONLY = {
+    "presence_penalty",
+    "frequency_penalty",
+    "prompt",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "input_messages",
+    "output_messages",
+    "metrics",
+    "user",
+}  # ours only when set (OpenAI's document: a string, not nullable); vLLM: null
 
 
 def _vllm_cases() -> list:
-    items = [{"role": "user", "content": [{"type": "input_text", "text": TEXT}]},
-             {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
-              "content": [{"type": "output_text", "text": "news_finance", "annotations": []}]},
-             {"role": "user", "content": "再说一遍"}]
-    tool_history = [{"role": "user", "content": "北京明天天气怎么样？"},
-                    {"type": "function_call", "call_id": "call_1", "name": "get_weather",
-                     "arguments": '{"unit":"celsius","days":1}'},
-                    {"type": "function_call_output", "call_id": "call_1", "output": "晴"}]
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": TEXT}]},
+        {
+            "type": "message",
+            "role": "assistant",
+            "id": "msg_1",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": "news_finance", "annotations": []}],
+        },
+        {"role": "user", "content": "再说一遍"},
+    ]
+    tool_history = [
+        {"role": "user", "content": "北京明天天气怎么样？"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": '{"unit":"celsius","days":1}',
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "晴"},
+    ]
     cases = {
         "plain": {"model": MODEL, "input": TEXT, "max_output_tokens": 8, "ignore_eos": True},
-        "lora-items-instructions": {"model": ADAPTER, "input": items, "instructions": "你是新闻编辑。",
-                                    "max_output_tokens": 8},
-        "tool-history": {"model": MODEL, "input": tool_history, "tools": TOOLS, "tool_choice": "none",
-                         "max_output_tokens": 6, "ignore_eos": True},
-        "json_schema-lora": {"model": ADAPTER, "input": TEXT, "max_output_tokens": 64,
-                             "text": {"format": {"type": "json_schema", "name": "label", "schema": NEWS,
-                                                 "strict": True}}},
+        "lora-items-instructions": {
+            "model": ADAPTER,
+            "input": items,
+            "instructions": "你是新闻编辑。",
+            "max_output_tokens": 8,
+        },
+        "tool-history": {
+            "model": MODEL,
+            "input": tool_history,
+            "tools": TOOLS,
+            "tool_choice": "none",
+            "max_output_tokens": 6,
+            "ignore_eos": True,
+        },
+        "json_schema-lora": {
+            "model": ADAPTER,
+            "input": TEXT,
+            "max_output_tokens": 64,
+            "text": {"format": {"type": "json_schema", "name": "label", "schema": NEWS, "strict": True}},
+        },
     }
-    return [pytest.param({**body, **GREEDY}, s, id=f"{name}-{'stream' if s else 'json'}")
-            for name, body in cases.items() for s in (False, True)]
+    return [
+        pytest.param({**body, **GREEDY}, s, id=f"{name}-{'stream' if s else 'json'}")
+        for name, body in cases.items()
+        for s in (False, True)
+    ]
 
 
 def _vllm_stream(url: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -815,18 +1103,32 @@ def test_vllm_same_answer(base_url, vllm_server, body, streamed):
         r = post(vllm_server.url, body)
         assert r.status_code == 200, r.text
         theirs = r.json()
-    ctx = f"\nours: {json.dumps(ours, ensure_ascii=False)[:3000]}\nvLLM: {json.dumps(theirs, ensure_ascii=False)[:3000]}"
+    ctx = (
+        f"\nours: {json.dumps(ours, ensure_ascii=False)[:3000]}\nvLLM: {json.dumps(theirs, ensure_ascii=False)[:3000]}"
+    )
     assert output_text(ours) == output_text(theirs), ctx
     for key in ("input_tokens", "output_tokens", "total_tokens"):
         assert ours["usage"][key] == theirs["usage"][key], ctx
     assert ours["status"] == theirs["status"] and ours["incomplete_details"] == theirs["incomplete_details"], ctx
     shape = [(i["type"], i.get("role"), [p["type"] for p in i.get("content") or []]) for i in ours["output"]]
-    assert shape == [(i["type"], i.get("role"), [p["type"] for p in i.get("content") or []])
-                     for i in theirs["output"]], ctx
+    assert shape == [
+        (i["type"], i.get("role"), [p["type"] for p in i.get("content") or []]) for i in theirs["output"]
+    ], ctx
     assert set(ours) - set(theirs) <= OURS_ONLY, (sorted(set(ours) - set(theirs) - OURS_ONLY), ctx)
     assert set(theirs) - set(ours) <= VLLM_ONLY | {"usage"}, (sorted(set(theirs) - set(ours) - VLLM_ONLY), ctx)
-    for key in ("model", "object", "instructions", "max_output_tokens", "parallel_tool_calls", "tool_choice",
-                "temperature", "top_p", "truncation", "background", "previous_response_id"):
+    for key in (
+        "model",
+        "object",
+        "instructions",
+        "max_output_tokens",
+        "parallel_tool_calls",
+        "tool_choice",
+        "temperature",
+        "top_p",
+        "truncation",
+        "background",
+        "previous_response_id",
+    ):
         assert ours[key] == theirs[key], (key, ctx)
 
 
@@ -835,8 +1137,14 @@ def test_vllm_forced_call_and_refusals(base_url, vllm_server):
     vLLM 0.32's server does not constrain it (seen: a cut `<tool_call>` message), so only its
     status is compared. Refusals: `store: true` and `previous_response_id` (difference 1), an
     unknown field (5); `background: true` and stored-response routes answer alike."""
-    body = {"model": MODEL, "input": "北京明天天气怎么样？", "tools": TOOLS, "max_output_tokens": FORCED_MAX_TOKENS,
-            "tool_choice": {"type": "function", "name": "get_weather"}, **GREEDY}
+    body = {
+        "model": MODEL,
+        "input": "北京明天天气怎么样？",
+        "tools": TOOLS,
+        "max_output_tokens": FORCED_MAX_TOKENS,
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        **GREEDY,
+    }
     ours = create(base_url, **body)
     r = post(vllm_server.url, body)
     assert r.status_code == 200, r.text

@@ -6,6 +6,7 @@ table, and `CacheAffinityRouter`'s choices on Serve's request-router API, with f
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -256,7 +257,7 @@ def test_bench_workloads_grow_as_conversations_and_the_router_follows_them():
     turns = opts.turns
     conv = [p for p, k in zip(prompts["multiturn"], keys["multiturn"], strict=True) if k == keys["multiturn"][0]]
     assert len(conv) == turns
-    for a, b in zip(conv, conv[1:], strict=False):
+    for a, b in itertools.pairwise(conv):
         assert b[: len(a) - 8] == a[: len(a) - 8]  # the next turn starts with this one (bar the generation prompt)
     assert len(set(keys["retrieval"])) == 1 and keys["retrieval"][0] is None  # no session key there
     # --context-titles: each conversation's own context, in its first turn only
@@ -272,10 +273,20 @@ def test_bench_workloads_grow_as_conversations_and_the_router_follows_them():
 def test_bench_report_renders_every_policy_and_workload():
     from scripts.bench import routing
 
-    row = {"prefix_hit_rate": 0.5, "ttft_p50_ms": 100.0, "ttft_p95_ms": 200.0, "requests_per_s": 3.0,
-           "output_tokens_per_s": 90.0, "requests_per_replica": [5.0, 4.0], "max_over_mean_load": 1.11}
-    report = {"options": {}, "router_cpu": {}, "policies": {
-        "power_of_two": {"multiturn": row}, "cache_affinity": {"multiturn": {**row, "ttft_p50_ms": 60.0}}}}
+    row = {
+        "prefix_hit_rate": 0.5,
+        "ttft_p50_ms": 100.0,
+        "ttft_p95_ms": 200.0,
+        "requests_per_s": 3.0,
+        "output_tokens_per_s": 90.0,
+        "requests_per_replica": [5.0, 4.0],
+        "max_over_mean_load": 1.11,
+    }
+    report = {
+        "options": {},
+        "router_cpu": {},
+        "policies": {"power_of_two": {"multiturn": row}, "cache_affinity": {"multiturn": {**row, "ttft_p50_ms": 60.0}}},
+    }
     page = routing.html_report(report, "python -m scripts.bench.routing")
     assert page.count("<svg") == 3 and "cache_affinity" in page and "1.11" in page
     assert "0.60x" in routing.text_report(report)  # TTFT p50 against power of two, in one run

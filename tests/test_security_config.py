@@ -32,8 +32,9 @@ def test_s2_kuberay_serve_config_turns_auth_on_with_the_mounted_secret():
         secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
         ray = next(c for c in pod["containers"] if c["name"].startswith("ray"))
         mounts = [m for m in ray.get("volumeMounts", []) if m["name"] in secrets]
-        assert any(cfg.auth.file.startswith(m["mountPath"].rstrip("/") + "/") and m.get("readOnly") for m in mounts), \
+        assert any(cfg.auth.file.startswith(m["mountPath"].rstrip("/") + "/") and m.get("readOnly") for m in mounts), (
             f"{ray['name']}: {cfg.auth.file} is not on a read-only Secret mount"
+        )
     # S3: plain keys are clients unless the operator says otherwise; the LoRA routes are admin routes
     assert cfg.auth.plain_keys_role == "client"
     assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= set(cfg.auth.admin_paths)

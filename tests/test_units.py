@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 import yaml
+from conftest import REPO, app_args
 from pydantic import ValidationError
 
-from deployments.config import ServiceConfig, deep_merge
 from deployments.api.errors import APIError, overloaded
+from deployments.config import ServiceConfig, deep_merge
 from deployments.tokenizer import PromptTokenizer
-from conftest import MODEL_DIR, REPO, app_args
 
 
 def test_serve_config_yaml_args_validate():
@@ -28,7 +28,9 @@ def test_serve_config_parses_with_rays_schema():
     from ray.serve.schema import ServeDeploySchema
 
     doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(doc)
+    ServeDeploySchema.model_validate(doc) if hasattr(
+        ServeDeploySchema, "model_validate"
+    ) else ServeDeploySchema.parse_obj(doc)
 
 
 def test_config_rejects_unknown_and_inconsistent():
@@ -41,11 +43,13 @@ def test_config_rejects_unknown_and_inconsistent():
     for niceness in (-21, 20, "high"):  # Linux niceness is -20..19
         with pytest.raises(ValidationError, match="engine_niceness"):
             ServiceConfig.model_validate({"engine": {"engine_niceness": niceness}})
-    with pytest.raises(ValueError, match="classification.model"):  # a typo would 404 every classify
-        ServiceConfig.model_validate({"classification": {"model": "news-lroa"},
-                                      "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}})
-    ok = ServiceConfig.model_validate({"classification": {"model": "news-lora"},
-                                       "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}})
+    with pytest.raises(ValueError, match=r"classification\.model"):  # a typo would 404 every classify
+        ServiceConfig.model_validate(
+            {"classification": {"model": "news-lroa"}, "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}}
+        )
+    ok = ServiceConfig.model_validate(
+        {"classification": {"model": "news-lora"}, "lora": {"adapters": {"news-lora": "models/tiny-qwen3-lora"}}}
+    )
     assert ok.classification.model == "news-lora"
 
 
@@ -56,6 +60,7 @@ def test_every_config_field_has_a_description():
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, __import__("pydantic").BaseModel):
                 walk(ann)
+
     walk(ServiceConfig)
 
 
@@ -128,8 +133,9 @@ def test_tokenizer_user_special_tokens_are_text(tok):
     assert plain.count(im_start) == 2
     assert evil.count(im_start) == 2
     # the same text as the whole-string rendering when content has no special text
-    text = tok.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                             add_generation_prompt=True)
+    text = tok.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert plain == tok.tokenizer.encode(text, add_special_tokens=False)
 
 

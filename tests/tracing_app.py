@@ -17,12 +17,13 @@ import sys
 import threading
 from pathlib import Path
 
+
 def main(port: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ray
+    from conftest import app_args, wait_healthy
     from ray import serve
 
-    from conftest import app_args, wait_healthy
     from serve_app import build_app
 
     stop = threading.Event()
