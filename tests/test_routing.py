@@ -185,6 +185,71 @@ def test_imbalance_falls_back_to_load(three):
     assert run(go())["decisions"] == {"imbalanced": 1, "session": 1}
 
 
+def test_without_spilling_a_request_waits_for_its_preferred_replica(three):
+    """`spill_when_full` false: the preferred replica is the only rank offered (Serve backs off
+    and asks again while it is full), until the imbalance bound sends the request by load."""
+
+    async def go(spill: bool):
+        r = make_router(three, imbalance_threshold=2, spill_when_full=spill)
+        a, b, c = three
+        key = next(
+            k
+            for k in map(str, range(100))
+            if max(three, key=lambda x: rendezvous_score(k, x.replica_id.unique_id)) is a
+        )
+        for replica_, queued in ((a, 3), (b, 1), (c, 1)):
+            r.on_new_queue_len_info(replica_.replica_id, queued)
+        within = await r.choose_replicas(three, pending([1], session=key))
+        r.on_new_queue_len_info(b.replica_id, 0)
+        beyond = await r.choose_replicas(three, pending([1], session=key))
+        return within, beyond
+
+    within, beyond = run(go(spill=True))
+    assert ids(within)[0] == ["a"] and len(within) == 2 and "a" not in ids(within)[1]
+    within, beyond = run(go(spill=False))
+    assert ids(within) == [["a"]]  # 3 - 1 <= 2: wait for a's slot
+    assert len(beyond) == 1 and len(beyond[0]) == 2  # 3 - 0 > 2: by load
+
+
+def test_the_replica_chosen_for_a_request_serves_that_request():
+    """Serve's routing loop with requests waiting (every slot of the preferred replica taken):
+    the replica found for one request goes to that request, not to the oldest waiting one
+    (Serve's `FIFOMixin` would hand it over, and affinity would be lost whenever requests queue)."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.request_router import ReplicaID
+
+    class Replica(FakeReplica):
+        queued = 0
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            return self.queued
+
+    async def go():
+        dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
+        a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
+        r = make_router([a, b], imbalance_threshold=10, spill_when_full=False)
+        key_of = {
+            x.replica_id.unique_id: next(
+                k
+                for k in map(str, range(100))
+                if max((a, b), key=lambda y: rendezvous_score(k, y.replica_id.unique_id)) is x
+            )
+            for x in (a, b)
+        }
+        a.queued = 3  # full: the request for `a` waits
+        first = asyncio.ensure_future(r._choose_replica_for_request(pending([1], session=key_of["a"], rid="first")))
+        await asyncio.sleep(0.2)
+        assert not first.done()
+        second = await asyncio.wait_for(
+            r._choose_replica_for_request(pending([2], session=key_of["b"], rid="second")), 10
+        )
+        assert second is b and not first.done()
+        a.queued = 0
+        assert await asyncio.wait_for(first, 10) is a
+
+    run(go())
+
+
 def test_adapters_keep_serves_multiplex_preference():
     async def go():
         reps = [replica("a", multiplexed_model_ids={"news@1"}), replica("b"), replica("c")]

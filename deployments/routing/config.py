@@ -55,6 +55,12 @@ class RoutingConfig(BaseModel):
         description="`cache_affinity`: route by the request's `prompt_cache_key` (else `user`) when "
         "it has one. false: by prefix alone.",
     )
+    spill_when_full: bool = Field(
+        True,
+        description="`cache_affinity`: when the preferred replicas have no free slot, send the "
+        "request to a less loaded one at once (a cache miss). false: it waits for a slot on a "
+        "preferred replica while `imbalance_threshold` holds (its prefill saved, its queueing longer).",
+    )
 
     def request_router_config(self) -> dict[str, Any] | None:
         """The model deployment's Serve `request_router_config`; None: Serve's default."""

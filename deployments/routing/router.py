@@ -24,7 +24,9 @@ For a generation request (`GenerationRequest`, the first argument of `generate` 
    candidates and the shorter queue (Serve's power of two).
 
 Serve then sends the request to the least loaded replica of the first rank that has room, else
-of the next rank (the load-based pair), and backs off when all are full, as it does by default.
+of the next rank (the load-based pair; not offered with `spill_when_full` false, so the request
+waits for its preferred replica while the imbalance bound holds), and backs off when all are
+full, as it does by default.
 The choice is a hint for the engine's prefix cache only: any replica answers any request the
 same way, so a wrong guess costs a cache miss, never a wrong answer.
 """
@@ -38,7 +40,6 @@ from collections import Counter
 from typing import Any
 
 from ray.serve.request_router import (
-    FIFOMixin,
     MultiplexMixin,
     PendingRequest,
     ReplicaID,
@@ -54,18 +55,27 @@ def rendezvous_score(key: str, replica: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest(), "big")
 
 
-class CacheAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
+class CacheAffinityRouter(MultiplexMixin, RequestRouter):
+    """No `FIFOMixin` (Serve's default router has it, Ray Serve LLM's prefix router does not):
+    with it, a replica found for one request is handed to the oldest request waiting, so once
+    requests queue (every replica busy, the normal state under load) each choice serves some
+    other request's prefix and affinity is lost. Without it, the replica chosen for a request
+    is that request's (Serve's exact match on the internal request id); the ingress's own
+    capacity gate keeps arrival order and priorities before this router sees a request."""
+
     def initialize_state(
         self,
         block_tokens: int = 64,
         max_blocks: int = 200_000,
         imbalance_threshold: int = 2,
         session_affinity: bool = True,
+        spill_when_full: bool = True,
         **_: Any,
     ) -> None:
         self.block_tokens = block_tokens
         self.imbalance_threshold = imbalance_threshold
         self.session_affinity = session_affinity
+        self.spill_when_full = spill_when_full
         self.table = PrefixTable(max_blocks)
         self.decisions: Counter[str] = Counter()  # session / prefix / load / imbalanced
         self.cpu_ns = 0  # time spent in choose_replicas + on_request_routed (thread CPU)
@@ -105,7 +115,7 @@ class CacheAffinityRouter(FIFOMixin, MultiplexMixin, RequestRouter):
             return [by_load]
         self.decisions[kind] += 1
         rest = [r for r in by_load if r not in preferred]
-        return [preferred, rest] if rest else [preferred]
+        return [preferred, rest] if rest and self.spill_when_full else [preferred]
 
     def _preferred(
         self, req: Any, pending: PendingRequest | None, candidates: list[RunningReplica]

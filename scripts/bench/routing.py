@@ -338,6 +338,22 @@ def make_workloads(opts: argparse.Namespace) -> dict[str, list[Conversation]]:
     return out
 
 
+def policy_config(policy: str) -> dict[str, Any]:
+    """`routing` settings for a `--policies` entry: a policy name, then `+field=value` options
+    (`cache_affinity+spill_when_full=false`), so variants of one policy compare in one run."""
+    import yaml
+
+    from deployments.routing.config import RoutingConfig
+
+    name, *options = policy.split("+")
+    routing: dict[str, Any] = {"policy": name}
+    for option in options:
+        field, _, value = option.partition("=")
+        routing[field] = yaml.safe_load(value)
+    RoutingConfig.model_validate(routing)  # a typo fails here, not after the first policy's run
+    return routing
+
+
 def service_config(opts: argparse.Namespace, policy: str) -> dict[str, Any]:
     """A Serve config file's content for the bench model on `opts.replicas` model replicas."""
     args = {
@@ -349,7 +365,7 @@ def service_config(opts: argparse.Namespace, policy: str) -> dict[str, Any]:
             "extra": {"num_gpu_blocks_override": opts.kv_blocks},
         },
         "limits": {"max_tokens_cap": 256, "max_messages": 256},
-        "routing": {"policy": policy},
+        "routing": policy_config(policy),
         "accelerator": "cpu",
         "deployments": {
             "model": {"num_replicas": opts.replicas, "max_ongoing_requests": 3},
