@@ -56,10 +56,11 @@ class RoutingConfig(BaseModel):
         "it has one. false: by prefix alone.",
     )
     spill_when_full: bool = Field(
-        True,
-        description="`cache_affinity`: when the preferred replicas have no free slot, send the "
-        "request to a less loaded one at once (a cache miss). false: it waits for a slot on a "
-        "preferred replica while `imbalance_threshold` holds (its prefill saved, its queueing longer).",
+        False,
+        description="`cache_affinity`: when the preferred replicas have no free slot, the request "
+        "waits for one there while `imbalance_threshold` holds (its prefix cache kept: under load "
+        "every replica is busy, so spilling scatters conversations). true: it goes to a less loaded "
+        "replica at once (a cache miss).",
     )
 
     def request_router_config(self) -> dict[str, Any] | None:

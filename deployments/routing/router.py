@@ -24,7 +24,7 @@ For a generation request (`GenerationRequest`, the first argument of `generate` 
    candidates and the shorter queue (Serve's power of two).
 
 Serve then sends the request to the least loaded replica of the first rank that has room, else
-of the next rank (the load-based pair; not offered with `spill_when_full` false, so the request
+of the next rank (the load-based pair, offered only with `spill_when_full`: by default the request
 waits for its preferred replica while the imbalance bound holds), and backs off when all are
 full, as it does by default.
 The choice is a hint for the engine's prefix cache only: any replica answers any request the
@@ -69,7 +69,7 @@ class CacheAffinityRouter(MultiplexMixin, RequestRouter):
         max_blocks: int = 200_000,
         imbalance_threshold: int = 2,
         session_affinity: bool = True,
-        spill_when_full: bool = True,
+        spill_when_full: bool = False,
         **_: Any,
     ) -> None:
         self.block_tokens = block_tokens
