@@ -57,6 +57,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def session_key_for(target, replicas) -> str:
+    """A session key that rendezvous hashing sends to `target` among `replicas`."""
+    return next(
+        k
+        for k in map(str, range(1000))
+        if max(replicas, key=lambda x: rendezvous_score(k, x.replica_id.unique_id)) is target
+    )
+
+
 # ----------------------------------------------------------------------------- blocks
 
 
@@ -169,11 +178,7 @@ def test_imbalance_falls_back_to_load(three):
         a, b, _ = three
         r.on_new_queue_len_info(a.replica_id, 3)
         r.on_new_queue_len_info(b.replica_id, 1)
-        key = next(
-            k
-            for k in map(str, range(100))
-            if max(three, key=lambda x: rendezvous_score(k, x.replica_id.unique_id)) is a
-        )
+        key = session_key_for(a, three)
         ranks = await r.choose_replicas(three, pending([1], session=key))
         assert len(ranks) == 1 and len(ranks[0]) == 2  # 3 - 1 > 1: by load
         r.on_new_queue_len_info(a.replica_id, 2)
@@ -191,11 +196,7 @@ def test_without_spilling_a_request_waits_for_its_preferred_replica(three):
     async def go(spill: bool):
         r = make_router(three, imbalance_threshold=2, spill_when_full=spill)
         a, b, c = three
-        key = next(
-            k
-            for k in map(str, range(100))
-            if max(three, key=lambda x: rendezvous_score(k, x.replica_id.unique_id)) is a
-        )
+        key = session_key_for(a, three)
         for replica_, queued in ((a, 3), (b, 1), (c, 1)):
             r.on_new_queue_len_info(replica_.replica_id, queued)
         within = await r.choose_replicas(three, pending([1], session=key))
@@ -227,14 +228,7 @@ def test_the_replica_chosen_for_a_request_serves_that_request():
         dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
         a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
         r = make_router([a, b], imbalance_threshold=10, spill_when_full=False)
-        key_of = {
-            x.replica_id.unique_id: next(
-                k
-                for k in map(str, range(100))
-                if max((a, b), key=lambda y: rendezvous_score(k, y.replica_id.unique_id)) is x
-            )
-            for x in (a, b)
-        }
+        key_of = {x.replica_id.unique_id: session_key_for(x, [a, b]) for x in (a, b)}
         a.queued = 3  # full: the request for `a` waits
         first = asyncio.ensure_future(r._choose_replica_for_request(pending([1], session=key_of["a"], rid="first")))
         await asyncio.sleep(0.2)
