@@ -45,43 +45,58 @@ class Service:
         return session_processes({self.sid})
 
 
-@contextlib.contextmanager
-def make_run(tmp: Path, args_overrides: dict[str, Any], env_extra: dict[str, str]) -> Iterator[Service]:
-    """`make run CONFIG=<the shipped config with `args_overrides`, on a free port>` in its own
-    session; on exit Ctrl-C as a user stops it, then whatever is left of the session by pid."""
+def launch_make_run(
+    tmp: Path, args_overrides: dict[str, Any] | None = None, env_extra: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, Path]:
+    """`make run CONFIG=<the shipped config with `args_overrides`, on a free port>` as a user
+    types it, in its own session, its output in `tmp/make_run.log`: (process, URL, log). The
+    caller stops it (its session, by pid)."""
     from deployments.config import deep_merge
 
     port = free_port()
     doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
     doc.setdefault("http_options", {}).update({"host": "127.0.0.1", "port": port})
     for app in doc["applications"]:
-        app["args"] = deep_merge(app["args"], args_overrides)
+        app["args"] = deep_merge(app["args"], args_overrides or {})
     cfg = tmp / "serve_config.yaml"
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RATE_LIMIT_", "LLM_SERVE__"))}
-    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **env_extra})
+    env.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env_extra or {})})
     log_path = tmp / "make_run.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        ["make", "--no-print-directory", "run", f"CONFIG={cfg}"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "run", f"CONFIG={cfg}"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{port}", log_path
+
+
+def wait_serving(proc: subprocess.Popen, url: str, log_path: Path, timeout_s: float = 300, poll_s: float = 1) -> None:
+    """Until `url`/health answers 200; a RuntimeError with the log's tail if `make run` exits or
+    does not serve within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"make run did not serve: {log_path.read_text()[-3000:]}")
+        time.sleep(poll_s)
+
+
+@contextlib.contextmanager
+def make_run(tmp: Path, args_overrides: dict[str, Any], env_extra: dict[str, str]) -> Iterator[Service]:
+    """`launch_make_run` until it serves; on exit Ctrl-C as a user stops it, then whatever is
+    left of the session by pid."""
+    proc, url, log_path = launch_make_run(tmp, args_overrides, env_extra)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"make run did not serve: {log_path.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_serving(proc, url, log_path)
         yield Service(url, proc.pid, log_path)
     finally:
         try:
@@ -90,7 +105,6 @@ def make_run(tmp: Path, args_overrides: dict[str, Any], env_extra: dict[str, str
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         kill_sessions({proc.pid}, grace_s=20)
-        log.close()
 
 
 # ----------------------------------------------------------------------------- finding processes

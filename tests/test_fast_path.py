@@ -22,8 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from chaos import Fault, Service, judge, mixed_kinds, replica_pids, send
+from chaos import Fault, Service, judge, launch_make_run, mixed_kinds, replica_pids, send, wait_serving
 from reliability import kill_pid, wait_gone
 
 from cluster.haproxy_wrapper import (
@@ -189,46 +188,21 @@ def test_uvicorn_forwarding_is_switched_off_and_reported():
 def make_run(tmp_path_factory):
     """`make run CONFIG=...` as a user types it (the shipped config on a free port), in its own
     session; everything it started is stopped by pid at the end."""
-    port = free_port()
-    doc = yaml.safe_load((REPO / "configs" / "serve_config.yaml").read_text())
-    doc.setdefault("http_options", {}).update({"host": "127.0.0.1", "port": port})
     tmp = tmp_path_factory.mktemp("make_run")
-    cfg = tmp / "serve_config.yaml"
-    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RATE_LIMIT_", "LLM_SERVE__"))}
-    env.update(
-        {
-            "RAY_AUTH_MODE": "disabled",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # a gateway's fixed max_tokens above the cap is served at the cap (issue 15)
-            "LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP": "clamp",
-            # slow clients: 408 after 3 s, at most 50 connections per address
-            "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S": "3",
-            "LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT": "50",
-        }
-    )
-    log = (tmp / "make_run.log").open("wb")
-    proc = subprocess.Popen(
-        ["make", "--no-print-directory", "run", f"CONFIG={cfg}"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    env_extra = {
+        # a gateway's fixed max_tokens above the cap is served at the cap (issue 15)
+        "LLM_SERVE__LIMITS__MAX_TOKENS_OVER_CAP": "clamp",
+        # slow clients: 408 after 3 s, at most 50 connections per address
+        "LLM_SERVE_HAPROXY_REQUEST_TIMEOUT_S": "3",
+        "LLM_SERVE_HAPROXY_MAX_CONNS_PER_CLIENT": "50",
+    }
+    proc, url, log_path = launch_make_run(tmp, env_extra=env_extra)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"make run did not serve: {(tmp / 'make_run.log').read_text()[-3000:]}")
-            time.sleep(2)
-        yield Service(url, proc.pid, tmp / "make_run.log")
+        try:
+            wait_serving(proc, url, log_path, poll_s=2)
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
+        yield Service(url, proc.pid, log_path)
     finally:
         t0 = time.monotonic()
         try:
@@ -242,7 +216,6 @@ def make_run(tmp_path_factory):
             time.sleep(2)
         names = sorted({_name(pid) for pid in left})
         kill_sessions({proc.pid}, grace_s=20)  # whatever is left of it, by pid
-        log.close()
         print(f"\nmake run after Ctrl-C: exited in {waited:.0f} s; {len(left)} process(es) left 60 s later {names}")
         if left:  # seen in fresh-clone runs after the module's 3,000-connection flood: open finding
             import warnings

@@ -122,14 +122,14 @@ class ServingHealth:
         return await asyncio.shield(task)
 
     async def _check(self) -> dict[str, Any]:
-        replica, states, registered = await asyncio.gather(
+        state, states, registered = await asyncio.gather(
             self._replica(), self._deployment_states(), self._registered_adapters()
         )
+        replica = state.entry
         checks: dict[str, Any] = {}
         reasons: list[str] = []
-        engine_ok, busy = replica.pop("_ok"), replica.pop("_busy")
         checks["engine"] = replica.get("engine")
-        if not engine_ok:
+        if not state.ok:
             reasons.append(f"model engine {replica.get('engine')}")
         if "error" in states:
             checks["deployments"] = f"unknown ({states['error']})"
@@ -141,7 +141,7 @@ class ServingHealth:
             checks[f"{what}_replicas"] = running
             if running == 0:
                 reasons.append(f"no running {what} replica")
-                if what == "model" and busy:
+                if what == "model" and state.busy:
                     # the call waited for a replica, not behind busy ones
                     replica["engine"] = checks["engine"] = "no running replica"
         wanted = self.required_adapters()
@@ -167,21 +167,19 @@ class ServingHealth:
             logger.warning("not ready: %s", "; ".join(reasons))
         return result
 
-    async def _replica(self) -> dict[str, Any]:
+    async def _replica(self) -> ReplicaState:
         try:
             report = dict(await asyncio.wait_for(self.model.health.remote(), timeout=self.timeout_s))
-            # the replica's engine is "ok" or "dead: …" (model_replica.health)
-            report["_ok"], report["_busy"] = report.get("engine") == "ok", False
-            if report["_ok"]:
-                self.calls.answered()
-            else:
-                self.calls.lost()  # that replica ends itself: what answers next is not "busy"
         except Exception as exc:
             if is_unavailable(exc):
                 self.calls.lost()
-            state = replica_state(exc, self.calls.replica_lost())
-            report = {**state.entry, "_ok": state.ok, "_busy": state.busy}
-        return report
+            return replica_state(exc, self.calls.replica_lost())
+        ok = report.get("engine") == "ok"  # else "dead: …" (model_replica.health)
+        if ok:
+            self.calls.answered()
+        else:
+            self.calls.lost()  # that replica ends itself: what answers next is not "busy"
+        return ReplicaState(report, ok, False)
 
     async def _deployment_states(self) -> dict[str, Any]:
         """Serve's status (a controller call, blocking) in a worker thread; never two at once:
@@ -247,9 +245,9 @@ def _public_gpu(gpu: Any) -> Any:
 
 
 class ReplicaState(NamedTuple):
-    """The model replica's state when its deep health call did not answer."""
+    """The model replica's state as this ingress replica's deep health call found it."""
 
-    entry: dict[str, Any]  # /health's `replica` entry
+    entry: dict[str, Any]  # /health's `replica` entry: the replica's own report, or why there is none
     ok: bool  # healthy
     busy: bool  # no answer because every slot is taken, as far as this replica can tell
 
