@@ -30,6 +30,7 @@ from deployments.observability import StatsRecorder
 from deployments.observability.engine_metrics import EngineMetrics, engine_stat_loggers
 from deployments.observability.tracing import engine_span
 from deployments.options import base_options, current_app_name
+from deployments.routing.prefill import PrefillSpeed
 
 logger = logging.getLogger("ray.serve")
 
@@ -77,6 +78,10 @@ class ModelReplica:
         if not uses_llm_policy(options.get("autoscaling_config")):
             # Serve then collects no custom metrics from us
             self.record_autoscaling_stats = None  # type: ignore[method-assign, assignment]
+        self.prefill_speed = PrefillSpeed()
+        if self.config.routing.policy != "cache_affinity" or stat_loggers is None:
+            # no router reads it (or no engine counters to measure it from): Serve asks nothing
+            self.record_routing_stats = None  # type: ignore[method-assign, assignment]
         self.stats = StatsRecorder.from_config(
             self.config.observability, role="model", app_name=current_app_name(), capacity=capacity
         )
@@ -360,6 +365,12 @@ class ModelReplica:
         waiting requests and TTFT totals for the LLM-aware policy (deployments/autoscaling.py).
         Only with that policy (`__init__` hides it otherwise)."""
         return engine_autoscaling_stats()
+
+    async def record_routing_stats(self) -> dict[str, float]:
+        """Serve's routing-stats hook: this engine's measured prefill speed, which bounds how
+        long `cache_affinity` lets a request wait for this replica (routing/prefill.py). Only
+        with that policy and the engine's metrics on (`__init__` hides it otherwise)."""
+        return self.prefill_speed.routing_stats()
 
     async def engine_metrics(self) -> dict[str, Any] | None:
         """vLLM's engine figures as this replica reads them now (what its pushes carry);

@@ -183,6 +183,20 @@ def test_engine_metrics_after_a_burst(base_url):
     assert _by_replica(samples, "llm_model_replica_start_time_seconds")[replica] == inside["started"]
     assert "llm_gpu_memory_used_bytes" not in samples
 
+    # The replica's routing stats (Serve's hook, which cache_affinity's routers read): its
+    # prefill speed from the same counters, once vLLM has counted enough prefill to measure it.
+    from deployments.routing.prefill import STAT, PrefillSpeed
+
+    prefill_count, prefill_s = (
+        sum(v[i] for n, _l, v in inside["metrics"] if n == "vllm:request_prefill_time_seconds") for i in (0, 1)
+    )
+    routing_stats = handle.record_routing_stats.remote().result(timeout_s=60)
+    if prefill_s >= PrefillSpeed.MIN_PREFILL_S and prefill_count >= PrefillSpeed.MIN_REQUESTS:
+        assert 0 < routing_stats[STAT] < 1e8, routing_stats
+    else:  # too little prefill since the engine started (a fast machine): no figure yet
+        assert routing_stats == {}, (prefill_count, prefill_s, routing_stats)
+    print(f"prefill since start: {prefill_count} requests, {prefill_s:.3f} s; routing stats {routing_stats}")
+
 
 def test_engine_families_always_present_and_expire_with_the_replica():
     """Without model replicas every engine family is still exposed (no samples), so dashboards

@@ -189,26 +189,50 @@ def test_imbalance_falls_back_to_load(three):
     assert run(go())["decisions"] == {"imbalanced": 1, "session": 1}
 
 
-def test_without_spilling_a_request_waits_for_its_preferred_replica(three):
+def test_without_spilling_a_request_waits_for_its_preferred_replica_as_long_as_its_cache_saves(three):
     """`spill_when_full` false: the preferred replica is the only rank offered (Serve backs off
-    and asks again while it is full), until the imbalance bound sends the request by load."""
+    and asks again while it is full) until the request has waited as long as a prefill of its
+    cached tokens takes; then the replicas with fewer requests in flight are the next rank —
+    none under saturation (a miss would not start it sooner); and the imbalance bound sends it
+    by load at once. `spill_when_full` true: the load-based pair is the next rank at once."""
+    a, b, c = three
+    conversation = list(range(40))  # 10 blocks of 4 tokens, sent to `a` before
 
-    async def go(spill: bool):
-        r = make_router(three, imbalance_threshold=2, spill_when_full=spill)
-        a, b, c = three
-        key = session_key_for(a, three)
-        for replica_, queued in ((a, 3), (b, 1), (c, 1)):
+    def setup(**state):
+        r = make_router(three, block_tokens=4, imbalance_threshold=2, **state)
+        r.on_request_routed(pending(conversation[:32], rid="turn1"), a.replica_id, None)
+        r.on_request_routed(pending(list(range(500, 540)), rid="other"), b.replica_id, None)
+        for replica_, queued in ((a, 3), (b, 1), (c, 2)):
             r.on_new_queue_len_info(replica_.replica_id, queued)
-        within = await r.choose_replicas(three, pending([1], session=key))
-        r.on_new_queue_len_info(b.replica_id, 0)
-        beyond = await r.choose_replicas(three, pending([1], session=key))
-        return within, beyond
+        return r
 
-    within, beyond = run(go(spill=True))
-    assert ids(within)[0] == ["a"] and len(within) == 2 and "a" not in ids(within)[1]
-    within, beyond = run(go(spill=False))
-    assert ids(within) == [["a"]]  # 3 - 1 <= 2: wait for a's slot
-    assert len(beyond) == 1 and len(beyond[0]) == 2  # 3 - 0 > 2: by load
+    def turn2(age_s: float = 0.0):
+        p = pending(conversation, rid="turn2")
+        p.created_at -= age_s
+        return p
+
+    async def go():
+        spill = setup(spill_when_full=True)
+        ranks = await spill.choose_replicas(three, turn2())
+        assert ids(ranks)[0] == ["a"] and len(ranks) == 2 and "a" not in ids(ranks)[1]
+
+        r = setup(prefill_tokens_per_s=16.0)  # 32 cached tokens: a 2 s prefill saved
+        assert ids(await r.choose_replicas(three, turn2(0.5))) == [["a"]]  # waits for a's slot
+        # waited longer than its cache saves: the less loaded replicas, least loaded first
+        ranks = await r.choose_replicas(three, turn2(2.5))
+        assert [[x.replica_id.unique_id for x in rank] for rank in ranks] == [["a"], ["b", "c"]]
+        for replica_ in (b, c):
+            r.on_new_queue_len_info(replica_.replica_id, 3)  # every replica full
+        assert ids(await r.choose_replicas(three, turn2(2.5))) == [["a"]]
+        r.on_new_queue_len_info(b.replica_id, 0)  # 3 - 0 > 2: by load, at once
+        ranks = await r.choose_replicas(three, turn2())
+        assert len(ranks) == 1 and len(ranks[0]) == 2
+
+        unbounded = setup(prefill_tokens_per_s=None)
+        assert ids(await unbounded.choose_replicas(three, turn2(3600))) == [["a"]]
+        return r.stats()
+
+    assert run(go())["decisions"] == {"prefix": 3, "imbalanced": 1}
 
 
 def test_the_replica_chosen_for_a_request_serves_that_request():
@@ -227,7 +251,7 @@ def test_the_replica_chosen_for_a_request_serves_that_request():
     async def go():
         dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
         a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
-        r = make_router([a, b], imbalance_threshold=10, spill_when_full=False)
+        r = make_router([a, b], imbalance_threshold=10, spill_when_full=False, prefill_tokens_per_s=None)
         key_of = {x.replica_id.unique_id: session_key_for(x, [a, b]) for x in (a, b)}
         a.queued = 3  # full: the request for `a` waits
         first = asyncio.ensure_future(r._choose_replica_for_request(pending([1], session=key_of["a"], rid="first")))
@@ -392,3 +416,74 @@ def test_shared_prefix_ends_where_prompts_branch():
     assert t.shared(trunk + [10, 11], 5) == 3  # the two went on differently after block 3
     assert t.shared(trunk + [20], 4) == 3
     assert t.shared(trunk, 2) == 0
+
+
+def test_a_waiting_request_starts_on_a_less_loaded_replica_after_its_cache_wait():
+    """Serve's routing loop: the preferred replica stays full (long generations) while another
+    has a free slot; the request waits about as long as its cached prefix saves, then starts on
+    the other replica, long before the preferred one frees."""
+    from ray.serve._private.common import DeploymentID
+
+    class Replica(FakeReplica):
+        queued = 0
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            return self.queued
+
+    async def go():
+        dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
+        a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
+        r = make_router([a, b], block_tokens=4, imbalance_threshold=10, prefill_tokens_per_s=40.0)
+        history = list(range(20))  # 5 blocks of 4: 20 cached tokens, a 0.5 s prefill at 40 tokens/s
+        r.on_request_routed(pending(history, rid="turn1"), a.replica_id, None)
+        a.queued, b.queued = 3, 1
+        r.on_new_queue_len_info(b.replica_id, 1)
+        t0 = asyncio.get_running_loop().time()
+        chosen = await asyncio.wait_for(r._choose_replica_for_request(pending(history + [7] * 4, rid="turn2")), 10)
+        waited = asyncio.get_running_loop().time() - t0
+        assert chosen is b and 0.4 <= waited < 5, waited
+
+    run(go())
+
+
+def test_prefill_speed_from_vllms_counters():
+    """Computed prompt tokens (not found cached) per second of request prefill time, per window;
+    a thin window keeps the last figure; restarted counters start a new window."""
+    from deployments.routing.prefill import PrefillSpeed, PrefillTotals
+
+    s = PrefillSpeed()
+    assert s.update(None) is None and s.update(PrefillTotals()) is None
+    assert s.update(PrefillTotals(10_000, 2_000, 2.0, 10)) == 4_000.0  # 8,000 computed in 2 s
+    assert s.update(PrefillTotals(10_500, 2_000, 2.5, 11)) == 4_000.0  # 0.5 s, 1 request: too thin
+    assert (
+        s.update(PrefillTotals(30_000, 12_000, 4.0, 20)) == 5_000.0
+    )  # (20,000 - 10,000) / 2 s since the last full window
+    assert s.update(PrefillTotals(100, 0, 0.1, 1)) == 5_000.0  # a new engine's counters: a new window
+    assert s.update(PrefillTotals(1_100, 0, 1.1, 6)) == 1_000.0
+
+
+def test_the_wait_uses_the_preferred_replicas_measured_prefill_speed(three):
+    """A replica's routing stats (its measured prefill speed) replace `prefill_tokens_per_s`:
+    a fast engine's cache is not worth a long wait, a slow engine's is."""
+    from deployments.routing.prefill import STAT
+
+    a, b, c = three
+    history = list(range(40))  # 10 blocks of 4 sent to `a`: 40 cached tokens
+
+    async def ranks_after(wait_s: float, measured: float | None):
+        a.routing_stats = {STAT: measured} if measured else {}
+        r = make_router(three, block_tokens=4, prefill_tokens_per_s=1.0)  # 40 s without a measurement
+        r.on_request_routed(pending(history, rid="t1"), a.replica_id, None)
+        r.on_request_routed(pending(list(range(500, 540)), rid="o"), b.replica_id, None)
+        for replica_, queued in ((a, 3), (b, 1), (c, 1)):
+            r.on_new_queue_len_info(replica_.replica_id, queued)
+        p = pending(history + [1] * 4, rid="t2")
+        p.created_at -= wait_s
+        return ids(await r.choose_replicas(three, p))
+
+    try:
+        assert run(ranks_after(1.0, None)) == [["a"]]  # 1 s of 40: waits
+        assert run(ranks_after(1.0, 400.0)) == [["a"], ["b", "c"]]  # a 0.1 s prefill: waited enough
+        assert run(ranks_after(1.0, 20.0)) == [["a"]]  # a 2 s prefill: waits
+    finally:
+        a.routing_stats = {}

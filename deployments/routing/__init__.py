@@ -6,4 +6,6 @@ by `routing.policy`.
 * `blocks`   token-block hashes of a prompt and the table of which replica saw which block.
 * `router`   `CacheAffinityRouter`: session affinity, then the longest cached token prefix,
              under an imbalance bound, on top of Serve's adapter (multiplex) preference.
+* `prefill`  the prefill speed each model replica measures from vLLM's counters and reports in
+             Serve's routing stats: how long a request may wait for the replica holding its cache.
 """

@@ -59,8 +59,19 @@ class RoutingConfig(BaseModel):
         False,
         description="`cache_affinity`: when the preferred replicas have no free slot, the request "
         "waits for one there while `imbalance_threshold` holds (its prefix cache kept: under load "
-        "every replica is busy, so spilling scatters conversations). true: it goes to a less loaded "
+        "every replica is busy, so spilling scatters conversations), for at most as long as "
+        "`prefill_tokens_per_s` says its cached prefix saves. true: it goes to a less loaded "
         "replica at once (a cache miss).",
+    )
+    prefill_tokens_per_s: float | None = Field(
+        8000.0,
+        gt=0,
+        description="`cache_affinity`: the engine's prefill speed under load, in prompt tokens per "
+        "second, which bounds the wait above: a request whose preferred replicas are full goes to a "
+        "replica with fewer requests in flight once it has waited `cached tokens / this` seconds "
+        "(the prefill its cache hit would save; 2,000 cached tokens: 0.25 s at the default, about a "
+        "8B model's on one GPU under load). Set it to your engine's (the `vllm:` prompt token and "
+        "prefill time metrics give it); null: wait without bound.",
     )
 
     def request_router_config(self) -> dict[str, Any] | None:

@@ -24,9 +24,14 @@ For a generation request (`GenerationRequest`, the first argument of `generate` 
    candidates and the shorter queue (Serve's power of two).
 
 Serve then sends the request to the least loaded replica of the first rank that has room, else
-of the next rank (the load-based pair, offered only with `spill_when_full`: by default the request
-waits for its preferred replica while the imbalance bound holds), and backs off when all are
-full, as it does by default.
+of the next rank, and backs off when all are full, as it does by default. The next rank: with
+`spill_when_full`, the load-based pair at once; by default, the candidates with fewer requests
+in flight than the preferred replica, once the request has waited as long as its cached prefix
+would save (cached tokens / the preferred replica's measured prefill speed, which each model
+replica reports in Serve's routing stats: `prefill.py`; `prefill_tokens_per_s` until then): waiting for a slot there pays only while it
+costs less than the prefill it avoids, so a request whose cache is small, or whose preferred
+replica stays full behind long generations, starts elsewhere instead (under saturation, with no
+replica less loaded, it keeps waiting: a miss would not start it sooner).
 The choice is a hint for the engine's prefix cache only: any replica answers any request the
 same way, so a wrong guess costs a cache miss, never a wrong answer.
 """
@@ -48,6 +53,7 @@ from ray.serve.request_router import (
 )
 
 from deployments.routing.blocks import PrefixTable, block_hashes
+from deployments.routing.prefill import STAT as PREFILL_STAT
 
 
 def rendezvous_score(key: str, replica: str) -> int:
@@ -70,12 +76,14 @@ class CacheAffinityRouter(MultiplexMixin, RequestRouter):
         imbalance_threshold: int = 2,
         session_affinity: bool = True,
         spill_when_full: bool = False,
+        prefill_tokens_per_s: float | None = 8000.0,
         **_: Any,
     ) -> None:
         self.block_tokens = block_tokens
         self.imbalance_threshold = imbalance_threshold
         self.session_affinity = session_affinity
         self.spill_when_full = spill_when_full
+        self.prefill_tokens_per_s = prefill_tokens_per_s
         self.table = PrefixTable(max_blocks)
         self.decisions: Counter[str] = Counter()  # session / prefix / load / imbalanced
         self.cpu_ns = 0  # time spent in choose_replicas + on_request_routed (thread CPU)
@@ -106,7 +114,7 @@ class CacheAffinityRouter(MultiplexMixin, RequestRouter):
         req = _generation_request(pending)
         if req is None:
             return [by_load]
-        preferred, kind = self._preferred(req, pending, candidates)
+        preferred, kind, cached = self._preferred(req, pending, candidates)
         if not preferred:
             self.decisions["load"] += 1
             return [by_load]
@@ -114,28 +122,64 @@ class CacheAffinityRouter(MultiplexMixin, RequestRouter):
             self.decisions["imbalanced"] += 1
             return [by_load]
         self.decisions[kind] += 1
-        rest = [r for r in by_load if r not in preferred]
-        return [preferred, rest] if rest and self.spill_when_full else [preferred]
+        if self.spill_when_full:
+            rest = [r for r in by_load if r not in preferred]
+        elif self._waited_enough(pending, preferred, cached):
+            rest = self._less_loaded(preferred, candidates)
+        else:
+            rest = []
+        return [preferred, rest] if rest else [preferred]
 
     def _preferred(
         self, req: Any, pending: PendingRequest | None, candidates: list[RunningReplica]
-    ) -> tuple[list[RunningReplica], str]:
+    ) -> tuple[list[RunningReplica], str, int]:
         """The replicas that were sent the longest prefix of the request, where that prefix
         reaches past what other prompts share (a conversation's own history); else the session
         key's replica; else those that were sent the longest prefix at all (a shared system
-        prompt), or none (by load)."""
+        prompt), or none (by load). With the kind of choice and the prompt tokens the chosen
+        replicas were sent before (what their cache may hold)."""
         hashes = self._request_hashes(req, pending)
         ids = [r.replica_id.unique_id for r in candidates]
         everyone = self.table.mask(ids)
         depth, holders = self.table.match(hashes, everyone) if hashes else (0, 0)
         held = set(self.table.replicas(holders)) if depth else set()
         own = [r for r in candidates if r.replica_id.unique_id in held]
+        cached = depth * self.block_tokens
         if depth > self.table.shared(hashes, depth) and holders != everyone:
-            return own, "prefix"
+            return own, "prefix", cached
         session = getattr(req, "session", None) if self.session_affinity else None
         if session:
-            return [max(candidates, key=lambda r: rendezvous_score(session, r.replica_id.unique_id))], "session"
-        return (own, "prefix") if depth else ([], "load")
+            chosen = max(candidates, key=lambda r: rendezvous_score(session, r.replica_id.unique_id))
+            return [chosen], "session", cached if chosen in own else 0
+        return (own, "prefix", cached) if depth else ([], "load", 0)
+
+    def _waited_enough(
+        self, pending: PendingRequest | None, preferred: list[RunningReplica], cached_tokens: int
+    ) -> bool:
+        """The request has waited for its preferred replicas at least as long as a prefill of
+        its cached tokens would take there (`prefill_tokens_per_s` None: it waits without bound)."""
+        if self.prefill_tokens_per_s is None:
+            return False
+        waited = time.time() - pending.created_at if pending is not None else 0.0
+        return waited >= cached_tokens / self._prefill_speed(preferred)
+
+    def _prefill_speed(self, preferred: list[RunningReplica]) -> float:
+        """The preferred replicas' own measured prefill speed (their routing stats,
+        routing/prefill.py), else `prefill_tokens_per_s`."""
+        measured = [s for r in preferred if (s := (r.routing_stats or {}).get(PREFILL_STAT))]
+        return sum(measured) / len(measured) if measured else float(self.prefill_tokens_per_s or 1.0)
+
+    def _less_loaded(self, preferred: list[RunningReplica], candidates: list[RunningReplica]) -> list[RunningReplica]:
+        """The other candidates with fewer requests in flight than every preferred replica,
+        least loaded first, then those whose length is not known (none sent to them for Serve's
+        cache timeout: Serve probes them, and the answer decides the next time)."""
+        cache = self._replica_queue_len_cache
+        mine = [q for q in (cache.get(r.replica_id) for r in preferred) if q is not None]
+        if not mine:
+            return []
+        others = [(cache.get(r.replica_id), r) for r in candidates if r not in preferred]
+        fewer = sorted(((q, r) for q, r in others if q is not None and q < min(mine)), key=lambda x: x[0])
+        return [r for _, r in fewer] + [r for q, r in others if q is None]
 
     def _imbalanced(self, preferred: list[RunningReplica], candidates: list[RunningReplica]) -> bool:
         """The preferred replicas' shortest known queue is more than `imbalance_threshold` above
