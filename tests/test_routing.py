@@ -446,10 +446,12 @@ def test_a_waiting_request_starts_on_a_less_loaded_replica_after_its_cache_wait(
     run(go())
 
 
-def test_prefill_speed_from_vllms_counters():
+def test_prefill_speed_from_vllms_counters(monkeypatch):
     """Computed prompt tokens (not found cached) per second of request prefill time, per window;
-    a thin window keeps the last figure; restarted counters start a new window."""
-    from deployments.routing.prefill import PrefillSpeed, PrefillTotals
+    a thin window keeps the last figure; restarted counters start a new window; a failed
+    reading keeps the last figure."""
+    from deployments.routing import prefill
+    from deployments.routing.prefill import STAT, PrefillSpeed, PrefillTotals
 
     s = PrefillSpeed()
     assert s.update(None) is None and s.update(PrefillTotals()) is None
@@ -460,6 +462,13 @@ def test_prefill_speed_from_vllms_counters():
     )  # (20,000 - 10,000) / 2 s since the last full window
     assert s.update(PrefillTotals(100, 0, 0.1, 1)) == 5_000.0  # a new engine's counters: a new window
     assert s.update(PrefillTotals(1_100, 0, 1.1, 6)) == 1_000.0
+
+    def broken():
+        raise RuntimeError("registry")
+
+    monkeypatch.setattr(prefill, "read_totals", broken)
+    assert s.routing_stats() == {STAT: 1_000.0}
+    assert PrefillSpeed().routing_stats() == {}
 
 
 def test_the_wait_uses_the_preferred_replicas_measured_prefill_speed(three):

@@ -68,10 +68,11 @@ class RoutingConfig(BaseModel):
         gt=0,
         description="`cache_affinity`: the engine's prefill speed under load, in prompt tokens per "
         "second, which bounds the wait above: a request whose preferred replicas are full goes to a "
-        "replica with fewer requests in flight once it has waited `cached tokens / this` seconds "
-        "(the prefill its cache hit would save; 2,000 cached tokens: 0.25 s at the default, about a "
-        "8B model's on one GPU under load). Set it to your engine's (the `vllm:` prompt token and "
-        "prefill time metrics give it); null: wait without bound.",
+        "replica with fewer requests in flight once it has waited `cached tokens / speed` seconds "
+        "(the prefill its cache hit would save). Each model replica measures its own from vLLM's "
+        "counters and reports it in Serve's routing stats (every 10 s); this figure is used until "
+        "then (2,000 cached tokens: 0.25 s at the default, about an 8B model's on one GPU under "
+        "load). null: wait without bound.",
     )
 
     def request_router_config(self) -> dict[str, Any] | None:

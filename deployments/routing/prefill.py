@@ -73,6 +73,10 @@ class PrefillSpeed:
         return self.tokens_per_s
 
     def routing_stats(self) -> dict[str, float]:
-        """`record_routing_stats`' answer: the figure after reading vLLM's counters now."""
-        rate = self.update(read_totals())
+        """`record_routing_stats`' answer: the figure after reading vLLM's counters now (a
+        failed reading keeps the last figure: the routers fall back, never the replica)."""
+        try:
+            rate = self.update(read_totals())
+        except Exception:  # a routing hint must not fail Serve's stats call
+            rate = self.tokens_per_s
         return {STAT: rate} if rate else {}

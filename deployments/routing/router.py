@@ -28,10 +28,11 @@ of the next rank, and backs off when all are full, as it does by default. The ne
 `spill_when_full`, the load-based pair at once; by default, the candidates with fewer requests
 in flight than the preferred replica, once the request has waited as long as its cached prefix
 would save (cached tokens / the preferred replica's measured prefill speed, which each model
-replica reports in Serve's routing stats: `prefill.py`; `prefill_tokens_per_s` until then): waiting for a slot there pays only while it
-costs less than the prefill it avoids, so a request whose cache is small, or whose preferred
-replica stays full behind long generations, starts elsewhere instead (under saturation, with no
-replica less loaded, it keeps waiting: a miss would not start it sooner).
+replica reports in Serve's routing stats, `prefill.py`; `prefill_tokens_per_s` until then).
+Waiting for a slot there pays only while it costs less than the prefill it avoids, so a request
+whose cache is small, or whose preferred replica stays full behind long generations, starts
+elsewhere instead; under saturation, with no replica less loaded, it keeps waiting (a miss would
+not start it sooner).
 The choice is a hint for the engine's prefix cache only: any replica answers any request the
 same way, so a wrong guess costs a cache miss, never a wrong answer.
 """

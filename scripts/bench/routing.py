@@ -199,7 +199,10 @@ def engine_counters(url: str) -> dict[str, dict[str, float]]:
     m = httpx.get(f"{url}/metrics", timeout=30).json()
     reps = ((m.get("engine") or {}).get("replicas")) or {}
     keys = ("prefix_cache_queries", "prefix_cache_hits", "requests_finished", "prompt_tokens")
-    return {rid: {k: float(e.get(k) or 0) for k in keys} for rid, e in reps.items()}
+    out = {rid: {k: float(e.get(k) or 0) for k in keys} for rid, e in reps.items()}
+    for rid, e in reps.items():
+        out[rid]["prefill_s"] = float((e.get("prefill_time_seconds") or {}).get("sum") or 0)
+    return out
 
 
 def summarize(results: Sequence[Result], wall_s: float, before: dict, after: dict) -> dict[str, Any]:
@@ -209,6 +212,8 @@ def summarize(results: Sequence[Result], wall_s: float, before: dict, after: dic
     queries = sum(d["prefix_cache_queries"] for d in delta.values())
     hits = sum(d["prefix_cache_hits"] for d in delta.values())
     per_replica = sorted((d["requests_finished"] for d in delta.values()), reverse=True)
+    prefill_s = sum(d.get("prefill_s", 0.0) for d in delta.values())
+    computed = sum(d["prompt_tokens"] for d in delta.values()) - hits
     mean = sum(per_replica) / len(per_replica) if per_replica else 0
     return {
         "requests": len(results),
@@ -221,6 +226,8 @@ def summarize(results: Sequence[Result], wall_s: float, before: dict, after: dic
         "prefix_hit_rate": round(hits / queries, 4) if queries else None,
         "requests_per_replica": per_replica,
         "max_over_mean_load": round(per_replica[0] / mean, 3) if mean else None,
+        # what the model replicas report to the routers (deployments/routing/prefill.py)
+        "prefill_tokens_per_s": round(computed / prefill_s) if prefill_s else None,
         "wall_s": round(wall_s, 1),
     }
 
