@@ -57,6 +57,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+class ProbedReplica(FakeReplica):
+    """A fake replica whose queue length, as Serve's routing loop probes it, is `queued`."""
+
+    queued = 0
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return self.queued
+
+
+def probed_pair() -> tuple[ProbedReplica, ProbedReplica]:
+    from ray.serve._private.common import DeploymentID
+
+    dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
+    a, b = (ProbedReplica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
+    return a, b
+
+
 def session_key_for(target, replicas) -> str:
     """A session key that rendezvous hashing sends to `target` among `replicas`."""
     return next(
@@ -239,18 +256,9 @@ def test_the_replica_chosen_for_a_request_serves_that_request():
     """Serve's routing loop with requests waiting (every slot of the preferred replica taken):
     the replica found for one request goes to that request, not to the oldest waiting one
     (Serve's `FIFOMixin` would hand it over, and affinity would be lost whenever requests queue)."""
-    from ray.serve._private.common import DeploymentID
-    from ray.serve.request_router import ReplicaID
-
-    class Replica(FakeReplica):
-        queued = 0
-
-        async def get_queue_len(self, *, deadline_s: float) -> int:
-            return self.queued
 
     async def go():
-        dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
-        a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
+        a, b = probed_pair()
         r = make_router([a, b], imbalance_threshold=10, spill_when_full=False, prefill_tokens_per_s=None)
         key_of = {x.replica_id.unique_id: session_key_for(x, [a, b]) for x in (a, b)}
         a.queued = 3  # full: the request for `a` waits
@@ -422,17 +430,9 @@ def test_a_waiting_request_starts_on_a_less_loaded_replica_after_its_cache_wait(
     """Serve's routing loop: the preferred replica stays full (long generations) while another
     has a free slot; the request waits about as long as its cached prefix saves, then starts on
     the other replica, long before the preferred one frees."""
-    from ray.serve._private.common import DeploymentID
-
-    class Replica(FakeReplica):
-        queued = 0
-
-        async def get_queue_len(self, *, deadline_s: float) -> int:
-            return self.queued
 
     async def go():
-        dep = DeploymentID(name=DEPLOYMENT, app_name="llm")
-        a, b = (Replica(ReplicaID(unique_id=n, deployment_id=dep)) for n in "ab")
+        a, b = probed_pair()
         r = make_router([a, b], block_tokens=4, imbalance_threshold=10, prefill_tokens_per_s=40.0)
         history = list(range(20))  # 5 blocks of 4: 20 cached tokens, a 0.5 s prefill at 40 tokens/s
         r.on_request_routed(pending(history, rid="turn1"), a.replica_id, None)
