@@ -315,6 +315,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="each engine's KV cache, in vLLM blocks (128 tokens on CPU): room for about half the "
         "conversations, as on a busy GPU (the CPU engine's default would hold them all many times)",
     )
+    p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu", "auto"),
+        default="cpu",
+        help="the model replicas' `accelerator`: `gpu` on a node with a GPU per replica (a CUDA "
+        "build of vLLM; --kv-blocks then counts the GPU's 16-token blocks)",
+    )
     p.add_argument("--quick", action="store_true", help="a short run: fewer sessions and requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "reports" / "routing")
@@ -373,7 +380,7 @@ def service_config(opts: argparse.Namespace, policy: str) -> dict[str, Any]:
         },
         "limits": {"max_tokens_cap": 256, "max_messages": 256},
         "routing": policy_config(policy),
-        "accelerator": "cpu",
+        "accelerator": opts.accelerator,
         "deployments": {
             "model": {"num_replicas": opts.replicas, "max_ongoing_requests": 3},
             "ingress": {"num_replicas": opts.ingress_replicas, "autoscaling_config": None},
