@@ -158,42 +158,38 @@ class CacheAffinityRouter(MultiplexMixin, RequestRouter):
         self, pending: PendingRequest | None, preferred: list[RunningReplica], cached_tokens: int
     ) -> bool:
         """The request has waited for its preferred replicas at least as long as a prefill of
-        its cached tokens would take there (`prefill_tokens_per_s` None: it waits without bound)."""
+        its cached tokens would take there: at their own measured prefill speed (their routing
+        stats, routing/prefill.py), else `prefill_tokens_per_s` (None: it waits without bound)."""
         if self.prefill_tokens_per_s is None:
             return False
         waited = time.time() - pending.created_at if pending is not None else 0.0
-        return waited >= cached_tokens / self._prefill_speed(preferred)
-
-    def _prefill_speed(self, preferred: list[RunningReplica]) -> float:
-        """The preferred replicas' own measured prefill speed (their routing stats,
-        routing/prefill.py), else `prefill_tokens_per_s`."""
         measured = [s for r in preferred if (s := (r.routing_stats or {}).get(PREFILL_STAT))]
-        return sum(measured) / len(measured) if measured else float(self.prefill_tokens_per_s or 1.0)
+        speed = sum(measured) / len(measured) if measured else self.prefill_tokens_per_s
+        return waited >= cached_tokens / speed
 
     def _less_loaded(self, preferred: list[RunningReplica], candidates: list[RunningReplica]) -> list[RunningReplica]:
         """The other candidates with fewer requests in flight than every preferred replica,
         least loaded first, then those whose length is not known (none sent to them for Serve's
         cache timeout: Serve probes them, and the answer decides the next time)."""
-        cache = self._replica_queue_len_cache
-        mine = [q for q in (cache.get(r.replica_id) for r in preferred) if q is not None]
-        if not mine:
+        mine = self._shortest_known_queue(preferred)
+        if mine is None:
             return []
+        cache = self._replica_queue_len_cache
         others = [(cache.get(r.replica_id), r) for r in candidates if r not in preferred]
-        fewer = sorted(((q, r) for q, r in others if q is not None and q < min(mine)), key=lambda x: x[0])
+        fewer = sorted(((q, r) for q, r in others if q is not None and q < mine), key=lambda x: x[0])
         return [r for _, r in fewer] + [r for q, r in others if q is None]
 
     def _imbalanced(self, preferred: list[RunningReplica], candidates: list[RunningReplica]) -> bool:
         """The preferred replicas' shortest known queue is more than `imbalance_threshold` above
         the shortest known queue of all candidates (unknown lengths: no evidence of imbalance)."""
+        least, mine = self._shortest_known_queue(candidates), self._shortest_known_queue(preferred)
+        return least is not None and mine is not None and mine - least > self.imbalance_threshold
+
+    def _shortest_known_queue(self, replicas: list[RunningReplica]) -> int | None:
+        """The fewest requests in flight among `replicas` in Serve's queue-length cache; None if
+        it knows none of them."""
         cache = self._replica_queue_len_cache
-        lens = [cache.get(r.replica_id) for r in candidates]
-        known = [q for q in lens if q is not None]
-        if not known:
-            return False
-        mine = [q for q in (cache.get(r.replica_id) for r in preferred) if q is not None]
-        if not mine:
-            return False
-        return min(mine) - min(known) > self.imbalance_threshold
+        return min((q for r in replicas if (q := cache.get(r.replica_id)) is not None), default=None)
 
     @staticmethod
     def _two_random(candidates: list[RunningReplica]) -> list[RunningReplica]:

@@ -226,7 +226,8 @@ def summarize(results: Sequence[Result], wall_s: float, before: dict, after: dic
         "prefix_hit_rate": round(hits / queries, 4) if queries else None,
         "requests_per_replica": per_replica,
         "max_over_mean_load": round(per_replica[0] / mean, 3) if mean else None,
-        # what the model replicas report to the routers (deployments/routing/prefill.py)
+        # about what the model replicas report to the routers (deployments/routing/prefill.py,
+        # which counts vLLM's cached prompt tokens where this counts prefix-cache hits)
         "prefill_tokens_per_s": round(computed / prefill_s) if prefill_s else None,
         "wall_s": round(wall_s, 1),
     }
