@@ -192,20 +192,13 @@ def limited_app(http_port) -> str:
 
 # The faults app: what tests/test_control_plane_state.py and tests/test_faults.py kill.
 FAULTS_LONG = 2000  # max_tokens of a "long" generation (its cap)
-FAULTS_TIMEOUT_S = 60  # its limits.request_timeout_s
+FAULTS_TIMEOUT_S = 120  # its limits.request_timeout_s (the default)
 FAULTS_LIMITER_TIMEOUT_S = 1.0  # its rate_limit.timeout_s
 
 
-@pytest.fixture(scope="session")
-def faults_app(http_port) -> str:
-    """An own app on the session cluster for the tests that kill its parts: the tokenizer
-    replica, the limiter and stats actors, the adapter registry's entries
-    (tests/test_control_plane_state.py), the model replica and its engine process
-    (tests/test_faults.py). As shipped, model-less requests go to news-lora; the limiter fails
-    closed (an outage is a 503, visible) with a 1-s call timeout and a budget no test reaches;
-    /health is cached 2 s as by default (conftest's other apps check on every call). Long
-    generations: max_model_len 2048 and a 2000-token cap, so a `max_tokens: 2000, ignore_eos`
-    request runs for many seconds; Serve checks the model replica every 2 s (10 s by default)."""
+def faults_args(**overrides: Any) -> dict[str, Any]:
+    """The faults app's ServiceConfig (`faults_app`), then `overrides` (tests/test_redeploy.py
+    deploys it again with a changed config, as its last user)."""
     args = app_args(
         model={"default_model": "news-lora"},
         engine={"max_model_len": 2048},
@@ -220,7 +213,24 @@ def faults_app(http_port) -> str:
         health={"cache_s": 2.0},
         deployments={"model": {"health_check_period_s": 2, "health_check_timeout_s": 10}},
     )
-    return _deploy_shared("faults", args, http_port)
+    from deployments.config import deep_merge
+
+    return deep_merge(args, overrides)
+
+
+@pytest.fixture(scope="session")
+def faults_app(http_port) -> str:
+    """An own app on the session cluster for the tests that kill its parts: the tokenizer
+    replica, the limiter and stats actors, the adapter registry's entries
+    (tests/test_control_plane_state.py), the model replica and its engine process
+    (tests/test_faults.py); its last user, tests/test_redeploy.py, deploys it again with a
+    changed config under load (one engine start fewer than an app of its own). As shipped,
+    model-less requests go to news-lora; the limiter fails closed (an outage is a 503, visible)
+    with a 1-s call timeout and a budget no test reaches; /health is cached 2 s as by default
+    (conftest's other apps check on every call). Long generations: max_model_len 2048 and a
+    2000-token cap, so a `max_tokens: 2000, ignore_eos` request runs for many seconds; Serve
+    checks the model replica every 2 s (10 s by default)."""
+    return _deploy_shared("faults", faults_args(), http_port)
 
 
 @pytest.fixture(scope="session")
@@ -425,9 +435,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(
                 f"{item.nodeid} uses the session cluster: add its module to conftest.SESSION_MODULES"
             )
-    # the users of a shared app run one after the other, where the first of them stood
+    # the users of a shared app run one after the other, where the first of them stood; a module
+    # that deploys the app again with another config (`REDEPLOYS = "<fixture>"`) runs last
     for name in SHARED_APPS:
         users = [it for it in items if name in getattr(it, "fixturenames", ())]
+        users.sort(key=lambda it: getattr(getattr(it, "module", None), "REDEPLOYS", None) == name)
         if len(users) > 1:
             first = items.index(users[0])
             rest = [it for it in items[first:] if it not in users]

@@ -3,7 +3,8 @@ vLLM's engine-core process killed inside a live replica. Every request must end 
 one well-formed answer (a result, an OpenAI error, or an SSE error event + [DONE]), none may
 hang, engine requests of gone clients are aborted, and Serve heals the service.
 
-On conftest's `faults_app` (route prefix /faults, shared with tests/test_control_plane_state.py),
+On conftest's `faults_app` (route prefix /faults, shared with tests/test_control_plane_state.py and
+tests/test_redeploy.py, which deploys it again last),
 so the faults never touch the session app other modules use. Long generations: max_model_len
 2048 and a 2000-token cap, so a `max_tokens: 2000, ignore_eos` request runs for many seconds on
 the tiny model. Serve checks the model replica's health every 2 s there (10 s by default).
@@ -17,7 +18,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import ADMIN, FAULTS_LONG, FAULTS_TIMEOUT_S, wait_healthy
+from conftest import ADMIN, FAULTS_LONG, wait_healthy
 from reliability import (
     chat_body,
     controller_log,
@@ -34,14 +35,18 @@ from reliability import (
 
 from deployments.engine import engine_core_pids
 
-APP = "faults"  # conftest.faults_app, shared with tests/test_control_plane_state.py
+APP = "faults"  # conftest.faults_app
 LONG = FAULTS_LONG  # max_tokens of a "long" generation (cap of this app)
-TIMEOUT_S = FAULTS_TIMEOUT_S  # the app's request_timeout_s
+# The kill tests' streams carry a per-request deadline of their own (`timeout`): the ones queued
+# at a kill end 504 / SSE `timeout` this long after they were sent (the app's request_timeout_s
+# is 120 s, as shipped).
+STREAM_TIMEOUT_S = 60
 # Liveness bounds, not performance targets: a replacement replica imports vLLM in a new Ray
 # worker and starts a new engine process (15-35 s here, more on a loaded 2-core CI machine while
-# the other test worker starts engines of its own); the figures measured are printed.
-RECOVERY_S = 150  # replica killed: answers 200 again within this
-ENGINE_RECOVERY_S = 150  # engine killed: the replica exits (ENGINE_EXIT_S) + replacement
+# the other test worker starts engines of its own; 144 s once in CI); the figures measured are printed.
+START_S = 180  # long streams sent to an idle replica have all produced a chunk within this
+RECOVERY_S = 240  # replica killed: answers 200 again within this (CI has taken 165 s)
+ENGINE_RECOVERY_S = 240  # engine killed: the replica exits (ENGINE_EXIT_S) + replacement
 ENGINE_EXIT_S = 20  # engine killed: the replica sees it (a request, /health, the 2-s health check), exits 1 s on
 
 
@@ -123,7 +128,16 @@ async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
         asyncio.create_task(request(c, url, long_stream(i), label=f"long{i}", on_chunk=events[i], **kw))
         for i in range(3)
     ]
-    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), START_S)
+    except TimeoutError:
+        state = {"started": [e.is_set() for e in events], "done": [t.done() for t in tasks]}
+        for t in tasks:
+            await cancel(t)
+        raise AssertionError(
+            f"3 long streams not all started within {START_S} s: {state}; vLLM unfinished "
+            f"{await unfinished(url)}, /metrics {await running(url)}"
+        ) from None
     return tasks
 
 
@@ -330,7 +344,14 @@ def test_model_replica_killed_under_load(url):
             events = [asyncio.Event() for _ in range(n)]
             tasks = [
                 asyncio.create_task(
-                    request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i], deadline_s=TIMEOUT_S + 30)
+                    request(
+                        c,
+                        url,
+                        long_stream(i, timeout=STREAM_TIMEOUT_S),
+                        label=f"s{i}",
+                        on_chunk=events[i],
+                        deadline_s=STREAM_TIMEOUT_S + 30,
+                    )
                 )
                 for i in range(n)
             ]
@@ -338,7 +359,7 @@ def test_model_replica_killed_under_load(url):
             # produced a chunk (the 3 slots are busy), then let them run a little longer.
             t0 = time.monotonic()
             while sum(e.is_set() for e in events) < 3:
-                assert time.monotonic() - t0 < 90, "3 streams never started"
+                assert time.monotonic() - t0 < START_S, "3 streams never started"
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.5)
             started = [e.is_set() for e in events]
@@ -418,11 +439,18 @@ def test_engine_core_killed_inside_live_replica(url):
             events = [asyncio.Event() for _ in range(2)]
             streams = [
                 asyncio.create_task(
-                    request(c, url, long_stream(i), label=f"s{i}", on_chunk=events[i], deadline_s=TIMEOUT_S + 30)
+                    request(
+                        c,
+                        url,
+                        long_stream(i, timeout=STREAM_TIMEOUT_S),
+                        label=f"s{i}",
+                        on_chunk=events[i],
+                        deadline_s=STREAM_TIMEOUT_S + 30,
+                    )
                 )
                 for i in range(2)
             ]
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 90)
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), START_S)
             for e in engines:
                 kill_pid(e)
             t_kill = time.monotonic()

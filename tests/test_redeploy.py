@@ -1,11 +1,13 @@
 """Graceful shutdown and redeploy under load (slow): while clients keep sending requests,
 `serve.run` the same application name again with a changed config — new `args`
-(limits.default_temperature 0.7 -> 0.3, so every deployment's replicas are replaced, the model
+(limits.default_temperature changed, so every deployment's replicas are replaced, the model
 replica's engine included) and the ingress scaled 1 -> 2. Zero failed requests: the requests in
 flight on the old replicas finish (they drain: graceful_shutdown_* options), the ones that arrive
 while the new engine starts wait for it.
 
-The module deploys its own app (`redeploy`, route prefix /redeploy).
+On conftest's `faults_app` (route prefix /faults), as its last user (`REDEPLOYS`: conftest
+orders it after tests/test_control_plane_state.py and tests/test_faults.py, and deletes the app
+after it): the app this test replaces is running already, so the suite starts one engine fewer.
 """
 
 from __future__ import annotations
@@ -16,18 +18,16 @@ import time
 
 import httpx
 import pytest
-from conftest import ADMIN, app_args, delete_app, wait_healthy
+from conftest import ADMIN, FAULTS_TIMEOUT_S, faults_args, wait_healthy
 from reliability import chat_body, new_client, replica_pids, request, summarize, wait_gone
 
 pytestmark = pytest.mark.slow
 
-APP = "redeploy"
-PREFIX = "/redeploy"
+APP = "faults"  # conftest.faults_app
+REDEPLOYS = "faults_app"  # conftest: run after the app's other users
 CLIENTS = 3  # concurrent client loops (below the model's 3 slots + 10 queue places)
 TAIL_S = 5.0  # keep the load running this long after the new version is up
-
-
-REQUEST_TIMEOUT_S = 120  # limits.request_timeout_s (the default)
+OLD_T, NEW_T = 0.7, 0.3  # limits.default_temperature before (the shipped default) and after
 
 
 def ingress_grace_s() -> float:
@@ -38,29 +38,17 @@ def ingress_grace_s() -> float:
     from deployments.config import ServiceConfig
     from serve_app import app_options
 
-    opts = app_options(ServiceConfig.model_validate(args(0.3, 2)))["ingress"]
+    opts = app_options(ServiceConfig.model_validate(new_args()))["ingress"]
     return float(opts.get("graceful_shutdown_timeout_s", DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_S))
 
 
-def args(temperature: float, ingress_replicas: int) -> dict:
-    return app_args(
-        engine={"max_model_len": 2048},
-        limits={"max_tokens_cap": 2000, "default_temperature": temperature},
-        deployments={"ingress": {"num_replicas": ingress_replicas}},
-    )
+def new_args() -> dict:
+    return faults_args(limits={"default_temperature": NEW_T}, deployments={"ingress": {"num_replicas": 2}})
 
 
 @pytest.fixture(scope="module")
-def url(http_port):
-    from ray import serve
-
-    from serve_app import build_app
-
-    serve.run(build_app(args(0.7, 1)), name=APP, route_prefix=PREFIX, blocking=False)
-    base = f"http://127.0.0.1:{http_port}{PREFIX}"
-    wait_healthy(base)
-    yield base
-    delete_app(APP)
+def url(faults_app):
+    return faults_app
 
 
 def test_redeploy_changed_config_under_load_has_zero_failures(url):
@@ -69,16 +57,17 @@ def test_redeploy_changed_config_under_load_has_zero_failures(url):
     from serve_app import build_app
 
     # an old ingress replica is not killed while a request it holds may still be answered
-    assert ingress_grace_s() >= REQUEST_TIMEOUT_S, ingress_grace_s()
+    assert ingress_grace_s() >= FAULTS_TIMEOUT_S, ingress_grace_s()
     before = httpx.get(f"{url}/health", headers=ADMIN, timeout=30).json()
-    assert before["limits"]["default_temperature"] == 0.7
+    assert before["limits"]["default_temperature"] == OLD_T
+    assert before["deployments"]["IngressRouter"]["running_replicas"] == 1
     old = {d: replica_pids(APP, d) for d in ("IngressRouter", "PromptTokenizer", "ModelReplica")}
     done = threading.Event()
     marks: dict[str, float] = {}
 
     def redeploy():
         marks["start"] = time.monotonic()
-        serve.run(build_app(args(0.3, 2)), name=APP, route_prefix=PREFIX, blocking=False)
+        serve.run(build_app(new_args()), name=APP, route_prefix=f"/{APP}", blocking=False)
         marks["running"] = time.monotonic()  # serve.run returns once the app is RUNNING again
         done.set()
 
@@ -150,7 +139,7 @@ def test_redeploy_changed_config_under_load_has_zero_failures(url):
     assert not failed, "a request failed during the redeploy"
     assert all(o.tokens == 1500 for o in long_outs)
     assert len(during) >= CLIENTS
-    assert after["limits"]["default_temperature"] == 0.3
+    assert after["limits"]["default_temperature"] == NEW_T
     assert after["deployments"]["IngressRouter"]["running_replicas"] == 2
     assert not any(stale.values()), f"replicas not replaced: {stale}"
     # the old model replica's process exits once it has drained
