@@ -26,7 +26,7 @@ from deployments.engine.output_parsing import check_parser_names
 from deployments.ingress import IngressRouter, app
 from deployments.model_replica import ModelReplica
 from deployments.options import deployment_options
-from deployments.tokenizer import PromptTokenizer
+from deployments.tokenizer import PromptTokenizer, tokenizer_class_path
 
 logger = logging.getLogger("ray.serve")
 
@@ -102,4 +102,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     model = serve.deployment(ModelReplica, **options["model"])
     ingress = serve.deployment(serve.ingress(app)(IngressRouter), **options["ingress"])
     logger.info("building %s: accelerator=%s", config.model.model_id, accelerator)
-    return ingress.bind(tokenizer.bind(cfg), model.bind(cfg, options["model"]), cfg, options["model"])
+    tokenizer_class = tokenizer_class_path(config.model.resolved_tokenizer())
+    return ingress.bind(tokenizer.bind(cfg, tokenizer_class), model.bind(cfg, options["model"]), cfg, options["model"])

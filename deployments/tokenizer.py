@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import inspect
 import logging
 from typing import Any
@@ -23,6 +24,45 @@ from deployments.config import ServiceConfig
 from deployments.options import base_options
 
 logger = logging.getLogger("ray.serve")
+
+
+def tokenizer_class_path(source: str) -> str | None:
+    """The class `AutoTokenizer` picks for the tokenizer at `source`, as `"module:Name"`
+    (`load_tokenizer`'s argument), found where the application is built (`serve_app.build_app`,
+    whose process has transformers and torch loaded already: vLLM's parser check). None when
+    the files cannot be read there or the class is not transformers' own (remote code): the
+    replica then asks `AutoTokenizer` itself.
+
+    Why: `AutoTokenizer` decides the class from the model's config, which imports transformers'
+    model classes and with them torch (~4.5 CPU-s and ~550 MB per tokenizer replica); the class
+    it decides on loads without torch. Every branch of `AutoTokenizer.from_pretrained` ends in
+    `cls.from_pretrained(source)` with the same arguments, so the replica's tokenizer is the one
+    `AutoTokenizer` would have built (tests/test_tokenize.py compares them)."""
+    try:
+        from transformers import AutoTokenizer
+
+        cls = type(AutoTokenizer.from_pretrained(source))
+    except Exception as exc:  # files not readable where the app is built: the replica decides
+        logger.warning(
+            "tokenizer class for %s not resolved at build (%s): each replica asks AutoTokenizer", source, exc
+        )
+        return None
+    if not cls.__module__.startswith("transformers."):
+        return None
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def load_tokenizer(source: str, class_path: str | None = None) -> Any:
+    """The tokenizer at `source`: of class `class_path` (`tokenizer_class_path`), else the one
+    `AutoTokenizer` picks."""
+    if class_path:
+        module, _, name = class_path.partition(":")
+        if not module.startswith("transformers."):
+            raise ValueError(f"tokenizer class {class_path!r} is not transformers' own")
+        return getattr(importlib.import_module(module), name).from_pretrained(source)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
 
 
 def _bad_text(text: str) -> bool:
@@ -46,12 +86,11 @@ class PromptTokenizer:
         health_check_period_s=10,
     )
 
-    def __init__(self, config: dict[str, Any] | ServiceConfig):
-        from transformers import AutoTokenizer
-
+    def __init__(self, config: dict[str, Any] | ServiceConfig, tokenizer_class: str | None = None):
+        """`tokenizer_class`: `tokenizer_class_path`'s answer (the build's), else None."""
         self.config = ServiceConfig.model_validate(config)
         self.max_model_len = self.config.engine.max_model_len
-        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model.resolved_tokenizer())
+        self.tokenizer = load_tokenizer(self.config.model.resolved_tokenizer(), tokenizer_class)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"tokenizer at {self.config.model.resolved_tokenizer()} has no chat template")
 

@@ -446,8 +446,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[first:] = users + rest
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """A shared app goes once its last user has run (not at the session's end)."""
+    """A shared app goes once its last user has run (not at the session's end), after that
+    test's own fixtures are torn down (they may still ask the app)."""
     for name, app in SHARED_APPS.items():
         uses = name in getattr(item, "fixturenames", ())
         if uses and (nextitem is None or name not in getattr(nextitem, "fixturenames", ())):

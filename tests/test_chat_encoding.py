@@ -119,3 +119,54 @@ def test_conversation_ids_are_the_served_ones(name, served, trainer_tokenizer):
     benign = [{**m, "content": "plain"} for m in messages]
     count = sum(t in added for t in prompt)
     assert count == sum(t in added for t in serve_chat(served, benign))
+
+
+def test_the_tokenizer_deployment_loads_autotokenizers_class_without_torch(served):
+    """`serve_app.build_app` names the class `AutoTokenizer` picks (`tokenizer_class_path`); the
+    tokenizer deployment loads that class directly, in a process that never imports torch, and
+    encodes exactly as `AutoTokenizer`'s tokenizer (the batch worker's, `served` here): chat
+    prompts, classification prompts, text prompts and their counts."""
+    import json
+    import subprocess
+    import sys
+
+    from deployments.tokenizer import tokenizer_class_path
+
+    source = served.config.model.resolved_tokenizer()
+    class_path = tokenizer_class_path(source)
+    assert class_path is not None and class_path.split(":")[1] == type(served.tokenizer).__qualname__
+    messages = [
+        {"role": "system", "content": "你是新闻分类助手"},
+        {"role": "user", "content": "央行宣布降息25个基点 " + EVIL},
+    ]
+    texts, labels = ["詹姆斯带领湖人队赢得总冠军", "新款电动汽车正式上市"], served_labels(served)
+    code = f"""
+import asyncio, json, sys
+from batch.classify import DEFAULT_CONFIG, service_config
+from deployments.tokenizer import PromptTokenizer
+
+t = PromptTokenizer(service_config(DEFAULT_CONFIG), {class_path!r})
+chat = asyncio.run(t.encode_chat({messages!r}, 16))
+prompt = asyncio.run(t.encode_prompt("体育新闻 " + {EVIL!r}, 16))
+classify = asyncio.run(t.encode_classify({texts!r}, {labels!r}))
+print(json.dumps({{
+    "class": type(t.tokenizer).__qualname__,
+    "torch": "torch" in sys.modules,
+    "chat": chat.token_ids,
+    "prompt": prompt.token_ids,
+    "classify": [classify.prompts, classify.label_ids],
+}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False, "the tokenizer deployment's process imported torch"
+    assert got["class"] == type(served.tokenizer).__qualname__
+    assert got["chat"] == asyncio.run(served.encode_chat(messages, 16)).token_ids
+    assert got["prompt"] == asyncio.run(served.encode_prompt("体育新闻 " + EVIL, 16)).token_ids
+    want = asyncio.run(served.encode_classify(texts, labels))
+    assert got["classify"] == [want.prompts, want.label_ids]
+
+
+def served_labels(served: PromptTokenizer) -> list[str]:
+    return list(clf.load_labels(served.config.model.resolved_source()))

@@ -79,6 +79,39 @@ async def wait_running(url: str, pred, timeout_s: float, what: str) -> tuple[dic
     raise AssertionError(f"{what}: not within {timeout_s:.0f} s (last: {last})")
 
 
+def gate_state(url: str) -> dict:
+    """The ingress's capacity gate (admin /health's limits: admitted in flight, sent to the model,
+    waiting there)."""
+    keys = ("admission_limit", "admitted_in_flight", "sent_to_model", "waiting_here")
+    try:
+        r = httpx.get(f"{url}/health", headers=ADMIN, timeout=10)
+        return {k: r.json().get("limits", {}).get(k) for k in keys}
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": repr(exc)}
+
+
+async def gate(url: str) -> dict:
+    return await asyncio.to_thread(gate_state, url)
+
+
+@pytest.fixture(autouse=True)
+def gate_released(url):
+    """After each test every request it sent has left the ingress's gate: nothing admitted, sent
+    or waiting is left over (a leaked place would hold a model slot for the tests after it)."""
+    yield
+    deadline, last = time.monotonic() + 30, {}
+    while time.monotonic() < deadline:
+        last = gate_state(url)
+        if (
+            last.get("admitted_in_flight") == 0
+            and last.get("waiting_here") == 0
+            and last.get("sent_to_model") in (0, None)
+        ):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the ingress's gate still holds requests of this test 30 s after it ended: {last}")
+
+
 async def unfinished(url: str) -> int | None:
     """vLLM's own count of unfinished requests on the model replica (/health; needs a free slot).
     /metrics' running count is bounded by what the ingress still waits for, so it cannot show
@@ -136,7 +169,7 @@ async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
             await cancel(t)
         raise AssertionError(
             f"3 long streams not all started within {START_S} s: {state}; vLLM unfinished "
-            f"{await unfinished(url)}, /metrics {await running(url)}"
+            f"{await unfinished(url)}, /metrics {await running(url)}, the ingress's gate {await gate(url)}"
         ) from None
     return tasks
 
