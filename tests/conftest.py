@@ -192,7 +192,9 @@ def limited_app(http_port) -> str:
 
 # The faults app: what tests/test_control_plane_state.py and tests/test_faults.py kill.
 FAULTS_LONG = 2000  # max_tokens of a "long" generation (its cap)
-FAULTS_TIMEOUT_S = 120  # its limits.request_timeout_s (the default)
+# its limits.request_timeout_s, twice the shipped 120 s: tests/test_redeploy.py's requests wait for
+# the new engine within it (a loaded CI machine has taken 158 s to start a replica)
+FAULTS_TIMEOUT_S = 240
 FAULTS_LIMITER_TIMEOUT_S = 1.0  # its rate_limit.timeout_s
 
 
@@ -439,9 +441,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # that deploys the app again with another config (`REDEPLOYS = "<fixture>"`) runs last
     for name in SHARED_APPS:
         users = [it for it in items if name in getattr(it, "fixturenames", ())]
-        users.sort(key=lambda it: getattr(getattr(it, "module", None), "REDEPLOYS", None) == name)
         if len(users) > 1:
             first = items.index(users[0])
+            users.sort(key=lambda it: getattr(getattr(it, "module", None), "REDEPLOYS", None) == name)
             rest = [it for it in items[first:] if it not in users]
             items[first:] = users + rest
 
@@ -449,9 +451,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """A shared app goes once its last user has run (not at the session's end), after that
-    test's own fixtures are torn down (they may still ask the app)."""
+    test's own fixtures are torn down (they may still ask the app). After the session's last
+    test the session's fixtures are torn down too: Serve and Ray are gone, and the apps with them."""
+    if nextitem is None:
+        _DEPLOYED.clear()
+        return
     for name, app in SHARED_APPS.items():
         uses = name in getattr(item, "fixturenames", ())
-        if uses and (nextitem is None or name not in getattr(nextitem, "fixturenames", ())):
+        if uses and name not in getattr(nextitem, "fixturenames", ()):
             if app in _DEPLOYED:
                 _delete_shared(app)

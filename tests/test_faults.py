@@ -39,7 +39,7 @@ APP = "faults"  # conftest.faults_app
 LONG = FAULTS_LONG  # max_tokens of a "long" generation (cap of this app)
 # The kill tests' streams carry a per-request deadline of their own (`timeout`): the ones queued
 # at a kill end 504 / SSE `timeout` this long after they were sent (the app's request_timeout_s
-# is 120 s, as shipped).
+# is longer: conftest.FAULTS_TIMEOUT_S).
 STREAM_TIMEOUT_S = 60
 # Liveness bounds, not performance targets: a replacement replica imports vLLM in a new Ray
 # worker and starts a new engine process (15-35 s here, more on a loaded 2-core CI machine while
@@ -59,6 +59,13 @@ def long_stream(i: int, **extra) -> dict:
     return chat_body(
         i, LONG, True, ignore_eos=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, **extra
     )
+
+
+async def kill_stream(c, url: str, i: int, event: asyncio.Event):
+    """A long stream of the kill tests, with its own `STREAM_TIMEOUT_S` deadline; `event` is set at
+    its first chunk."""
+    body = long_stream(i, timeout=STREAM_TIMEOUT_S)
+    return await request(c, url, body, label=f"s{i}", on_chunk=event, deadline_s=STREAM_TIMEOUT_S + 30)
 
 
 async def running(url: str) -> dict:
@@ -375,19 +382,7 @@ def test_model_replica_killed_under_load(url):
     async def run():
         async with new_client() as c:
             events = [asyncio.Event() for _ in range(n)]
-            tasks = [
-                asyncio.create_task(
-                    request(
-                        c,
-                        url,
-                        long_stream(i, timeout=STREAM_TIMEOUT_S),
-                        label=f"s{i}",
-                        on_chunk=events[i],
-                        deadline_s=STREAM_TIMEOUT_S + 30,
-                    )
-                )
-                for i in range(n)
-            ]
+            tasks = [asyncio.create_task(kill_stream(c, url, i, events[i])) for i in range(n)]
             # Serve admits in arrival order, not index order: wait until any 3 streams have
             # produced a chunk (the 3 slots are busy), then let them run a little longer.
             t0 = time.monotonic()
@@ -470,19 +465,7 @@ def test_engine_core_killed_inside_live_replica(url):
     async def run():
         async with new_client() as c:
             events = [asyncio.Event() for _ in range(2)]
-            streams = [
-                asyncio.create_task(
-                    request(
-                        c,
-                        url,
-                        long_stream(i, timeout=STREAM_TIMEOUT_S),
-                        label=f"s{i}",
-                        on_chunk=events[i],
-                        deadline_s=STREAM_TIMEOUT_S + 30,
-                    )
-                )
-                for i in range(2)
-            ]
+            streams = [asyncio.create_task(kill_stream(c, url, i, events[i])) for i in range(2)]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), START_S)
             for e in engines:
                 kill_pid(e)
