@@ -277,6 +277,22 @@ def replica_pids(app: str, deployment: str) -> list[int]:
     return sorted(int(r["Pid"]) for r in replica_actors(app, deployment) if r.get("Pid"))
 
 
+def replica_ongoing(app: str, deployment: str) -> dict[int, int | str]:
+    """Each replica's own count of the requests it holds (Serve's `get_num_ongoing_requests`,
+    what Serve's router probes to fill its `max_ongoing_requests`), by pid; a replica that does
+    not answer within 10 s shows the error's name."""
+    import ray
+
+    out: dict[int, int | str] = {}
+    for row in replica_actors(app, deployment):
+        try:
+            actor = ray.get_actor(row["Name"], namespace="serve")
+            out[int(row.get("Pid") or 0)] = ray.get(actor.get_num_ongoing_requests.remote(), timeout=10)
+        except Exception as exc:  # gone meanwhile, or not answering
+            out[int(row.get("Pid") or 0)] = type(exc).__name__
+    return out
+
+
 def controller_log(app: str, deployment: str, last: int = 40) -> str:
     """The Serve controller's last `last` log lines about one deployment (replicas started,
     failed health checks, constructor errors): what a failed recovery assertion shows."""

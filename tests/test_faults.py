@@ -26,6 +26,7 @@ from reliability import (
     engine_unfinished,
     kill_pid,
     new_client,
+    replica_ongoing,
     replica_pids,
     request,
     running_requests,
@@ -97,26 +98,36 @@ def gate_state(url: str) -> dict:
         return {"error": repr(exc)}
 
 
-async def gate(url: str) -> dict:
-    return await asyncio.to_thread(gate_state, url)
+def held(url: str) -> dict:
+    """What the service holds of earlier requests: the ingress's gate, and each model replica's
+    own count of the requests it holds (Serve fills at most `max_ongoing_requests` by it)."""
+    return {"gate": gate_state(url), "model replicas": replica_ongoing(APP, "ModelReplica")}
+
+
+def _released(state: dict) -> bool:
+    gate = state["gate"]
+    return (
+        gate.get("admitted_in_flight") == 0
+        and gate.get("waiting_here") == 0
+        and gate.get("sent_to_model") in (0, None)
+        and bool(state["model replicas"])
+        and all(n == 0 for n in state["model replicas"].values())
+    )
 
 
 @pytest.fixture(autouse=True)
 def gate_released(url):
-    """After each test every request it sent has left the ingress's gate: nothing admitted, sent
-    or waiting is left over (a leaked place would hold a model slot for the tests after it)."""
+    """After each test every request it sent has left the service: nothing admitted, sent or
+    waiting in the ingress's gate, nothing held by a model replica (a leaked place or slot would
+    hold one of the replica's three slots for the tests after it)."""
     yield
     deadline, last = time.monotonic() + 30, {}
     while time.monotonic() < deadline:
-        last = gate_state(url)
-        if (
-            last.get("admitted_in_flight") == 0
-            and last.get("waiting_here") == 0
-            and last.get("sent_to_model") in (0, None)
-        ):
+        last = held(url)
+        if _released(last):
             return
         time.sleep(0.5)
-    raise AssertionError(f"the ingress's gate still holds requests of this test 30 s after it ended: {last}")
+    raise AssertionError(f"the service still holds requests of this test 30 s after it ended: {last}")
 
 
 async def unfinished(url: str) -> int | None:
@@ -176,7 +187,7 @@ async def fill_slots(c, url: str, **kw) -> list[asyncio.Task]:
             await cancel(t)
         raise AssertionError(
             f"3 long streams not all started within {START_S} s: {state}; vLLM unfinished "
-            f"{await unfinished(url)}, /metrics {await running(url)}, the ingress's gate {await gate(url)}"
+            f"{await unfinished(url)}, /metrics {await running(url)}, held {await asyncio.to_thread(held, url)}"
         ) from None
     return tasks
 
