@@ -170,3 +170,15 @@ print(json.dumps({{
 
 def served_labels(served: PromptTokenizer) -> list[str]:
     return list(clf.load_labels(served.config.model.resolved_source()))
+
+
+def test_a_tokenizer_class_the_build_cannot_resolve_leaves_the_choice_to_the_replica(tmp_path):
+    """Where the build cannot read the tokenizer (a missing folder, one without tokenizer files)
+    it names no class (the replica asks `AutoTokenizer` itself); a class that is not
+    transformers' own is refused, never imported."""
+    from deployments.tokenizer import load_tokenizer, tokenizer_class_path
+
+    assert tokenizer_class_path(str(tmp_path / "missing")) is None
+    assert tokenizer_class_path(str(tmp_path)) is None
+    with pytest.raises(ValueError, match="not transformers' own"):
+        load_tokenizer(str(tmp_path), "os:system")
