@@ -28,8 +28,9 @@ logger = logging.getLogger("ray.serve")
 
 def tokenizer_class_path(source: str) -> str | None:
     """The class `AutoTokenizer` picks for the tokenizer at `source`, as `"module:Name"`
-    (`load_tokenizer`'s argument), found where the application is built (`serve_app.build_app`,
-    whose process has transformers and torch loaded already: vLLM's parser check). None when
+    (`load_tokenizer`'s argument), found once where the application is built
+    (`serve_app.build_app`, whose process usually has torch loaded already: vLLM's parser check
+    with the shipped tool-call parser). None when
     the files cannot be read there or the class is not transformers' own (remote code): the
     replica then asks `AutoTokenizer` itself.
 
@@ -37,7 +38,7 @@ def tokenizer_class_path(source: str) -> str | None:
     model classes and with them torch (~4.5 CPU-s and ~550 MB per tokenizer replica); the class
     it decides on loads without torch. Every branch of `AutoTokenizer.from_pretrained` ends in
     `cls.from_pretrained(source)` with the same arguments, so the replica's tokenizer is the one
-    `AutoTokenizer` would have built (tests/test_tokenize.py compares them)."""
+    `AutoTokenizer` would have built (tests/test_chat_encoding.py compares them)."""
     try:
         from transformers import AutoTokenizer
 
