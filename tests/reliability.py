@@ -80,15 +80,17 @@ async def request(
     chunks_before_event: int = 1,
     path: str = "/v1/chat/completions",
 ) -> Outcome:
-    """POST `body` and classify how it ended. `deadline_s`: the client gives up (→ `hang`).
-    `on_chunk` is set once `chunks_before_event` content events arrived (streams)."""
+    """POST `body` and classify how it ended. `deadline_s`: the client gives up (→ `hang`); it
+    also bounds each read of this request, whatever the client's own timeout (a read that waits
+    past it is a `hang` too, never an exception out of here). `on_chunk` is set once
+    `chunks_before_event` content events arrived (streams)."""
     stream = bool(body.get("stream"))
     out = Outcome(label=label, stream=stream)
     out.t_start = time.monotonic()
     try:
         async with asyncio.timeout(deadline_s):
-            await _do(client, url + path, body, out, on_chunk, chunks_before_event)
-    except TimeoutError:
+            await _do(client, url + path, body, out, on_chunk, chunks_before_event, deadline_s)
+    except (TimeoutError, httpx.TimeoutException):
         out.result, out.detail = "hang", f"no end within {deadline_s:.0f} s"
     except asyncio.CancelledError:
         out.result = "cancelled"
@@ -104,8 +106,9 @@ async def request(
     return out
 
 
-async def _do(client, url, body, out: Outcome, on_chunk, chunks_before_event) -> None:
-    async with client.stream("POST", url, json=body) as r:
+async def _do(client, url, body, out: Outcome, on_chunk, chunks_before_event, deadline_s: float) -> None:
+    timeout = httpx.Timeout(deadline_s + 1, connect=min(30.0, deadline_s + 1))
+    async with client.stream("POST", url, json=body, timeout=timeout) as r:
         out.status = r.status_code
         if r.status_code != 200 or not out.stream:
             raw = await r.aread()
