@@ -56,9 +56,22 @@ def _ingress_class():
             self.limiter.batch = batch
             self.registry = AdapterRegistry(app)
 
-        async def ready(self) -> None:
-            await self.limiter.ready()
-            await self.registry.list()
+        async def ready(self, timeout_s: float = 180.0) -> None:
+            """Once the limiter and the registry answer. Their actors start with the first
+            replica that asks; until they do, a call is a 503 ("briefly unavailable", as a
+            client of the service would get): asked again until `timeout_s` has passed."""
+            from deployments.api.errors import APIError
+
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    await self.limiter.ready()
+                    await self.registry.list()
+                    return
+                except APIError as exc:
+                    if exc.status != 503 or time.monotonic() > deadline:
+                        raise
+                await asyncio.sleep(0.5)
 
         async def run(self, what: str, concurrency: int, duration_s: float, seed: int) -> dict:
             lat: list[float] = []
