@@ -382,6 +382,57 @@ def test_bench_report_renders_every_policy_and_workload():
     assert "0.60x" in routing.text_report(report)  # TTFT p50 against power of two, in one run
 
 
+def test_bench_repeats_alternate_the_order_and_pair_each_round():
+    """`--repeats`: the policies' order alternates round by round; a ratio is taken within its
+    round (a slow round slows both policies: its ratio is what the other rounds give), and the
+    report gives each policy's medians and the ratios' median, min and max."""
+    from scripts.bench import routing
+
+    assert routing.round_orders(["power_of_two", "cache_affinity"], 3) == [
+        ["power_of_two", "cache_affinity"],
+        ["cache_affinity", "power_of_two"],
+        ["power_of_two", "cache_affinity"],
+    ]
+    with pytest.raises(SystemExit):
+        routing.parse_args(["--repeats", "0"])
+
+    def fig(hit, ttft, rps, load, per_replica):
+        return {
+            "prefix_hit_rate": hit,
+            "ttft_p50_ms": ttft,
+            "ttft_p95_ms": 2 * ttft,
+            "requests_per_s": rps,
+            "output_tokens_per_s": 4 * rps,
+            "max_over_mean_load": load,
+            "requests_per_replica": per_replica,
+        }
+
+    rounds = [  # round 2 runs at half speed: its ratios are the others'
+        {
+            "power_of_two": {"m": fig(0.3, 1000, 1.0, 1.1, [1, 2])},
+            "cache_affinity": {"m": fig(0.6, 500, 2.0, 1.0, [3])},
+        },
+        {"power_of_two": {"m": fig(0.4, 2000, 0.5, 1.3, [4])}, "cache_affinity": {"m": fig(0.6, 1000, 1.0, 1.2, [5])}},
+        {"power_of_two": {"m": fig(0.2, 1000, 1.0, 1.2, [6])}, "cache_affinity": {"m": fig(0.6, 600, 1.5, 1.1, [7])}},
+    ]
+    ratios = routing.paired_ratios(rounds)
+    hit = ratios["m"]["cache_affinity"]["prefix_hit_rate"]
+    assert hit["rounds"] == [2.0, 1.5, 3.0] and (hit["median"], hit["min"], hit["max"]) == (2.0, 1.5, 3.0)
+    ttft = ratios["m"]["cache_affinity"]["ttft_p50_ms"]
+    assert ttft["rounds"] == [0.5, 0.5, 0.6] and ttft["median"] == 0.5
+    assert set(ratios["m"]) == {"cache_affinity"}  # nothing against itself
+    medians = routing.median_summary(rounds)
+    p2 = medians["power_of_two"]["m"]
+    assert p2["prefix_hit_rate"] == 0.3 and p2["ttft_p50_ms"] == 1000 and p2["rounds"] == 3
+    assert p2["requests_per_replica"] == [6]  # from the round whose max/mean load is the median
+    report = {"options": {}, "router_cpu": {}, "policies": medians, "rounds": rounds, "ratios": ratios}
+    text = routing.text_report(report)
+    assert (
+        "medians over 3 rounds" in text and "| m | cache_affinity | 2.00x [1.50, 3.00] | 0.50x [0.50, 0.60] |" in text
+    )
+    assert routing.html_report(report, "python -m scripts.bench.routing --repeats 3").count("<svg") == 3
+
+
 def test_a_conversation_stays_together_across_ingress_replicas(three):
     """Two ingress replicas (two routers, no shared state), a conversation's turns reaching them
     alternately, behind a system prompt every conversation shares: with its session key every

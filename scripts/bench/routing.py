@@ -21,6 +21,12 @@ the requests (max / mean). And, in this process, the router's CPU per request: t
 
     .venv/bin/python -m scripts.bench.routing --out-dir reports/routing            # ~15 min here
     .venv/bin/python -m scripts.bench.routing --quick --policies power_of_two,cache_affinity
+
+`--repeats N` runs the policies N rounds, in alternating order (A B, B A, A B, ...: a drift of
+the machine's speed during the run weighs on every policy alike), and reports each policy's
+figures as the median over the rounds and, against power of two, each round's ratio (taken
+within the round) with their median, min and max: the verdict on a target is the ratios'
+spread, not one run (power of two's own hit rate moves by ±0.1 between runs of one command).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -323,11 +330,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the model replicas' `accelerator`: `gpu` on a node with a GPU per replica (a CUDA "
         "build of vLLM; --kv-blocks then counts the GPU's 16-token blocks)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of every policy, in alternating order; the report gives medians over them and "
+        "each round's ratios to power of two",
+    )
     p.add_argument("--quick", action="store_true", help="a short run: fewer sessions and requests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=REPO / "reports" / "routing")
     p.add_argument("--startup-timeout", type=float, default=600)
     opts = p.parse_args(argv)
+    if opts.repeats < 1:
+        p.error("--repeats must be at least 1")
     if opts.quick:
         opts.sessions, opts.turns, opts.questions, opts.classify = 6, 3, 12, 12
     return opts
@@ -460,6 +476,61 @@ def token_ids_of(opts: argparse.Namespace) -> tuple[dict[str, list[list[int]]], 
     return prompts, keys
 
 
+def round_orders(policies: Sequence[str], repeats: int) -> list[list[str]]:
+    """The order of the policies in each round: as given, then reversed, alternately."""
+    return [list(policies) if r % 2 == 0 else list(policies)[::-1] for r in range(repeats)]
+
+
+RATIO_KEYS = ("prefix_hit_rate", "ttft_p50_ms", "ttft_p95_ms", "requests_per_s")
+BASE_POLICY = "power_of_two"
+
+
+def median_summary(rounds: Sequence[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per policy and workload, the median over the rounds of every numeric figure (lists, such
+    as the requests per replica, are taken from the round whose max/mean load is the median)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for policy in rounds[0]:
+        for wl in rounds[0][policy]:
+            runs = [rnd[policy][wl] for rnd in rounds if wl in rnd.get(policy, {})]
+            merged: dict[str, Any] = {}
+            for key, value in runs[0].items():
+                values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+                if isinstance(value, (int, float)) and len(values) == len(runs):
+                    merged[key] = round(statistics.median(values), 4)
+            by_load = sorted(runs, key=lambda r: r.get("max_over_mean_load") or 0)
+            for key, value in by_load[len(by_load) // 2].items():
+                merged.setdefault(key, value)
+            merged["rounds"] = len(runs)
+            out.setdefault(policy, {})[wl] = merged
+    return out
+
+
+def paired_ratios(
+    rounds: Sequence[dict[str, dict[str, dict[str, Any]]]], base: str = BASE_POLICY
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """Workload -> policy -> figure -> {"rounds": [each round's policy / base], "median", "min",
+    "max"}: ratios taken within a round (the same cluster's speed, minutes apart), for every
+    policy but `base` and every figure both have."""
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for rnd in rounds:
+        ref = rnd.get(base) or {}
+        for policy, res in rnd.items():
+            if policy == base:
+                continue
+            for wl, figures in res.items():
+                b = ref.get(wl) or {}
+                for key in RATIO_KEYS:
+                    if figures.get(key) and b.get(key):
+                        cell = out.setdefault(wl, {}).setdefault(policy, {}).setdefault(key, {"rounds": []})
+                        cell["rounds"].append(round(figures[key] / b[key], 3))
+    for per_policy in out.values():
+        for per_key in per_policy.values():
+            for cell in per_key.values():
+                r = cell["rounds"]
+                cell.update(median=round(statistics.median(r), 3), min=min(r), max=max(r))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if not Path(opts.model).exists():
@@ -473,9 +544,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts, keys = token_ids_of(opts)
     report["router_cpu"] = router_cpu(prompts, opts.replicas, keys)
     print(f"[routing] router CPU: {json.dumps(report['router_cpu'])}", file=sys.stderr, flush=True)
-    for policy in opts.policies.split(","):
-        report["policies"][policy] = run_policy(opts, policy, out_dir)
+    policies = opts.policies.split(",")
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for r, order in enumerate(round_orders(policies, opts.repeats)):
+        round_dir = out_dir / f"round{r + 1}" if opts.repeats > 1 else out_dir
+        round_dir.mkdir(parents=True, exist_ok=True)
+        results = {}
+        for policy in order:
+            results[policy] = run_policy(opts, policy, round_dir)
+        rounds.append({p: results[p] for p in policies})
+        report["rounds"] = rounds
+        report["policies"] = rounds[0] if len(rounds) == 1 else median_summary(rounds)
+        report["ratios"] = paired_ratios(rounds)
         (out_dir / "routing.json").write_text(json.dumps(report, indent=2))
+        if opts.repeats > 1:
+            print(
+                f"[routing] round {r + 1}/{opts.repeats}: {json.dumps(report['ratios'])}", file=sys.stderr, flush=True
+            )
     print(text_report(report))
     (out_dir / "routing.txt").write_text(text_report(report))
     (out_dir / "report.html").write_text(html_report(report, " ".join(sys.argv)))
@@ -538,8 +623,9 @@ def text_report(report: dict[str, Any]) -> str:
     lines = []
     pol = report["policies"]
     base = pol.get("power_of_two", {})
+    n_rounds = len(report.get("rounds") or [])
     for wl in sorted({w for p in pol.values() for w in p}):
-        lines.append(f"\n{wl}")
+        lines.append(f"\n{wl}" + (f" (medians over {n_rounds} rounds)" if n_rounds > 1 else ""))
         lines.append(
             "| policy | prefix hit rate | TTFT p50 ms | TTFT p95 ms | req/s | out tok/s | max/mean load | TTFT p50 vs power of two |"
         )
@@ -554,6 +640,18 @@ def text_report(report: dict[str, Any]) -> str:
                 f"| {name} | {r['prefix_hit_rate']} | {r['ttft_p50_ms']} | {r['ttft_p95_ms']} | {r['requests_per_s']} | "
                 f"{r['output_tokens_per_s']} | {r['max_over_mean_load']} | {f'{ratio:.2f}x' if ratio else '-'} |"
             )
+    rounds = report.get("rounds") or []
+    if len(rounds) > 1:
+        lines.append(f"\nratios to power of two over {len(rounds)} rounds (each round's own; median [min, max])")
+        lines.append("| workload | policy | prefix hit rate | TTFT p50 | TTFT p95 | req/s |")
+        lines.append("|---|---|---|---|---|---|")
+        for wl, per_policy in (report.get("ratios") or {}).items():
+            for name, cells in per_policy.items():
+                row = [
+                    f"{c['median']:.2f}x [{c['min']:.2f}, {c['max']:.2f}]" if (c := cells.get(k)) else "-"
+                    for k in RATIO_KEYS
+                ]
+                lines.append(f"| {wl} | {name} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
