@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -380,6 +381,60 @@ def test_bench_report_renders_every_policy_and_workload():
     page = routing.html_report(report, "python -m scripts.bench.routing")
     assert page.count("<svg") == 3 and "cache_affinity" in page and "1.11" in page
     assert "0.60x" in routing.text_report(report)  # TTFT p50 against power of two, in one run
+
+
+def test_bench_open_loop_offers_the_same_arrivals_whatever_is_in_flight():
+    """`--arrival-rate`: conversations start at the same Poisson times for every policy (equal
+    offered load), and a slow service does not slow the arrivals (no client-side cap), unlike the
+    closed loop, which never has more than `--concurrency` requests in flight."""
+    from scripts.bench import routing
+
+    times = routing.arrival_times(400, 2.0, seed=3)
+    assert times == routing.arrival_times(400, 2.0, seed=3) and times != routing.arrival_times(400, 2.0, seed=4)
+    assert times[0] == 0 and all(b > a for a, b in itertools.pairwise(times))
+    assert 0.4 < times[-1] / 399 < 0.6  # mean spacing 1 / rate
+    with pytest.raises(SystemExit):
+        routing.parse_args(["--arrival-rate", "0"])
+
+    in_flight, peak = 0, 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal in_flight, peak
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.3)  # a slow service
+        in_flight -= 1
+        events = [
+            {"choices": [{"delta": {"content": "新闻"}}]},
+            {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
+        ]
+        body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        data = body.encode()
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+            + data
+        )
+        await writer.drain()
+        writer.close()
+
+    async def run(rate):
+        nonlocal peak
+        peak = 0
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        convs = [routing.Conversation(f"c{i}", "", ["q"], session_key=False) for i in range(8)]
+        async with server:
+            results, _ = await asyncio.wait_for(routing.drive(url, "m", convs, 2, 4, arrival_rate=rate, seed=0), 60)
+        return results, peak
+
+    closed, closed_peak = asyncio.run(run(None))
+    opened, open_peak = asyncio.run(run(200.0))  # 8 arrivals within ~40 ms, each served in 300 ms
+    assert all(r.ok and r.ttft_s is not None for r in closed + opened) and len(closed) == len(opened) == 8
+    assert closed_peak == 2 and open_peak >= 6, (closed_peak, open_peak)
 
 
 def test_bench_repeats_alternate_the_order_and_pair_each_round():

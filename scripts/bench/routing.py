@@ -2,8 +2,8 @@
 `routing.policy`, on several model replicas of a model whose prefill costs something
 (scripts/build_bench_model.py), each policy in a fresh local cluster.
 
-Workloads (all streaming chat, closed loop at `--concurrency`, the same requests in the same
-order for every policy):
+Workloads (all streaming chat, closed loop at `--concurrency` or open loop at `--arrival-rate`,
+the same requests in the same order for every policy):
 
 * `multiturn`: `--sessions` conversations of `--turns` turns: a long system prompt every
   conversation shares, then the conversation's history (its earlier questions and the model's
@@ -181,23 +181,50 @@ async def one_turn(
     )
 
 
+def arrival_times(n: int, rate: float, seed: int) -> list[float]:
+    """Start times (seconds from the first) of `n` conversations arriving as a Poisson process of
+    `rate` per second: the same times for every policy of a run (equal offered load)."""
+    rng = random.Random(seed)
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
 async def drive(
-    url: str, model: str, convs: list[Conversation], concurrency: int, max_tokens: int
+    url: str,
+    model: str,
+    convs: list[Conversation],
+    concurrency: int,
+    max_tokens: int,
+    arrival_rate: float | None = None,
+    seed: int = 0,
 ) -> tuple[list[Result], float]:
-    """Every conversation at once, its turns in order, at most `concurrency` requests in flight
-    (first come, first served): the conversations interleave, as many users' do."""
+    """Closed loop (`arrival_rate` None): every conversation at once, its turns in order, at most
+    `concurrency` requests in flight (first come, first served): the conversations interleave, as
+    many users' do. Open loop: conversation i starts at the i-th arrival of a Poisson process of
+    `arrival_rate` per second (`arrival_times`), its turns one after the other, whatever else is
+    in flight — the offered load is the same for every policy, and the service's own admission
+    (its slots and queue) is all that holds a request back."""
     results: list[Result] = []
-    slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    slots = asyncio.Semaphore(concurrency) if arrival_rate is None else None
+    starts = arrival_times(len(convs), arrival_rate, seed) if arrival_rate else [0.0] * len(convs)
+    connections = concurrency * 2 if slots is not None else len(convs) + 4
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
 
-        async def conversation(conv: Conversation) -> None:
+        async def conversation(conv: Conversation, start: float) -> None:
+            await asyncio.sleep(start)
             for turn in range(len(conv.questions)):
+                if slots is None:
+                    results.append(await one_turn(client, url, model, conv, turn, max_tokens))
+                    continue
                 async with slots:
                     results.append(await one_turn(client, url, model, conv, turn, max_tokens))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(conversation(c) for c in convs))
+        await asyncio.gather(*(conversation(c, start) for c, start in zip(convs, starts, strict=True)))
         return results, time.perf_counter() - t0
 
 
@@ -331,6 +358,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "build of vLLM; --kv-blocks then counts the GPU's 16-token blocks)",
     )
     p.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=None,
+        help="open loop: conversations (a request each, for retrieval and classify) started per "
+        "second, Poisson, the same times for every policy (equal offered load); --concurrency then "
+        "does not apply. Default: closed loop at --concurrency",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -344,6 +379,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.repeats < 1:
         p.error("--repeats must be at least 1")
+    if opts.arrival_rate is not None and opts.arrival_rate <= 0:
+        p.error("--arrival-rate must be positive")
     if opts.quick:
         opts.sessions, opts.turns, opts.questions, opts.classify = 6, 3, 12, 12
     return opts
@@ -442,9 +479,13 @@ def run_policy(opts: argparse.Namespace, policy: str, out_dir: Path) -> dict[str
         for name, convs in make_workloads(opts).items():
             time.sleep(2.5)  # the replicas' engine counters reach /metrics once a second
             before = engine_counters(url)
-            results, wall = asyncio.run(drive(url, "bench-qwen3", convs, opts.concurrency, opts.max_tokens))
+            results, wall = asyncio.run(
+                drive(url, "bench-qwen3", convs, opts.concurrency, opts.max_tokens, opts.arrival_rate, opts.seed)
+            )
             time.sleep(2.5)
             out[name] = summarize(results, wall, before, engine_counters(url))
+            if opts.arrival_rate:
+                out[name]["offered_conversations_per_s"] = opts.arrival_rate
             print(f"[routing] {policy:>14} {name:>9}: {json.dumps(out[name])}", file=sys.stderr, flush=True)
         return out
     finally:
