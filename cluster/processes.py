@@ -25,11 +25,45 @@ HOST = "127.0.0.1"
 AVOID_PORTS = frozenset({6379, 8000, 8265, 10001, 52365})
 
 
+# Ray's worker processes listen on 10002-19999 (`min_worker_port`, `max_worker_port`).
+RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def ephemeral_ports() -> range:
+    """The kernel's ephemeral range: the local ports of outgoing connections and of every
+    listener that binds port 0 (Ray's raylets, agents and gRPC servers among them)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999  # Linux's default
+    return range(lo, hi + 1)
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nobody listens on now (the OS picks it), never one of `AVOID_PORTS`."""
+    """A port nobody listens on now, never one of `AVOID_PORTS`, outside Ray's worker ports and,
+    where the kernel leaves room, below its ephemeral range: the server it is for may bind it
+    minutes later (`make run` starts a cluster first), and a port the kernel handed out once is
+    one it hands out again to any process's connection or port-0 listener meanwhile (seen:
+    `make run`'s HAProxy could not bind its port, taken by then). Picked at random, so that
+    concurrent callers (the test workers) do not pick the same one."""
+    import random
     import socket
 
-    while True:
+    # Below the ephemeral range only: above it, Ray's nodes pick their own ports at random
+    # (`Node._get_unused_port`: between a kernel-chosen port and 65535).
+    span = range(max(RAY_WORKER_PORTS.stop, 1024), ephemeral_ports().start)
+    rng = random.SystemRandom()
+    for _ in range(200 if len(span) >= 1000 else 0):
+        port = rng.choice(span)
+        if port in AVOID_PORTS:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        return port
+    while True:  # no room outside the ephemeral range: the kernel's choice
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
