@@ -379,7 +379,7 @@ def test_a_dead_dependency_is_a_503_with_retry_after_not_a_500():
 @pytest.fixture(scope="module")
 def url(faults_app):
     """conftest's `faults_app`: model-less requests → news-lora as shipped, the limiter fails
-    closed with a 1-s timeout, /health cached 2 s (shared with tests/test_faults.py)."""
+    closed with a 5-s timeout, /health cached 2 s (shared with tests/test_faults.py)."""
     return faults_app
 
 

@@ -539,7 +539,7 @@ def test_engine_core_killed_inside_live_replica(url):
     assert all(o.result in ("sse_error", "conn_closed") for o in outs), outs
     assert not any(o.status == 500 for o in outs + between)
     # a 503 names its cause: the engine (dead or restarting), the full queue, or, on a machine
-    # the new engine's start-up saturates, this app's limiter missing its 1-s call timeout (it
+    # the new engine's start-up saturates, this app's limiter missing its call timeout (it
     # fails closed by design: conftest.faults_app; seen once on CI)
     for o in between:
         if o.status == 503:
