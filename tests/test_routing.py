@@ -9,8 +9,10 @@ import asyncio
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, RequestMetadata
@@ -383,30 +385,22 @@ def test_bench_report_renders_every_policy_and_workload():
     assert "0.60x" in routing.text_report(report)  # TTFT p50 against power of two, in one run
 
 
-def test_bench_open_loop_offers_the_same_arrivals_whatever_is_in_flight():
-    """`--arrival-rate`: conversations start at the same Poisson times for every policy (equal
-    offered load), and a slow service does not slow the arrivals (no client-side cap), unlike the
-    closed loop, which never has more than `--concurrency` requests in flight."""
-    from scripts.bench import routing
+class _SlowChatServer:
+    """A local stand-in for the service's streaming chat route: each answer after `delay_s`; it
+    counts the requests in flight (and their peak) and when each arrived."""
 
-    times = routing.arrival_times(400, 2.0, seed=3)
-    assert times == routing.arrival_times(400, 2.0, seed=3) and times != routing.arrival_times(400, 2.0, seed=4)
-    assert times[0] == 0 and all(b > a for a, b in itertools.pairwise(times))
-    assert 0.4 < times[-1] / 399 < 0.6  # mean spacing 1 / rate
-    with pytest.raises(SystemExit):
-        routing.parse_args(["--arrival-rate", "0"])
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s, self.in_flight, self.peak, self.arrivals = delay_s, 0, 0, []
 
-    in_flight, peak = 0, 0
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal in_flight, peak
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
         await reader.readexactly(length)
-        in_flight += 1
-        peak = max(peak, in_flight)
-        await asyncio.sleep(0.3)  # a slow service
-        in_flight -= 1
+        self.arrivals.append(time.monotonic())
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        await asyncio.sleep(self.delay_s)
+        self.in_flight -= 1
         events = [
             {"choices": [{"delta": {"content": "新闻"}}]},
             {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 1}},
@@ -421,20 +415,64 @@ def test_bench_open_loop_offers_the_same_arrivals_whatever_is_in_flight():
         await writer.drain()
         writer.close()
 
-    async def run(rate):
-        nonlocal peak
-        peak = 0
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        convs = [routing.Conversation(f"c{i}", "", ["q"], session_key=False) for i in range(8)]
-        async with server:
-            results, _ = await asyncio.wait_for(routing.drive(url, "m", convs, 2, 4, arrival_rate=rate, seed=0), 60)
-        return results, peak
+    async def drive(self, convs, concurrency: int, **kw):
+        """`routing.drive` against this server; (results, wall seconds)."""
+        from scripts.bench import routing
 
-    closed, closed_peak = asyncio.run(run(None))
-    opened, open_peak = asyncio.run(run(200.0))  # 8 arrivals within ~40 ms, each served in 300 ms
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            return await asyncio.wait_for(routing.drive(url, "m", convs, concurrency, 4, **kw), 60)
+
+
+def test_bench_open_loop_offers_the_same_arrivals_whatever_is_in_flight():
+    """`--arrival-rate`: conversations start at the same Poisson times for every policy (equal
+    offered load), and a slow service does not slow the arrivals (no client-side cap), unlike the
+    closed loop, which never has more than `--concurrency` requests in flight."""
+    from scripts.bench import routing
+
+    times = routing.arrival_times(400, 2.0, seed=3)
+    assert times == routing.arrival_times(400, 2.0, seed=3) and times != routing.arrival_times(400, 2.0, seed=4)
+    assert times[0] == 0 and all(b > a for a, b in itertools.pairwise(times))
+    assert 0.4 < times[-1] / 399 < 0.6  # mean spacing 1 / rate
+    with pytest.raises(SystemExit):
+        routing.parse_args(["--arrival-rate", "0"])
+
+    def run(rate):
+        server = _SlowChatServer(0.3)  # a slow service
+        convs = [routing.Conversation(f"c{i}", "", ["q"], session_key=False) for i in range(8)]
+        results, _ = asyncio.run(server.drive(convs, 2, arrival_rate=rate, seed=0))
+        return results, server.peak
+
+    closed, closed_peak = run(None)
+    opened, open_peak = run(200.0)  # 8 arrivals within ~40 ms, each served in 300 ms
     assert all(r.ok and r.ttft_s is not None for r in closed + opened) and len(closed) == len(opened) == 8
     assert closed_peak == 2 and open_peak >= 6, (closed_peak, open_peak)
+
+
+def test_bench_think_time_pauses_between_turns_holding_no_slot():
+    """`--think-time`: a conversation's turns are spaced by its own pauses (the same draws for
+    every policy), and a pausing conversation holds no closed-loop slot, so others go on."""
+    from scripts.bench import routing
+
+    pauses = routing.think_times(200, 4, 2.0, seed=1)
+    assert pauses == routing.think_times(200, 4, 2.0, seed=1) != routing.think_times(200, 4, 2.0, seed=2)
+    assert all(len(p) == 3 for p in pauses) and 1.6 < statistics.mean(itertools.chain.from_iterable(pauses)) < 2.4
+    assert routing.think_times(3, 4, 0.0, seed=1) == [[0.0] * 3] * 3
+    with pytest.raises(SystemExit):
+        routing.parse_args(["--think-time", "-1"])
+
+    mean = 1.0
+    pause = routing.think_times(2, 3, mean, seed=0)
+    assert min(map(sum, pause)) > 0.3, pause  # these draws: each conversation pauses long enough to tell
+    server = _SlowChatServer(0.05)
+    convs = [routing.Conversation(f"c{i}", "", ["q1", "q2", "q3"], session_key=False) for i in range(2)]
+    results, wall = asyncio.run(server.drive(convs, 1, seed=0, think_s=mean))
+    assert len(results) == 6 and all(r.ok for r in results)
+    # each conversation waited its pauses; with one slot, the two overlapped (no slot held
+    # while pausing): less than the pauses of both plus every answer one after the other
+    assert wall >= max(sum(p) for p in pause) + 3 * 0.05, (wall, pause)
+    assert wall < sum(map(sum, pause)) + 6 * 0.05, (wall, pause)
 
 
 def test_bench_repeats_alternate_the_order_and_pair_each_round():

@@ -192,6 +192,14 @@ def arrival_times(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
+def think_times(convs: int, turns: int, mean_s: float, seed: int) -> list[list[float]]:
+    """Each conversation's pauses before its 2nd, 3rd, … turn (a user reading the answer and
+    typing the next question): exponential with mean `mean_s`, the same for every policy of a
+    run. All zero when `mean_s` is 0."""
+    rng = random.Random(f"think-{seed}")
+    return [[rng.expovariate(1 / mean_s) if mean_s > 0 else 0.0 for _ in range(turns - 1)] for _ in range(convs)]
+
+
 async def drive(
     url: str,
     model: str,
@@ -200,23 +208,30 @@ async def drive(
     max_tokens: int,
     arrival_rate: float | None = None,
     seed: int = 0,
+    think_s: float = 0.0,
 ) -> tuple[list[Result], float]:
     """Closed loop (`arrival_rate` None): every conversation at once, its turns in order, at most
     `concurrency` requests in flight (first come, first served): the conversations interleave, as
     many users' do. Open loop: conversation i starts at the i-th arrival of a Poisson process of
     `arrival_rate` per second (`arrival_times`), its turns one after the other, whatever else is
     in flight — the offered load is the same for every policy, and the service's own admission
-    (its slots and queue) is all that holds a request back."""
+    (its slots and queue) is all that holds a request back. `think_s`: a conversation pauses
+    between an answer and its next turn (`think_times`, holding no slot), so that many
+    conversations are open at once and their histories must wait in the KV caches between turns,
+    as real users' do."""
     results: list[Result] = []
     slots = asyncio.Semaphore(concurrency) if arrival_rate is None else None
     starts = arrival_times(len(convs), arrival_rate, seed) if arrival_rate else [0.0] * len(convs)
+    pauses = think_times(len(convs), max((len(c.questions) for c in convs), default=1), think_s, seed)
     connections = concurrency * 2 if slots is not None else len(convs) + 4
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as client:
 
-        async def conversation(conv: Conversation, start: float) -> None:
+        async def conversation(conv: Conversation, start: float, pause: list[float]) -> None:
             await asyncio.sleep(start)
             for turn in range(len(conv.questions)):
+                if turn and pause[turn - 1]:
+                    await asyncio.sleep(pause[turn - 1])
                 if slots is None:
                     results.append(await one_turn(client, url, model, conv, turn, max_tokens))
                     continue
@@ -224,7 +239,7 @@ async def drive(
                     results.append(await one_turn(client, url, model, conv, turn, max_tokens))
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(conversation(c, start) for c, start in zip(convs, starts, strict=True)))
+        await asyncio.gather(*(conversation(*args) for args in zip(convs, starts, pauses, strict=True)))
         return results, time.perf_counter() - t0
 
 
@@ -366,6 +381,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "does not apply. Default: closed loop at --concurrency",
     )
     p.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        help="mean seconds (exponential, the same draws for every policy) a conversation waits "
+        "between an answer and its next turn, holding no slot: many conversations open at once, "
+        "their histories waiting in the KV caches. Default 0: the next turn at once",
+    )
+    p.add_argument(
         "--repeats",
         type=int,
         default=1,
@@ -381,6 +404,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--repeats must be at least 1")
     if opts.arrival_rate is not None and opts.arrival_rate <= 0:
         p.error("--arrival-rate must be positive")
+    if opts.think_time < 0:
+        p.error("--think-time must not be negative")
     if opts.quick:
         opts.sessions, opts.turns, opts.questions, opts.classify = 6, 3, 12, 12
     return opts
@@ -480,12 +505,23 @@ def run_policy(opts: argparse.Namespace, policy: str, out_dir: Path) -> dict[str
             time.sleep(2.5)  # the replicas' engine counters reach /metrics once a second
             before = engine_counters(url)
             results, wall = asyncio.run(
-                drive(url, "bench-qwen3", convs, opts.concurrency, opts.max_tokens, opts.arrival_rate, opts.seed)
+                drive(
+                    url,
+                    "bench-qwen3",
+                    convs,
+                    opts.concurrency,
+                    opts.max_tokens,
+                    opts.arrival_rate,
+                    opts.seed,
+                    opts.think_time if name == "multiturn" else 0.0,
+                )
             )
             time.sleep(2.5)
             out[name] = summarize(results, wall, before, engine_counters(url))
             if opts.arrival_rate:
                 out[name]["offered_conversations_per_s"] = opts.arrival_rate
+            if opts.think_time and name == "multiturn":
+                out[name]["think_time_mean_s"] = opts.think_time
             print(f"[routing] {policy:>14} {name:>9}: {json.dumps(out[name])}", file=sys.stderr, flush=True)
         return out
     finally:
