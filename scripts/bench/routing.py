@@ -9,6 +9,8 @@ the same requests in the same order for every policy):
   conversation shares, then the conversation's history (its earlier questions and the model's
   answers) and a new question; a session's turns run one after the other, `--concurrency`
   sessions at a time. Sent with `prompt_cache_key` = the session id (`--no-session-keys`: not).
+  `--think-time`: a user's pause between an answer and the next turn (open loop: many
+  conversations open at once, their histories waiting in the KV caches between turns).
 * `retrieval`: `--documents` long documents and many questions about them; each request is one
   document and one question, in random order.
 * `classify`: the classifier's own shape (one short title after a shared instruction), the
