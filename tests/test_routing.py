@@ -387,7 +387,8 @@ def test_bench_report_renders_every_policy_and_workload():
 
 class _SlowChatServer:
     """A local stand-in for the service's streaming chat route: each answer after `delay_s`; it
-    counts the requests in flight (and their peak) and when each arrived."""
+    counts the requests in flight (and their peak) and keeps each one's last message, in order
+    of arrival."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s, self.in_flight, self.peak, self.arrivals = delay_s, 0, 0, []
@@ -395,8 +396,8 @@ class _SlowChatServer:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(int(x.split(b":")[1]) for x in head.split(b"\r\n") if x.lower().startswith(b"content-length"))
-        await reader.readexactly(length)
-        self.arrivals.append(time.monotonic())
+        sent = json.loads(await reader.readexactly(length))
+        self.arrivals.append(sent["messages"][-1]["content"])
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         await asyncio.sleep(self.delay_s)
@@ -462,17 +463,20 @@ def test_bench_think_time_pauses_between_turns_holding_no_slot():
     with pytest.raises(SystemExit):
         routing.parse_args(["--think-time", "-1"])
 
-    mean = 1.0
+    mean = 2.0
     pause = routing.think_times(2, 3, mean, seed=0)
-    assert min(map(sum, pause)) > 0.3, pause  # these draws: each conversation pauses long enough to tell
+    assert min(map(sum, pause)) > 1.0, pause  # these draws: each conversation pauses long enough to tell
     server = _SlowChatServer(0.05)
-    convs = [routing.Conversation(f"c{i}", "", ["q1", "q2", "q3"], session_key=False) for i in range(2)]
-    results, wall = asyncio.run(server.drive(convs, 1, seed=0, think_s=mean))
+    convs = [routing.Conversation(c, "", [f"{c}1", f"{c}2", f"{c}3"], session_key=False) for c in "ab"]
+    t0 = time.monotonic()
+    results = asyncio.run(server.drive(convs, 1, seed=0, think_s=mean))[0]
+    wall = time.monotonic() - t0
     assert len(results) == 6 and all(r.ok for r in results)
-    # each conversation waited its pauses; with one slot, the two overlapped (no slot held
-    # while pausing): less than the pauses of both plus every answer one after the other
-    assert wall >= max(sum(p) for p in pause) + 3 * 0.05, (wall, pause)
-    assert wall < sum(map(sum, pause)) + 6 * 0.05, (wall, pause)
+    for c in "ab":  # each conversation's turns in order
+        assert [x for x in server.arrivals if x[0] == c] == [f"{c}1", f"{c}2", f"{c}3"], server.arrivals
+    # each waited its own pauses; with one slot, had a pausing conversation held it, the two
+    # conversations' pauses would have run one after the other (and the six answers too)
+    assert max(sum(p) for p in pause) <= wall < sum(map(sum, pause)), (wall, pause)
 
 
 def test_bench_repeats_alternate_the_order_and_pair_each_round():
