@@ -432,8 +432,8 @@ def test_bench_open_loop_offers_the_same_arrivals_whatever_is_in_flight():
     closed loop, which never has more than `--concurrency` requests in flight."""
     from scripts.bench import routing
 
-    times = routing.arrival_times(400, 2.0, seed=3)
-    assert times == routing.arrival_times(400, 2.0, seed=3) and times != routing.arrival_times(400, 2.0, seed=4)
+    times = routing.poisson_arrivals(2.0, 400, seed=3)
+    assert times == routing.poisson_arrivals(2.0, 400, seed=3) and times != routing.poisson_arrivals(2.0, 400, seed=4)
     assert times[0] == 0 and all(b > a for a, b in itertools.pairwise(times))
     assert 0.4 < times[-1] / 399 < 0.6  # mean spacing 1 / rate
     with pytest.raises(SystemExit):

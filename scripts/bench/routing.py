@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -47,6 +48,7 @@ from typing import Any
 
 import httpx
 
+from scripts.bench.client import poisson_arrivals
 from scripts.bench.common import REPO
 from scripts.bench.prompts import load_tnews
 from scripts.bench.stats import percentile
@@ -183,17 +185,6 @@ async def one_turn(
     )
 
 
-def arrival_times(n: int, rate: float, seed: int) -> list[float]:
-    """Start times (seconds from the first) of `n` conversations arriving as a Poisson process of
-    `rate` per second: the same times for every policy of a run (equal offered load)."""
-    rng = random.Random(seed)
-    out, t = [], 0.0
-    for _ in range(n):
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
 def think_times(convs: int, turns: int, mean_s: float, seed: int) -> list[list[float]]:
     """Each conversation's pauses before its 2nd, 3rd, … turn (a user reading the answer and
     typing the next question): exponential with mean `mean_s`, the same for every policy of a
@@ -215,7 +206,7 @@ async def drive(
     """Closed loop (`arrival_rate` None): every conversation at once, its turns in order, at most
     `concurrency` requests in flight (first come, first served): the conversations interleave, as
     many users' do. Open loop: conversation i starts at the i-th arrival of a Poisson process of
-    `arrival_rate` per second (`arrival_times`), its turns one after the other, whatever else is
+    `arrival_rate` per second (`poisson_arrivals`, the main bench's), its turns one after the other, whatever else is
     in flight — the offered load is the same for every policy, and the service's own admission
     (its slots and queue) is all that holds a request back. `think_s`: a conversation pauses
     between an answer and its next turn (`think_times`, holding no slot), so that many
@@ -223,7 +214,7 @@ async def drive(
     as real users' do."""
     results: list[Result] = []
     slots = asyncio.Semaphore(concurrency) if arrival_rate is None else None
-    starts = arrival_times(len(convs), arrival_rate, seed) if arrival_rate else [0.0] * len(convs)
+    starts = poisson_arrivals(arrival_rate, len(convs), seed) if arrival_rate else [0.0] * len(convs)
     pauses = think_times(len(convs), max((len(c.questions) for c in convs), default=1), think_s, seed)
     connections = concurrency * 2 if slots is not None else len(convs) + 4
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -234,10 +225,7 @@ async def drive(
             for turn in range(len(conv.questions)):
                 if turn and pause[turn - 1]:
                     await asyncio.sleep(pause[turn - 1])
-                if slots is None:
-                    results.append(await one_turn(client, url, model, conv, turn, max_tokens))
-                    continue
-                async with slots:
+                async with slots or contextlib.nullcontext():
                     results.append(await one_turn(client, url, model, conv, turn, max_tokens))
 
         t0 = time.perf_counter()
@@ -513,9 +501,9 @@ def run_policy(opts: argparse.Namespace, policy: str, out_dir: Path) -> dict[str
                     convs,
                     opts.concurrency,
                     opts.max_tokens,
-                    opts.arrival_rate,
-                    opts.seed,
-                    opts.think_time if name == "multiturn" else 0.0,
+                    arrival_rate=opts.arrival_rate,
+                    seed=opts.seed,
+                    think_s=opts.think_time if name == "multiturn" else 0.0,
                 )
             )
             time.sleep(2.5)
